@@ -1,0 +1,94 @@
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "bindings.h"
+#include "model.h"
+#include "session.h"
+
+namespace py = pybind11;
+
+namespace llava_kv::bindings {
+
+void register_model(py::module_ & m) {
+    py::class_<Model, std::shared_ptr<Model>>(m, "Model")
+        .def_static(
+            "load",
+            [](const std::string & model_path, const std::string & mmproj_path, int32_t n_gpu_layers,
+               bool mmproj_use_gpu, int32_t n_threads, bool verbose, size_t embed_cache_bytes) {
+                ModelParams params;
+                params.n_gpu_layers = n_gpu_layers;
+                params.mmproj_use_gpu = mmproj_use_gpu;
+                params.n_threads = n_threads;
+                params.verbose = verbose;
+                params.embed_cache_bytes = embed_cache_bytes;
+                py::gil_scoped_release release;
+                return Model::load(model_path, mmproj_path, params);
+            },
+            py::arg("model_path"), py::arg("mmproj_path") = "", py::kw_only(), py::arg("n_gpu_layers") = 0,
+            py::arg("mmproj_use_gpu") = true, py::arg("n_threads") = 0, py::arg("verbose") = false,
+            py::arg("embed_cache_bytes") = size_t(1) << 30)
+        .def("close", &Model::close, py::call_guard<py::gil_scoped_release>())
+        .def_property_readonly("closed", &Model::closed)
+        .def_property_readonly("path", &Model::path)
+        .def_property_readonly("mmproj_path", &Model::mmproj_path)
+        .def_property_readonly("n_embd", &Model::n_embd)
+        .def_property_readonly("n_vocab", &Model::n_vocab)
+        .def_property_readonly("n_ctx_train", &Model::n_ctx_train)
+        .def_property_readonly("has_vision", &Model::has_vision)
+        .def_property_readonly("uses_mrope", &Model::uses_mrope)
+        .def_property_readonly("n_threads", &Model::n_threads)
+        .def_property_readonly("description", &Model::description)
+        .def_property_readonly("media_marker", [](const Model &) { return std::string(mtmd_default_marker()); })
+        .def(
+            "session",
+            [](Model & model, int32_t n_ctx, int32_t n_batch, int32_t n_ubatch, uint32_t seed, int32_t n_threads) {
+                SessionParams params;
+                params.n_ctx = n_ctx;
+                params.n_batch = n_batch;
+                params.n_ubatch = n_ubatch;
+                params.seed = seed;
+                params.n_threads = n_threads;
+                py::gil_scoped_release release;
+                return model.open_session(params);
+            },
+            py::kw_only(), py::arg("n_ctx") = 4096, py::arg("n_batch") = 512, py::arg("n_ubatch") = 0,
+            py::arg("seed") = 0, py::arg("n_threads") = 0)
+        .def("n_open_sessions", [](const Model & model) { return model.live_sessions().size(); })
+        .def(
+            "memory",
+            [](const Model & model) {
+                MemoryReport report;
+                {
+                    py::gil_scoped_release release;
+                    report = model.memory();
+                }
+                py::list entries;
+                for (const auto & e : report.entries) {
+                    entries.append(py::make_tuple(e.component, e.device, e.bytes));
+                }
+                py::list devices;
+                for (const auto & d : report.devices) {
+                    devices.append(py::make_tuple(d.name, d.type, d.memory_free, d.memory_total));
+                }
+                return py::make_tuple(entries, devices);
+            })
+        .def("cache_stats",
+             [](Model & model) {
+                 const EmbeddingCacheStats s = model.embedding_cache().stats();
+                 py::dict out;
+                 out["hits"] = s.hits;
+                 out["misses"] = s.misses;
+                 out["evictions"] = s.evictions;
+                 out["entries"] = s.entries;
+                 out["bytes"] = s.bytes;
+                 out["capacity_bytes"] = s.capacity_bytes;
+                 return out;
+             })
+        .def("cache_contains",
+             [](Model & model, const std::string & digest) {
+                 return static_cast<bool>(model.embedding_cache().peek(digest));
+             })
+        .def("clear_cache", [](Model & model) { model.embedding_cache().clear(); });
+}
+
+}  // namespace llava_kv::bindings

@@ -1,0 +1,417 @@
+#include "image_embed_registry.h"
+
+#include <algorithm>
+#include <string>
+
+#include "errors.h"
+#include "llama-cpp.h"
+#include "mtmd-helper.h"
+
+namespace llava_kv {
+namespace {
+
+std::string decode_failure(int32_t status) {
+    switch (status) {
+        case 1: return "no KV cache slot for the batch (the context is full)";
+        case 2: return "cancelled";
+        case -1: return "invalid batch";
+        default: return "llama_decode failed with status " + std::to_string(status);
+    }
+}
+
+[[noreturn]] void throw_decode_failure(int32_t status) {
+    if (status == 2) {
+        throw CancelledError("the call was cancelled; the session is as it was before the call");
+    }
+    throw Error("decoding failed: " + decode_failure(status) + "; the session is as it was before the call");
+}
+
+// The token whose logits a timeline ending in `chunk` reports, if it ends in text.
+bool last_text_token(const Chunk & chunk, llama_token bos, llama_token & out) {
+    if (chunk.kind == ChunkKind::Text) {
+        if (!chunk.tokens.empty()) {
+            out = chunk.tokens.back();
+            return true;
+        }
+        if (chunk.bos) {
+            out = bos;
+            return true;
+        }
+        return false;
+    }
+    const auto & last = chunk.image->chunks.back();
+    if (mtmd_input_chunk_get_type(last.get()) != MTMD_INPUT_CHUNK_TYPE_TEXT) {
+        return false;
+    }
+    size_t n = 0;
+    const llama_token * tokens = mtmd_input_chunk_get_tokens_text(last.get(), &n);
+    if (n == 0) {
+        return false;
+    }
+    out = tokens[n - 1];
+    return true;
+}
+
+}  // namespace
+
+ImageEmbedRegistry::ImageEmbedRegistry(llama_context * ctx, mtmd_context * projector, const llama_vocab * vocab,
+                                       int32_t n_batch, int32_t n_ubatch, RegistryCounters & counters)
+    : ctx_(ctx),
+      projector_(projector),
+      vocab_(vocab),
+      n_batch_(n_batch),
+      n_ubatch_(n_ubatch),
+      n_ctx_(static_cast<int32_t>(llama_n_ctx(ctx))),
+      add_bos_(llama_vocab_get_add_bos(vocab)),
+      bos_(llama_vocab_bos(vocab)),
+      counters_(counters) {}
+
+int32_t ImageEmbedRegistry::n_cells() const {
+    int32_t total = 0;
+    for (const auto & c : timeline_) {
+        total += c.n_cells;
+    }
+    return total;
+}
+
+size_t ImageEmbedRegistry::index_of(uint64_t id) const {
+    for (size_t i = 0; i < timeline_.size(); ++i) {
+        if (timeline_[i].id == id) {
+            return i;
+        }
+    }
+    throw NotFoundError("chunk " + std::to_string(id) + " is not part of this session any more");
+}
+
+void ImageEmbedRegistry::layout(std::vector<Chunk> & timeline, bool add_bos, size_t from) {
+    llama_pos pos = from == 0 ? 0 : timeline[from - 1].pos1;
+    for (size_t i = from; i < timeline.size(); ++i) {
+        Chunk & c = timeline[i];
+        c.bos = add_bos && i == 0;
+        const int32_t extra = c.bos ? 1 : 0;
+        const llama_pos n_pos = c.kind == ChunkKind::Text ? static_cast<llama_pos>(c.tokens.size()) : c.image->n_pos;
+        c.n_cells = extra + c.n_content_tokens();
+        c.pos0 = pos;
+        c.pos1 = pos + extra + n_pos;
+        pos = c.pos1;
+    }
+}
+
+std::vector<Chunk> ImageEmbedRegistry::build(size_t begin, size_t end, std::vector<ChunkSpec> & inserted,
+                                             std::vector<uint64_t> & ids) const {
+    std::vector<Chunk> out;
+    out.reserve(timeline_.size() - (end - begin) + inserted.size());
+    out.insert(out.end(), timeline_.begin(), timeline_.begin() + begin);
+    uint64_t next = next_id_;
+    for (auto & spec : inserted) {
+        Chunk c;
+        c.id = next++;
+        c.kind = spec.kind;
+        c.tokens = std::move(spec.tokens);
+        c.image = std::move(spec.image);
+        c.source = std::move(spec.source);
+        ids.push_back(c.id);
+        out.push_back(std::move(c));
+    }
+    out.insert(out.end(), timeline_.begin() + end, timeline_.end());
+    layout(out, add_bos_, 0);
+    return out;
+}
+
+void ImageEmbedRegistry::check_fits(const std::vector<Chunk> & timeline) const {
+    long long needed = 0;
+    for (const auto & c : timeline) {
+        needed += c.n_cells;
+    }
+    if (needed > n_ctx_) {
+        throw ContextFullError(needed, n_ctx_,
+                               "the timeline needs " + std::to_string(needed) + " KV cells but the context holds " +
+                                   std::to_string(n_ctx_) +
+                                   "; open the session with a larger n_ctx or remove chunks first");
+    }
+}
+
+std::vector<uint64_t> ImageEmbedRegistry::splice(size_t begin, size_t end, std::vector<ChunkSpec> inserted) {
+    if (begin > end || end > timeline_.size()) {
+        throw std::out_of_range("chunk range [" + std::to_string(begin) + ", " + std::to_string(end) +
+                                ") is outside the timeline of " + std::to_string(timeline_.size()) + " chunks");
+    }
+    if (begin == end && inserted.empty()) {
+        return {};
+    }
+    for (const auto & spec : inserted) {
+        if (spec.kind != ChunkKind::Image) {
+            continue;
+        }
+        for (const auto & sub : spec.image->chunks) {
+            const size_t n = mtmd_input_chunk_get_n_tokens(sub.get());
+            if (mtmd_input_chunk_get_type(sub.get()) != MTMD_INPUT_CHUNK_TYPE_TEXT &&
+                mtmd_decode_use_non_causal(projector_, sub.get()) &&
+                n > static_cast<size_t>(std::min(n_batch_, n_ubatch_))) {
+                throw Error("this projector attends over a whole image at once, which needs its " + std::to_string(n) +
+                            " tokens in one batch; open the session with n_batch >= " + std::to_string(n));
+            }
+        }
+    }
+    std::vector<uint64_t> ids;
+    std::vector<Chunk> next = build(begin, end, inserted, ids);
+    commit(std::move(next), begin);
+    next_id_ += ids.size();
+    return ids;
+}
+
+void ImageEmbedRegistry::remove(std::vector<size_t> indices) {
+    if (indices.empty()) {
+        return;
+    }
+    std::sort(indices.begin(), indices.end());
+    indices.erase(std::unique(indices.begin(), indices.end()), indices.end());
+    if (indices.back() >= timeline_.size()) {
+        throw std::out_of_range("chunk index " + std::to_string(indices.back()) + " is outside the timeline of " +
+                                std::to_string(timeline_.size()) + " chunks");
+    }
+    std::vector<Chunk> next;
+    next.reserve(timeline_.size() - indices.size());
+    size_t k = 0;
+    for (size_t i = 0; i < timeline_.size(); ++i) {
+        if (k < indices.size() && indices[k] == i) {
+            ++k;
+            continue;
+        }
+        next.push_back(timeline_[i]);
+    }
+    layout(next, add_bos_, 0);
+    commit(std::move(next), indices.front());
+}
+
+void ImageEmbedRegistry::commit(std::vector<Chunk> next, size_t begin) {
+    check_fits(next);
+
+    // The first chunk whose KV changes. A pure truncation re-decodes the new last chunk so that the
+    // logits are those of a fresh run (an image-final timeline has none, as in a fresh run).
+    size_t first = begin;
+    if (first == next.size() && first > 0 && next.back().kind == ChunkKind::Text) {
+        first -= 1;
+    }
+    const llama_pos cut = first < timeline_.size() ? timeline_[first].pos0 : n_past();
+    int32_t removed = 0;
+    for (size_t i = first; i < timeline_.size(); ++i) {
+        removed += timeline_[i].n_cells;
+    }
+
+    const std::vector<float> old_logits = logits_;
+    const bool old_has_logits = has_logits_;
+    if (!remove_kv_from(cut)) {
+        // Some memories (recurrent, hybrid) cannot drop a suffix: rebuild from the start instead.
+        reset_kv();
+        removed = n_cells();
+        first = 0;
+        counters_.full_redecodes += 1;
+    }
+    counters_.kv_cells_removed += static_cast<uint64_t>(removed);
+
+    const int32_t status = decode_from(next, first);
+    if (status != 0) {
+        const llama_pos restore_from = first < timeline_.size() ? timeline_[first].pos0 : n_past();
+        int32_t restored = remove_kv_from(restore_from) ? decode_from(timeline_, first) : -1;
+        if (restored != 0) {
+            reset_kv();
+            restored = decode_from(timeline_, 0);
+        }
+        if (restored != 0) {
+            reset_kv();
+            timeline_.clear();
+            has_logits_ = false;
+            throw Error("decoding failed (" + decode_failure(status) +
+                        ") and the previous state could not be rebuilt; the session was reset to empty");
+        }
+        logits_ = old_logits;
+        has_logits_ = old_has_logits;
+        throw_decode_failure(status);
+    }
+    timeline_ = std::move(next);
+}
+
+void ImageEmbedRegistry::remove_shift(size_t index) {
+    if (index >= timeline_.size()) {
+        throw std::out_of_range("chunk index " + std::to_string(index) + " is outside the timeline");
+    }
+    if (projector_ && mtmd_decode_use_mrope(projector_)) {
+        throw Error("mode='shift' is not available for M-RoPE models (positions are not a single axis); "
+                    "use mode='exact'");
+    }
+    llama_memory_t mem = llama_get_memory(ctx_);
+    if (!llama_memory_can_shift(mem)) {
+        throw Error("mode='shift' is not available: this model's KV memory cannot shift positions; use mode='exact'");
+    }
+    if (index == 0 && timeline_[0].bos) {
+        throw Error("mode='shift' cannot remove the first chunk, which carries the BOS token; use mode='exact'");
+    }
+    if (index + 1 == timeline_.size()) {
+        splice(index, index + 1, {});  // removing the tail is exact and just as cheap
+        return;
+    }
+    const Chunk & gone = timeline_[index];
+    const llama_pos p0 = gone.pos0;
+    const llama_pos p1 = gone.pos1;
+    std::vector<Chunk> next;
+    next.reserve(timeline_.size() - 1);
+    next.insert(next.end(), timeline_.begin(), timeline_.begin() + index);
+    next.insert(next.end(), timeline_.begin() + index + 1, timeline_.end());
+    layout(next, add_bos_, index);
+
+    if (!llama_memory_seq_rm(mem, 0, p0, p1)) {
+        throw Error("mode='shift' is not available: this model's KV memory refused to remove a span; use mode='exact'");
+    }
+    llama_memory_seq_add(mem, 0, p1, -1, -(p1 - p0));
+    counters_.kv_cells_removed += static_cast<uint64_t>(gone.n_cells);
+    counters_.shift_edits += 1;
+
+    // Refresh the logits of the (shifted) last token so logits() never reports stale values.
+    const Chunk & last = next.back();
+    llama_token token = 0;
+    int32_t status = 0;
+    has_logits_ = false;
+    if (last_text_token(last, bos_, token)) {
+        const llama_pos pos = last.pos1 - 1;
+        if (!llama_memory_seq_rm(mem, 0, pos, -1)) {
+            status = -1;
+        } else {
+            counters_.kv_cells_removed += 1;
+            status = decode_text(&token, 1, pos, true);
+        }
+    }
+    if (status != 0) {
+        // Put back the state from before the call by rebuilding it exactly.
+        reset_kv();
+        if (decode_from(timeline_, 0) != 0) {
+            reset_kv();
+            timeline_.clear();
+            has_logits_ = false;
+            throw Error("a shift edit failed and the previous state could not be rebuilt; the session was reset");
+        }
+        throw_decode_failure(status);
+    }
+    timeline_ = std::move(next);
+}
+
+void ImageEmbedRegistry::clear() {
+    counters_.kv_cells_removed += static_cast<uint64_t>(n_cells());
+    reset_kv();
+    timeline_.clear();
+    logits_.clear();
+    has_logits_ = false;
+}
+
+bool ImageEmbedRegistry::remove_kv_from(llama_pos pos0) {
+    return llama_memory_seq_rm(llama_get_memory(ctx_), 0, pos0, -1);
+}
+
+void ImageEmbedRegistry::reset_kv() {
+    llama_memory_clear(llama_get_memory(ctx_), true);
+}
+
+int32_t ImageEmbedRegistry::decode_from(const std::vector<Chunk> & timeline, size_t from) {
+    has_logits_ = false;
+    for (size_t i = from; i < timeline.size(); ++i) {
+        const int32_t status = decode_chunk(timeline[i], i + 1 == timeline.size());
+        if (status != 0) {
+            has_logits_ = false;
+            return status;
+        }
+    }
+    return 0;
+}
+
+int32_t ImageEmbedRegistry::decode_text(const llama_token * tokens, size_t n, llama_pos pos, bool logits_last) {
+    // Same splits as mtmd_helper_eval_chunk_single: n_batch tokens at a time from the chunk start.
+    llama_batch_ext_ptr batch(llama_batch_ext_init(ctx_));
+    size_t i = 0;
+    while (i < n) {
+        llama_batch_ext_clear(batch.get());
+        int32_t idx = -1;
+        int32_t added = 0;
+        for (; i < n && added < n_batch_; ++i, ++added) {
+            idx = llama_batch_ext_add_token(batch.get(), 0, tokens[i]);
+            if (idx < 0) {
+                return -1;
+            }
+            llama_pos p = pos++;
+            llama_batch_ext_set_pos(batch.get(), idx, &p);
+        }
+        const bool want_logits = logits_last && i == n;
+        if (want_logits) {
+            llama_batch_ext_set_output_logits(batch.get(), idx, true);
+        }
+        const int32_t status = llama_process(ctx_, LLAMA_PROCESS_TYPE_DECODE, batch.get());
+        if (status != 0) {
+            return status;
+        }
+        counters_.decode_calls += 1;
+        counters_.tokens_decoded += static_cast<uint64_t>(added);
+        counters_.text_tokens_decoded += static_cast<uint64_t>(added);
+        if (want_logits) {
+            const float * logits = llama_get_logits_ith(ctx_, -1);
+            if (logits == nullptr) {
+                return -1;
+            }
+            logits_.assign(logits, logits + llama_vocab_n_tokens(vocab_));
+            has_logits_ = true;
+        }
+    }
+    return 0;
+}
+
+int32_t ImageEmbedRegistry::decode_chunk(const Chunk & chunk, bool logits_last) {
+    llama_pos pos = chunk.pos0;
+    if (chunk.kind == ChunkKind::Text) {
+        if (!chunk.bos) {
+            return decode_text(chunk.tokens.data(), chunk.tokens.size(), pos, logits_last);
+        }
+        std::vector<llama_token> with_bos;
+        with_bos.reserve(chunk.tokens.size() + 1);
+        with_bos.push_back(bos_);
+        with_bos.insert(with_bos.end(), chunk.tokens.begin(), chunk.tokens.end());
+        return decode_text(with_bos.data(), with_bos.size(), pos, logits_last);
+    }
+    if (chunk.bos) {
+        // As mtmd does for a prompt that starts with an image: BOS as a text chunk of its own.
+        const int32_t status = decode_text(&bos_, 1, pos, false);
+        if (status != 0) {
+            return status;
+        }
+        pos += 1;
+    }
+    const ImageEmbedding & image = *chunk.image;
+    for (size_t j = 0; j < image.chunks.size(); ++j) {
+        const mtmd_input_chunk * sub = image.chunks[j].get();
+        const bool last = logits_last && j + 1 == image.chunks.size();
+        if (mtmd_input_chunk_get_type(sub) == MTMD_INPUT_CHUNK_TYPE_TEXT) {
+            size_t n = 0;
+            const llama_token * tokens = mtmd_input_chunk_get_tokens_text(sub, &n);
+            const int32_t status = decode_text(tokens, n, pos, last);
+            if (status != 0) {
+                return status;
+            }
+            pos += static_cast<llama_pos>(n);
+            continue;
+        }
+        llama_pos new_pos = pos;
+        // mtmd reads the embedding but takes a non-const pointer.
+        float * embd = const_cast<float *>(image.embeddings[j].data());
+        const int32_t status =
+            mtmd_helper_decode_image_chunk(projector_, ctx_, sub, embd, pos, 0, n_batch_, &new_pos, nullptr, nullptr);
+        if (status != 0) {
+            return status;
+        }
+        const size_t n = mtmd_input_chunk_get_n_tokens(sub);
+        counters_.decode_calls += (n + n_batch_ - 1) / n_batch_;
+        counters_.tokens_decoded += n;
+        counters_.image_tokens_decoded += n;
+        pos = new_pos;
+    }
+    counters_.images_decoded += 1;
+    return 0;
+}
+
+}  // namespace llava_kv

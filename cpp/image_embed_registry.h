@@ -1,0 +1,118 @@
+// One conversation's timeline: ordered chunks (text tokens or one image) with their KV spans. The
+// registry is the only writer of the session's KV cache, so timeline, embeddings and KV cannot
+// drift apart: every edit leaves all three consistent, or all three as they were.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "embedding_cache.h"
+#include "llama.h"
+#include "mtmd.h"
+
+namespace llava_kv {
+
+enum class ChunkKind { Text, Image };
+
+struct Chunk {
+    uint64_t id = 0;
+    ChunkKind kind = ChunkKind::Text;
+    std::vector<llama_token> tokens;               // text
+    std::shared_ptr<const ImageEmbedding> image;  // image
+    std::string source;                            // what the user passed: the text, or the image's path/description
+    // Derived by layout(): chunk 0 also carries the BOS token when the vocabulary wants one.
+    bool bos = false;
+    llama_pos pos0 = 0;
+    llama_pos pos1 = 0;
+    int32_t n_cells = 0;  // KV cells taken (tokens decoded), >= pos1 - pos0 under M-RoPE
+
+    int32_t n_content_tokens() const {
+        return kind == ChunkKind::Text ? static_cast<int32_t>(tokens.size()) : image->n_tokens;
+    }
+};
+
+// What a chunk is made from before it joins the timeline.
+struct ChunkSpec {
+    ChunkKind kind = ChunkKind::Text;
+    std::vector<llama_token> tokens;
+    std::shared_ptr<const ImageEmbedding> image;
+    std::string source;
+};
+
+struct RegistryCounters {
+    uint64_t tokens_decoded = 0;        // text + image tokens written into the KV cache
+    uint64_t text_tokens_decoded = 0;
+    uint64_t image_tokens_decoded = 0;
+    uint64_t images_decoded = 0;        // image chunks written into the KV cache (from embeddings)
+    uint64_t kv_cells_removed = 0;
+    uint64_t decode_calls = 0;
+    uint64_t full_redecodes = 0;        // edits where the memory refused a partial removal
+    uint64_t shift_edits = 0;
+};
+
+class ImageEmbedRegistry {
+  public:
+    ImageEmbedRegistry(llama_context * ctx, mtmd_context * projector, const llama_vocab * vocab,
+                       int32_t n_batch, int32_t n_ubatch, RegistryCounters & counters);
+
+    const std::vector<Chunk> & timeline() const { return timeline_; }
+    llama_pos n_past() const { return timeline_.empty() ? 0 : timeline_.back().pos1; }
+    int32_t n_cells() const;
+    bool has_logits() const { return has_logits_; }
+    const std::vector<float> & logits() const { return logits_; }
+
+    // Index of the chunk with this id; throws NotFoundError.
+    size_t index_of(uint64_t id) const;
+
+    // Replaces chunks [begin, end) with `inserted` (exact semantics): KV is removed from the first
+    // changed chunk's pos0 and the new suffix is decoded with the same batch splits a fresh run uses.
+    // Returns the ids given to the inserted chunks. On failure nothing has changed.
+    std::vector<uint64_t> splice(size_t begin, size_t end, std::vector<ChunkSpec> inserted);
+
+    // Removes the chunks at `indices` in one exact edit (re-decoding from the first of them).
+    void remove(std::vector<size_t> indices);
+
+    // Removes one chunk by deleting its KV span and shifting later positions down, without
+    // re-decoding (approximate). Throws Error where the memory cannot shift or positions are M-RoPE.
+    void remove_shift(size_t index);
+
+    // Empties the timeline and the KV cache.
+    void clear();
+
+    // Checked before any state changes; the KV cache of `n_ctx` cells must hold the timeline.
+    void set_capacity(int32_t n_ctx) { n_ctx_ = n_ctx; }
+
+  private:
+    std::vector<Chunk> build(size_t begin, size_t end, std::vector<ChunkSpec> & inserted,
+                             std::vector<uint64_t> & ids) const;
+    // Makes `next` (equal to the current timeline before index `first`) the timeline: removes the
+    // KV cache from there and decodes the rest, or restores everything and throws.
+    void commit(std::vector<Chunk> next, size_t first);
+    static void layout(std::vector<Chunk> & timeline, bool add_bos, size_t from);
+    void check_fits(const std::vector<Chunk> & timeline) const;
+    // Decodes timeline[from:] into the KV cache; returns llama's status (0 = ok).
+    int32_t decode_from(const std::vector<Chunk> & timeline, size_t from);
+    int32_t decode_text(const llama_token * tokens, size_t n, llama_pos pos0, bool logits_last);
+    int32_t decode_chunk(const Chunk & chunk, bool logits_last);
+    bool remove_kv_from(llama_pos pos0);
+    void reset_kv();
+
+    llama_context * ctx_;
+    mtmd_context * projector_;
+    const llama_vocab * vocab_;
+    int32_t n_batch_;
+    int32_t n_ubatch_;
+    int32_t n_ctx_ = 0;
+    bool add_bos_;
+    llama_token bos_;
+    RegistryCounters & counters_;
+
+    std::vector<Chunk> timeline_;
+    uint64_t next_id_ = 1;
+    std::vector<float> logits_;
+    bool has_logits_ = false;
+};
+
+}  // namespace llava_kv

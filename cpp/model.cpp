@@ -1,0 +1,184 @@
+#include "model.h"
+
+#include <algorithm>
+#include <filesystem>
+#include <map>
+#include <thread>
+
+#include "errors.h"
+#include "ggml-backend.h"
+#include "llama-ext.h"    // per-buffer memory breakdown of a context
+#include "llama-model.h"  // per-buffer memory of the weights, before any context exists
+#include "session.h"
+
+namespace llava_kv {
+namespace {
+
+}  // namespace
+
+std::string buft_device_name(ggml_backend_buffer_type_t buft) {
+    ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
+    if (dev != nullptr) {
+        return ggml_backend_dev_name(dev);
+    }
+    // Host buffers without a device (mmapped weights, repacked CPU tensors) live in CPU memory.
+    return ggml_backend_buft_is_host(buft) ? "CPU" : ggml_backend_buft_name(buft);
+}
+
+namespace {
+
+std::string with_reason(std::string message) {
+    const std::string reason = take_logged_errors();
+    if (!reason.empty()) {
+        message += "\nllama.cpp said:\n" + reason;
+    }
+    return message;
+}
+
+}  // namespace
+
+Model::Model(std::string path, std::string mmproj_path, const ModelParams & params)
+    : path_(std::move(path)),
+      mmproj_path_(std::move(mmproj_path)),
+      params_(params),
+      verbosity_(params.verbose),
+      cache_(params.embed_cache_bytes) {}
+
+std::shared_ptr<Model> Model::load(const std::string & model_path, const std::string & mmproj_path,
+                                   const ModelParams & params) {
+    ensure_runtime();
+    if (params.n_gpu_layers < -1) {
+        throw std::invalid_argument("n_gpu_layers must be >= 0, or -1 for all layers");
+    }
+    if (params.n_threads < 0) {
+        throw std::invalid_argument("n_threads must be >= 1 (or 0/None for one per core)");
+    }
+    for (const std::string * p : {&model_path, &mmproj_path}) {
+        if (!p->empty() && !std::filesystem::is_regular_file(*p)) {
+            throw ModelLoadError("no such model file: '" + *p + "'");
+        }
+    }
+    std::shared_ptr<Model> self(new Model(model_path, mmproj_path, params));
+    take_logged_errors();
+
+    llama_model_params mparams = llama_model_default_params();
+    mparams.n_gpu_layers = params.n_gpu_layers < 0 ? 999 : params.n_gpu_layers;
+    self->model_.reset(llama_model_load_from_file(model_path.c_str(), mparams));
+    if (!self->model_) {
+        throw ModelLoadError(with_reason("could not load the text model '" + model_path +
+                                         "': not a readable GGUF of a supported architecture"));
+    }
+    self->vocab_ = llama_model_get_vocab(self->model_.get());
+    self->n_embd_ = llama_model_n_embd(self->model_.get());
+    self->n_vocab_ = llama_vocab_n_tokens(self->vocab_);
+    self->n_ctx_train_ = llama_model_n_ctx_train(self->model_.get());
+    char desc[256] = {0};
+    llama_model_desc(self->model_.get(), desc, sizeof(desc));
+    self->description_ = desc;
+    unsigned hw = std::max(1u, std::thread::hardware_concurrency());
+    self->n_threads_ = params.n_threads > 0 ? params.n_threads : static_cast<int32_t>(hw);
+
+    if (!mmproj_path.empty()) {
+        mtmd_context_params pparams = mtmd_context_params_default();
+        pparams.use_gpu = params.mmproj_use_gpu;
+        pparams.n_threads = self->n_threads_;
+        pparams.print_timings = false;
+        pparams.warmup = false;
+        self->projector_.reset(mtmd_init_from_file(mmproj_path.c_str(), self->model_.get(), pparams));
+        if (!self->projector_) {
+            // Free the weights now rather than when the last reference goes.
+            self->model_.reset();
+            throw ModelLoadError(with_reason("could not load the projector '" + mmproj_path + "' for model '" +
+                                             model_path + "'"));
+        }
+        self->has_vision_ = mtmd_support_vision(self->projector_.get());
+        self->uses_mrope_ = mtmd_decode_use_mrope(self->projector_.get());
+        for (const auto & [dev, bytes] : mtmd_get_memory_usage(mmproj_path.c_str(), pparams)) {
+            self->projector_memory_.push_back(
+                {"projector", dev ? ggml_backend_dev_name(dev) : "CPU", bytes});
+        }
+    }
+    return self;
+}
+
+Model::~Model() {
+    close();
+}
+
+void Model::close() {
+    std::unique_lock<std::shared_mutex> lock(lifetime_);
+    if (closed_.load()) {
+        return;
+    }
+    closed_.store(true);
+    std::vector<std::weak_ptr<Session>> sessions;
+    {
+        std::lock_guard<std::mutex> guard(sessions_mutex_);
+        sessions.swap(sessions_);
+    }
+    for (auto & weak : sessions) {
+        if (auto session = weak.lock()) {
+            session->close_for_model();
+        }
+    }
+    cache_.clear();
+    projector_.reset();
+    model_.reset();
+}
+
+std::shared_lock<std::shared_mutex> Model::hold() const {
+    std::shared_lock<std::shared_mutex> lock(lifetime_);
+    if (closed_.load()) {
+        throw ClosedError("the model '" + path_ + "' is closed");
+    }
+    return lock;
+}
+
+std::shared_ptr<Session> Model::open_session(const SessionParams & params) {
+    auto lock = hold();
+    auto session = std::make_shared<Session>(shared_from_this(), params);
+    std::lock_guard<std::mutex> guard(sessions_mutex_);
+    sessions_.erase(std::remove_if(sessions_.begin(), sessions_.end(),
+                                   [](const std::weak_ptr<Session> & w) { return w.expired(); }),
+                    sessions_.end());
+    sessions_.push_back(session);
+    return session;
+}
+
+std::vector<std::shared_ptr<Session>> Model::live_sessions() const {
+    std::vector<std::shared_ptr<Session>> out;
+    std::lock_guard<std::mutex> guard(sessions_mutex_);
+    for (const auto & weak : sessions_) {
+        if (auto s = weak.lock()) {
+            if (!s->closed()) {
+                out.push_back(std::move(s));
+            }
+        }
+    }
+    return out;
+}
+
+MemoryReport Model::memory() const {
+    auto lock = hold();
+    MemoryReport report;
+    std::map<std::string, size_t> weights;
+    for (const auto & [buft, bytes] : model_->memory_breakdown()) {
+        weights[buft_device_name(buft)] += bytes;
+    }
+    for (const auto & [device, bytes] : weights) {
+        report.entries.push_back({"weights", device, bytes});
+    }
+    for (const auto & entry : projector_memory_) {
+        report.entries.push_back(entry);
+    }
+    report.entries.push_back({"embedding_cache", "CPU", cache_.stats().bytes});
+    for (const auto & session : live_sessions()) {
+        for (auto & entry : session->memory_entries()) {
+            report.entries.push_back(std::move(entry));
+        }
+    }
+    report.devices = devices();
+    return report;
+}
+
+}  // namespace llava_kv

@@ -1,0 +1,116 @@
+// A loaded text model plus its optional projector. Immutable once loaded, shared by sessions.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <shared_mutex>
+#include <string>
+#include <vector>
+
+#include "embedding_cache.h"
+#include "llama-cpp.h"
+#include "mtmd.h"
+#include "runtime.h"
+
+namespace llava_kv {
+
+class Session;
+struct SessionParams;
+
+// The device a buffer type's memory lives on ("CPU" for host buffers).
+std::string buft_device_name(ggml_backend_buffer_type_t buft);
+
+struct ModelParams {
+    int32_t n_gpu_layers = 0;
+    bool mmproj_use_gpu = true;
+    int32_t n_threads = 0;  // 0: one per core
+    bool verbose = false;
+    size_t embed_cache_bytes = size_t(1) << 30;
+};
+
+// Bytes one component holds on one device.
+struct MemoryEntry {
+    std::string component;  // "weights", "projector", "embedding_cache", "session:<id>:kv", ...
+    std::string device;
+    size_t bytes = 0;
+};
+
+struct MemoryReport {
+    std::vector<MemoryEntry> entries;
+    std::vector<DeviceInfo> devices;
+};
+
+class Model : public std::enable_shared_from_this<Model> {
+  public:
+    static std::shared_ptr<Model> load(const std::string & model_path, const std::string & mmproj_path,
+                                       const ModelParams & params);
+    ~Model();
+    Model(const Model &) = delete;
+    Model & operator=(const Model &) = delete;
+
+    // Closes every session made from this model, then frees the projector, then the weights.
+    // Waits for calls in flight; idempotent.
+    void close();
+    bool closed() const { return closed_.load(); }
+
+    // A shared hold on the native state for the length of one call: close() waits for it.
+    // Throws ClosedError once the model is closed.
+    std::shared_lock<std::shared_mutex> hold() const;
+
+    std::shared_ptr<Session> open_session(const SessionParams & params);
+    std::vector<std::shared_ptr<Session>> live_sessions() const;
+
+    llama_model * llama() const { return model_.get(); }
+    const llama_vocab * vocab() const { return vocab_; }
+    mtmd_context * projector() const { return projector_.get(); }
+    // mtmd contexts are not safe for concurrent use: every tokenize/encode takes this lock.
+    std::mutex & projector_mutex() const { return projector_mutex_; }
+    EmbeddingCache & embedding_cache() { return cache_; }
+
+    const std::string & path() const { return path_; }
+    const std::string & mmproj_path() const { return mmproj_path_; }
+    const ModelParams & params() const { return params_; }
+    int32_t n_embd() const { return n_embd_; }
+    int32_t n_vocab() const { return n_vocab_; }
+    int32_t n_ctx_train() const { return n_ctx_train_; }
+    bool has_vision() const { return has_vision_; }
+    bool uses_mrope() const { return uses_mrope_; }
+    int32_t n_threads() const { return n_threads_; }
+    std::string description() const { return description_; }
+
+    MemoryReport memory() const;
+
+  private:
+    Model(std::string path, std::string mmproj_path, const ModelParams & params);
+
+    std::string path_;
+    std::string mmproj_path_;
+    ModelParams params_;
+    Verbosity verbosity_;
+
+    mutable std::shared_mutex lifetime_;
+    std::atomic<bool> closed_{false};
+
+    llama_model_ptr model_;
+    mtmd::context_ptr projector_;
+    mutable std::mutex projector_mutex_;
+    const llama_vocab * vocab_ = nullptr;
+    EmbeddingCache cache_;
+
+    int32_t n_embd_ = 0;
+    int32_t n_vocab_ = 0;
+    int32_t n_ctx_train_ = 0;
+    int32_t n_threads_ = 1;
+    bool has_vision_ = false;
+    bool uses_mrope_ = false;
+    std::string description_;
+    std::vector<MemoryEntry> projector_memory_;
+
+    mutable std::mutex sessions_mutex_;
+    std::vector<std::weak_ptr<Session>> sessions_;
+};
+
+}  // namespace llava_kv

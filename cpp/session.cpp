@@ -1,0 +1,362 @@
+#include "session.h"
+
+#include <map>
+
+#include "errors.h"
+#include "ggml-backend.h"
+#include "llama-ext.h"
+
+namespace llava_kv {
+namespace {
+
+std::atomic<uint64_t> g_next_session_id{1};
+
+}  // namespace
+
+Session::Session(std::shared_ptr<Model> model, const SessionParams & params)
+    : model_(std::move(model)), params_(params), id_(g_next_session_id.fetch_add(1)) {
+    if (params_.n_ctx < 1) {
+        throw std::invalid_argument("n_ctx must be >= 1, got " + std::to_string(params_.n_ctx));
+    }
+    if (params_.n_batch < 1) {
+        throw std::invalid_argument("n_batch must be >= 1, got " + std::to_string(params_.n_batch));
+    }
+    if (params_.n_ubatch < 0) {
+        throw std::invalid_argument("n_ubatch must be >= 1 (or 0 for n_batch)");
+    }
+    if (params_.n_ubatch == 0 || params_.n_ubatch > params_.n_batch) {
+        params_.n_ubatch = params_.n_batch;
+    }
+    llama_context_params cparams = llama_context_default_params();
+    cparams.n_ctx = static_cast<uint32_t>(params_.n_ctx);
+    cparams.n_batch = static_cast<uint32_t>(params_.n_batch);
+    cparams.n_ubatch = static_cast<uint32_t>(params_.n_ubatch);
+    cparams.n_seq_max = 1;
+    const int32_t threads = params_.n_threads > 0 ? params_.n_threads : model_->n_threads();
+    cparams.n_threads = threads;
+    cparams.n_threads_batch = threads;
+    cparams.no_perf = true;
+    cparams.abort_callback = &Session::abort_requested;
+    cparams.abort_callback_data = this;
+    take_logged_errors();
+    ctx_.reset(llama_init_from_model(model_->llama(), cparams));
+    if (!ctx_) {
+        std::string why = take_logged_errors();
+        throw Error("could not create a context with n_ctx=" + std::to_string(params_.n_ctx) +
+                    ", n_batch=" + std::to_string(params_.n_batch) + " (out of memory?)" +
+                    (why.empty() ? "" : "\nllama.cpp said:\n" + why));
+    }
+    // llama.cpp may round n_ctx up (padding); the registry checks against what it really holds.
+    params_.n_ctx = static_cast<int32_t>(llama_n_ctx(ctx_.get()));
+    registry_ = std::make_unique<ImageEmbedRegistry>(ctx_.get(), model_->projector(), model_->vocab(),
+                                                     params_.n_batch, params_.n_ubatch, stats_.registry);
+}
+
+Session::~Session() {
+    try {
+        close();
+    } catch (...) {
+        // A destructor must not throw; close() only fails if the model is closing, which frees us.
+    }
+}
+
+bool Session::abort_requested(void * self) {
+    return static_cast<Session *>(self)->cancel_.load(std::memory_order_relaxed);
+}
+
+void Session::free_native() {
+    registry_.reset();
+    ctx_.reset();
+    closed_.store(true);
+}
+
+void Session::close() {
+    if (closed_.load()) {
+        return;
+    }
+    std::shared_lock<std::shared_mutex> hold;
+    try {
+        hold = model_->hold();
+    } catch (const ClosedError &) {
+        return;  // the model's close() has closed (or is closing) this session
+    }
+    cancel_.store(true);
+    std::lock_guard<std::mutex> lock(mutex_);
+    free_native();
+}
+
+void Session::close_for_model() {
+    cancel_.store(true);
+    std::lock_guard<std::mutex> lock(mutex_);
+    free_native();
+}
+
+void Session::check_open() const {
+    if (closed_.load()) {
+        throw ClosedError("the session is closed");
+    }
+}
+
+std::vector<llama_token> Session::tokenize_locked(const std::string & text) const {
+    // As mtmd tokenizes the text between media markers: no special tokens added, special tokens parsed.
+    const llama_vocab * vocab = model_->vocab();
+    std::vector<llama_token> tokens(text.size() + 2);
+    int32_t n = llama_tokenize(vocab, text.data(), static_cast<int32_t>(text.size()), tokens.data(),
+                               static_cast<int32_t>(tokens.size()), false, true);
+    if (n < 0) {
+        tokens.resize(static_cast<size_t>(-n));
+        n = llama_tokenize(vocab, text.data(), static_cast<int32_t>(text.size()), tokens.data(),
+                           static_cast<int32_t>(tokens.size()), false, true);
+    }
+    if (n < 0) {
+        throw Error("tokenization failed for a text of " + std::to_string(text.size()) + " bytes");
+    }
+    tokens.resize(static_cast<size_t>(n));
+    return tokens;
+}
+
+std::vector<llama_token> Session::tokenize(const std::string & text, bool add_special) const {
+    auto hold = model_->hold();
+    std::vector<llama_token> tokens = tokenize_locked(text);
+    if (add_special && llama_vocab_get_add_bos(model_->vocab())) {
+        tokens.insert(tokens.begin(), llama_vocab_bos(model_->vocab()));
+    }
+    return tokens;
+}
+
+std::shared_ptr<const ImageEmbedding> Session::embed_image(const ImagePixels & pixels) {
+    mtmd_context * projector = model_->projector();
+    if (projector == nullptr || !model_->has_vision()) {
+        throw ImageError("this model has no vision projector: load it with mmproj_path to use images");
+    }
+    if (pixels.data == nullptr || pixels.width == 0 || pixels.height == 0) {
+        throw ImageError("empty image (" + std::to_string(pixels.width) + "x" + std::to_string(pixels.height) + ")");
+    }
+    EmbeddingCache & cache = model_->embedding_cache();
+    if (auto hit = cache.get(pixels.digest)) {
+        stats_.embed_cache_hits += 1;
+        return hit;
+    }
+    // One encode at a time per projector; another session may have encoded this image meanwhile.
+    std::lock_guard<std::mutex> lock(model_->projector_mutex());
+    if (auto hit = cache.peek(pixels.digest)) {
+        stats_.embed_cache_hits += 1;
+        return hit;
+    }
+    stats_.embed_cache_misses += 1;
+
+    mtmd::bitmap_ptr bitmap(mtmd_bitmap_init(pixels.width, pixels.height, pixels.data));
+    if (!bitmap) {
+        throw ImageError("could not create a bitmap of " + std::to_string(pixels.width) + "x" +
+                         std::to_string(pixels.height) + " pixels");
+    }
+    mtmd_bitmap_set_id(bitmap.get(), pixels.digest.c_str());
+    mtmd::input_chunks_ptr chunks(mtmd_input_chunks_init());
+    const std::string marker = mtmd_default_marker();
+    mtmd_input_text text{marker.c_str(), marker.size(), false, true};
+    const mtmd_bitmap * bitmaps[] = {bitmap.get()};
+    take_logged_errors();
+    const int32_t status = mtmd_tokenize(projector, chunks.get(), &text, bitmaps, 1);
+    if (status != 0) {
+        const std::string why = take_logged_errors();
+        throw ImageError("the projector could not preprocess the image '" + pixels.source + "' (" +
+                         std::to_string(pixels.width) + "x" + std::to_string(pixels.height) + ", status " +
+                         std::to_string(status) + ")" + (why.empty() ? "" : ": " + why));
+    }
+    auto entry = std::make_shared<ImageEmbedding>();
+    entry->digest = pixels.digest;
+    entry->width = pixels.width;
+    entry->height = pixels.height;
+    const size_t n_embd = static_cast<size_t>(llama_model_n_embd_inp(model_->llama()));
+    for (size_t i = 0; i < mtmd_input_chunks_size(chunks.get()); ++i) {
+        const mtmd_input_chunk * chunk = mtmd_input_chunks_get(chunks.get(), i);
+        const size_t n_tokens = mtmd_input_chunk_get_n_tokens(chunk);
+        entry->n_tokens += static_cast<int32_t>(n_tokens);
+        entry->n_pos += mtmd_input_chunk_get_n_pos(chunk);
+        if (mtmd_input_chunk_get_type(chunk) == MTMD_INPUT_CHUNK_TYPE_TEXT) {
+            entry->chunks.emplace_back(mtmd_input_chunk_copy(chunk));
+            entry->embeddings.emplace_back();
+            continue;
+        }
+        if (mtmd_encode_chunk(projector, chunk) != 0) {
+            const std::string why = take_logged_errors();
+            throw ImageError("the projector failed to encode the image '" + pixels.source + "'" +
+                             (why.empty() ? "" : ": " + why));
+        }
+        const float * embd = mtmd_get_output_embd(projector);
+        entry->embeddings.emplace_back(embd, embd + n_tokens * n_embd);
+        // Keep only what decoding needs: the placeholder has the layout but not the pixels.
+        entry->chunks.emplace_back(mtmd_input_chunk_get_placeholder(chunk));
+        if (!entry->chunks.back()) {
+            throw ImageError("could not keep the layout of the encoded image '" + pixels.source + "'");
+        }
+    }
+    if (entry->n_tokens == 0) {
+        throw ImageError("the projector produced no tokens for the image '" + pixels.source + "'");
+    }
+    stats_.images_encoded += 1;
+    std::shared_ptr<const ImageEmbedding> shared = std::move(entry);
+    cache.put(shared);
+    return shared;
+}
+
+std::vector<uint64_t> Session::splice(size_t begin, size_t end, const std::vector<ChunkInput> & inputs) {
+    auto hold = model_->hold();
+    std::lock_guard<std::mutex> lock(mutex_);
+    check_open();
+    cancel_.store(false);
+    const SessionStats before = stats_;
+    try {
+        std::vector<ChunkSpec> specs;
+        specs.reserve(inputs.size());
+        for (const auto & input : inputs) {
+            ChunkSpec spec;
+            spec.kind = input.kind;
+            if (input.kind == ChunkKind::Text) {
+                spec.tokens = tokenize_locked(input.text);
+                spec.source = input.text;
+                if (spec.tokens.empty()) {
+                    continue;
+                }
+            } else {
+                spec.image = embed_image(input.image);
+                spec.source = input.image.source;
+            }
+            specs.push_back(std::move(spec));
+        }
+        return registry_->splice(begin, end, std::move(specs));
+    } catch (...) {
+        stats_ = before;
+        throw;
+    }
+}
+
+void Session::remove_shift(uint64_t chunk_id) {
+    auto hold = model_->hold();
+    std::lock_guard<std::mutex> lock(mutex_);
+    check_open();
+    cancel_.store(false);
+    const SessionStats before = stats_;
+    try {
+        registry_->remove_shift(registry_->index_of(chunk_id));
+    } catch (...) {
+        stats_ = before;
+        throw;
+    }
+}
+
+void Session::remove_chunks(const std::vector<uint64_t> & chunk_ids) {
+    auto hold = model_->hold();
+    std::lock_guard<std::mutex> lock(mutex_);
+    check_open();
+    cancel_.store(false);
+    std::vector<size_t> indices;
+    for (uint64_t id : chunk_ids) {
+        indices.push_back(registry_->index_of(id));
+    }
+    const SessionStats before = stats_;
+    try {
+        registry_->remove(std::move(indices));
+    } catch (...) {
+        stats_ = before;
+        throw;
+    }
+}
+
+size_t Session::index_of(uint64_t chunk_id) const {
+    auto hold = model_->hold();
+    std::lock_guard<std::mutex> lock(mutex_);
+    check_open();
+    return registry_->index_of(chunk_id);
+}
+
+void Session::clear() {
+    auto hold = model_->hold();
+    std::lock_guard<std::mutex> lock(mutex_);
+    check_open();
+    registry_->clear();
+}
+
+std::vector<ChunkInfo> Session::timeline() const {
+    auto hold = model_->hold();
+    std::lock_guard<std::mutex> lock(mutex_);
+    check_open();
+    std::vector<ChunkInfo> out;
+    for (const auto & c : registry_->timeline()) {
+        ChunkInfo info;
+        info.id = c.id;
+        info.kind = c.kind;
+        info.n_tokens = c.n_cells;
+        info.pos0 = c.pos0;
+        info.pos1 = c.pos1;
+        info.source = c.source;
+        if (c.kind == ChunkKind::Text) {
+            info.tokens = c.tokens;
+        } else {
+            info.digest = c.image->digest;
+            info.width = c.image->width;
+            info.height = c.image->height;
+        }
+        out.push_back(std::move(info));
+    }
+    return out;
+}
+
+std::vector<float> Session::logits() const {
+    auto hold = model_->hold();
+    std::lock_guard<std::mutex> lock(mutex_);
+    check_open();
+    if (!registry_->has_logits()) {
+        if (registry_->timeline().empty()) {
+            throw Error("no logits yet: the session is empty; append text first");
+        }
+        throw Error("no logits: the timeline ends with an image, which produces none (as in llama.cpp); "
+                    "append text after it");
+    }
+    return registry_->logits();
+}
+
+llama_pos Session::n_past() const {
+    auto hold = model_->hold();
+    std::lock_guard<std::mutex> lock(mutex_);
+    check_open();
+    return registry_->n_past();
+}
+
+int32_t Session::n_cells() const {
+    auto hold = model_->hold();
+    std::lock_guard<std::mutex> lock(mutex_);
+    check_open();
+    return registry_->n_cells();
+}
+
+SessionStats Session::stats() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return stats_;
+}
+
+std::vector<MemoryEntry> Session::memory_entries() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::vector<MemoryEntry> out;
+    if (closed_.load()) {
+        return out;
+    }
+    std::map<std::string, std::pair<size_t, size_t>> by_device;
+    for (const auto & [buft, data] : llama_get_memory_breakdown(ctx_.get())) {
+        auto & slot = by_device[buft_device_name(buft)];
+        slot.first += data.context;
+        slot.second += data.compute;
+    }
+    const std::string prefix = "session:" + std::to_string(id_) + ":";
+    for (const auto & [device, sizes] : by_device) {
+        if (sizes.first) {
+            out.push_back({prefix + "kv", device, sizes.first});
+        }
+        if (sizes.second) {
+            out.push_back({prefix + "compute", device, sizes.second});
+        }
+    }
+    return out;
+}
+
+}  // namespace llava_kv

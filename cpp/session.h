@@ -1,0 +1,119 @@
+// One conversation: a llama_context, its ImageEmbedRegistry and the counters of work done.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "image_embed_registry.h"
+#include "llama-cpp.h"
+#include "model.h"
+
+namespace llava_kv {
+
+struct SessionParams {
+    int32_t n_ctx = 4096;
+    int32_t n_batch = 512;
+    int32_t n_ubatch = 0;  // 0: n_batch
+    uint32_t seed = 0;
+    int32_t n_threads = 0;  // 0: the model's
+};
+
+// RGB pixels owned by the caller for the length of the call, with their content digest.
+struct ImagePixels {
+    const uint8_t * data = nullptr;
+    uint32_t width = 0;
+    uint32_t height = 0;
+    std::string digest;
+    std::string source;
+};
+
+// One element of an edit: text, or an image.
+struct ChunkInput {
+    ChunkKind kind = ChunkKind::Text;
+    std::string text;
+    ImagePixels image;
+};
+
+struct ChunkInfo {
+    uint64_t id = 0;
+    ChunkKind kind = ChunkKind::Text;
+    int32_t n_tokens = 0;  // KV cells (for chunk 0 including BOS)
+    llama_pos pos0 = 0;
+    llama_pos pos1 = 0;
+    std::string digest;
+    std::string source;  // the text of a text chunk; the image's path or description
+    uint32_t width = 0;
+    uint32_t height = 0;
+    std::vector<llama_token> tokens;  // text chunks (without BOS)
+};
+
+struct SessionStats {
+    RegistryCounters registry;
+    uint64_t images_encoded = 0;
+    uint64_t embed_cache_hits = 0;
+    uint64_t embed_cache_misses = 0;
+};
+
+class Session {
+  public:
+    Session(std::shared_ptr<Model> model, const SessionParams & params);
+    ~Session();
+    Session(const Session &) = delete;
+    Session & operator=(const Session &) = delete;
+
+    void close();
+    bool closed() const { return closed_.load(); }
+    // Called by Model::close() while it holds the model exclusively.
+    void close_for_model();
+
+    // Replaces chunks [begin, end) with `inputs` (exact). Returns the new chunks' ids (empty text
+    // makes no chunk). On any failure the session is exactly as before the call.
+    std::vector<uint64_t> splice(size_t begin, size_t end, const std::vector<ChunkInput> & inputs);
+    void remove_shift(uint64_t chunk_id);
+    // Removes these chunks in one exact edit. Throws NotFoundError (nothing changed) for an unknown id.
+    void remove_chunks(const std::vector<uint64_t> & chunk_ids);
+    size_t index_of(uint64_t chunk_id) const;
+    void clear();
+
+    std::vector<ChunkInfo> timeline() const;
+    std::vector<float> logits() const;
+    llama_pos n_past() const;
+    int32_t n_cells() const;
+    int32_t n_ctx() const { return params_.n_ctx; }
+    SessionStats stats() const;
+    std::vector<llama_token> tokenize(const std::string & text, bool add_special) const;
+
+    // Asks the call in flight (if any) to stop; it raises CancelledError and leaves the session unchanged.
+    void cancel() { cancel_.store(true); }
+
+    const SessionParams & params() const { return params_; }
+    uint64_t id() const { return id_; }
+    std::shared_ptr<Model> model() const { return model_; }
+    // Per-device KV and compute buffers; the caller holds the model.
+    std::vector<MemoryEntry> memory_entries() const;
+
+  private:
+    std::shared_ptr<const ImageEmbedding> embed_image(const ImagePixels & pixels);
+    std::vector<llama_token> tokenize_locked(const std::string & text) const;
+    void free_native();
+    void check_open() const;
+
+    static bool abort_requested(void * self);
+
+    std::shared_ptr<Model> model_;
+    SessionParams params_;
+    uint64_t id_;
+    std::atomic<bool> closed_{false};
+    std::atomic<bool> cancel_{false};
+    mutable std::mutex mutex_;
+
+    llama_context_ptr ctx_;
+    SessionStats stats_;
+    std::unique_ptr<ImageEmbedRegistry> registry_;
+};
+
+}  // namespace llava_kv

@@ -1,0 +1,43 @@
+"""The exceptions llava-kv raises. Everything it raises on purpose derives from LlavaKVError."""
+from __future__ import annotations
+
+__all__ = [
+    "LlavaKVError",
+    "ModelLoadError",
+    "ImageError",
+    "ContextFullError",
+    "ClosedError",
+    "CancelledError",
+]
+
+
+class LlavaKVError(RuntimeError):
+    """Base class of llava-kv's errors."""
+
+
+class ModelLoadError(LlavaKVError):
+    """A GGUF could not be loaded: corrupt, incompatible, or a projector that does not fit the model."""
+
+
+class ImageError(LlavaKVError):
+    """An image could not be read, decoded or encoded by the projector."""
+
+
+class ContextFullError(LlavaKVError):
+    """The timeline would need more KV cells than the session's context holds.
+
+    ``needed`` and ``available`` carry the two numbers.
+    """
+
+    def __init__(self, message: str, needed: int | None = None, available: int | None = None) -> None:
+        super().__init__(message)
+        self.needed = needed
+        self.available = available
+
+
+class ClosedError(LlavaKVError, ValueError):
+    """A model or session was used after close() (a ValueError too, like a closed file)."""
+
+
+class CancelledError(LlavaKVError):
+    """A long call was cancelled (cancel() or Ctrl-C); the session is as it was before the call."""

@@ -1,0 +1,281 @@
+"""Session: one conversation over a model, with a timeline of text and images kept in step with
+the KV cache by the native ImageEmbedRegistry."""
+from __future__ import annotations
+
+from collections.abc import MutableSequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence, Union, overload
+
+import numpy as np
+
+from . import _core
+from .images import ImageInput, load_image
+
+if TYPE_CHECKING:
+    from .model import Model
+
+__all__ = ["Session", "ImageRef", "Chunk", "ImageList"]
+
+EDIT_MODES = ("exact", "shift")
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """An image in a session's timeline. ``pos0``/``pos1`` are its KV positions when the ref was made."""
+
+    path: str
+    digest: str
+    n_tokens: int
+    pos0: int
+    pos1: int
+    chunk_id: int
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One element of the timeline: text tokens or one image, with its KV span ``[pos0, pos1)``."""
+
+    kind: str  # "text" or "image"
+    n_tokens: int
+    pos0: int
+    pos1: int
+    chunk_id: int
+    text: str | None = None
+    image: ImageRef | None = None
+
+
+def _chunk_from_core(d: dict[str, Any]) -> Chunk:
+    if d["kind"] == "image":
+        ref = ImageRef(d["source"], d["digest"], d["n_tokens"], d["pos0"], d["pos1"], d["id"])
+        return Chunk("image", d["n_tokens"], d["pos0"], d["pos1"], d["id"], image=ref)
+    return Chunk("text", d["n_tokens"], d["pos0"], d["pos1"], d["id"], text=d["source"])
+
+
+class Session:
+    """A conversation: append text and images, edit images anywhere, read logits.
+
+    Every edit keeps the timeline, the embeddings and the KV cache consistent; a failed call leaves
+    all three exactly as they were. Use ``with`` or :meth:`close` to free the context.
+    """
+
+    def __init__(self, model: "Model", core: _core.Session) -> None:
+        self._model = model
+        self._core = core
+        self._images = ImageList(self)
+
+    # -- lifetime ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Free this session's context and KV cache. Idempotent."""
+        self._core.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._core.closed
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        if self.closed:
+            return "<llava_kv.Session closed>"
+        tl = self._core.timeline()
+        n_images = sum(1 for c in tl if c["kind"] == "image")
+        return (f"<llava_kv.Session n_past={self._core.n_past} n_ctx={self._core.n_ctx} chunks={len(tl)} "
+                f"images={n_images}>")
+
+    def cancel(self) -> None:
+        """Stop the call running in another thread; it raises CancelledError and changes nothing."""
+        self._core.cancel()
+
+    # -- reading ----------------------------------------------------------------------------
+
+    @property
+    def model(self) -> "Model":
+        return self._model
+
+    @property
+    def n_past(self) -> int:
+        """KV positions in use (the next token's position)."""
+        return self._core.n_past
+
+    @property
+    def n_ctx(self) -> int:
+        return self._core.n_ctx
+
+    @property
+    def timeline(self) -> list[Chunk]:
+        return [_chunk_from_core(d) for d in self._core.timeline()]
+
+    @property
+    def images(self) -> "ImageList":
+        """Live list view of the timeline's images; edits through it go through the registry."""
+        return self._images
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters of work done: tokens_decoded, images_encoded, embed_cache_hits/misses, kv_cells_removed..."""
+        return dict(self._core.stats())
+
+    def logits(self) -> np.ndarray:
+        """Logits (float32, n_vocab) after the last token of the timeline."""
+        return self._core.logits()
+
+    def tokenize(self, text: str, *, add_special: bool = False) -> list[int]:
+        return list(self._core.tokenize(text, add_special))
+
+    # -- edits ------------------------------------------------------------------------------
+
+    def _item(self, item: Union[str, ImageInput]) -> Any:
+        if isinstance(item, str):
+            return item
+        img = load_image(item, self._model.projector_id)
+        return (img.pixels, img.digest, img.source)
+
+    def _splice(self, begin: int, end: int, items: Sequence[Any]) -> list[int]:
+        return list(self._core.splice(begin, end, list(items)))
+
+    def _ref(self, chunk_id: int) -> ImageRef:
+        for d in self._core.timeline():
+            if d["id"] == chunk_id:
+                chunk = _chunk_from_core(d)
+                assert chunk.image is not None
+                return chunk.image
+        raise KeyError(chunk_id)
+
+    def _index(self, ref: ImageRef | int) -> int:
+        chunk_id = ref.chunk_id if isinstance(ref, ImageRef) else ref
+        if not isinstance(chunk_id, int):
+            raise TypeError(f"expected an ImageRef, not {type(ref).__name__}")
+        index = self._core.index_of(chunk_id)
+        if self._core.timeline()[index]["kind"] != "image":
+            raise KeyError(f"chunk {chunk_id} is not an image")
+        return index
+
+    def append_text(self, text: str) -> None:
+        """Append text (special tokens in it are parsed; BOS is added before the first chunk)."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be str, not {type(text).__name__}")
+        self._splice(len(self._core.timeline()), len(self._core.timeline()), [text])
+
+    def append_image(self, image: ImageInput) -> ImageRef:
+        """Append an image (path, bytes, PIL image or HxWx3 uint8 array); returns its ref."""
+        n = len(self._core.timeline())
+        (chunk_id,) = self._splice(n, n, [self._item(image)])
+        return self._ref(chunk_id)
+
+    def insert_image(self, index: int, image: ImageInput) -> ImageRef:
+        """Insert an image before the ``index``-th chunk of the timeline (``len(timeline)`` appends)."""
+        n = len(self._core.timeline())
+        if not 0 <= index <= n:
+            raise IndexError(f"chunk index {index} is outside 0..{n}")
+        (chunk_id,) = self._splice(index, index, [self._item(image)])
+        return self._ref(chunk_id)
+
+    def insert_text(self, index: int, text: str) -> None:
+        """Insert text before the ``index``-th chunk of the timeline."""
+        n = len(self._core.timeline())
+        if not 0 <= index <= n:
+            raise IndexError(f"chunk index {index} is outside 0..{n}")
+        self._splice(index, index, [text])
+
+    def replace_image(self, ref: ImageRef, image: ImageInput) -> ImageRef:
+        """Replace the image ``ref`` with ``image``; only the timeline from that image on is recomputed."""
+        index = self._index(ref)
+        item = self._item(image)
+        (chunk_id,) = self._splice(index, index + 1, [item])
+        return self._ref(chunk_id)
+
+    def remove_image(self, ref: ImageRef, mode: str = "exact") -> None:
+        """Remove the image ``ref``.
+
+        ``mode="exact"`` (default) re-decodes what followed it, so the result equals a fresh run.
+        ``mode="shift"`` deletes its KV span and shifts later positions without re-decoding: fast
+        but approximate (later tokens keep having attended to the image); refused with LlavaKVError
+        for M-RoPE models and memories that cannot shift.
+        """
+        if mode not in EDIT_MODES:
+            raise ValueError(f"mode must be one of {EDIT_MODES}, not {mode!r}")
+        index = self._index(ref)
+        if mode == "shift":
+            self._core.remove_shift(self._core.timeline()[index]["id"])
+        else:
+            self._splice(index, index + 1, [])
+
+    def truncate(self, n_chunks: int) -> None:
+        """Keep the first ``n_chunks`` chunks of the timeline and drop the rest."""
+        n = len(self._core.timeline())
+        if not 0 <= n_chunks <= n:
+            raise IndexError(f"n_chunks {n_chunks} is outside 0..{n}")
+        if n_chunks < n:
+            self._splice(n_chunks, n, [])
+
+    def edit(self, begin: int, end: int, items: Iterable[Union[str, ImageInput]]) -> None:
+        """Replace timeline chunks ``[begin, end)`` with ``items`` (str for text, anything else an image)."""
+        n = len(self._core.timeline())
+        if not 0 <= begin <= end <= n:
+            raise IndexError(f"chunk range [{begin}, {end}) is outside the timeline of {n} chunks")
+        self._splice(begin, end, [self._item(x) for x in items])
+
+    def clear(self) -> None:
+        """Remove everything: timeline, KV cache and the session's references to embeddings."""
+        self._core.clear()
+
+
+class ImageList(MutableSequence):  # type: ignore[type-arg]
+    """The images of a session's timeline, in order. A view: reads reflect the session now, and
+    ``del``, assignment, ``insert`` and ``clear`` are edits through the registry."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    def _refs(self) -> list[ImageRef]:
+        return [c.image for c in self._session.timeline if c.image is not None]
+
+    def __len__(self) -> int:
+        return len(self._refs())
+
+    @overload
+    def __getitem__(self, index: int) -> ImageRef: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[ImageRef]: ...
+
+    def __getitem__(self, index: int | slice) -> ImageRef | list[ImageRef]:
+        return self._refs()[index]
+
+    def __iter__(self) -> Iterator[ImageRef]:
+        return iter(self._refs())
+
+    def __setitem__(self, index: Any, image: Any) -> None:
+        if isinstance(index, slice):
+            raise TypeError("assign images one at a time: session.images[i] = image")
+        self._session.replace_image(self._refs()[index], image)
+
+    def __delitem__(self, index: int | slice) -> None:
+        refs = self._refs()
+        if isinstance(index, slice):
+            self._session._core.remove_chunks([r.chunk_id for r in refs[index]])
+        else:
+            self._session.remove_image(refs[index])
+
+    def insert(self, index: int, image: Any) -> None:
+        refs = self._refs()
+        if index < 0:
+            index = max(0, len(refs) + index)
+        if index >= len(refs):
+            self._session.append_image(image)
+        else:
+            self._session.insert_image(self._session._core.index_of(refs[index].chunk_id), image)
+
+    def clear(self) -> None:
+        """Remove every image from the timeline, the KV cache and the session's embedding refs, in one edit."""
+        self._session._core.remove_chunks([r.chunk_id for r in self._refs()])
+
+    def __repr__(self) -> str:
+        return f"ImageList({self._refs()!r})"

@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""Populate third_party/llama.cpp from the pinned, hash-checked llama.cpp source.
+
+The source is the llama.cpp tree vendored in the PyPI sdist of llama-cpp-python at a pinned
+version: pip fetches it by name (no registry address is written here), the sha256 is checked,
+and only the folders the build needs are extracted. The sdist is cached so that rebuilds and
+CI do not download 76 MB again.
+
+Exit status is non-zero with a message saying what to do when the download fails or the hash
+does not match.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+SDIST_NAME = "llama-cpp-python"
+SDIST_VERSION = "0.3.36"
+SDIST_FILE = f"llama_cpp_python-{SDIST_VERSION}.tar.gz"
+SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+LLAMA_CPP_COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
+
+# What the build of llama + ggml (all backends, so any can be chosen at build time) + mtmd needs.
+NEEDED = ("CMakeLists.txt", "LICENSE", "cmake/", "include/", "src/", "ggml/", "vendor/",
+          "licenses/", "tools/mtmd/")
+# Inside tools/mtmd only the library sources are needed, not its sample media.
+SKIPPED_SUFFIXES = (".jpeg", ".jpg", ".mp3", ".mp4", ".png", ".wav")
+STAMP = ".llava-kv-source"
+
+
+def default_cache_dir() -> Path:
+    if os.environ.get("LLAVA_KV_CACHE_DIR"):
+        return Path(os.environ["LLAVA_KV_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "llava-kv"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fail(message: str) -> "NoReturn":  # type: ignore[name-defined]  # noqa: F821
+    print(f"fetch_llama_cpp: error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def cached_sdist(cache_dir: Path) -> Path:
+    """Return the verified sdist, downloading it into the cache when absent or corrupt."""
+    target = cache_dir / SDIST_FILE
+    if target.exists():
+        if sha256_of(target) == SDIST_SHA256:
+            return target
+        print(f"fetch_llama_cpp: cached {target} has the wrong sha256; downloading it again",
+              file=sys.stderr)
+        target.unlink()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               "--no-binary", SDIST_NAME, f"{SDIST_NAME}=={SDIST_VERSION}", "-d", tmp]
+        print("fetch_llama_cpp: " + " ".join(cmd), file=sys.stderr)
+        result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        downloaded = Path(tmp) / SDIST_FILE
+        if result.returncode != 0 or not downloaded.exists():
+            fail(f"could not download {SDIST_NAME}=={SDIST_VERSION} with pip "
+                 f"(exit {result.returncode}):\n{result.stdout[-2000:]}\n"
+                 "Check that PyPI is reachable, or place the sdist in "
+                 f"{cache_dir}, or point the build at your own llama.cpp checkout with "
+                 "LLAVA_KV_LLAMA_CPP_DIR=/path/to/llama.cpp.")
+        actual = sha256_of(downloaded)
+        if actual != SDIST_SHA256:
+            fail(f"{SDIST_FILE} has sha256 {actual}, expected {SDIST_SHA256}. The download is "
+                 "corrupt or not the pinned release; delete it and retry, or set "
+                 "LLAVA_KV_LLAMA_CPP_DIR to a llama.cpp checkout at commit "
+                 f"{LLAMA_CPP_COMMIT}.")
+        shutil.move(str(downloaded), target)
+    return target
+
+
+def extract(sdist: Path, dest: Path) -> None:
+    prefix = f"llama_cpp_python-{SDIST_VERSION}/vendor/llama.cpp/"
+    staging = Path(tempfile.mkdtemp(prefix=".llama.cpp-", dir=dest.parent))
+    try:
+        with tarfile.open(sdist, "r:gz") as tar:
+            members = []
+            for m in tar.getmembers():
+                if not m.name.startswith(prefix):
+                    continue
+                rel = m.name[len(prefix):]
+                if not rel or not any(rel == n or rel.startswith(n) for n in NEEDED):
+                    continue
+                if rel.startswith("tools/mtmd/") and rel.endswith(SKIPPED_SUFFIXES):
+                    continue
+                if not (m.isfile() or m.isdir()):
+                    continue
+                m.name = rel
+                members.append(m)
+            tar.extractall(staging, members=members, filter="data")
+        (staging / STAMP).write_text(f"{SDIST_FILE} sha256 {SDIST_SHA256}\ncommit {LLAMA_CPP_COMMIT}\n")
+        if dest.exists():
+            shutil.rmtree(dest)
+        staging.rename(dest)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    root = Path(__file__).resolve().parent.parent
+    parser.add_argument("--dest", type=Path, default=root / "third_party" / "llama.cpp")
+    parser.add_argument("--cache-dir", type=Path, default=default_cache_dir())
+    parser.add_argument("--force", action="store_true", help="extract again even if present")
+    args = parser.parse_args()
+
+    dest: Path = args.dest.resolve()
+    if not args.force and (dest / STAMP).exists() and (dest / "CMakeLists.txt").exists():
+        print(f"fetch_llama_cpp: {dest} already populated", file=sys.stderr)
+        return 0
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    extract(cached_sdist(args.cache_dir), dest)
+    print(f"fetch_llama_cpp: llama.cpp {LLAMA_CPP_COMMIT[:12]} extracted to {dest}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
