@@ -1,6 +1,7 @@
 #include "model.h"
 
 #include <algorithm>
+#include <atomic>
 #include <filesystem>
 #include <map>
 #include <thread>
@@ -12,6 +13,14 @@
 #include "session.h"
 
 namespace llava_kv {
+
+std::atomic<long> g_live_models{0};
+std::atomic<long> g_live_sessions{0};
+
+LiveCounts live_counts() {
+    return {g_live_models.load(), g_live_sessions.load()};
+}
+
 namespace {
 
 }  // namespace
@@ -42,7 +51,9 @@ Model::Model(std::string path, std::string mmproj_path, const ModelParams & para
       mmproj_path_(std::move(mmproj_path)),
       params_(params),
       verbosity_(params.verbose),
-      cache_(params.embed_cache_bytes) {}
+      cache_(params.embed_cache_bytes) {
+    g_live_models.fetch_add(1);
+}
 
 std::shared_ptr<Model> Model::load(const std::string & model_path, const std::string & mmproj_path,
                                    const ModelParams & params) {
@@ -103,6 +114,7 @@ std::shared_ptr<Model> Model::load(const std::string & model_path, const std::st
 
 Model::~Model() {
     close();
+    g_live_models.fetch_sub(1);
 }
 
 void Model::close() {

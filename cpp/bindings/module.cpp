@@ -2,6 +2,7 @@
 #include <pybind11/stl.h>
 
 #include "bindings.h"
+#include "model.h"
 #include "runtime.h"
 
 #ifndef LLAVA_KV_VERSION
@@ -35,6 +36,13 @@ PYBIND11_MODULE(_core, m) {
         out["backends"] = info.backends;
         out["devices"] = devices;
         return out;
+    });
+    m.def("native_objects", [] {
+        const llava_kv::LiveCounts c = llava_kv::live_counts();
+        py::dict d;
+        d["models"] = c.models;
+        d["sessions"] = c.sessions;
+        return d;
     });
     m.attr("__version__") = LLAVA_KV_VERSION;
 }

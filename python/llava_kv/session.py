@@ -131,10 +131,8 @@ class Session:
 
     # -- edits ------------------------------------------------------------------------------
 
-    def _item(self, item: Union[str, ImageInput]) -> Any:
-        if isinstance(item, str):
-            return item
-        img = load_image(item, self._model.projector_id)
+    def _image(self, image: ImageInput) -> tuple[np.ndarray, str, str]:
+        img = load_image(image, self._model.projector_id)
         return (img.pixels, img.digest, img.source)
 
     def _splice(self, begin: int, end: int, items: Sequence[Any]) -> list[int]:
@@ -166,7 +164,7 @@ class Session:
     def append_image(self, image: ImageInput) -> ImageRef:
         """Append an image (path, bytes, PIL image or HxWx3 uint8 array); returns its ref."""
         n = len(self._core.timeline())
-        (chunk_id,) = self._splice(n, n, [self._item(image)])
+        (chunk_id,) = self._splice(n, n, [self._image(image)])
         return self._ref(chunk_id)
 
     def insert_image(self, index: int, image: ImageInput) -> ImageRef:
@@ -174,7 +172,7 @@ class Session:
         n = len(self._core.timeline())
         if not 0 <= index <= n:
             raise IndexError(f"chunk index {index} is outside 0..{n}")
-        (chunk_id,) = self._splice(index, index, [self._item(image)])
+        (chunk_id,) = self._splice(index, index, [self._image(image)])
         return self._ref(chunk_id)
 
     def insert_text(self, index: int, text: str) -> None:
@@ -187,7 +185,7 @@ class Session:
     def replace_image(self, ref: ImageRef, image: ImageInput) -> ImageRef:
         """Replace the image ``ref`` with ``image``; only the timeline from that image on is recomputed."""
         index = self._index(ref)
-        item = self._item(image)
+        item = self._image(image)
         (chunk_id,) = self._splice(index, index + 1, [item])
         return self._ref(chunk_id)
 
@@ -216,11 +214,12 @@ class Session:
             self._splice(n_chunks, n, [])
 
     def edit(self, begin: int, end: int, items: Iterable[Union[str, ImageInput]]) -> None:
-        """Replace timeline chunks ``[begin, end)`` with ``items`` (str for text, anything else an image)."""
+        """Replace timeline chunks ``[begin, end)`` with ``items``: a ``str`` is text, anything else an
+        image (give image paths as ``pathlib.Path``). One edit: only from ``begin`` on is recomputed."""
         n = len(self._core.timeline())
         if not 0 <= begin <= end <= n:
             raise IndexError(f"chunk range [{begin}, {end}) is outside the timeline of {n} chunks")
-        self._splice(begin, end, [self._item(x) for x in items])
+        self._splice(begin, end, [x if isinstance(x, str) else self._image(x) for x in items])
 
     def clear(self) -> None:
         """Remove everything: timeline, KV cache and the session's references to embeddings."""

@@ -321,16 +321,20 @@ def default_cache_dir() -> Path:
     return Path(base) / "test-models"
 
 
-def make_test_model(out_dir: str | os.PathLike[str] | None = None, preset: str = "tiny-llava", *,
+def make_test_model(out_dir: str | os.PathLike[str] | None = None, preset: str | Preset = "tiny-llava", *,
                     seed: int = 0, overwrite: bool = False) -> TestModel:
     """Write (or reuse) the random-weight GGUF pair of ``preset`` under ``out_dir``.
 
-    Returns the paths. Files are written to a temporary name and renamed, so an interrupted run
-    never leaves a half-written model that a later call would reuse.
+    ``preset`` is a name from PRESETS or a Preset (e.g. ``dataclasses.replace(PRESETS["tiny-llava"],
+    name="wide", n_embd=96)``). Returns the paths. Files are written to a temporary name and
+    renamed, so an interrupted run never leaves a half-written model that a later call would reuse.
     """
-    if preset not in PRESETS:
+    if isinstance(preset, Preset):
+        p = preset
+    elif preset in PRESETS:
+        p = PRESETS[preset]
+    else:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    p = PRESETS[preset]
     out = Path(out_dir) if out_dir is not None else default_cache_dir()
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{p.name}-s{seed}"

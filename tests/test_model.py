@@ -1,0 +1,140 @@
+import dataclasses
+import gc
+import os
+
+import pytest
+
+import llava_kv as lk
+from llava_kv.testing import PRESETS, make_test_model, random_image
+
+
+def test_load_reports_shapes(llava_pair):
+    with lk.Model.load(llava_pair.model_path, llava_pair.mmproj_path) as m:
+        p = llava_pair.preset
+        assert (m.n_embd, m.n_vocab, m.has_vision) == (p.n_embd, p.n_vocab, True)
+        assert not m.closed
+        assert "n_embd=64" in repr(m)
+    assert m.closed and "closed" in repr(m)
+
+
+def test_text_only_model_refuses_images(llava_pair):
+    with lk.Model.load(llava_pair.model_path) as m, m.session() as s:
+        assert not m.has_vision
+        s.append_text("hello")
+        before = s.logits()
+        with pytest.raises(lk.ImageError, match="no vision projector"):
+            s.append_image(random_image(0))
+        assert (s.logits() == before).all() and len(s.timeline) == 1
+
+
+def test_missing_files_raise_file_not_found(llava_pair, tmp_path):
+    with pytest.raises(FileNotFoundError):
+        lk.Model.load(tmp_path / "nope.gguf")
+    with pytest.raises(FileNotFoundError):
+        lk.Model.load(llava_pair.model_path, tmp_path / "nope-mmproj.gguf")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_corrupt_gguf_raises_model_load_error(llava_pair, tmp_path, damage):
+    data = llava_pair.model_path.read_bytes()
+    bad = tmp_path / f"{damage}.gguf"
+    bad.write_bytes({"truncated": data[: len(data) // 3], "garbage": os.urandom(4096), "empty": b""}[damage])
+    with pytest.raises(lk.ModelLoadError, match="could not load the text model"):
+        lk.Model.load(bad)
+    # and the projector side
+    bad_proj = tmp_path / f"{damage}-mmproj.gguf"
+    proj = llava_pair.mmproj_path.read_bytes()
+    bad_proj.write_bytes({"truncated": proj[: len(proj) // 3], "garbage": os.urandom(4096), "empty": b""}[damage])
+    with pytest.raises(lk.ModelLoadError, match="could not load the projector"):
+        lk.Model.load(llava_pair.model_path, bad_proj)
+
+
+def test_projector_width_mismatch_names_both_widths(llava_pair, tmp_path):
+    wide = make_test_model(tmp_path, dataclasses.replace(PRESETS["tiny-llava"], name="wide", n_embd=96))
+    with pytest.raises(lk.ModelLoadError) as err:
+        lk.Model.load(llava_pair.model_path, wide.mmproj_path)
+    assert "64" in str(err.value) and "96" in str(err.value)
+
+
+def test_bad_arguments_are_value_errors(llava_pair):
+    with pytest.raises(ValueError):
+        lk.Model.load(llava_pair.model_path, n_threads=0)
+    with lk.Model.load(llava_pair.model_path) as m:
+        with pytest.raises(ValueError):
+            m.session(n_ctx=0)
+        with pytest.raises(ValueError):
+            m.session(n_batch=0)
+
+
+def test_close_is_idempotent_and_closes_sessions_first(llava_pair):
+    m = lk.Model.load(llava_pair.model_path, llava_pair.mmproj_path)
+    s1, s2 = m.session(n_ctx=256), m.session(n_ctx=256)
+    s1.append_text("USER: ")
+    s1.append_image(random_image(0))
+    m.close()
+    m.close()
+    assert m.closed and s1.closed and s2.closed
+    for call in (lambda: s1.append_text("x"), lambda: s1.logits(), lambda: s1.n_past, lambda: s1.timeline,
+                 lambda: m.session(), lambda: m.memory(), lambda: s2.append_image(random_image(1)),
+                 lambda: s1.images.clear()):
+        with pytest.raises(lk.ClosedError):
+            call()
+    with pytest.raises(ValueError):  # ClosedError is also a ValueError, like a closed file
+        s1.append_text("x")
+    s1.close()  # closing a session of a closed model is a no-op
+    assert "closed" in repr(s1)
+
+
+def test_session_close_and_context_manager(llava_pair):
+    with lk.Model.load(llava_pair.model_path, llava_pair.mmproj_path) as m:
+        with m.session(n_ctx=256) as s:
+            s.append_text("hi")
+            assert m._core.n_open_sessions() == 1
+        assert s.closed and m._core.n_open_sessions() == 0
+        with pytest.raises(lk.ClosedError):
+            s.logits()
+        s.close()
+
+
+def test_memory_reports_components_per_device(llava_pair):
+    with lk.Model.load(llava_pair.model_path, llava_pair.mmproj_path) as m:
+        mem = m.memory()
+        weights = mem["weights"]["CPU"]
+        # the tensors are most of the file
+        assert 0.8 * llava_pair.model_path.stat().st_size < weights <= llava_pair.model_path.stat().st_size
+        assert mem["projector"]["CPU"] > 0
+        assert mem["sessions"] == {}
+        assert mem["devices"]["CPU"]["total"] > 0
+        s = m.session(n_ctx=1024)
+        s.append_image(random_image(0))
+        mem = m.memory()
+        (sid,) = mem["sessions"]
+        kv = mem["sessions"][sid]["kv"]["CPU"]
+        # KV: 2 layers x (k + v) x n_ctx x n_kv_heads x head_dim x f16
+        p = llava_pair.preset
+        assert kv == 2 * p.n_layer * 1024 * p.n_head_kv * (p.n_embd // p.n_head) * 2
+        assert mem["sessions"][sid]["compute"]["CPU"] > 0
+        assert mem["embedding_cache"]["CPU"] >= 36 * 64 * 4
+        assert mem["total"]["CPU"] == sum(
+            v["CPU"] for k, v in mem.items() if k in ("weights", "projector", "embedding_cache")
+        ) + kv + mem["sessions"][sid]["compute"]["CPU"]
+        s.close()
+        assert m.memory()["sessions"] == {}
+
+
+def test_dropping_references_frees_without_close(llava_pair):
+    m = lk.Model.load(llava_pair.model_path, llava_pair.mmproj_path)
+    s = m.session(n_ctx=256)
+    s.append_text("hi")
+    gc.collect()  # objects other tests left to the cyclic collector
+    live = lk._core.native_objects()
+    assert live["models"] >= 1 and live["sessions"] >= 1
+    del m
+    gc.collect()
+    # the session keeps its model alive...
+    assert lk._core.native_objects() == live
+    del s
+    gc.collect()
+    # ...and with the last reference both are freed, no close() needed
+    after = lk._core.native_objects()
+    assert after == {"models": live["models"] - 1, "sessions": live["sessions"] - 1}
