@@ -187,10 +187,11 @@ void ImageEmbedRegistry::remove(std::vector<size_t> indices) {
 void ImageEmbedRegistry::commit(std::vector<Chunk> next, size_t begin) {
     check_fits(next);
 
-    // The first chunk whose KV changes. A pure truncation re-decodes the new last chunk so that the
-    // logits are those of a fresh run (an image-final timeline has none, as in a fresh run).
+    // The first chunk whose KV changes. A pure truncation re-decodes the new last chunk when it ends
+    // in text, so that the logits are those of a fresh run (one ending in image tokens has none).
     size_t first = begin;
-    if (first == next.size() && first > 0 && next.back().kind == ChunkKind::Text) {
+    llama_token unused = 0;
+    if (first == next.size() && first > 0 && last_text_token(next.back(), bos_, unused)) {
         first -= 1;
     }
     const llama_pos cut = first < timeline_.size() ? timeline_[first].pos0 : n_past();
@@ -241,6 +242,12 @@ void ImageEmbedRegistry::remove_shift(size_t index) {
                     "use mode='exact'");
     }
     llama_memory_t mem = llama_get_memory(ctx_);
+    // Sliding-window models: llama.cpp reports that their cache can shift, but applying the shift
+    // to the windowed cache aborts the process at the pinned commit. Refuse rather than crash.
+    if (llama_model_n_swa(llama_get_model(ctx_)) > 0) {
+        throw Error("mode='shift' is not available for sliding-window attention models (this llama.cpp cannot "
+                    "shift their windowed KV cache safely); use mode='exact'");
+    }
     if (!llama_memory_can_shift(mem)) {
         throw Error("mode='shift' is not available: this model's KV memory cannot shift positions; use mode='exact'");
     }

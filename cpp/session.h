@@ -56,6 +56,7 @@ struct SessionStats {
     uint64_t images_encoded = 0;
     uint64_t embed_cache_hits = 0;
     uint64_t embed_cache_misses = 0;
+    uint64_t batched_encodes = 0;  // projector calls that encoded several images at once
 };
 
 class Session {
@@ -97,7 +98,12 @@ class Session {
     std::vector<MemoryEntry> memory_entries() const;
 
   private:
-    std::shared_ptr<const ImageEmbedding> embed_image(const ImagePixels & pixels);
+    // Embeddings for these images, from the cache or the projector. Images not yet cached are
+    // encoded under the projector lock, several at a time with mtmd's batch encode where it can.
+    std::vector<std::shared_ptr<const ImageEmbedding>> embed_images(const std::vector<const ImagePixels *> & images);
+    struct PendingImage;
+    PendingImage tokenize_image(const ImagePixels & pixels);
+    void encode_pending(std::vector<PendingImage> & pending);
     std::vector<llama_token> tokenize_locked(const std::string & text) const;
     void free_native();
     void check_open() const;

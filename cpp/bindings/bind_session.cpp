@@ -143,6 +143,7 @@ void register_session(py::module_ & m) {
             d["images_encoded"] = st.images_encoded;
             d["embed_cache_hits"] = st.embed_cache_hits;
             d["embed_cache_misses"] = st.embed_cache_misses;
+            d["batched_encodes"] = st.batched_encodes;
             d["kv_cells_removed"] = st.registry.kv_cells_removed;
             d["decode_calls"] = st.registry.decode_calls;
             d["full_redecodes"] = st.registry.full_redecodes;
