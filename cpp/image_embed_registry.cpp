@@ -4,6 +4,7 @@
 #include <string>
 
 #include "errors.h"
+#include "session_state.h"
 #include "llama-cpp.h"
 #include "mtmd-helper.h"
 
@@ -300,6 +301,68 @@ void ImageEmbedRegistry::remove_shift(size_t index) {
         throw_decode_failure(status);
     }
     timeline_ = std::move(next);
+}
+
+void ImageEmbedRegistry::append_generated(llama_token token, const std::string & piece) {
+    if (timeline_.empty()) {
+        throw Error("nothing to continue: the session is empty");
+    }
+    const int32_t needed = n_cells() + 1;
+    if (needed > n_ctx_) {
+        throw ContextFullError(needed, n_ctx_,
+                               "generation needs " + std::to_string(needed) + " KV cells but the context holds " +
+                                   std::to_string(n_ctx_) + "; open the session with a larger n_ctx");
+    }
+    const llama_pos pos = n_past();
+    const int32_t status = decode_text(&token, 1, pos, true);
+    if (status != 0) {
+        remove_kv_from(pos);
+        throw_decode_failure(status);
+    }
+    if (!timeline_.back().generated) {
+        Chunk c;
+        c.id = next_id_++;
+        c.kind = ChunkKind::Text;
+        c.generated = true;
+        timeline_.push_back(std::move(c));
+    }
+    Chunk & c = timeline_.back();
+    c.tokens.push_back(token);
+    c.source += piece;
+    layout(timeline_, add_bos_, timeline_.size() - 1);
+}
+
+RegistrySnapshot ImageEmbedRegistry::snapshot() const {
+    RegistrySnapshot snap;
+    snap.timeline = timeline_;
+    snap.next_id = next_id_;
+    snap.logits = logits_;
+    snap.has_logits = has_logits_;
+    return snap;
+}
+
+void ImageEmbedRegistry::restore(RegistrySnapshot snap, int32_t n_embd_inp) {
+    for (const auto & c : snap.timeline) {
+        if (c.kind != ChunkKind::Image) {
+            continue;
+        }
+        for (size_t j = 0; j < c.image->chunks.size(); ++j) {
+            const size_t n = mtmd_input_chunk_get_n_tokens(c.image->chunks[j].get());
+            const bool text = mtmd_input_chunk_get_type(c.image->chunks[j].get()) == MTMD_INPUT_CHUNK_TYPE_TEXT;
+            if (!text && c.image->embeddings[j].size() != n * static_cast<size_t>(n_embd_inp)) {
+                throw Error("the saved image embeddings do not fit this model (width differs)");
+            }
+        }
+    }
+    if (snap.has_logits && snap.logits.size() != static_cast<size_t>(llama_vocab_n_tokens(vocab_))) {
+        throw Error("the saved logits do not fit this model's vocabulary");
+    }
+    layout(snap.timeline, add_bos_, 0);
+    check_fits(snap.timeline);
+    timeline_ = std::move(snap.timeline);
+    next_id_ = snap.next_id;
+    logits_ = std::move(snap.logits);
+    has_logits_ = snap.has_logits;
 }
 
 void ImageEmbedRegistry::clear() {

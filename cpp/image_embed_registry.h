@@ -22,6 +22,7 @@ struct Chunk {
     std::vector<llama_token> tokens;               // text
     std::shared_ptr<const ImageEmbedding> image;  // image
     std::string source;                            // what the user passed: the text, or the image's path/description
+    bool generated = false;  // tokens the model sampled (decoded one at a time), not text given to us
     // Derived by layout(): chunk 0 also carries the BOS token when the vocabulary wants one.
     bool bos = false;
     llama_pos pos0 = 0;
@@ -52,6 +53,8 @@ struct RegistryCounters {
     uint64_t shift_edits = 0;
 };
 
+struct RegistrySnapshot;  // session_state.h
+
 class ImageEmbedRegistry {
   public:
     ImageEmbedRegistry(llama_context * ctx, mtmd_context * projector, const llama_vocab * vocab,
@@ -77,6 +80,15 @@ class ImageEmbedRegistry {
     // Removes one chunk by deleting its KV span and shifting later positions down, without
     // re-decoding (approximate). Throws Error where the memory cannot shift or positions are M-RoPE.
     void remove_shift(size_t index);
+
+    // Decodes one sampled token after the timeline and records it in the trailing generated chunk
+    // (a new one if the last chunk is not generated). On failure nothing has changed.
+    void append_generated(llama_token token, const std::string & piece);
+
+    // The timeline, ids and logits (not the KV cache), and putting them back after the KV cache
+    // was restored to match. restore() checks sizes and embedding widths against this context.
+    RegistrySnapshot snapshot() const;
+    void restore(RegistrySnapshot snapshot, int32_t n_embd_inp);
 
     // Empties the timeline and the KV cache.
     void clear();

@@ -194,3 +194,42 @@ MemoryReport Model::memory() const {
 }
 
 }  // namespace llava_kv
+
+namespace llava_kv {
+
+std::string Model::chat_template() const {
+    auto lock = hold();
+    const char * tmpl = llama_model_chat_template(model_.get(), nullptr);
+    return tmpl ? tmpl : "";
+}
+
+std::string Model::apply_chat_template(const std::vector<std::pair<std::string, std::string>> & messages,
+                                       bool add_assistant, const std::string & template_override) const {
+    const std::string tmpl = template_override.empty() ? chat_template() : template_override;
+    if (tmpl.empty()) {
+        throw Error("the model '" + path_ + "' has no chat template; pass chat_template=... (a name such as "
+                    "'chatml' or a template string)");
+    }
+    std::vector<llama_chat_message> chat;
+    size_t total = 0;
+    for (const auto & [role, content] : messages) {
+        chat.push_back({role.c_str(), content.c_str()});
+        total += role.size() + content.size();
+    }
+    std::string out(2 * total + 256, '\0');
+    int32_t n = llama_chat_apply_template(tmpl.c_str(), chat.data(), chat.size(), add_assistant, out.data(),
+                                          static_cast<int32_t>(out.size()));
+    if (n > static_cast<int32_t>(out.size())) {
+        out.resize(static_cast<size_t>(n));
+        n = llama_chat_apply_template(tmpl.c_str(), chat.data(), chat.size(), add_assistant, out.data(),
+                                      static_cast<int32_t>(out.size()));
+    }
+    if (n < 0) {
+        throw Error("llama.cpp does not support this chat template; pass chat_template= with a supported name "
+                    "(e.g. 'chatml', 'llama3', 'gemma')");
+    }
+    out.resize(static_cast<size_t>(n));
+    return out;
+}
+
+}  // namespace llava_kv

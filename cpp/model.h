@@ -90,6 +90,12 @@ class Model : public std::enable_shared_from_this<Model> {
 
     MemoryReport memory() const;
 
+    // The model's chat template (empty if it has none), and a conversation rendered with it by
+    // llama.cpp's template engine. `messages` are (role, content) pairs.
+    std::string chat_template() const;
+    std::string apply_chat_template(const std::vector<std::pair<std::string, std::string>> & messages,
+                                    bool add_assistant, const std::string & template_override) const;
+
   private:
     Model(std::string path, std::string mmproj_path, const ModelParams & params);
 

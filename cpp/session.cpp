@@ -3,6 +3,7 @@
 #include <map>
 
 #include "errors.h"
+#include "session_state.h"
 #include "ggml-backend.h"
 #include "llama-ext.h"
 
@@ -80,6 +81,7 @@ bool Session::abort_requested(void * self) {
 }
 
 void Session::free_native() {
+    sampler_.reset();
     registry_.reset();
     ctx_.reset();
     closed_.store(true);
@@ -407,6 +409,7 @@ std::vector<ChunkInfo> Session::timeline() const {
         info.pos0 = c.pos0;
         info.pos1 = c.pos1;
         info.source = c.source;
+        info.generated = c.generated;
         if (c.kind == ChunkKind::Text) {
             info.tokens = c.tokens;
         } else {
@@ -474,6 +477,197 @@ std::vector<MemoryEntry> Session::memory_entries() const {
         }
     }
     return out;
+}
+
+}  // namespace llava_kv
+
+namespace llava_kv {
+namespace {
+
+// Length of the longest prefix of `s` that does not end inside a UTF-8 character.
+size_t complete_utf8_prefix(const std::string & s) {
+    size_t i = s.size();
+    size_t back = 0;
+    while (i > 0 && back < 4) {
+        const unsigned char c = static_cast<unsigned char>(s[i - 1]);
+        if ((c & 0xC0) != 0x80) {  // a lead byte or ASCII
+            size_t need = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xE ? 3 : (c >> 3) == 0x1E ? 4 : 1;
+            return back + 1 >= need ? s.size() : i - 1;
+        }
+        --i;
+        ++back;
+    }
+    return s.size();  // not UTF-8 we can wait on: pass it through
+}
+
+std::string token_piece(const llama_vocab * vocab, llama_token token) {
+    std::string piece(16, '\0');
+    int32_t n = llama_token_to_piece(vocab, token, piece.data(), static_cast<int32_t>(piece.size()), 0, false);
+    if (n < 0) {
+        piece.resize(static_cast<size_t>(-n));
+        n = llama_token_to_piece(vocab, token, piece.data(), static_cast<int32_t>(piece.size()), 0, false);
+    }
+    piece.resize(n > 0 ? static_cast<size_t>(n) : 0);
+    return piece;
+}
+
+}  // namespace
+
+void Session::begin_generation(const SamplingParams & p) {
+    auto hold = model_->hold();
+    std::lock_guard<std::mutex> lock(mutex_);
+    check_open();
+    if (p.temperature > 0 && (p.top_p <= 0 || p.top_p > 1 || p.min_p < 0 || p.min_p > 1)) {
+        throw std::invalid_argument("top_p must be in (0, 1] and min_p in [0, 1]");
+    }
+    if (p.repeat_penalty <= 0) {
+        throw std::invalid_argument("repeat_penalty must be > 0 (1.0 disables it)");
+    }
+    llama_sampler_chain_params cparams = llama_sampler_chain_default_params();
+    cparams.no_perf = true;
+    llama_sampler_ptr chain(llama_sampler_chain_init(cparams));
+    if (p.repeat_penalty != 1.0f) {
+        llama_sampler_chain_add(chain.get(), llama_sampler_init_penalties(model_->n_vocab(), p.repeat_last_n,
+                                                                          p.repeat_penalty, 0.0f, 0.0f));
+    }
+    if (p.temperature <= 0) {
+        llama_sampler_chain_add(chain.get(), llama_sampler_init_greedy());
+    } else {
+        if (p.top_k > 0) {
+            llama_sampler_chain_add(chain.get(), llama_sampler_init_top_k(p.top_k));
+        }
+        llama_sampler_chain_add(chain.get(), llama_sampler_init_top_p(p.top_p, 1));
+        llama_sampler_chain_add(chain.get(), llama_sampler_init_min_p(p.min_p, 1));
+        llama_sampler_chain_add(chain.get(), llama_sampler_init_temp(p.temperature));
+        llama_sampler_chain_add(chain.get(), llama_sampler_init_dist(p.seed));
+    }
+    sampler_ = std::move(chain);
+    pending_utf8_.clear();
+}
+
+GenerationStep Session::generate_step() {
+    auto hold = model_->hold();
+    std::lock_guard<std::mutex> lock(mutex_);
+    check_open();
+    if (!sampler_) {
+        throw Error("generate_step() before begin_generation()");
+    }
+    if (!registry_->has_logits()) {
+        throw Error(registry_->timeline().empty()
+                        ? "nothing to generate from: the session is empty"
+                        : "nothing to generate from: the timeline ends with image tokens; append text first");
+    }
+    cancel_.store(false);
+    const std::vector<float> & logits = registry_->logits();
+    std::vector<llama_token_data> candidates(logits.size());
+    for (size_t i = 0; i < logits.size(); ++i) {
+        candidates[i] = {static_cast<llama_token>(i), logits[i], 0.0f};
+    }
+    llama_token_data_array array{candidates.data(), candidates.size(), -1, false};
+    llama_sampler_apply(sampler_.get(), &array);
+    if (array.selected < 0 || static_cast<size_t>(array.selected) >= array.size) {
+        throw Error("the sampler selected no token");
+    }
+    GenerationStep step;
+    step.token = array.data[array.selected].id;
+    if (llama_vocab_is_eog(model_->vocab(), step.token)) {
+        step.end_of_generation = true;
+        return step;
+    }
+    const std::string piece = token_piece(model_->vocab(), step.token);
+    const SessionStats before = stats_;
+    try {
+        registry_->append_generated(step.token, piece);
+    } catch (...) {
+        stats_ = before;
+        throw;
+    }
+    llama_sampler_accept(sampler_.get(), step.token);
+    stats_.tokens_generated += 1;
+    pending_utf8_ += piece;
+    const size_t n = complete_utf8_prefix(pending_utf8_);
+    step.text = pending_utf8_.substr(0, n);
+    pending_utf8_.erase(0, n);
+    return step;
+}
+
+std::string Session::flush_generation() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::string out;
+    out.swap(pending_utf8_);
+    return out;
+}
+
+std::string Session::detokenize(const std::vector<llama_token> & tokens) const {
+    auto hold = model_->hold();
+    std::string out;
+    for (llama_token t : tokens) {
+        if (t < 0 || t >= model_->n_vocab()) {
+            throw std::out_of_range("token id " + std::to_string(t) + " is outside the vocabulary");
+        }
+        out += token_piece(model_->vocab(), t);
+    }
+    return out;
+}
+
+}  // namespace llava_kv
+
+namespace llava_kv {
+
+std::string Session::save_state() const {
+    auto hold = model_->hold();
+    std::lock_guard<std::mutex> lock(mutex_);
+    check_open();
+    std::string kv(llama_state_seq_get_size(ctx_.get(), 0), '\0');
+    const size_t n = llama_state_seq_get_data(ctx_.get(), reinterpret_cast<uint8_t *>(kv.data()), kv.size(), 0);
+    if (n == 0 && !kv.empty()) {
+        throw Error("could not read the KV cache state");
+    }
+    kv.resize(n);
+    return serialize_state(registry_->snapshot(), kv);
+}
+
+void Session::load_state(const std::string & blob) {
+    auto hold = model_->hold();
+    std::lock_guard<std::mutex> lock(mutex_);
+    check_open();
+    if (!registry_->timeline().empty()) {
+        throw Error("load_state needs an empty session");
+    }
+    std::string kv;
+    RegistrySnapshot snap = deserialize_state(blob, kv);
+    long long cells = 0;
+    for (const auto & c : snap.timeline) {
+        cells += (c.kind == ChunkKind::Text ? static_cast<long long>(c.tokens.size()) : c.image->n_tokens);
+    }
+    if (cells + 1 > params_.n_ctx) {
+        throw ContextFullError(cells + 1, params_.n_ctx,
+                               "the saved session needs about " + std::to_string(cells + 1) +
+                                   " KV cells but this context holds " + std::to_string(params_.n_ctx));
+    }
+    for (const auto & c : snap.timeline) {
+        for (llama_token t : c.tokens) {
+            if (t < 0 || t >= model_->n_vocab()) {
+                throw Error("the saved session has token ids outside this model's vocabulary");
+            }
+        }
+    }
+    try {
+        if (!kv.empty() && llama_state_seq_set_data(ctx_.get(), reinterpret_cast<const uint8_t *>(kv.data()),
+                                                    kv.size(), 0) == 0) {
+            throw Error("the saved KV cache does not fit this model or context");
+        }
+        registry_->restore(std::move(snap), llama_model_n_embd_inp(model_->llama()));
+    } catch (...) {
+        registry_->clear();
+        throw;
+    }
+    // Later edits and other sessions reuse the restored embeddings.
+    for (const auto & c : registry_->timeline()) {
+        if (c.kind == ChunkKind::Image && !model_->embedding_cache().peek(c.image->digest)) {
+            model_->embedding_cache().put(c.image);
+        }
+    }
 }
 
 }  // namespace llava_kv

@@ -38,6 +38,24 @@ struct ChunkInput {
     ImagePixels image;
 };
 
+struct SamplingParams {
+    float temperature = 0.0f;  // <= 0: greedy
+    int32_t top_k = 40;
+    float top_p = 0.95f;
+    float min_p = 0.05f;
+    float repeat_penalty = 1.0f;
+    int32_t repeat_last_n = 64;
+    uint32_t seed = 0;
+};
+
+// One generation step: the token sampled, the text it completes (whole UTF-8 characters only;
+// bytes of a character split across tokens wait for the next step), and whether it ends generation.
+struct GenerationStep {
+    llama_token token = -1;
+    std::string text;
+    bool end_of_generation = false;
+};
+
 struct ChunkInfo {
     uint64_t id = 0;
     ChunkKind kind = ChunkKind::Text;
@@ -49,6 +67,7 @@ struct ChunkInfo {
     uint32_t width = 0;
     uint32_t height = 0;
     std::vector<llama_token> tokens;  // text chunks (without BOS)
+    bool generated = false;
 };
 
 struct SessionStats {
@@ -57,6 +76,7 @@ struct SessionStats {
     uint64_t embed_cache_hits = 0;
     uint64_t embed_cache_misses = 0;
     uint64_t batched_encodes = 0;  // projector calls that encoded several images at once
+    uint64_t tokens_generated = 0;
 };
 
 class Session {
@@ -88,6 +108,21 @@ class Session {
     SessionStats stats() const;
     std::vector<llama_token> tokenize(const std::string & text, bool add_special) const;
 
+    // Generation, one token per call so a caller can stop between any two (a stream that is
+    // dropped costs no further native work). begin_generation() sets up the sampler chain;
+    // generate_step() samples from the current logits, decodes the token into the timeline and
+    // returns its text; an end-of-generation token is reported, not decoded. flush_generation()
+    // returns bytes still held back (an incomplete character at the end).
+    void begin_generation(const SamplingParams & params);
+    GenerationStep generate_step();
+    std::string flush_generation();
+    std::string detokenize(const std::vector<llama_token> & tokens) const;
+
+    // The whole state as bytes (timeline, embeddings, logits, KV cache), and putting it into this
+    // session, which must be empty. On failure the session stays empty.
+    std::string save_state() const;
+    void load_state(const std::string & blob);
+
     // Asks the call in flight (if any) to stop; it raises CancelledError and leaves the session unchanged.
     void cancel() { cancel_.store(true); }
 
@@ -118,6 +153,8 @@ class Session {
     mutable std::mutex mutex_;
 
     llama_context_ptr ctx_;
+    llama_sampler_ptr sampler_;
+    std::string pending_utf8_;
     SessionStats stats_;
     std::unique_ptr<ImageEmbedRegistry> registry_;
 };

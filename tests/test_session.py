@@ -188,3 +188,20 @@ def test_repr_shows_state(model, images):
     assert "images=1" in repr(s) and "n_ctx=256" in repr(s)
     s.close()
     assert repr(s) == "<llava_kv.Session closed>"
+
+
+def test_several_new_images_in_one_edit_encode_each_once(model, images):
+    with model.session(n_ctx=1024) as s:
+        s.append_text("USER: ")
+        model._core.clear_cache()
+        s.edit(1, 1, [images[3], " and ", images[4], " and ", images[3], " end"])
+        st = s.stats
+        assert st["images_encoded"] == 2 and st["embed_cache_misses"] == 2 and st["embed_cache_hits"] == 1
+        # neither test projector (CLIP mlp, Gemma 3) supports mtmd batch encoding: one at a time
+        assert st["batched_encodes"] == 0
+        with model.session(n_ctx=1024) as f:
+            f.append_text("USER: ")
+            for x in [images[3], " and ", images[4], " and ", images[3], " end"]:
+                f.append_text(x) if isinstance(x, str) else f.append_image(x)
+            assert np.array_equal(f.logits(), s.logits())
+            assert f.stats["images_encoded"] == 0

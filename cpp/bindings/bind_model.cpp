@@ -1,6 +1,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <utility>
+
 #include "bindings.h"
 #include "model.h"
 #include "session.h"
@@ -88,6 +90,9 @@ void register_model(py::module_ & m) {
              [](Model & model, const std::string & digest) {
                  return static_cast<bool>(model.embedding_cache().peek(digest));
              })
+        .def_property_readonly("chat_template", &Model::chat_template)
+        .def("apply_chat_template", &Model::apply_chat_template, py::arg("messages"), py::arg("add_assistant") = true,
+             py::arg("template_override") = "")
         .def("clear_cache", [](Model & model) { model.embedding_cache().clear(); });
 }
 

@@ -50,6 +50,11 @@ Inputs convert(const py::list & items) {
     return out;
 }
 
+// Text that came from a model may hold invalid UTF-8 (byte tokens): decode with replacement.
+py::str utf8(const std::string & s) {
+    return py::reinterpret_steal<py::str>(PyUnicode_DecodeUTF8(s.data(), static_cast<py::ssize_t>(s.size()), "replace"));
+}
+
 py::dict chunk_dict(const ChunkInfo & c) {
     py::dict d;
     d["id"] = c.id;
@@ -57,7 +62,8 @@ py::dict chunk_dict(const ChunkInfo & c) {
     d["n_tokens"] = c.n_tokens;
     d["pos0"] = c.pos0;
     d["pos1"] = c.pos1;
-    d["source"] = c.source;
+    d["source"] = utf8(c.source);
+    d["generated"] = c.generated;
     if (c.kind == ChunkKind::Image) {
         d["digest"] = c.digest;
         d["width"] = c.width;
@@ -133,6 +139,51 @@ void register_session(py::module_ & m) {
         .def_property_readonly("n_ctx", &Session::n_ctx)
         .def_property_readonly("n_batch", [](const Session & s) { return s.params().n_batch; })
         .def("tokenize", &Session::tokenize, py::arg("text"), py::arg("add_special") = false)
+        .def(
+            "begin_generation",
+            [](Session & s, float temperature, int32_t top_k, float top_p, float min_p, float repeat_penalty,
+               int32_t repeat_last_n, uint32_t seed) {
+                SamplingParams p;
+                p.temperature = temperature;
+                p.top_k = top_k;
+                p.top_p = top_p;
+                p.min_p = min_p;
+                p.repeat_penalty = repeat_penalty;
+                p.repeat_last_n = repeat_last_n;
+                p.seed = seed;
+                s.begin_generation(p);
+            },
+            py::kw_only(), py::arg("temperature") = 0.0f, py::arg("top_k") = 40, py::arg("top_p") = 0.95f,
+            py::arg("min_p") = 0.05f, py::arg("repeat_penalty") = 1.0f, py::arg("repeat_last_n") = 64,
+            py::arg("seed") = 0)
+        .def("generate_step",
+             [](Session & s) {
+                 GenerationStep step;
+                 {
+                     py::gil_scoped_release release;
+                     step = s.generate_step();
+                 }
+                 return py::make_tuple(step.token, py::bytes(step.text), step.end_of_generation);
+             })
+        .def("save_state",
+             [](const Session & s) {
+                 std::string blob;
+                 {
+                     py::gil_scoped_release release;
+                     blob = s.save_state();
+                 }
+                 return py::bytes(blob);
+             })
+        .def("load_state",
+             [](Session & s, const py::bytes & blob) {
+                 std::string data = blob;
+                 py::gil_scoped_release release;
+                 s.load_state(data);
+             })
+        .def("flush_generation", [](Session & s) { return py::bytes(s.flush_generation()); })
+        .def("detokenize", [](const Session & s, const std::vector<llama_token> & tokens) {
+            return py::bytes(s.detokenize(tokens));
+        })
         .def("stats", [](const Session & s) {
             const SessionStats st = s.stats();
             py::dict d;
@@ -144,6 +195,7 @@ void register_session(py::module_ & m) {
             d["embed_cache_hits"] = st.embed_cache_hits;
             d["embed_cache_misses"] = st.embed_cache_misses;
             d["batched_encodes"] = st.batched_encodes;
+            d["tokens_generated"] = st.tokens_generated;
             d["kv_cells_removed"] = st.registry.kv_cells_removed;
             d["decode_calls"] = st.registry.decode_calls;
             d["full_redecodes"] = st.registry.full_redecodes;

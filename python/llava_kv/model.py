@@ -30,6 +30,7 @@ class Model:
     def __init__(self, core: _core.Model, projector_id: str) -> None:
         self._core = core
         self._projector_id = projector_id
+        self._fingerprint: str | None = None
 
     @classmethod
     def load(cls, model_path: str | os.PathLike[str], mmproj_path: str | os.PathLike[str] | None = None, *,
@@ -105,6 +106,13 @@ class Model:
         """Content fingerprint of the mmproj file; part of every image digest."""
         return self._projector_id
 
+    @property
+    def fingerprint(self) -> str:
+        """Content fingerprint of the text model file (saved sessions only load into the same model)."""
+        if self._fingerprint is None:
+            self._fingerprint = file_fingerprint(self._core.path)
+        return self._fingerprint
+
     # -- sessions and reports ---------------------------------------------------------------
 
     def session(self, *, n_ctx: int = 4096, n_batch: int = 512, n_ubatch: int | None = None, seed: int = 0,
@@ -115,6 +123,15 @@ class Model:
         core = self._core.session(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch or 0, seed=seed,
                                   n_threads=n_threads or 0)
         return Session(self, core)
+
+    def chat_session(self, *, n_ctx: int = 4096, n_batch: int = 512, seed: int = 0,
+                     n_threads: int | None = None) -> Session:
+        """A session for :meth:`Session.chat` (the same object: chat keeps its conversation in the timeline)."""
+        return self.session(n_ctx=n_ctx, n_batch=n_batch, seed=seed, n_threads=n_threads)
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._core.chat_template or None
 
     def memory(self) -> dict[str, Any]:
         """Bytes held, per component and device, plus each device's free/total memory.

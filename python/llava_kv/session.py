@@ -5,12 +5,18 @@ from __future__ import annotations
 from collections.abc import MutableSequence
 from dataclasses import dataclass
 from types import TracebackType
+import json
+import os
+import time
+import uuid
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence, Union, overload
 
 import numpy as np
 
 from . import _core
-from .images import ImageInput, load_image
+from .chat import plan_edit, render_messages
+from .errors import CancelledError, LlavaKVError
+from .images import ImageInput, LoadedImage, load_image
 
 if TYPE_CHECKING:
     from .model import Model
@@ -43,13 +49,14 @@ class Chunk:
     chunk_id: int
     text: str | None = None
     image: ImageRef | None = None
+    generated: bool = False
 
 
 def _chunk_from_core(d: dict[str, Any]) -> Chunk:
     if d["kind"] == "image":
         ref = ImageRef(d["source"], d["digest"], d["n_tokens"], d["pos0"], d["pos1"], d["id"])
         return Chunk("image", d["n_tokens"], d["pos0"], d["pos1"], d["id"], image=ref)
-    return Chunk("text", d["n_tokens"], d["pos0"], d["pos1"], d["id"], text=d["source"])
+    return Chunk("text", d["n_tokens"], d["pos0"], d["pos1"], d["id"], text=d["source"], generated=d["generated"])
 
 
 class Session:
@@ -63,6 +70,8 @@ class Session:
         self._model = model
         self._core = core
         self._images = ImageList(self)
+        self._cancel_requested = False
+        self.last_finish_reason: str | None = None
 
     # -- lifetime ---------------------------------------------------------------------------
 
@@ -90,7 +99,9 @@ class Session:
                 f"images={n_images}>")
 
     def cancel(self) -> None:
-        """Stop the call running in another thread; it raises CancelledError and changes nothing."""
+        """Stop the call running in another thread: an edit raises CancelledError and changes
+        nothing; a generation stops after the tokens already produced (they stay in the timeline)."""
+        self._cancel_requested = True
         self._core.cancel()
 
     # -- reading ----------------------------------------------------------------------------
@@ -224,6 +235,167 @@ class Session:
     def clear(self) -> None:
         """Remove everything: timeline, KV cache and the session's references to embeddings."""
         self._core.clear()
+
+    # -- state ------------------------------------------------------------------------------
+
+    _STATE_FORMAT = "llava-kv-session"
+    _STATE_VERSION = 1
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the session (KV cache, timeline, image refs and their embeddings) to ``path``."""
+        header = {"format": self._STATE_FORMAT, "version": self._STATE_VERSION,
+                  "model_fingerprint": self._model.fingerprint, "projector_id": self._model.projector_id,
+                  "n_ctx": self.n_ctx, "n_batch": self._core.n_batch, "n_past": self.n_past}
+        blob = self._core.save_state()
+        tmp = f"{os.fspath(path)}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(json.dumps(header).encode() + b"\n")
+            f.write(blob)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, model: "Model", path: str | os.PathLike[str], *, n_ctx: int | None = None,
+             n_batch: int | None = None) -> "Session":
+        """Open a session saved by :meth:`save` on ``model``, which must be the model it was saved
+        from (same weights and projector); otherwise LlavaKVError names the mismatch."""
+        with open(path, "rb") as f:
+            line = f.readline()
+            try:
+                header = json.loads(line)
+            except ValueError:
+                header = None
+            if not isinstance(header, dict) or header.get("format") != cls._STATE_FORMAT:
+                raise LlavaKVError(f"{os.fspath(path)!r} is not a llava-kv session file")
+            if header.get("version") != cls._STATE_VERSION:
+                raise LlavaKVError(f"{os.fspath(path)!r} has session format version {header.get('version')}, "
+                                   f"this llava-kv reads version {cls._STATE_VERSION}")
+            if header["model_fingerprint"] != model.fingerprint or header["projector_id"] != model.projector_id:
+                raise LlavaKVError(f"{os.fspath(path)!r} was saved from a different model or projector than "
+                                   f"{model.path!r}; load it with the model it was saved from")
+            blob = f.read()
+        session = model.session(n_ctx=n_ctx or header["n_ctx"], n_batch=n_batch or header["n_batch"])
+        try:
+            session._core.load_state(blob)
+        except BaseException:
+            session.close()
+            raise
+        return session
+
+    def fork(self) -> "Session":
+        """A new, independent session holding a copy of this one (KV cache included): try two
+        continuations, or two different images, side by side without recomputing the prefix."""
+        blob = self._core.save_state()
+        other = self._model.session(n_ctx=self.n_ctx, n_batch=self._core.n_batch)
+        try:
+            other._core.load_state(blob)
+        except BaseException:
+            other.close()
+            raise
+        return other
+
+    # -- generation -------------------------------------------------------------------------
+
+    def generate(self, max_tokens: int = 64, *, temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95,
+                 min_p: float = 0.05, repeat_penalty: float = 1.0, seed: int | None = None,
+                 stop: str | Sequence[str] | None = None, stream: bool = False) -> Any:
+        """Continue the timeline with up to ``max_tokens`` sampled tokens (greedy at temperature 0).
+
+        Generated tokens become part of the timeline, so later turns and edits reuse them. Returns
+        the text, or with ``stream=True`` an iterator of text pieces (whole UTF-8 characters);
+        leaving the iterator early stops generating. Generation ends at an end-of-generation token,
+        at ``max_tokens``, or when the text contains a ``stop`` string (which is not returned).
+        ``last_finish_reason`` is then "stop" or "length".
+        """
+        if max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if any(not isinstance(x, str) or not x for x in stops):
+            raise ValueError("stop strings must be non-empty str")
+        self._core.begin_generation(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                    repeat_penalty=repeat_penalty,
+                                    seed=self._core.id * 7919 + 17 if seed is None else seed)
+        self._cancel_requested = False
+        pieces = self._pieces(max_tokens, stops)
+        return pieces if stream else "".join(pieces)
+
+    def _pieces(self, max_tokens: int, stops: list[str]) -> Iterator[str]:
+        hold = max((len(x) for x in stops), default=1) - 1
+        text, sent = "", 0
+        self.last_finish_reason = "length"
+        try:
+            for _ in range(max_tokens):
+                if self._cancel_requested:
+                    raise CancelledError("generation was cancelled; the tokens generated so far stay in the session")
+                _, raw, end = self._core.generate_step()
+                if end:
+                    self.last_finish_reason = "stop"
+                    break
+                text += raw.decode("utf-8", errors="replace")
+                hit = min((i for i in (text.find(x, max(0, sent - hold)) for x in stops) if i >= 0), default=-1)
+                if hit >= 0:
+                    if hit > sent:
+                        yield text[sent:hit]
+                    sent = len(text)
+                    self.last_finish_reason = "stop"
+                    return
+                safe = len(text) - hold
+                if safe > sent:
+                    yield text[sent:safe]
+                    sent = safe
+            text += self._core.flush_generation().decode("utf-8", errors="replace")
+            if len(text) > sent:
+                yield text[sent:]
+        finally:
+            self._core.flush_generation()
+
+    def chat(self, messages: Sequence[dict[str, Any]], *, max_tokens: int = 256, temperature: float = 0.0,
+             top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
+             seed: int | None = None, stop: str | Sequence[str] | None = None, stream: bool = False,
+             chat_template: str | None = None) -> Any:
+        """Answer OpenAI-style ``messages`` (content: a string, or parts of type "text",
+        "image_url" (path, file:// or base64 data: URI) and "image" (path, bytes, PIL, array)).
+
+        The session keeps the conversation: a new turn only appends to the timeline; a changed
+        earlier message or image is an edit from the first difference on. Returns a
+        ``chat.completion`` dict (or, with ``stream=True``, an iterator of ``chat.completion.chunk``
+        dicts) shaped as in the OpenAI / llama-cpp-python APIs.
+        """
+        items = render_messages(self._model, messages, chat_template=chat_template)
+        first, rest = plan_edit(self.timeline, items)
+        before = self.stats
+        self._splice(first, len(self._core.timeline()),
+                     [x if isinstance(x, str) else (x.pixels, x.digest, x.source) for x in rest])
+        prompt_tokens = self.n_past
+        reused = sum(c.n_tokens for c in self.timeline[:first])
+        after = self.stats
+        meta = {"reused_tokens": reused,
+                "decoded_tokens": after["tokens_decoded"] - before["tokens_decoded"],
+                "images_encoded": after["images_encoded"] - before["images_encoded"]}
+        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        pieces = self.generate(max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                               repeat_penalty=repeat_penalty, seed=seed, stop=stop, stream=True)
+        if stream:
+            return self._chat_chunks(pieces, cid, created)
+        content = "".join(pieces)
+        completion = self.n_past - prompt_tokens
+        return {
+            "id": cid, "object": "chat.completion", "created": created, "model": self._model.path,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                         "finish_reason": self.last_finish_reason}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                      "total_tokens": prompt_tokens + completion},
+            "llava_kv": meta,
+        }
+
+    def _chat_chunks(self, pieces: Iterator[str], cid: str, created: int) -> Iterator[dict[str, Any]]:
+        def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+            return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self._model.path,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+        yield chunk({"role": "assistant"}, None)
+        for piece in pieces:
+            yield chunk({"content": piece}, None)
+        yield chunk({}, self.last_finish_reason)
 
 
 class ImageList(MutableSequence):  # type: ignore[type-arg]

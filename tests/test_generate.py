@@ -1,0 +1,226 @@
+import base64
+import io
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import llava_kv as lk
+
+from conftest import session_state
+
+
+def _prompt(s, images):
+    s.append_text("USER: ")
+    s.append_image(images[0])
+    s.append_text(" describe the picture\nASSISTANT:")
+
+
+def test_greedy_is_deterministic_and_follows_the_logits(model, images):
+    texts, firsts = [], []
+    for _ in range(2):
+        with model.session(n_ctx=1024) as s:
+            _prompt(s, images)
+            argmax = int(np.argmax(s.logits()))
+            n_past = s.n_past
+            texts.append(s.generate(12))
+            gen = s.timeline[-1]
+            assert gen.generated and gen.kind == "text"
+            firsts.append(s._core.timeline()[-1]["tokens"][0])
+            assert firsts[-1] == argmax
+            # each generated token is in the timeline and the KV cache
+            assert s.n_past == n_past + gen.n_tokens == n_past + s.stats["tokens_generated"]
+            assert s.last_finish_reason in ("length", "stop")
+    assert texts[0] == texts[1] and firsts[0] == firsts[1]
+
+
+def test_streaming_equals_non_streaming(model, images):
+    with model.session(n_ctx=1024) as a, model.session(n_ctx=1024) as b:
+        _prompt(a, images)
+        _prompt(b, images)
+        whole = a.generate(20)
+        pieces = list(b.generate(20, stream=True))
+        assert all(isinstance(p, str) and p for p in pieces)
+        assert "".join(pieces) == whole
+        assert np.array_equal(a.logits(), b.logits())
+
+
+def test_sampling_is_reproducible_per_seed(model, images):
+    outs = []
+    for seed in (1, 1, 2):
+        with model.session(n_ctx=1024) as s:
+            _prompt(s, images)
+            outs.append(s.generate(16, temperature=1.5, top_k=0, top_p=1.0, min_p=0.0, seed=seed))
+    assert outs[0] == outs[1]
+    assert outs[0] != outs[2]
+
+
+def test_stop_strings_end_generation_and_are_not_returned(model, images):
+    with model.session(n_ctx=1024) as s:
+        _prompt(s, images)
+        full = s.generate(24)
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    assert len(stop) == 3
+    expected = full[: full.find(stop)]
+    for stream in (False, True):
+        with model.session(n_ctx=1024) as s:
+            _prompt(s, images)
+            out = s.generate(24, stop=["\x00never", stop], stream=stream)
+            out = out if isinstance(out, str) else "".join(out)
+            assert out == expected
+            assert s.last_finish_reason == "stop"
+            assert s.stats["tokens_generated"] < 24
+
+
+def test_leaving_a_stream_stops_native_work(model, images):
+    with model.session(n_ctx=1024) as s:
+        _prompt(s, images)
+        it = s.generate(50, stream=True)
+        got = [next(it) for _ in range(3)]
+        n = s.stats["tokens_generated"]
+        del it
+        time.sleep(0.05)
+        assert s.stats["tokens_generated"] == n and len(got) == 3 and n <= 4
+
+
+def test_cancel_from_another_thread(model, images):
+    with model.session(n_ctx=8192) as s:
+        _prompt(s, images)
+        timer = threading.Timer(0.05, s.cancel)
+        timer.start()
+        with pytest.raises(lk.CancelledError):
+            s.generate(8000)
+        timer.join()
+        n = s.stats["tokens_generated"]
+        assert 0 < n < 8000
+        # what was generated stays; the session remains usable
+        assert s.n_past == sum(c.n_tokens for c in s.timeline)
+        s.append_text(" more")
+        assert s.logits().shape == (model.n_vocab,)
+
+
+def test_generate_needs_logits(model, images):
+    with model.session(n_ctx=512) as s:
+        with pytest.raises(lk.LlavaKVError, match="empty"):
+            s.generate(4)
+        with pytest.raises(ValueError):
+            s.generate(-1)
+
+
+def test_generated_chunks_are_edited_like_any_other(model, images):
+    with model.session(n_ctx=1024) as s:
+        _prompt(s, images)
+        s.generate(8)
+        s.append_text("\nUSER: again")
+        generated = [d["tokens"] for d in s._core.timeline() if d["generated"]]
+        image_pos = s.images[0].pos0
+        before = s.stats
+        s.replace_image(s.images[0], images[1])  # re-decodes the generated tokens too, as they were
+        assert [d["tokens"] for d in s._core.timeline() if d["generated"]] == generated
+        assert s.stats["tokens_decoded"] - before["tokens_decoded"] == s.n_past - image_pos
+        s.remove_image(s.images[0])
+        assert [d["tokens"] for d in s._core.timeline() if d["generated"]] == generated
+
+
+# -- chat --------------------------------------------------------------------------------------
+
+
+def _user(text, image=None):
+    parts = [{"type": "text", "text": text}]
+    if image is not None:
+        parts.append({"type": "image", "image": image})
+    return {"role": "user", "content": parts}
+
+
+def test_chat_returns_the_openai_shape(llava_pair, images):
+    with lk.Model.load(llava_pair.model_path, llava_pair.mmproj_path) as m, m.chat_session(n_ctx=2048) as s:
+        r = s.chat([_user("What is this?", images[0])], max_tokens=8)
+        assert r["object"] == "chat.completion" and r["id"].startswith("chatcmpl-")
+        choice = r["choices"][0]
+        assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
+        assert choice["finish_reason"] in ("stop", "length")
+        u = r["usage"]
+        assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"] == s.n_past
+
+
+def test_multi_turn_never_reencodes_or_redecodes_earlier_turns(llava_pair, images):
+    with lk.Model.load(llava_pair.model_path, llava_pair.mmproj_path) as m, m.chat_session(n_ctx=4096) as s:
+        messages = [_user("What is this?", images[0])]
+        r = s.chat(messages, max_tokens=8)
+        assert r["llava_kv"]["images_encoded"] == 1
+        for turn in range(3):
+            messages += [r["choices"][0]["message"], {"role": "user", "content": f"Tell me more, part {turn}."}]
+            n_before = s.n_past
+            r = s.chat(messages, max_tokens=8)
+            meta = r["llava_kv"]
+            assert meta["images_encoded"] == 0
+            assert meta["reused_tokens"] == n_before  # the whole previous turn, answer included
+            assert meta["decoded_tokens"] == r["usage"]["prompt_tokens"] - n_before
+        # the same conversation as a fresh chat of the same messages (a fresh run re-tokenizes the
+        # answers' text, so token counts may differ; the text may not)
+        with m.chat_session(n_ctx=4096) as f:
+            f.chat(messages, max_tokens=0)
+            text = "".join(c.text or "" for c in s.timeline)
+            assert text.startswith("".join(c.text or "" for c in f.timeline))
+
+
+def test_chat_with_a_changed_earlier_image_edits_from_there(llava_pair, images):
+    with lk.Model.load(llava_pair.model_path, llava_pair.mmproj_path) as m, m.chat_session(n_ctx=4096) as s:
+        messages = [_user("First:", images[0]), {"role": "assistant", "content": "ok"}, _user("Second?")]
+        s.chat(messages, max_tokens=4)
+        image_pos = s.images[0].pos0
+        messages[0] = _user("First:", images[1])
+        r = s.chat(messages, max_tokens=4)
+        assert r["llava_kv"]["reused_tokens"] == image_pos
+        assert r["llava_kv"]["images_encoded"] == 1
+        assert [ref.digest for ref in s.images] == [lk.images.load_image(images[1], m.projector_id).digest]
+
+
+def test_chat_image_urls(llava_pair, images, tmp_path):
+    png = tmp_path / "a.png"
+    Image.fromarray(images[2]).save(png)
+    buf = io.BytesIO()
+    Image.fromarray(images[2]).save(buf, format="PNG")
+    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    digests = set()
+    with lk.Model.load(llava_pair.model_path, llava_pair.mmproj_path) as m:
+        for url in (str(png), png.as_uri(), uri):
+            with m.chat_session(n_ctx=1024) as s:
+                s.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                     {"type": "text", "text": "what?"}]}], max_tokens=1)
+                digests.add(s.images[0].digest)
+    assert len(digests) == 1
+
+
+@pytest.mark.parametrize("messages, error", [
+    ([{"role": "user", "content": [{"type": "audio", "audio": "x"}]}], ValueError),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/no/such/file.png"}}]}], lk.ImageError),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}]}],
+     lk.ImageError),
+    ([{"role": "user", "content": [{"type": "image", "image": b"not an image"}]}], lk.ImageError),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}],
+     ValueError),
+    ([], ValueError),
+    (["hello"], ValueError),
+])
+def test_bad_messages_leave_the_session_unchanged(llava_pair, images, messages, error):
+    with lk.Model.load(llava_pair.model_path, llava_pair.mmproj_path) as m, m.chat_session(n_ctx=1024) as s:
+        s.chat([_user("hi", images[0])], max_tokens=2)
+        before = session_state(s)
+        with pytest.raises(error):
+            s.chat(messages, max_tokens=2)
+        assert session_state(s) == before
+
+
+def test_chat_stream_matches_non_stream(llava_pair, images):
+    with lk.Model.load(llava_pair.model_path, llava_pair.mmproj_path) as m:
+        with m.chat_session(n_ctx=1024) as a, m.chat_session(n_ctx=1024) as b:
+            whole = a.chat([_user("hi", images[0])], max_tokens=10)
+            chunks = list(b.chat([_user("hi", images[0])], max_tokens=10, stream=True))
+            assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
+            assert chunks[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+            text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+            assert text == whole["choices"][0]["message"]["content"]
+            assert all(c["object"] == "chat.completion.chunk" for c in chunks)
