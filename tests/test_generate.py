@@ -88,10 +88,13 @@ def test_leaving_a_stream_stops_native_work(model, images):
 def test_cancel_from_another_thread(model, images):
     with model.session(n_ctx=8192) as s:
         _prompt(s, images)
+        pieces = s.generate(8000, stream=True)
+        next(pieces)  # generation is running; cancel it from another thread
         timer = threading.Timer(0.05, s.cancel)
         timer.start()
         with pytest.raises(lk.CancelledError):
-            s.generate(8000)
+            for _ in pieces:
+                pass
         timer.join()
         n = s.stats["tokens_generated"]
         assert 0 < n < 8000
@@ -224,3 +227,14 @@ def test_chat_stream_matches_non_stream(llava_pair, images):
             text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
             assert text == whole["choices"][0]["message"]["content"]
             assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+
+
+def test_template_whitespace_before_a_reply_does_not_force_a_redecode(llava_pair, images):
+    # the Vicuna template renders "ASSISTANT: " + reply; the reply was generated after "ASSISTANT:"
+    with lk.Model.load(llava_pair.model_path, llava_pair.mmproj_path) as m, m.chat_session(n_ctx=2048) as s:
+        messages = [_user("What is this?", images[0])]
+        r = s.chat(messages, max_tokens=6, chat_template="vicuna")
+        n_before = s.n_past
+        messages += [r["choices"][0]["message"], {"role": "user", "content": "more"}]
+        r = s.chat(messages, max_tokens=6, chat_template="vicuna")
+        assert r["llava_kv"]["reused_tokens"] == n_before

@@ -106,7 +106,9 @@ def plan_edit(timeline: Iterable[Any], items: Sequence[Item]) -> tuple[int, list
     """Where the session's timeline first departs from ``items``, and what must follow from there.
 
     Text may be split over several chunks (a generated reply, then the template's end-of-turn
-    text); it matches while the chunks' text is a prefix of the wanted text.
+    text); it matches while the chunks' text is a prefix of the wanted text. A generated reply
+    also matches when the template puts whitespace before it ("ASSISTANT: " + reply): the reply
+    stays in the KV cache as the model produced it, rather than being decoded again.
     """
     chunks = list(timeline)
     i, offset = 0, 0
@@ -120,9 +122,15 @@ def plan_edit(timeline: Iterable[Any], items: Sequence[Item]) -> tuple[int, list
                 i += 1
                 continue
             break
-        if not isinstance(want, str) or not chunk.text or not want.startswith(chunk.text, offset):
+        if not isinstance(want, str) or not chunk.text:
             break
-        offset += len(chunk.text)
+        if want.startswith(chunk.text, offset):
+            offset += len(chunk.text)
+        elif chunk.generated and want[offset:].lstrip().startswith(chunk.text.lstrip()) and chunk.text.lstrip():
+            rest_of_want = want[offset:]
+            offset += len(rest_of_want) - len(rest_of_want.lstrip()) + len(chunk.text.lstrip())
+        else:
+            break
         if offset == len(want):
             i, offset = i + 1, 0
     else:
