@@ -116,13 +116,20 @@ def _edits_summary(request: pytest.FixtureRequest):
     for preset, outcome, div, detail in _SHIFT:
         lines.append(f"  {preset:12s} {outcome:9s} "
                      f"{'-' if div is None else f'{div:.3e}'}  {detail}")
+    _report(request, lines)
+
+
+def _report(request: pytest.FixtureRequest, lines: list[str]) -> None:
+    """Writes ``lines`` to the terminal even while pytest captures output."""
     tr = request.config.pluginmanager.get_plugin("terminalreporter")
-    if tr is not None:
+    cm = request.config.pluginmanager.get_plugin("capturemanager")
+    if tr is None or cm is None:
+        print("\n".join(lines))
+        return
+    with cm.global_and_fixture_disabled():
         tr.ensure_newline()
         for line in lines:
             tr.write_line(line)
-    else:
-        print("\n".join(lines))
 
 
 def _layout(timeline: list[lk.Chunk]) -> list[tuple]:

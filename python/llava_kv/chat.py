@@ -122,7 +122,11 @@ def plan_edit(timeline: Iterable[Any], items: Sequence[Item]) -> tuple[int, list
                 i += 1
                 continue
             break
-        if not isinstance(want, str) or not chunk.text:
+        if not isinstance(want, str):
+            break
+        if chunk.generated and not chunk.text:
+            continue  # a reply of tokens without text (e.g. control tokens) renders as nothing
+        if not chunk.text:
             break
         if want.startswith(chunk.text, offset):
             offset += len(chunk.text)

@@ -361,13 +361,13 @@ class Session:
         dicts) shaped as in the OpenAI / llama-cpp-python APIs.
         """
         items = render_messages(self._model, messages, chat_template=chat_template)
-        first, rest = plan_edit(self.timeline, items)
-        before = self.stats
-        self._splice(first, len(self._core.timeline()),
-                     [x if isinstance(x, str) else (x.pixels, x.digest, x.source) for x in rest])
-        prompt_tokens = self.n_past
-        reused = sum(c.n_tokens for c in self.timeline[:first])
-        after = self.stats
+        timeline = self.timeline
+        first, rest = plan_edit(timeline, items)
+        before = self._core.stats()
+        self._splice(first, len(timeline), [x if isinstance(x, str) else (x.pixels, x.digest, x.source) for x in rest])
+        prompt_tokens = self._core.n_past
+        reused = timeline[first].pos0 if first < len(timeline) else (timeline[-1].pos1 if timeline else 0)
+        after = self._core.stats()
         meta = {"reused_tokens": reused,
                 "decoded_tokens": after["tokens_decoded"] - before["tokens_decoded"],
                 "images_encoded": after["images_encoded"] - before["images_encoded"]}

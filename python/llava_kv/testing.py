@@ -33,7 +33,7 @@ import numpy as np
 __all__ = ["Preset", "PRESETS", "TestModel", "make_test_model", "random_image", "main"]
 
 # Bump when the files written for the same preset and seed change.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -147,9 +147,10 @@ def _vocab(n_vocab: int, specials: list[str]) -> tuple[list[str], list[float], l
         types.append(_NORMAL)
     if len(tokens) > n_vocab:
         raise ValueError(f"n_vocab={n_vocab} is below the {len(tokens)} tokens the test vocabulary needs")
+    # Pad with ordinary pieces, so that what a random model writes is visible (gibberish) text.
     while len(tokens) < n_vocab:
-        tokens.append(f"<unused{len(tokens)}>")
-        types.append(_UNUSED)
+        tokens.append(f"\u2581w{len(tokens):x}")
+        types.append(_NORMAL)
     # SentencePiece merges the highest-scoring pair first: prefer longer pieces.
     scores = [0.0 if t != _NORMAL else -1000.0 + len(tok) for tok, t in zip(tokens, types)]
     return tokens, scores, types
