@@ -9,15 +9,13 @@ The drift is the largest after-close figure minus the first one, in MiB: 0 means
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
-import os
 import platform
 import time
 from pathlib import Path
 
 import llava_kv as lk
-from llava_kv.testing import make_test_model, random_image
+from llava_kv.testing import make_test_model, random_image, rss_bytes
 
 
 def _gpu_used_bytes() -> tuple[str, int] | None:
@@ -35,15 +33,6 @@ def _gpu_used_bytes() -> tuple[str, int] | None:
     return None
 
 
-def _rss_bytes() -> int:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny-llava")
@@ -54,7 +43,7 @@ def main() -> int:
     pair = make_test_model(preset=args.preset)
     image = random_image(0, (pair.preset.image_size, pair.preset.image_size))
     gpu = _gpu_used_bytes() is not None
-    measure = (lambda: _gpu_used_bytes()[1]) if gpu else _rss_bytes  # type: ignore[index]
+    measure = (lambda: _gpu_used_bytes()[1]) if gpu else rss_bytes  # type: ignore[index]
     baseline = measure()
     cycles = []
     for i in range(args.cycles):

@@ -108,6 +108,21 @@ void Session::close_for_model() {
     free_native();
 }
 
+template <typename Edit>
+auto Session::run_edit(Edit && edit) -> decltype(edit()) {
+    auto hold = model_->hold();
+    std::lock_guard<std::mutex> lock(mutex_);
+    check_open();
+    cancel_.store(false);
+    const SessionStats before = stats_;
+    try {
+        return edit();
+    } catch (...) {
+        stats_ = before;
+        throw;
+    }
+}
+
 void Session::check_open() const {
     if (closed_.load()) {
         throw ClosedError("the session is closed");
@@ -312,12 +327,7 @@ std::vector<std::shared_ptr<const ImageEmbedding>> Session::embed_images(
 }
 
 std::vector<uint64_t> Session::splice(size_t begin, size_t end, const std::vector<ChunkInput> & inputs) {
-    auto hold = model_->hold();
-    std::lock_guard<std::mutex> lock(mutex_);
-    check_open();
-    cancel_.store(false);
-    const SessionStats before = stats_;
-    try {
+    return run_edit([&] {
         std::vector<const ImagePixels *> pixels;
         for (const auto & input : inputs) {
             if (input.kind == ChunkKind::Image) {
@@ -344,42 +354,21 @@ std::vector<uint64_t> Session::splice(size_t begin, size_t end, const std::vecto
             specs.push_back(std::move(spec));
         }
         return registry_->splice(begin, end, std::move(specs));
-    } catch (...) {
-        stats_ = before;
-        throw;
-    }
+    });
 }
 
 void Session::remove_shift(uint64_t chunk_id) {
-    auto hold = model_->hold();
-    std::lock_guard<std::mutex> lock(mutex_);
-    check_open();
-    cancel_.store(false);
-    const SessionStats before = stats_;
-    try {
-        registry_->remove_shift(registry_->index_of(chunk_id));
-    } catch (...) {
-        stats_ = before;
-        throw;
-    }
+    run_edit([&] { registry_->remove_shift(registry_->index_of(chunk_id)); });
 }
 
 void Session::remove_chunks(const std::vector<uint64_t> & chunk_ids) {
-    auto hold = model_->hold();
-    std::lock_guard<std::mutex> lock(mutex_);
-    check_open();
-    cancel_.store(false);
-    std::vector<size_t> indices;
-    for (uint64_t id : chunk_ids) {
-        indices.push_back(registry_->index_of(id));
-    }
-    const SessionStats before = stats_;
-    try {
+    run_edit([&] {
+        std::vector<size_t> indices;
+        for (uint64_t id : chunk_ids) {
+            indices.push_back(registry_->index_of(id));
+        }
         registry_->remove(std::move(indices));
-    } catch (...) {
-        stats_ = before;
-        throw;
-    }
+    });
 }
 
 size_t Session::index_of(uint64_t chunk_id) const {
@@ -546,49 +535,41 @@ void Session::begin_generation(const SamplingParams & p) {
 }
 
 GenerationStep Session::generate_step() {
-    auto hold = model_->hold();
-    std::lock_guard<std::mutex> lock(mutex_);
-    check_open();
-    if (!sampler_) {
-        throw Error("generate_step() before begin_generation()");
-    }
-    if (!registry_->has_logits()) {
-        throw Error(registry_->timeline().empty()
-                        ? "nothing to generate from: the session is empty"
-                        : "nothing to generate from: the timeline ends with image tokens; append text first");
-    }
-    cancel_.store(false);
-    const std::vector<float> & logits = registry_->logits();
-    std::vector<llama_token_data> candidates(logits.size());
-    for (size_t i = 0; i < logits.size(); ++i) {
-        candidates[i] = {static_cast<llama_token>(i), logits[i], 0.0f};
-    }
-    llama_token_data_array array{candidates.data(), candidates.size(), -1, false};
-    llama_sampler_apply(sampler_.get(), &array);
-    if (array.selected < 0 || static_cast<size_t>(array.selected) >= array.size) {
-        throw Error("the sampler selected no token");
-    }
-    GenerationStep step;
-    step.token = array.data[array.selected].id;
-    if (llama_vocab_is_eog(model_->vocab(), step.token)) {
-        step.end_of_generation = true;
-        return step;
-    }
-    const std::string piece = token_piece(model_->vocab(), step.token);
-    const SessionStats before = stats_;
-    try {
+    return run_edit([&] {
+        if (!sampler_) {
+            throw Error("generate_step() before begin_generation()");
+        }
+        if (!registry_->has_logits()) {
+            throw Error(registry_->timeline().empty()
+                            ? "nothing to generate from: the session is empty"
+                            : "nothing to generate from: the timeline ends with image tokens; append text first");
+        }
+        const std::vector<float> & logits = registry_->logits();
+        std::vector<llama_token_data> candidates(logits.size());
+        for (size_t i = 0; i < logits.size(); ++i) {
+            candidates[i] = {static_cast<llama_token>(i), logits[i], 0.0f};
+        }
+        llama_token_data_array array{candidates.data(), candidates.size(), -1, false};
+        llama_sampler_apply(sampler_.get(), &array);
+        if (array.selected < 0 || static_cast<size_t>(array.selected) >= array.size) {
+            throw Error("the sampler selected no token");
+        }
+        GenerationStep step;
+        step.token = array.data[array.selected].id;
+        if (llama_vocab_is_eog(model_->vocab(), step.token)) {
+            step.end_of_generation = true;
+            return step;
+        }
+        const std::string piece = token_piece(model_->vocab(), step.token);
         registry_->append_generated(step.token, piece);
-    } catch (...) {
-        stats_ = before;
-        throw;
-    }
-    llama_sampler_accept(sampler_.get(), step.token);
-    stats_.tokens_generated += 1;
-    pending_utf8_ += piece;
-    const size_t n = complete_utf8_prefix(pending_utf8_);
-    step.text = pending_utf8_.substr(0, n);
-    pending_utf8_.erase(0, n);
-    return step;
+        llama_sampler_accept(sampler_.get(), step.token);
+        stats_.tokens_generated += 1;
+        pending_utf8_ += piece;
+        const size_t n = complete_utf8_prefix(pending_utf8_);
+        step.text = pending_utf8_.substr(0, n);
+        pending_utf8_.erase(0, n);
+        return step;
+    });
 }
 
 std::string Session::flush_generation() {

@@ -142,6 +142,10 @@ class Session {
     std::vector<llama_token> tokenize_locked(const std::string & text) const;
     void free_native();
     void check_open() const;
+    // Runs one state-changing call: holds the model, locks the session, checks it is open, clears
+    // an earlier cancel, and puts the counters back if `edit` throws (the registry restores the rest).
+    template <typename Edit>
+    auto run_edit(Edit && edit) -> decltype(edit());
 
     static bool abort_requested(void * self);
 

@@ -1,15 +1,13 @@
 """Shared fixtures: the generated GGUF pairs are built once per test session."""
 from __future__ import annotations
 
-import ctypes
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import llava_kv as lk
-from llava_kv.testing import TestModel, make_test_model, random_image
+from llava_kv.testing import TestModel, make_test_model, random_image, rss_bytes  # noqa: F401
 
 TINY_PRESETS = ["tiny-llava", "tiny-gemma3"]
 
@@ -43,16 +41,6 @@ def model(pair: TestModel):
 @pytest.fixture(scope="session")
 def images() -> list[np.ndarray]:
     return [random_image(i) for i in range(6)]
-
-
-def rss_bytes() -> int:
-    """Resident set size after handing freed heap back to the OS (glibc keeps it otherwise)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def session_state(s: lk.Session) -> tuple:

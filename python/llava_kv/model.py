@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from . import _core
+from .native import NativeObject
 from .images import file_fingerprint
 from .session import Session
 
@@ -20,7 +20,7 @@ def _check_file(path: str | os.PathLike[str], what: str) -> str:
     return str(p)
 
 
-class Model:
+class Model(NativeObject):
     """A loaded vision-language model. Use :meth:`load`; close with :meth:`close` or ``with``.
 
     ``close()`` closes every session made from the model, then frees the projector, then the
@@ -52,21 +52,6 @@ class Model:
         return cls(core, file_fingerprint(mmproj) if mmproj else "")
 
     # -- lifetime ---------------------------------------------------------------------------
-
-    def close(self) -> None:
-        """Close every session of this model, then free the projector and the weights. Idempotent."""
-        self._core.close()
-
-    @property
-    def closed(self) -> bool:
-        return self._core.closed
-
-    def __enter__(self) -> "Model":
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         if self.closed:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import MutableSequence
 from dataclasses import dataclass
-from types import TracebackType
 import json
 import os
 import time
@@ -14,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence, Union, over
 import numpy as np
 
 from . import _core
+from .native import NativeObject
 from .chat import plan_edit, render_messages
 from .errors import CancelledError, LlavaKVError
 from .images import ImageInput, LoadedImage, load_image
@@ -59,7 +59,7 @@ def _chunk_from_core(d: dict[str, Any]) -> Chunk:
     return Chunk("text", d["n_tokens"], d["pos0"], d["pos1"], d["id"], text=d["source"], generated=d["generated"])
 
 
-class Session:
+class Session(NativeObject):
     """A conversation: append text and images, edit images anywhere, read logits.
 
     Every edit keeps the timeline, the embeddings and the KV cache consistent; a failed call leaves
@@ -74,21 +74,6 @@ class Session:
         self.last_finish_reason: str | None = None
 
     # -- lifetime ---------------------------------------------------------------------------
-
-    def close(self) -> None:
-        """Free this session's context and KV cache. Idempotent."""
-        self._core.close()
-
-    @property
-    def closed(self) -> bool:
-        return self._core.closed
-
-    def __enter__(self) -> "Session":
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         if self.closed:

@@ -30,7 +30,7 @@ from typing import Iterator
 
 import numpy as np
 
-__all__ = ["Preset", "PRESETS", "TestModel", "make_test_model", "random_image", "main"]
+__all__ = ["Preset", "PRESETS", "TestModel", "make_test_model", "random_image", "rss_bytes", "main"]
 
 # Bump when the files written for the same preset and seed change.
 FORMAT_VERSION = 2
@@ -363,6 +363,19 @@ def random_image(seed: int, size: tuple[int, int] = (96, 96)) -> np.ndarray:
     base += np.stack([np.cos(yy / (5 + 10 * rng.random()) + rng.random() * 6) for _ in range(3)], axis=-1)
     img = 127.5 + 50 * base + rng.normal(0, 20, size=(h, w, 3))
     return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def rss_bytes() -> int:
+    """This process's resident memory, after handing freed heap back to the OS (glibc keeps it
+    otherwise, which would hide whether native memory really came back). Linux only."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def iter_presets() -> Iterator[Preset]:
