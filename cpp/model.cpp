@@ -6,6 +6,7 @@
 #include <map>
 #include <thread>
 
+#include "batch_runner.h"
 #include "errors.h"
 #include "ggml-backend.h"
 #include "llama-ext.h"    // per-buffer memory breakdown of a context
@@ -16,9 +17,10 @@ namespace llava_kv {
 
 std::atomic<long> g_live_models{0};
 std::atomic<long> g_live_sessions{0};
+std::atomic<long> g_live_runners{0};
 
 LiveCounts live_counts() {
-    return {g_live_models.load(), g_live_sessions.load()};
+    return {g_live_models.load(), g_live_sessions.load(), g_live_runners.load()};
 }
 
 namespace {
@@ -118,6 +120,17 @@ Model::~Model() {
 }
 
 void Model::close() {
+    std::vector<std::weak_ptr<BatchRunner>> runners;
+    {
+        std::lock_guard<std::mutex> guard(sessions_mutex_);
+        runners = runners_;
+    }
+    // Runner threads take short holds in a loop: ask them to stop first, or this lock could wait on them.
+    for (auto & weak : runners) {
+        if (auto runner = weak.lock()) {
+            runner->request_stop();
+        }
+    }
     std::unique_lock<std::shared_mutex> lock(lifetime_);
     if (closed_.load()) {
         return;
@@ -127,6 +140,12 @@ void Model::close() {
     {
         std::lock_guard<std::mutex> guard(sessions_mutex_);
         sessions.swap(sessions_);
+        runners.swap(runners_);
+    }
+    for (auto & weak : runners) {
+        if (auto runner = weak.lock()) {
+            runner->close_for_model();
+        }
     }
     for (auto & weak : sessions) {
         if (auto session = weak.lock()) {
@@ -144,6 +163,22 @@ std::shared_lock<std::shared_mutex> Model::hold() const {
         throw ClosedError("the model '" + path_ + "' is closed");
     }
     return lock;
+}
+
+std::shared_lock<std::shared_mutex> Model::try_hold() const {
+    std::shared_lock<std::shared_mutex> lock(lifetime_, std::try_to_lock);
+    if (lock.owns_lock() && closed_.load()) {
+        lock.unlock();
+    }
+    return lock;
+}
+
+void Model::track_runner(const std::shared_ptr<BatchRunner> & runner) {
+    auto lock = hold();
+    std::lock_guard<std::mutex> guard(sessions_mutex_);
+    runners_.erase(std::remove_if(runners_.begin(), runners_.end(), [](const auto & w) { return w.expired(); }),
+                   runners_.end());
+    runners_.push_back(runner);
 }
 
 std::shared_ptr<Session> Model::open_session(const SessionParams & params) {

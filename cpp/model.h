@@ -17,6 +17,7 @@
 
 namespace llava_kv {
 
+class BatchRunner;
 class Session;
 struct SessionParams;
 
@@ -47,6 +48,7 @@ struct MemoryReport {
 struct LiveCounts {
     long models = 0;
     long sessions = 0;
+    long batch_runners = 0;
 };
 LiveCounts live_counts();
 
@@ -58,17 +60,21 @@ class Model : public std::enable_shared_from_this<Model> {
     Model(const Model &) = delete;
     Model & operator=(const Model &) = delete;
 
-    // Closes every session made from this model, then frees the projector, then the weights.
-    // Waits for calls in flight; idempotent.
+    // Stops every batch runner and closes every session made from this model, then frees the
+    // projector, then the weights. Waits for calls in flight; idempotent.
     void close();
     bool closed() const { return closed_.load(); }
 
     // A shared hold on the native state for the length of one call: close() waits for it.
     // Throws ClosedError once the model is closed.
     std::shared_lock<std::shared_mutex> hold() const;
+    // The same hold if it can be had at once; an empty lock if not (busy, closing or closed).
+    std::shared_lock<std::shared_mutex> try_hold() const;
 
     std::shared_ptr<Session> open_session(const SessionParams & params);
     std::vector<std::shared_ptr<Session>> live_sessions() const;
+    // A batch runner to stop and free when the model closes.
+    void track_runner(const std::shared_ptr<BatchRunner> & runner);
 
     llama_model * llama() const { return model_.get(); }
     const llama_vocab * vocab() const { return vocab_; }
@@ -124,6 +130,7 @@ class Model : public std::enable_shared_from_this<Model> {
 
     mutable std::mutex sessions_mutex_;
     std::vector<std::weak_ptr<Session>> sessions_;
+    std::vector<std::weak_ptr<BatchRunner>> runners_;
 };
 
 }  // namespace llava_kv

@@ -3,6 +3,7 @@
 #include <map>
 
 #include "errors.h"
+#include "sampling.h"
 #include "session_state.h"
 #include "ggml-backend.h"
 #include "llama-ext.h"
@@ -156,176 +157,6 @@ std::vector<llama_token> Session::tokenize(const std::string & text, bool add_sp
     return tokens;
 }
 
-struct Session::PendingImage {
-    const ImagePixels * pixels = nullptr;
-    mtmd::input_chunks_ptr chunks;
-    std::shared_ptr<ImageEmbedding> entry;
-};
-
-Session::PendingImage Session::tokenize_image(const ImagePixels & pixels) {
-    mtmd_context * projector = model_->projector();
-    if (pixels.data == nullptr || pixels.width == 0 || pixels.height == 0) {
-        throw ImageError("empty image (" + std::to_string(pixels.width) + "x" + std::to_string(pixels.height) + ")");
-    }
-    mtmd::bitmap_ptr bitmap(mtmd_bitmap_init(pixels.width, pixels.height, pixels.data));
-    if (!bitmap) {
-        throw ImageError("could not create a bitmap of " + std::to_string(pixels.width) + "x" +
-                         std::to_string(pixels.height) + " pixels");
-    }
-    mtmd_bitmap_set_id(bitmap.get(), pixels.digest.c_str());
-    PendingImage p;
-    p.pixels = &pixels;
-    p.chunks.reset(mtmd_input_chunks_init());
-    const std::string marker = mtmd_default_marker();
-    mtmd_input_text text{marker.c_str(), marker.size(), false, true};
-    const mtmd_bitmap * bitmaps[] = {bitmap.get()};
-    take_logged_errors();
-    const int32_t status = mtmd_tokenize(projector, p.chunks.get(), &text, bitmaps, 1);
-    if (status != 0) {
-        const std::string why = take_logged_errors();
-        throw ImageError("the projector could not preprocess the image '" + pixels.source + "' (" +
-                         std::to_string(pixels.width) + "x" + std::to_string(pixels.height) + ", status " +
-                         std::to_string(status) + ")" + (why.empty() ? "" : ": " + why));
-    }
-    p.entry = std::make_shared<ImageEmbedding>();
-    p.entry->digest = pixels.digest;
-    p.entry->width = pixels.width;
-    p.entry->height = pixels.height;
-    for (size_t i = 0; i < mtmd_input_chunks_size(p.chunks.get()); ++i) {
-        const mtmd_input_chunk * chunk = mtmd_input_chunks_get(p.chunks.get(), i);
-        p.entry->n_tokens += static_cast<int32_t>(mtmd_input_chunk_get_n_tokens(chunk));
-        p.entry->n_pos += mtmd_input_chunk_get_n_pos(chunk);
-    }
-    if (p.entry->n_tokens == 0) {
-        throw ImageError("the projector produced no tokens for the image '" + pixels.source + "'");
-    }
-    p.entry->embeddings.resize(mtmd_input_chunks_size(p.chunks.get()));
-    return p;
-}
-
-void Session::encode_pending(std::vector<PendingImage> & pending) {
-    mtmd_context * projector = model_->projector();
-    const size_t n_embd = static_cast<size_t>(llama_model_n_embd_inp(model_->llama()));
-    // Every image chunk still to encode, in order.
-    struct Job {
-        PendingImage * image;
-        size_t index;
-        const mtmd_input_chunk * chunk;
-    };
-    std::vector<Job> jobs;
-    for (auto & p : pending) {
-        for (size_t i = 0; i < mtmd_input_chunks_size(p.chunks.get()); ++i) {
-            const mtmd_input_chunk * chunk = mtmd_input_chunks_get(p.chunks.get(), i);
-            if (mtmd_input_chunk_get_type(chunk) != MTMD_INPUT_CHUNK_TYPE_TEXT) {
-                jobs.push_back({&p, i, chunk});
-            }
-        }
-    }
-    auto fail = [](const Job & job) {
-        const std::string why = take_logged_errors();
-        throw ImageError("the projector failed to encode the image '" + job.image->pixels->source + "'" +
-                         (why.empty() ? "" : ": " + why));
-    };
-    size_t next = 0;
-    while (next < jobs.size()) {
-        // Fill one batch with as many consecutive chunks as the projector takes together.
-        std::unique_ptr<mtmd_batch, decltype(&mtmd_batch_free)> batch(mtmd_batch_init(projector), &mtmd_batch_free);
-        size_t end = next;
-        while (end < jobs.size() && batch && mtmd_batch_add_chunk(batch.get(), jobs[end].chunk) == 0) {
-            ++end;
-        }
-        if (end - next <= 1) {
-            // Alone (the projector cannot batch it with the next): the plain encode, exactly as
-            // mtmd_helper_eval_chunks does it.
-            if (mtmd_encode_chunk(projector, jobs[next].chunk) != 0) {
-                fail(jobs[next]);
-            }
-            const float * embd = mtmd_get_output_embd(projector);
-            const size_t n = mtmd_input_chunk_get_n_tokens(jobs[next].chunk);
-            jobs[next].image->entry->embeddings[jobs[next].index].assign(embd, embd + n * n_embd);
-            ++next;
-            continue;
-        }
-        stats_.batched_encodes += 1;
-        if (mtmd_batch_encode(batch.get()) != 0) {
-            fail(jobs[next]);
-        }
-        for (size_t j = next; j < end; ++j) {
-            const float * embd = mtmd_batch_get_output_embd(batch.get(), jobs[j].chunk);
-            if (embd == nullptr) {
-                fail(jobs[j]);
-            }
-            const size_t n = mtmd_input_chunk_get_n_tokens(jobs[j].chunk);
-            jobs[j].image->entry->embeddings[jobs[j].index].assign(embd, embd + n * n_embd);
-        }
-        next = end;
-    }
-    // Keep only what decoding needs: placeholders have the layout but not the pixels.
-    for (auto & p : pending) {
-        for (size_t i = 0; i < mtmd_input_chunks_size(p.chunks.get()); ++i) {
-            const mtmd_input_chunk * chunk = mtmd_input_chunks_get(p.chunks.get(), i);
-            const bool text = mtmd_input_chunk_get_type(chunk) == MTMD_INPUT_CHUNK_TYPE_TEXT;
-            p.entry->chunks.emplace_back(text ? mtmd_input_chunk_copy(chunk) : mtmd_input_chunk_get_placeholder(chunk));
-            if (!p.entry->chunks.back()) {
-                throw ImageError("could not keep the layout of the encoded image '" + p.pixels->source + "'");
-            }
-        }
-        p.chunks.reset();
-    }
-}
-
-std::vector<std::shared_ptr<const ImageEmbedding>> Session::embed_images(
-    const std::vector<const ImagePixels *> & images) {
-    std::vector<std::shared_ptr<const ImageEmbedding>> out(images.size());
-    if (images.empty()) {
-        return out;
-    }
-    if (model_->projector() == nullptr || !model_->has_vision()) {
-        throw ImageError("this model has no vision projector: load it with mmproj_path to use images");
-    }
-    EmbeddingCache & cache = model_->embedding_cache();
-    std::vector<size_t> missing;
-    for (size_t i = 0; i < images.size(); ++i) {
-        if ((out[i] = cache.get(images[i]->digest))) {
-            stats_.embed_cache_hits += 1;
-        } else {
-            missing.push_back(i);
-        }
-    }
-    if (missing.empty()) {
-        return out;
-    }
-    // One encode at a time per projector; another session may have encoded some meanwhile.
-    std::lock_guard<std::mutex> lock(model_->projector_mutex());
-    std::vector<PendingImage> pending;
-    std::map<std::string, size_t> pending_by_digest;
-    for (size_t i : missing) {
-        const std::string & digest = images[i]->digest;
-        if (pending_by_digest.count(digest) == 0) {
-            if ((out[i] = cache.peek(digest))) {
-                stats_.embed_cache_hits += 1;
-                continue;
-            }
-            pending_by_digest[digest] = pending.size();
-            pending.push_back(tokenize_image(*images[i]));
-            stats_.embed_cache_misses += 1;
-        } else {
-            stats_.embed_cache_hits += 1;  // the same picture twice in one edit: encoded once
-        }
-    }
-    encode_pending(pending);
-    for (auto & p : pending) {
-        stats_.images_encoded += 1;
-        cache.put(p.entry);
-    }
-    for (size_t i : missing) {
-        if (!out[i]) {
-            out[i] = pending[pending_by_digest.at(images[i]->digest)].entry;
-        }
-    }
-    return out;
-}
-
 std::vector<uint64_t> Session::splice(size_t begin, size_t end, const std::vector<ChunkInput> & inputs) {
     return run_edit([&] {
         std::vector<const ImagePixels *> pixels;
@@ -334,7 +165,7 @@ std::vector<uint64_t> Session::splice(size_t begin, size_t end, const std::vecto
                 pixels.push_back(&input.image);
             }
         }
-        const auto embeddings = embed_images(pixels);
+        const auto embeddings = embed_images(*model_, pixels, stats_.encode);
         std::vector<ChunkSpec> specs;
         specs.reserve(inputs.size());
         size_t next_image = 0;
@@ -471,66 +302,12 @@ std::vector<MemoryEntry> Session::memory_entries() const {
 }  // namespace llava_kv
 
 namespace llava_kv {
-namespace {
-
-// Length of the longest prefix of `s` that does not end inside a UTF-8 character.
-size_t complete_utf8_prefix(const std::string & s) {
-    size_t i = s.size();
-    size_t back = 0;
-    while (i > 0 && back < 4) {
-        const unsigned char c = static_cast<unsigned char>(s[i - 1]);
-        if ((c & 0xC0) != 0x80) {  // a lead byte or ASCII
-            size_t need = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xE ? 3 : (c >> 3) == 0x1E ? 4 : 1;
-            return back + 1 >= need ? s.size() : i - 1;
-        }
-        --i;
-        ++back;
-    }
-    return s.size();  // not UTF-8 we can wait on: pass it through
-}
-
-std::string token_piece(const llama_vocab * vocab, llama_token token) {
-    std::string piece(16, '\0');
-    int32_t n = llama_token_to_piece(vocab, token, piece.data(), static_cast<int32_t>(piece.size()), 0, false);
-    if (n < 0) {
-        piece.resize(static_cast<size_t>(-n));
-        n = llama_token_to_piece(vocab, token, piece.data(), static_cast<int32_t>(piece.size()), 0, false);
-    }
-    piece.resize(n > 0 ? static_cast<size_t>(n) : 0);
-    return piece;
-}
-
-}  // namespace
 
 void Session::begin_generation(const SamplingParams & p) {
     auto hold = model_->hold();
     std::lock_guard<std::mutex> lock(mutex_);
     check_open();
-    if (p.temperature > 0 && (p.top_p <= 0 || p.top_p > 1 || p.min_p < 0 || p.min_p > 1)) {
-        throw std::invalid_argument("top_p must be in (0, 1] and min_p in [0, 1]");
-    }
-    if (p.repeat_penalty <= 0) {
-        throw std::invalid_argument("repeat_penalty must be > 0 (1.0 disables it)");
-    }
-    llama_sampler_chain_params cparams = llama_sampler_chain_default_params();
-    cparams.no_perf = true;
-    llama_sampler_ptr chain(llama_sampler_chain_init(cparams));
-    if (p.repeat_penalty != 1.0f) {
-        llama_sampler_chain_add(chain.get(), llama_sampler_init_penalties(model_->n_vocab(), p.repeat_last_n,
-                                                                          p.repeat_penalty, 0.0f, 0.0f));
-    }
-    if (p.temperature <= 0) {
-        llama_sampler_chain_add(chain.get(), llama_sampler_init_greedy());
-    } else {
-        if (p.top_k > 0) {
-            llama_sampler_chain_add(chain.get(), llama_sampler_init_top_k(p.top_k));
-        }
-        llama_sampler_chain_add(chain.get(), llama_sampler_init_top_p(p.top_p, 1));
-        llama_sampler_chain_add(chain.get(), llama_sampler_init_min_p(p.min_p, 1));
-        llama_sampler_chain_add(chain.get(), llama_sampler_init_temp(p.temperature));
-        llama_sampler_chain_add(chain.get(), llama_sampler_init_dist(p.seed));
-    }
-    sampler_ = std::move(chain);
+    sampler_ = make_sampler_chain(p, model_->n_vocab());
     pending_utf8_.clear();
 }
 

@@ -9,8 +9,10 @@
 #include <vector>
 
 #include "image_embed_registry.h"
+#include "image_encoder.h"
 #include "llama-cpp.h"
 #include "model.h"
+#include "sampling.h"
 
 namespace llava_kv {
 
@@ -22,30 +24,11 @@ struct SessionParams {
     int32_t n_threads = 0;  // 0: the model's
 };
 
-// RGB pixels owned by the caller for the length of the call, with their content digest.
-struct ImagePixels {
-    const uint8_t * data = nullptr;
-    uint32_t width = 0;
-    uint32_t height = 0;
-    std::string digest;
-    std::string source;
-};
-
 // One element of an edit: text, or an image.
 struct ChunkInput {
     ChunkKind kind = ChunkKind::Text;
     std::string text;
     ImagePixels image;
-};
-
-struct SamplingParams {
-    float temperature = 0.0f;  // <= 0: greedy
-    int32_t top_k = 40;
-    float top_p = 0.95f;
-    float min_p = 0.05f;
-    float repeat_penalty = 1.0f;
-    int32_t repeat_last_n = 64;
-    uint32_t seed = 0;
 };
 
 // One generation step: the token sampled, the text it completes (whole UTF-8 characters only;
@@ -72,10 +55,7 @@ struct ChunkInfo {
 
 struct SessionStats {
     RegistryCounters registry;
-    uint64_t images_encoded = 0;
-    uint64_t embed_cache_hits = 0;
-    uint64_t embed_cache_misses = 0;
-    uint64_t batched_encodes = 0;  // projector calls that encoded several images at once
+    EncodeCounters encode;
     uint64_t tokens_generated = 0;
 };
 
@@ -133,12 +113,6 @@ class Session {
     std::vector<MemoryEntry> memory_entries() const;
 
   private:
-    // Embeddings for these images, from the cache or the projector. Images not yet cached are
-    // encoded under the projector lock, several at a time with mtmd's batch encode where it can.
-    std::vector<std::shared_ptr<const ImageEmbedding>> embed_images(const std::vector<const ImagePixels *> & images);
-    struct PendingImage;
-    PendingImage tokenize_image(const ImagePixels & pixels);
-    void encode_pending(std::vector<PendingImage> & pending);
     std::vector<llama_token> tokenize_locked(const std::string & text) const;
     void free_native();
     void check_open() const;

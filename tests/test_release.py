@@ -44,7 +44,7 @@ def test_fifty_load_close_cycles_do_not_grow_rss(llava_pair):
     drift = rss[49] - rss[4]
     print(f"RSS cycle 5: {rss[4] / 2**20:.2f} MiB, cycle 50: {rss[49] / 2**20:.2f} MiB, drift {drift / 2**20:+.3f} MiB")
     assert drift < 8 * 2**20
-    assert lk._core.native_objects() == {"models": 0, "sessions": 0}
+    assert lk._core.native_objects() == {"models": 0, "sessions": 0, "batch_runners": 0}
 
 
 def test_exit_without_closing_is_clean(llava_pair):

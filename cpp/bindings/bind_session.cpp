@@ -191,10 +191,10 @@ void register_session(py::module_ & m) {
             d["text_tokens_decoded"] = st.registry.text_tokens_decoded;
             d["image_tokens_decoded"] = st.registry.image_tokens_decoded;
             d["images_decoded"] = st.registry.images_decoded;
-            d["images_encoded"] = st.images_encoded;
-            d["embed_cache_hits"] = st.embed_cache_hits;
-            d["embed_cache_misses"] = st.embed_cache_misses;
-            d["batched_encodes"] = st.batched_encodes;
+            d["images_encoded"] = st.encode.images_encoded;
+            d["embed_cache_hits"] = st.encode.embed_cache_hits;
+            d["embed_cache_misses"] = st.encode.embed_cache_misses;
+            d["batched_encodes"] = st.encode.batched_encodes;
             d["tokens_generated"] = st.tokens_generated;
             d["kv_cells_removed"] = st.registry.kv_cells_removed;
             d["decode_calls"] = st.registry.decode_calls;

@@ -17,6 +17,7 @@ PYBIND11_MODULE(_core, m) {
     llava_kv::bindings::register_errors(m);
     llava_kv::bindings::register_model(m);
     llava_kv::bindings::register_session(m);
+    llava_kv::bindings::register_batch(m);
 
     m.def("build_info", [] {
         const llava_kv::BuildInfo info = llava_kv::build_info();
@@ -42,6 +43,7 @@ PYBIND11_MODULE(_core, m) {
         py::dict d;
         d["models"] = c.models;
         d["sessions"] = c.sessions;
+        d["batch_runners"] = c.batch_runners;
         return d;
     });
     m.attr("__version__") = LLAVA_KV_VERSION;

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import _core
+from . import _core, batch
 from ._core import __version__
 from .errors import (
     CancelledError,
@@ -19,6 +19,7 @@ from .session import Chunk, ImageList, ImageRef, Session
 __all__ = [
     "__version__",
     "build_info",
+    "batch",
     "Model",
     "Session",
     "ImageRef",

@@ -1,0 +1,732 @@
+#include "batch_runner.h"
+
+#include <algorithm>
+#include <chrono>
+
+#include "errors.h"
+#include "mtmd-helper.h"
+#include "runtime.h"
+
+namespace llava_kv {
+
+extern std::atomic<long> g_live_runners;
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double ms_between(Clock::time_point a, Clock::time_point b) {
+    return std::chrono::duration<double, std::milli>(b - a).count();
+}
+
+std::vector<llama_token> tokenize_text(const llama_vocab * vocab, const std::string & text) {
+    // As mtmd tokenizes the text around media markers: special tokens parsed, none added.
+    std::vector<llama_token> tokens(text.size() + 2);
+    int32_t n = llama_tokenize(vocab, text.data(), static_cast<int32_t>(text.size()), tokens.data(),
+                               static_cast<int32_t>(tokens.size()), false, true);
+    if (n < 0) {
+        tokens.resize(static_cast<size_t>(-n));
+        n = llama_tokenize(vocab, text.data(), static_cast<int32_t>(text.size()), tokens.data(),
+                           static_cast<int32_t>(tokens.size()), false, true);
+    }
+    if (n < 0) {
+        throw Error("tokenization failed for a prompt of " + std::to_string(text.size()) + " bytes");
+    }
+    tokens.resize(static_cast<size_t>(n));
+    return tokens;
+}
+
+}  // namespace
+
+// An image ready for a sequence: its embedding (or why there is none) and the times so far.
+struct BatchRunner::Ready {
+    uint64_t id = 0;
+    std::string source;
+    std::string error;
+    std::shared_ptr<const ImageEmbedding> image;
+    bool cached = false;
+    double load_ms = 0;
+    double encode_ms = 0;
+    Clock::time_point submitted;
+    Clock::time_point encoded;
+};
+
+// One sequence of the context and the job it is running.
+struct BatchRunner::Slot {
+    llama_seq_id seq = 0;
+    std::unique_ptr<Ready> job;  // null: free
+    bool generating = false;
+    llama_pos pos = 0;
+    size_t suffix_next = 0;  // prompt tokens after the image not yet decoded
+    int32_t cells = 0;       // KV cells reserved for this job
+    int32_t n_prompt = 0;
+    llama_token last = -1;  // sampled, to be decoded in the next step
+    int32_t batch_index = -1;
+    llama_sampler_ptr sampler;
+    std::string text;
+    int32_t n_generated = 0;
+    Clock::time_point admitted;
+    Clock::time_point first_token;
+};
+
+std::shared_ptr<BatchRunner> BatchRunner::start(std::shared_ptr<Model> model, const BatchParams & params) {
+    std::shared_ptr<BatchRunner> runner(new BatchRunner(std::move(model), params));
+    runner->model_->track_runner(runner);  // from here on the model's close() stops it
+    std::lock_guard<std::mutex> guard(runner->close_mutex_);
+    if (!runner->stop_.load()) {
+        runner->encoder_ = std::thread([r = runner.get()] { r->encoder_loop(); });
+        runner->decoder_ = std::thread([r = runner.get()] { r->decoder_loop(); });
+    }
+    return runner;
+}
+
+BatchRunner::BatchRunner(std::shared_ptr<Model> model, const BatchParams & params)
+    : model_(std::move(model)), params_(params) {
+    if (params_.n_parallel < 1 || params_.n_parallel > 255) {
+        throw std::invalid_argument("parallel must be in [1, 255], got " + std::to_string(params_.n_parallel));
+    }
+    if (params_.max_tokens < 1) {
+        throw std::invalid_argument("max_tokens must be >= 1, got " + std::to_string(params_.max_tokens));
+    }
+    if (params_.n_batch < 1) {
+        throw std::invalid_argument("n_batch must be >= 1, got " + std::to_string(params_.n_batch));
+    }
+    if (params_.n_batch < params_.n_parallel) {
+        throw std::invalid_argument("n_batch (" + std::to_string(params_.n_batch) +
+                                    ") must be >= parallel (" + std::to_string(params_.n_parallel) + ")");
+    }
+    if (params_.n_ctx < 0) {
+        throw std::invalid_argument("n_ctx must be >= 0 (0: sized from the first image)");
+    }
+    if (params_.queue_size <= 0) {
+        params_.queue_size = 2 * params_.n_parallel;
+    }
+    if (params_.encode_ahead <= 0) {
+        params_.encode_ahead = params_.n_parallel;
+    }
+    make_sampler_chain(params_.sampling, 1);  // validates the settings before any thread starts
+    for (const auto & s : params_.stop) {
+        if (s.empty()) {
+            throw std::invalid_argument("stop strings must not be empty");
+        }
+        longest_stop_ = std::max(longest_stop_, s.size());
+    }
+    auto hold = model_->hold();
+    if (model_->projector() == nullptr || !model_->has_vision()) {
+        throw ImageError("this model has no vision projector: load it with mmproj_path to run image batches");
+    }
+    const llama_vocab * vocab = model_->vocab();
+    if (llama_vocab_get_add_bos(vocab)) {
+        prefix_.push_back(llama_vocab_bos(vocab));
+    }
+    const std::vector<llama_token> prefix = tokenize_text(vocab, params_.prefix);
+    prefix_.insert(prefix_.end(), prefix.begin(), prefix.end());
+    suffix_ = tokenize_text(vocab, params_.suffix);
+    if (suffix_.empty()) {
+        // Generation samples from the logits after the last prompt token, which must be text.
+        throw std::invalid_argument("the prompt must have text after the image");
+    }
+    g_live_runners.fetch_add(1);
+}
+
+BatchRunner::~BatchRunner() {
+    close();
+    g_live_runners.fetch_sub(1);
+}
+
+bool BatchRunner::abort_requested(void * self) {
+    return static_cast<BatchRunner *>(self)->stop_.load(std::memory_order_relaxed);
+}
+
+std::shared_lock<std::shared_mutex> BatchRunner::acquire_hold() const {
+    // Never block on the model: Model::close() holds it exclusively while it joins these threads.
+    while (!stop_.load()) {
+        auto hold = model_->try_hold();
+        if (hold.owns_lock() || model_->closed()) {
+            return hold;
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    return {};
+}
+
+void BatchRunner::submit(BatchJob job) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    if (input_done_) {
+        throw std::logic_error("submit() after finish()");
+    }
+    changed_.wait(lock, [&] { return stop_.load() || input_.size() < static_cast<size_t>(params_.queue_size); });
+    if (stop_.load()) {
+        throw ClosedError("the batch runner is closed");
+    }
+    stats_.jobs_submitted += 1;
+    job.submitted = Clock::now();
+    input_.push_back(std::move(job));
+    changed_.notify_all();
+}
+
+void BatchRunner::finish() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    input_done_ = true;
+    changed_.notify_all();
+}
+
+bool BatchRunner::next(BatchResult & out) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    changed_.wait(lock, [&] {
+        return stop_.load() || !results_.empty() || (input_done_ && returned_ == stats_.jobs_submitted);
+    });
+    if (!results_.empty()) {
+        out = std::move(results_.front());
+        results_.pop_front();
+        returned_ += 1;
+        return true;
+    }
+    if (input_done_ && returned_ == stats_.jobs_submitted) {
+        return false;
+    }
+    throw ClosedError(model_->closed() ? "the model was closed while the batch was running"
+                                       : "the batch runner was closed before all results came back");
+}
+
+BatchStats BatchRunner::stats() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return stats_;
+}
+
+void BatchRunner::request_stop() {
+    stop_.store(true);
+    std::lock_guard<std::mutex> lock(mutex_);
+    changed_.notify_all();
+}
+
+void BatchRunner::close() {
+    std::lock_guard<std::mutex> guard(close_mutex_);
+    if (closed_.load()) {
+        return;
+    }
+    request_stop();
+    if (encoder_.joinable()) {
+        encoder_.join();
+    }
+    if (decoder_.joinable()) {
+        decoder_.join();
+    }
+    batch_.reset();
+    ctx_.reset();
+    closed_.store(true);
+}
+
+void BatchRunner::close_for_model() {
+    close();
+}
+
+void BatchRunner::emit(BatchResult && result, bool failed) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    (failed ? stats_.jobs_failed : stats_.jobs_done) += 1;
+    results_.push_back(std::move(result));
+    changed_.notify_all();
+}
+
+void BatchRunner::encoder_loop() {
+    while (true) {
+        std::vector<BatchJob> jobs;
+        {
+            std::unique_lock<std::mutex> lock(mutex_);
+            changed_.wait(lock, [&] {
+                return stop_.load() || (input_done_ && input_.empty()) ||
+                       (!input_.empty() && ready_.size() < static_cast<size_t>(params_.encode_ahead));
+            });
+            if (stop_.load() || (input_.empty() && input_done_)) {
+                return;
+            }
+            // Everything that fits ahead goes to the projector together.
+            while (!input_.empty() && ready_.size() + jobs.size() < static_cast<size_t>(params_.encode_ahead)) {
+                jobs.push_back(std::move(input_.front()));
+                input_.pop_front();
+            }
+            changed_.notify_all();  // room for submit()
+        }
+        std::vector<std::unique_ptr<Ready>> done;
+        std::vector<const ImagePixels *> pending;
+        std::vector<ImagePixels> pixels(jobs.size());
+        std::vector<size_t> pending_jobs;
+        for (size_t i = 0; i < jobs.size(); ++i) {
+            auto r = std::make_unique<Ready>();
+            r->id = jobs[i].id;
+            r->source = jobs[i].source;
+            r->error = jobs[i].error;
+            r->load_ms = jobs[i].load_ms;
+            r->submitted = jobs[i].submitted;
+            if (r->error.empty() && jobs[i].pixels.size() != size_t(jobs[i].width) * jobs[i].height * 3) {
+                r->error = "image buffer of " + std::to_string(jobs[i].pixels.size()) + " bytes does not hold " +
+                           std::to_string(jobs[i].width) + "x" + std::to_string(jobs[i].height) + " RGB pixels";
+            }
+            if (r->error.empty()) {
+                pixels[i] = {jobs[i].pixels.data(), jobs[i].width, jobs[i].height, jobs[i].digest, jobs[i].source};
+                pending.push_back(&pixels[i]);
+                pending_jobs.push_back(i);
+            }
+            done.push_back(std::move(r));
+        }
+        if (!pending.empty()) {
+            auto hold = acquire_hold();
+            if (!hold.owns_lock()) {
+                return;
+            }
+            EncodeCounters counters;
+            for (size_t k = 0; k < pending.size(); ++k) {
+                done[pending_jobs[k]]->cached = static_cast<bool>(model_->embedding_cache().peek(pending[k]->digest));
+            }
+            const auto t0 = Clock::now();
+            std::vector<std::shared_ptr<const ImageEmbedding>> embeddings;
+            try {
+                embeddings = embed_images(*model_, pending, counters);
+            } catch (const std::exception &) {
+                // One bad image fails only itself: encode one at a time to find it.
+                embeddings.assign(pending.size(), nullptr);
+                for (size_t k = 0; k < pending.size(); ++k) {
+                    try {
+                        embeddings[k] = embed_images(*model_, {pending[k]}, counters).front();
+                    } catch (const std::exception & e) {
+                        done[pending_jobs[k]]->error = e.what();
+                    }
+                }
+            }
+            const auto t1 = Clock::now();
+            size_t n_encoded = 0;
+            for (size_t k = 0; k < pending.size(); ++k) {
+                n_encoded += done[pending_jobs[k]]->cached ? 0 : 1;
+            }
+            for (size_t k = 0; k < pending.size(); ++k) {
+                Ready & r = *done[pending_jobs[k]];
+                r.image = embeddings[k];
+                r.encode_ms = r.cached || n_encoded == 0 ? 0.0 : ms_between(t0, t1) / double(n_encoded);
+            }
+            std::lock_guard<std::mutex> lock(mutex_);
+            stats_.encode.images_encoded += counters.images_encoded;
+            stats_.encode.embed_cache_hits += counters.embed_cache_hits;
+            stats_.encode.embed_cache_misses += counters.embed_cache_misses;
+            stats_.encode.batched_encodes += counters.batched_encodes;
+        }
+        std::lock_guard<std::mutex> lock(mutex_);
+        for (auto & r : done) {
+            r->encoded = Clock::now();
+            ready_.push_back(std::move(r));
+        }
+        changed_.notify_all();
+    }
+}
+
+void BatchRunner::create_context(const Ready & first) {
+    const int32_t n_per_job = first.image->n_tokens + static_cast<int32_t>(suffix_.size()) + params_.max_tokens;
+    int32_t n_ctx = params_.n_ctx;
+    if (n_ctx == 0) {
+        // Room for every sequence at once with an image like the first, plus a quarter for larger ones.
+        n_ctx = static_cast<int32_t>(prefix_.size()) + params_.n_parallel * n_per_job;
+        n_ctx += n_ctx / 4;
+    }
+    llama_context_params cparams = llama_context_default_params();
+    cparams.n_ctx = static_cast<uint32_t>(n_ctx);
+    cparams.n_batch = static_cast<uint32_t>(params_.n_batch);
+    cparams.n_ubatch = static_cast<uint32_t>(params_.n_batch);
+    cparams.n_seq_max = static_cast<uint32_t>(params_.n_parallel + 1);  // + the shared prefix
+    cparams.kv_unified = true;  // the prefix's cells are shared, not copied
+    const int32_t threads = params_.n_threads > 0 ? params_.n_threads : model_->n_threads();
+    cparams.n_threads = threads;
+    cparams.n_threads_batch = threads;
+    cparams.no_perf = true;
+    cparams.abort_callback = &BatchRunner::abort_requested;
+    cparams.abort_callback_data = this;
+    take_logged_errors();
+    ctx_.reset(llama_init_from_model(model_->llama(), cparams));
+    if (!ctx_) {
+        const std::string why = take_logged_errors();
+        throw Error("could not create a batch context of " + std::to_string(n_ctx) + " cells for " +
+                    std::to_string(params_.n_parallel) + " sequences (out of memory? lower parallel or n_ctx)" +
+                    (why.empty() ? "" : "\nllama.cpp said:\n" + why));
+    }
+    batch_.reset(llama_batch_ext_init(ctx_.get()));
+    const llama_seq_id prefix_seq = params_.n_parallel;
+    const int32_t status = decode_tokens(prefix_.data(), prefix_.size(), 0, prefix_seq);
+    if (status != 0) {
+        throw Error("decoding the shared prompt prefix failed (status " + std::to_string(status) + ")");
+    }
+    cells_in_use_ = static_cast<int32_t>(prefix_.size());
+    std::lock_guard<std::mutex> lock(mutex_);
+    stats_.n_ctx = static_cast<int32_t>(llama_n_ctx(ctx_.get()));
+    stats_.prefix_tokens = prefix_.size();
+    stats_.tokens_decoded += prefix_.size();
+}
+
+int32_t BatchRunner::decode_tokens(const llama_token * tokens, size_t n, llama_pos pos, llama_seq_id seq) {
+    // n_batch tokens at a time from the start, as a session splits a text chunk.
+    size_t i = 0;
+    while (i < n) {
+        llama_batch_ext_clear(batch_.get());
+        for (int32_t added = 0; i < n && added < params_.n_batch; ++i, ++added) {
+            const int32_t idx = llama_batch_ext_add_token(batch_.get(), seq, tokens[i]);
+            if (idx < 0) {
+                return -1;
+            }
+            llama_pos p = pos++;
+            llama_batch_ext_set_pos(batch_.get(), idx, &p);
+        }
+        const int32_t status = llama_process(ctx_.get(), LLAMA_PROCESS_TYPE_DECODE, batch_.get());
+        if (status != 0) {
+            return status;
+        }
+    }
+    return 0;
+}
+
+bool BatchRunner::admit(Slot & slot, Ready && job) {
+    // Start from the shared prefix, then decode the image into this sequence.
+    llama_memory_t mem = llama_get_memory(ctx_.get());
+    llama_memory_seq_rm(mem, slot.seq, -1, -1);
+    llama_memory_seq_cp(mem, params_.n_parallel, slot.seq, -1, -1);
+    slot.job = std::make_unique<Ready>(std::move(job));
+    slot.admitted = Clock::now();
+    slot.pos = static_cast<llama_pos>(prefix_.size());
+    slot.generating = false;
+    slot.suffix_next = 0;
+    slot.text.clear();
+    slot.n_generated = 0;
+    slot.n_prompt = 0;
+    slot.last = -1;
+    SamplingParams sampling = params_.sampling;
+    sampling.seed += static_cast<uint32_t>(slot.job->id);
+    slot.sampler = make_sampler_chain(sampling, model_->n_vocab());
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        stats_.prefix_copies += 1;
+    }
+    const ImageEmbedding & image = *slot.job->image;
+    for (size_t j = 0; j < image.chunks.size(); ++j) {
+        const mtmd_input_chunk * sub = image.chunks[j].get();
+        int32_t status = 0;
+        int32_t n = 0;
+        if (mtmd_input_chunk_get_type(sub) == MTMD_INPUT_CHUNK_TYPE_TEXT) {
+            size_t n_text = 0;
+            const llama_token * tokens = mtmd_input_chunk_get_tokens_text(sub, &n_text);
+            status = decode_tokens(tokens, n_text, slot.pos, slot.seq);
+            slot.pos += static_cast<llama_pos>(n_text);
+            n = static_cast<int32_t>(n_text);
+        } else {
+            n = static_cast<int32_t>(mtmd_input_chunk_get_n_tokens(sub));
+            if (mtmd_decode_use_non_causal(model_->projector(), sub) && n > params_.n_batch) {
+                fail_slot(slot, "this projector attends over a whole image at once, which needs its " +
+                                    std::to_string(n) + " tokens in one batch; use n_batch >= " + std::to_string(n));
+                return false;
+            }
+            llama_pos new_pos = slot.pos;
+            float * embd = const_cast<float *>(image.embeddings[j].data());  // mtmd reads it only
+            status = mtmd_helper_decode_image_chunk(model_->projector(), ctx_.get(), sub, embd, slot.pos, slot.seq,
+                                                    params_.n_batch, &new_pos, nullptr, nullptr);
+            slot.pos = new_pos;
+        }
+        if (status != 0) {
+            fail_slot(slot, stop_.load() ? "stopped" : "decoding the image failed (status " + std::to_string(status) + ")");
+            return false;
+        }
+        slot.n_prompt += n;
+        std::lock_guard<std::mutex> lock(mutex_);
+        stats_.tokens_decoded += static_cast<uint64_t>(n);
+    }
+    return true;
+}
+
+void BatchRunner::finish_slot(Slot & slot, const char * reason) {
+    const auto now = Clock::now();
+    BatchResult r;
+    r.id = slot.job->id;
+    r.source = slot.job->source;
+    r.text = std::move(slot.text);
+    r.n_tokens = slot.n_generated;
+    r.n_prompt_tokens = slot.n_prompt;
+    r.finish_reason = reason;
+    r.cached = slot.job->cached;
+    r.load_ms = slot.job->load_ms;
+    r.encode_ms = slot.job->encode_ms;
+    r.wait_ms = ms_between(slot.job->encoded, slot.admitted);
+    r.prefill_ms = ms_between(slot.admitted, slot.first_token);
+    r.generate_ms = ms_between(slot.first_token, now);
+    r.total_ms = slot.job->load_ms + ms_between(slot.job->submitted, now);
+    llama_memory_seq_rm(llama_get_memory(ctx_.get()), slot.seq, -1, -1);
+    cells_in_use_ -= slot.cells;
+    slot.cells = 0;
+    slot.job.reset();
+    slot.sampler.reset();
+    emit(std::move(r), false);
+}
+
+void BatchRunner::fail_slot(Slot & slot, const std::string & error) {
+    BatchResult r;
+    r.id = slot.job->id;
+    r.source = slot.job->source;
+    r.error = error;
+    r.cached = slot.job->cached;
+    r.load_ms = slot.job->load_ms;
+    r.encode_ms = slot.job->encode_ms;
+    r.total_ms = slot.job->load_ms + ms_between(slot.job->submitted, Clock::now());
+    if (ctx_) {
+        llama_memory_seq_rm(llama_get_memory(ctx_.get()), slot.seq, -1, -1);
+    }
+    cells_in_use_ -= slot.cells;
+    slot.cells = 0;
+    slot.job.reset();
+    slot.sampler.reset();
+    emit(std::move(r), true);
+}
+
+void BatchRunner::decode_step(std::vector<Slot> & slots) {
+    llama_batch_ext_clear(batch_.get());
+    int32_t room = params_.n_batch;
+    int32_t carried = 0;
+    // Generating sequences first (one token each), then prompt text of new ones as room allows.
+    for (auto & slot : slots) {
+        slot.batch_index = -1;
+        if (slot.job && slot.generating && room > 0) {
+            const int32_t idx = llama_batch_ext_add_token(batch_.get(), slot.seq, slot.last);
+            llama_pos p = slot.pos;
+            llama_batch_ext_set_pos(batch_.get(), idx, &p);
+            llama_batch_ext_set_output_logits(batch_.get(), idx, true);
+            slot.batch_index = idx;
+            room -= 1;
+            carried += 1;
+        }
+    }
+    std::vector<std::pair<Slot *, int32_t>> prompt_tokens;  // slot, tokens added this step
+    for (auto & slot : slots) {
+        if (!slot.job || slot.generating || room <= 0) {
+            continue;
+        }
+        int32_t added = 0;
+        int32_t idx = -1;
+        while (slot.suffix_next + added < suffix_.size() && room > 0) {
+            idx = llama_batch_ext_add_token(batch_.get(), slot.seq, suffix_[slot.suffix_next + added]);
+            llama_pos p = slot.pos + added;
+            llama_batch_ext_set_pos(batch_.get(), idx, &p);
+            added += 1;
+            room -= 1;
+        }
+        if (slot.suffix_next + added == suffix_.size()) {
+            llama_batch_ext_set_output_logits(batch_.get(), idx, true);
+            slot.batch_index = idx;
+        }
+        prompt_tokens.emplace_back(&slot, added);
+        carried += 1;
+    }
+    const int32_t n_tokens = params_.n_batch - room;
+    const int32_t status = llama_process(ctx_.get(), LLAMA_PROCESS_TYPE_DECODE, batch_.get());
+    if (status != 0) {
+        const std::string why = stop_.load() ? std::string("stopped")
+                                             : "decoding failed (status " + std::to_string(status) + ")";
+        for (auto & slot : slots) {
+            if (slot.job && (slot.generating || slot.batch_index >= 0)) {
+                fail_slot(slot, why);
+            }
+        }
+        for (auto & [slot, added] : prompt_tokens) {
+            if (slot->job) {
+                fail_slot(*slot, why);
+            }
+        }
+        return;
+    }
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        stats_.decode_steps += 1;
+        stats_.tokens_decoded += static_cast<uint64_t>(n_tokens);
+        stats_.max_sequences = std::max<uint64_t>(stats_.max_sequences, static_cast<uint64_t>(carried));
+    }
+    for (auto & [slot, added] : prompt_tokens) {
+        slot->suffix_next += static_cast<size_t>(added);
+        slot->pos += added;
+        slot->n_prompt += added;
+    }
+    const llama_vocab * vocab = model_->vocab();
+    uint64_t generated = 0;
+    for (auto & slot : slots) {
+        if (!slot.job || slot.batch_index < 0) {
+            continue;
+        }
+        if (slot.generating) {
+            slot.pos += 1;  // the token just decoded
+        } else {
+            slot.generating = true;
+            slot.first_token = Clock::now();
+        }
+        const llama_token token = llama_sampler_sample(slot.sampler.get(), ctx_.get(), slot.batch_index);
+        if (llama_vocab_is_eog(vocab, token)) {
+            finish_slot(slot, "stop");
+            continue;
+        }
+        generated += 1;
+        slot.n_generated += 1;
+        const size_t before = slot.text.size();
+        slot.text += token_piece(vocab, token);
+        bool stopped = false;
+        if (longest_stop_ > 0) {
+            const size_t from = before >= longest_stop_ ? before - longest_stop_ + 1 : 0;
+            size_t cut = std::string::npos;
+            for (const auto & s : params_.stop) {
+                cut = std::min(cut, slot.text.find(s, from));
+            }
+            if (cut != std::string::npos) {
+                slot.text.resize(cut);
+                stopped = true;
+            }
+        }
+        if (stopped) {
+            finish_slot(slot, "stop");
+        } else if (slot.n_generated >= params_.max_tokens) {
+            finish_slot(slot, "length");
+        } else {
+            slot.last = token;
+        }
+    }
+    std::lock_guard<std::mutex> lock(mutex_);
+    stats_.tokens_generated += generated;
+}
+
+void BatchRunner::decoder_loop() {
+    std::vector<Slot> slots(static_cast<size_t>(params_.n_parallel));
+    for (size_t i = 0; i < slots.size(); ++i) {
+        slots[i].seq = static_cast<llama_seq_id>(i);
+    }
+    auto fail_everything = [&](const std::string & why) {
+        // The context cannot run: every job still coming fails with the reason.
+        for (auto & slot : slots) {
+            if (slot.job) {
+                fail_slot(slot, why);
+            }
+        }
+        std::unique_lock<std::mutex> lock(mutex_);
+        while (!stop_.load()) {
+            if (!ready_.empty()) {
+                std::unique_ptr<Ready> r = std::move(ready_.front());
+                ready_.pop_front();
+                changed_.notify_all();
+                lock.unlock();
+                BatchResult res;
+                res.id = r->id;
+                res.source = r->source;
+                res.error = r->error.empty() ? why : r->error;
+                emit(std::move(res), true);
+                lock.lock();
+                continue;
+            }
+            if (input_done_ && input_.empty() && stats_.jobs_done + stats_.jobs_failed == stats_.jobs_submitted) {
+                return;
+            }
+            changed_.wait(lock);
+        }
+    };
+    while (!stop_.load()) {
+        // Take encoded jobs into free sequences while the context has room for them.
+        std::vector<std::pair<Slot *, std::unique_ptr<Ready>>> admitted;
+        bool active = false;
+        {
+            std::unique_lock<std::mutex> lock(mutex_);
+            for (auto & slot : slots) {
+                active = active || static_cast<bool>(slot.job);
+            }
+            std::vector<Slot *> free_slots;
+            for (auto & slot : slots) {
+                if (!slot.job) {
+                    free_slots.push_back(&slot);
+                }
+            }
+            std::reverse(free_slots.begin(), free_slots.end());
+            while (!ready_.empty()) {
+                Slot * free_slot = free_slots.empty() ? nullptr : free_slots.back();
+                Ready & r = *ready_.front();
+                if (r.error.empty() && !free_slot) {
+                    break;
+                }
+                if (r.error.empty() && ctx_) {
+                    const int32_t need = r.image->n_tokens + static_cast<int32_t>(suffix_.size()) + params_.max_tokens;
+                    const int32_t capacity = static_cast<int32_t>(llama_n_ctx(ctx_.get())) -
+                                             static_cast<int32_t>(prefix_.size());
+                    if (need > capacity) {
+                        r.error = "the job needs " + std::to_string(need) + " KV cells (image " +
+                                  std::to_string(r.image->n_tokens) + ", prompt " + std::to_string(suffix_.size()) +
+                                  ", max_tokens " + std::to_string(params_.max_tokens) + ") but a sequence can have " +
+                                  std::to_string(capacity) + "; pass a larger n_ctx";
+                    } else if (cells_in_use_ + need > static_cast<int32_t>(llama_n_ctx(ctx_.get()))) {
+                        break;  // wait for a running job to finish
+                    } else {
+                        cells_in_use_ += need;
+                    }
+                }
+                std::unique_ptr<Ready> job = std::move(ready_.front());
+                ready_.pop_front();
+                changed_.notify_all();
+                if (!job->error.empty()) {
+                    lock.unlock();
+                    BatchResult res;
+                    res.id = job->id;
+                    res.source = job->source;
+                    res.error = job->error;
+                    res.load_ms = job->load_ms;
+                    res.total_ms = job->load_ms + ms_between(job->submitted, Clock::now());
+                    emit(std::move(res), true);
+                    lock.lock();
+                    continue;
+                }
+                admitted.emplace_back(free_slot, std::move(job));
+                free_slots.pop_back();
+                if (!ctx_) {
+                    break;  // the context is sized from this first image; the rest are checked against it
+                }
+            }
+            if (admitted.empty() && !active) {
+                if (input_done_ && input_.empty() && ready_.empty() &&
+                    stats_.jobs_done + stats_.jobs_failed == stats_.jobs_submitted) {
+                    return;
+                }
+                changed_.wait(lock);
+                continue;
+            }
+        }
+        auto hold = acquire_hold();
+        if (!hold.owns_lock()) {
+            return;
+        }
+        for (auto & [slot, job] : admitted) {
+            if (!ctx_) {
+                try {
+                    create_context(*job);
+                } catch (const std::exception & e) {
+                    ctx_.reset();
+                    slot->job = std::move(job);
+                    hold.unlock();
+                    fail_everything(e.what());
+                    return;
+                }
+                const int32_t need = job->image->n_tokens + static_cast<int32_t>(suffix_.size()) + params_.max_tokens;
+                if (cells_in_use_ + need > static_cast<int32_t>(llama_n_ctx(ctx_.get()))) {
+                    slot->job = std::move(job);
+                    fail_slot(*slot, "the job needs " + std::to_string(need) + " KV cells but n_ctx is " +
+                                         std::to_string(llama_n_ctx(ctx_.get())) + "; pass a larger n_ctx");
+                    continue;
+                }
+                cells_in_use_ += need;
+                slot->cells = need;
+            } else {
+                slot->cells = job->image->n_tokens + static_cast<int32_t>(suffix_.size()) + params_.max_tokens;
+            }
+            admit(*slot, std::move(*job));
+        }
+        bool any = false;
+        for (auto & slot : slots) {
+            any = any || static_cast<bool>(slot.job);
+        }
+        if (any) {
+            decode_step(slots);
+        }
+    }
+}
+
+}  // namespace llava_kv

@@ -1,0 +1,163 @@
+// Many (image, prompt) jobs over one model, decoded as parallel sequences of one context.
+//
+// Two threads of its own: an encoder that turns queued images into embeddings ahead of need
+// (cache first, then the projector, several images per call where it can batch), and a decoder
+// that keeps up to n_parallel sequences in flight. The prompt text before the image is decoded
+// once into a sequence of its own and copied into each job's sequence (llama_memory_seq_cp);
+// every decode step carries one token of every generating sequence plus the prompt tokens of
+// sequences that just received their image. Results come back as jobs complete.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "image_encoder.h"
+#include "llama-cpp.h"
+#include "model.h"
+#include "sampling.h"
+
+namespace llava_kv {
+
+struct BatchParams {
+    int32_t n_parallel = 4;
+    int32_t n_ctx = 0;  // KV cells of the shared context; 0: sized from the first image
+    int32_t n_batch = 512;
+    int32_t n_threads = 0;  // 0: the model's
+    int32_t max_tokens = 64;
+    SamplingParams sampling;  // each job's seed is sampling.seed + its id, whatever sequence runs it
+    std::vector<std::string> stop;
+    std::string prefix;  // prompt text before the image (the runner adds BOS where the model wants it)
+    std::string suffix;  // prompt text after the image
+    int32_t queue_size = 0;    // submitted jobs waiting for the encoder; 0: 2 * n_parallel
+    int32_t encode_ahead = 0;  // encoded jobs waiting for a free sequence; 0: n_parallel
+};
+
+// One image to run the prompt on. The pixels are copied in, so the caller's buffer is free at once.
+struct BatchJob {
+    uint64_t id = 0;
+    std::vector<uint8_t> pixels;  // HxWx3 RGB
+    uint32_t width = 0;
+    uint32_t height = 0;
+    std::string digest;
+    std::string source;
+    std::string error;  // set when the caller could not load the image: passed through as a failed result
+    double load_ms = 0;
+    std::chrono::steady_clock::time_point submitted;  // set by submit()
+};
+
+struct BatchResult {
+    uint64_t id = 0;
+    std::string source;
+    std::string text;  // raw bytes as generated (may end inside a UTF-8 character at max_tokens)
+    int32_t n_tokens = 0;
+    int32_t n_prompt_tokens = 0;  // tokens this job decoded itself (image + prompt text), not the shared prefix
+    std::string finish_reason;    // "stop" (end of generation or a stop string), "length"; empty on error
+    std::string error;            // non-empty: this job failed, the others go on
+    bool cached = false;          // the embedding came from the cache
+    double load_ms = 0;
+    double encode_ms = 0;
+    double wait_ms = 0;     // encoded, waiting for a free sequence
+    double prefill_ms = 0;  // image and prompt decoded, first token sampled
+    double generate_ms = 0;
+    double total_ms = 0;  // load + from submit() to the result
+};
+
+struct BatchStats {
+    EncodeCounters encode;
+    uint64_t jobs_submitted = 0;
+    uint64_t jobs_done = 0;
+    uint64_t jobs_failed = 0;
+    uint64_t prefix_tokens = 0;  // decoded once, shared by every sequence
+    uint64_t prefix_copies = 0;  // sequences that started from the shared prefix
+    uint64_t tokens_decoded = 0;
+    uint64_t tokens_generated = 0;
+    uint64_t decode_steps = 0;    // batched decode calls carrying prompt or generated tokens
+    uint64_t max_sequences = 0;   // most sequences carried by one decode step
+    int32_t n_ctx = 0;            // KV cells of the context, once created
+};
+
+class BatchRunner {
+  public:
+    // Tokenizes the prompt and starts the threads; the context is created with the first image.
+    static std::shared_ptr<BatchRunner> start(std::shared_ptr<Model> model, const BatchParams & params);
+    ~BatchRunner();
+    BatchRunner(const BatchRunner &) = delete;
+    BatchRunner & operator=(const BatchRunner &) = delete;
+
+    // Queues a job; blocks while the queue is full. Throws ClosedError once closed, and
+    // std::logic_error after finish().
+    void submit(BatchJob job);
+    // No more jobs will come.
+    void finish();
+    // The next finished job, as they complete; blocks. False once every submitted job's result has
+    // been returned after finish(). Throws ClosedError if closed before that.
+    bool next(BatchResult & out);
+    // Stops the threads and frees the context; idempotent. Results not yet taken are dropped.
+    void close();
+    bool closed() const { return closed_.load(); }
+    BatchStats stats() const;
+    const BatchParams & params() const { return params_; }
+    size_t prefix_tokens() const { return prefix_.size(); }
+    size_t suffix_tokens() const { return suffix_.size(); }
+
+    // For Model::close(): ask the threads to stop before it waits for the model, then close.
+    void request_stop();
+    void close_for_model();
+
+  private:
+    struct Ready;
+    struct Slot;
+
+    BatchRunner(std::shared_ptr<Model> model, const BatchParams & params);
+    void encoder_loop();
+    void decoder_loop();
+    // A shared hold on the model, or none once a stop is asked for or the model is closed.
+    std::shared_lock<std::shared_mutex> acquire_hold() const;
+
+    void create_context(const Ready & first);
+    bool admit(Slot & slot, Ready && job);
+    void decode_step(std::vector<Slot> & slots);
+    void finish_slot(Slot & slot, const char * reason);
+    void fail_slot(Slot & slot, const std::string & error);
+    void emit(BatchResult && result, bool failed);
+    int32_t decode_tokens(const llama_token * tokens, size_t n, llama_pos pos, llama_seq_id seq);
+
+    static bool abort_requested(void * self);
+
+    std::shared_ptr<Model> model_;
+    BatchParams params_;
+    std::vector<llama_token> prefix_;  // BOS included where the model adds it
+    std::vector<llama_token> suffix_;
+    size_t longest_stop_ = 0;
+
+    std::atomic<bool> stop_{false};
+    std::atomic<bool> closed_{false};
+    std::mutex close_mutex_;
+
+    mutable std::mutex mutex_;  // everything below up to the threads
+    std::condition_variable changed_;  // any of the queues changed, finish(), or stop
+    std::deque<BatchJob> input_;
+    std::deque<std::unique_ptr<Ready>> ready_;
+    std::deque<BatchResult> results_;
+    bool input_done_ = false;
+    uint64_t returned_ = 0;
+    BatchStats stats_;
+
+    // Owned by the decoder thread (and close(), after joining it).
+    llama_context_ptr ctx_;
+    llama_batch_ext_ptr batch_;
+    int32_t cells_in_use_ = 0;
+
+    std::thread encoder_;
+    std::thread decoder_;
+};
+
+}  // namespace llava_kv

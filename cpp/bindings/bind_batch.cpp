@@ -1,0 +1,142 @@
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+
+#include "batch_runner.h"
+#include "bindings.h"
+
+namespace py = pybind11;
+
+namespace llava_kv::bindings {
+namespace {
+
+using RgbArray = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>;
+
+py::str utf8(const std::string & s) {
+    return py::reinterpret_steal<py::str>(PyUnicode_DecodeUTF8(s.data(), static_cast<py::ssize_t>(s.size()), "replace"));
+}
+
+py::dict result_dict(const BatchResult & r) {
+    py::dict d;
+    d["id"] = r.id;
+    d["source"] = utf8(r.source);
+    d["text"] = utf8(r.text);
+    d["n_tokens"] = r.n_tokens;
+    d["n_prompt_tokens"] = r.n_prompt_tokens;
+    d["finish_reason"] = r.finish_reason;
+    d["error"] = utf8(r.error);
+    d["cached"] = r.cached;
+    py::dict t;
+    t["load_ms"] = r.load_ms;
+    t["encode_ms"] = r.encode_ms;
+    t["wait_ms"] = r.wait_ms;
+    t["prefill_ms"] = r.prefill_ms;
+    t["generate_ms"] = r.generate_ms;
+    t["total_ms"] = r.total_ms;
+    d["timings"] = t;
+    return d;
+}
+
+}  // namespace
+
+void register_batch(py::module_ & m) {
+    py::class_<BatchRunner, std::shared_ptr<BatchRunner>>(m, "BatchRunner")
+        .def_static(
+            "start",
+            [](std::shared_ptr<Model> model, const std::string & prefix, const std::string & suffix,
+               int32_t n_parallel, int32_t max_tokens, int32_t n_ctx, int32_t n_batch, int32_t n_threads,
+               float temperature, int32_t top_k, float top_p, float min_p, float repeat_penalty, uint32_t seed,
+               std::vector<std::string> stop, int32_t queue_size, int32_t encode_ahead) {
+                BatchParams p;
+                p.prefix = prefix;
+                p.suffix = suffix;
+                p.n_parallel = n_parallel;
+                p.max_tokens = max_tokens;
+                p.n_ctx = n_ctx;
+                p.n_batch = n_batch;
+                p.n_threads = n_threads;
+                p.sampling.temperature = temperature;
+                p.sampling.top_k = top_k;
+                p.sampling.top_p = top_p;
+                p.sampling.min_p = min_p;
+                p.sampling.repeat_penalty = repeat_penalty;
+                p.sampling.seed = seed;
+                p.stop = std::move(stop);
+                p.queue_size = queue_size;
+                p.encode_ahead = encode_ahead;
+                py::gil_scoped_release release;
+                return BatchRunner::start(std::move(model), p);
+            },
+            py::arg("model"), py::kw_only(), py::arg("prefix"), py::arg("suffix"), py::arg("n_parallel") = 4,
+            py::arg("max_tokens") = 64, py::arg("n_ctx") = 0, py::arg("n_batch") = 512, py::arg("n_threads") = 0,
+            py::arg("temperature") = 0.0f, py::arg("top_k") = 40, py::arg("top_p") = 0.95f, py::arg("min_p") = 0.05f,
+            py::arg("repeat_penalty") = 1.0f, py::arg("seed") = 0, py::arg("stop") = std::vector<std::string>{},
+            py::arg("queue_size") = 0, py::arg("encode_ahead") = 0)
+        .def(
+            "submit",
+            [](BatchRunner & runner, uint64_t id, py::object pixels, const std::string & digest,
+               const std::string & source, const std::string & error, double load_ms) {
+                BatchJob job;
+                job.id = id;
+                job.digest = digest;
+                job.source = source;
+                job.error = error;
+                job.load_ms = load_ms;
+                if (!pixels.is_none()) {
+                    RgbArray a = RgbArray::ensure(pixels);
+                    if (!a || a.ndim() != 3 || a.shape(2) != 3) {
+                        throw py::value_error("image pixels must be an HxWx3 uint8 array");
+                    }
+                    job.height = static_cast<uint32_t>(a.shape(0));
+                    job.width = static_cast<uint32_t>(a.shape(1));
+                    job.pixels.resize(static_cast<size_t>(a.size()));
+                    std::memcpy(job.pixels.data(), a.data(), job.pixels.size());
+                }
+                py::gil_scoped_release release;
+                runner.submit(std::move(job));
+            },
+            py::arg("id"), py::arg("pixels"), py::arg("digest"), py::arg("source"), py::arg("error") = "",
+            py::arg("load_ms") = 0.0)
+        .def("finish", &BatchRunner::finish, py::call_guard<py::gil_scoped_release>())
+        .def("next",
+             [](BatchRunner & runner) -> py::object {
+                 BatchResult r;
+                 bool got = false;
+                 {
+                     py::gil_scoped_release release;
+                     got = runner.next(r);
+                 }
+                 if (!got) {
+                     return py::none();
+                 }
+                 return result_dict(r);
+             })
+        .def("close", &BatchRunner::close, py::call_guard<py::gil_scoped_release>())
+        .def_property_readonly("closed", &BatchRunner::closed)
+        .def_property_readonly("prefix_tokens", &BatchRunner::prefix_tokens)
+        .def_property_readonly("suffix_tokens", &BatchRunner::suffix_tokens)
+        .def_property_readonly("n_parallel", [](const BatchRunner & r) { return r.params().n_parallel; })
+        .def("stats", [](const BatchRunner & runner) {
+            const BatchStats s = runner.stats();
+            py::dict d;
+            d["images_encoded"] = s.encode.images_encoded;
+            d["embed_cache_hits"] = s.encode.embed_cache_hits;
+            d["embed_cache_misses"] = s.encode.embed_cache_misses;
+            d["batched_encodes"] = s.encode.batched_encodes;
+            d["jobs_submitted"] = s.jobs_submitted;
+            d["jobs_done"] = s.jobs_done;
+            d["jobs_failed"] = s.jobs_failed;
+            d["prefix_tokens"] = s.prefix_tokens;
+            d["prefix_copies"] = s.prefix_copies;
+            d["tokens_decoded"] = s.tokens_decoded;
+            d["tokens_generated"] = s.tokens_generated;
+            d["decode_steps"] = s.decode_steps;
+            d["max_sequences"] = s.max_sequences;
+            d["n_ctx"] = s.n_ctx;
+            return d;
+        });
+}
+
+}  // namespace llava_kv::bindings

@@ -1,0 +1,185 @@
+#include "image_encoder.h"
+
+#include <map>
+
+#include "errors.h"
+#include "model.h"
+#include "runtime.h"
+
+namespace llava_kv {
+namespace {
+
+struct PendingImage {
+    const ImagePixels * pixels = nullptr;
+    mtmd::input_chunks_ptr chunks;
+    std::shared_ptr<ImageEmbedding> entry;
+};
+
+PendingImage tokenize_image(Model & model, const ImagePixels & pixels) {
+    mtmd_context * projector = model.projector();
+    if (pixels.data == nullptr || pixels.width == 0 || pixels.height == 0) {
+        throw ImageError("empty image (" + std::to_string(pixels.width) + "x" + std::to_string(pixels.height) + ")");
+    }
+    mtmd::bitmap_ptr bitmap(mtmd_bitmap_init(pixels.width, pixels.height, pixels.data));
+    if (!bitmap) {
+        throw ImageError("could not create a bitmap of " + std::to_string(pixels.width) + "x" +
+                         std::to_string(pixels.height) + " pixels");
+    }
+    mtmd_bitmap_set_id(bitmap.get(), pixels.digest.c_str());
+    PendingImage p;
+    p.pixels = &pixels;
+    p.chunks.reset(mtmd_input_chunks_init());
+    const std::string marker = mtmd_default_marker();
+    mtmd_input_text text{marker.c_str(), marker.size(), false, true};
+    const mtmd_bitmap * bitmaps[] = {bitmap.get()};
+    take_logged_errors();
+    const int32_t status = mtmd_tokenize(projector, p.chunks.get(), &text, bitmaps, 1);
+    if (status != 0) {
+        const std::string why = take_logged_errors();
+        throw ImageError("the projector could not preprocess the image '" + pixels.source + "' (" +
+                         std::to_string(pixels.width) + "x" + std::to_string(pixels.height) + ", status " +
+                         std::to_string(status) + ")" + (why.empty() ? "" : ": " + why));
+    }
+    p.entry = std::make_shared<ImageEmbedding>();
+    p.entry->digest = pixels.digest;
+    p.entry->width = pixels.width;
+    p.entry->height = pixels.height;
+    for (size_t i = 0; i < mtmd_input_chunks_size(p.chunks.get()); ++i) {
+        const mtmd_input_chunk * chunk = mtmd_input_chunks_get(p.chunks.get(), i);
+        p.entry->n_tokens += static_cast<int32_t>(mtmd_input_chunk_get_n_tokens(chunk));
+        p.entry->n_pos += mtmd_input_chunk_get_n_pos(chunk);
+    }
+    if (p.entry->n_tokens == 0) {
+        throw ImageError("the projector produced no tokens for the image '" + pixels.source + "'");
+    }
+    p.entry->embeddings.resize(mtmd_input_chunks_size(p.chunks.get()));
+    return p;
+}
+
+void encode_pending(Model & model, std::vector<PendingImage> & pending, EncodeCounters & counters) {
+    mtmd_context * projector = model.projector();
+    const size_t n_embd = static_cast<size_t>(llama_model_n_embd_inp(model.llama()));
+    // Every image chunk still to encode, in order.
+    struct Job {
+        PendingImage * image;
+        size_t index;
+        const mtmd_input_chunk * chunk;
+    };
+    std::vector<Job> jobs;
+    for (auto & p : pending) {
+        for (size_t i = 0; i < mtmd_input_chunks_size(p.chunks.get()); ++i) {
+            const mtmd_input_chunk * chunk = mtmd_input_chunks_get(p.chunks.get(), i);
+            if (mtmd_input_chunk_get_type(chunk) != MTMD_INPUT_CHUNK_TYPE_TEXT) {
+                jobs.push_back({&p, i, chunk});
+            }
+        }
+    }
+    auto fail = [](const Job & job) {
+        const std::string why = take_logged_errors();
+        throw ImageError("the projector failed to encode the image '" + job.image->pixels->source + "'" +
+                         (why.empty() ? "" : ": " + why));
+    };
+    size_t next = 0;
+    while (next < jobs.size()) {
+        // Fill one batch with as many consecutive chunks as the projector takes together.
+        std::unique_ptr<mtmd_batch, decltype(&mtmd_batch_free)> batch(mtmd_batch_init(projector), &mtmd_batch_free);
+        size_t end = next;
+        while (end < jobs.size() && batch && mtmd_batch_add_chunk(batch.get(), jobs[end].chunk) == 0) {
+            ++end;
+        }
+        if (end - next <= 1) {
+            // Alone (the projector cannot batch it with the next): the plain encode, exactly as
+            // mtmd_helper_eval_chunks does it.
+            if (mtmd_encode_chunk(projector, jobs[next].chunk) != 0) {
+                fail(jobs[next]);
+            }
+            const float * embd = mtmd_get_output_embd(projector);
+            const size_t n = mtmd_input_chunk_get_n_tokens(jobs[next].chunk);
+            jobs[next].image->entry->embeddings[jobs[next].index].assign(embd, embd + n * n_embd);
+            ++next;
+            continue;
+        }
+        counters.batched_encodes += 1;
+        if (mtmd_batch_encode(batch.get()) != 0) {
+            fail(jobs[next]);
+        }
+        for (size_t j = next; j < end; ++j) {
+            const float * embd = mtmd_batch_get_output_embd(batch.get(), jobs[j].chunk);
+            if (embd == nullptr) {
+                fail(jobs[j]);
+            }
+            const size_t n = mtmd_input_chunk_get_n_tokens(jobs[j].chunk);
+            jobs[j].image->entry->embeddings[jobs[j].index].assign(embd, embd + n * n_embd);
+        }
+        next = end;
+    }
+    // Keep only what decoding needs: placeholders have the layout but not the pixels.
+    for (auto & p : pending) {
+        for (size_t i = 0; i < mtmd_input_chunks_size(p.chunks.get()); ++i) {
+            const mtmd_input_chunk * chunk = mtmd_input_chunks_get(p.chunks.get(), i);
+            const bool text = mtmd_input_chunk_get_type(chunk) == MTMD_INPUT_CHUNK_TYPE_TEXT;
+            p.entry->chunks.emplace_back(text ? mtmd_input_chunk_copy(chunk) : mtmd_input_chunk_get_placeholder(chunk));
+            if (!p.entry->chunks.back()) {
+                throw ImageError("could not keep the layout of the encoded image '" + p.pixels->source + "'");
+            }
+        }
+        p.chunks.reset();
+    }
+}
+
+}  // namespace
+
+std::vector<std::shared_ptr<const ImageEmbedding>> embed_images(Model & model,
+                                                                const std::vector<const ImagePixels *> & images,
+                                                                EncodeCounters & counters) {
+    std::vector<std::shared_ptr<const ImageEmbedding>> out(images.size());
+    if (images.empty()) {
+        return out;
+    }
+    if (model.projector() == nullptr || !model.has_vision()) {
+        throw ImageError("this model has no vision projector: load it with mmproj_path to use images");
+    }
+    EmbeddingCache & cache = model.embedding_cache();
+    std::vector<size_t> missing;
+    for (size_t i = 0; i < images.size(); ++i) {
+        if ((out[i] = cache.get(images[i]->digest))) {
+            counters.embed_cache_hits += 1;
+        } else {
+            missing.push_back(i);
+        }
+    }
+    if (missing.empty()) {
+        return out;
+    }
+    // One encode at a time per projector; another session may have encoded some meanwhile.
+    std::lock_guard<std::mutex> lock(model.projector_mutex());
+    std::vector<PendingImage> pending;
+    std::map<std::string, size_t> pending_by_digest;
+    for (size_t i : missing) {
+        const std::string & digest = images[i]->digest;
+        if (pending_by_digest.count(digest) == 0) {
+            if ((out[i] = cache.peek(digest))) {
+                counters.embed_cache_hits += 1;
+                continue;
+            }
+            pending_by_digest[digest] = pending.size();
+            pending.push_back(tokenize_image(model, *images[i]));
+            counters.embed_cache_misses += 1;
+        } else {
+            counters.embed_cache_hits += 1;  // the same picture twice in one edit: encoded once
+        }
+    }
+    encode_pending(model, pending, counters);
+    for (auto & p : pending) {
+        counters.images_encoded += 1;
+        cache.put(p.entry);
+    }
+    for (size_t i : missing) {
+        if (!out[i]) {
+            out[i] = pending[pending_by_digest.at(images[i]->digest)].entry;
+        }
+    }
+    return out;
+}
+
+}  // namespace llava_kv

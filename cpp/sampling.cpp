@@ -1,0 +1,61 @@
+#include "sampling.h"
+
+#include <stdexcept>
+
+namespace llava_kv {
+
+llama_sampler_ptr make_sampler_chain(const SamplingParams & p, int32_t n_vocab) {
+    if (p.temperature > 0 && (p.top_p <= 0 || p.top_p > 1 || p.min_p < 0 || p.min_p > 1)) {
+        throw std::invalid_argument("top_p must be in (0, 1] and min_p in [0, 1]");
+    }
+    if (p.repeat_penalty <= 0) {
+        throw std::invalid_argument("repeat_penalty must be > 0 (1.0 disables it)");
+    }
+    llama_sampler_chain_params cparams = llama_sampler_chain_default_params();
+    cparams.no_perf = true;
+    llama_sampler_ptr chain(llama_sampler_chain_init(cparams));
+    if (p.repeat_penalty != 1.0f) {
+        llama_sampler_chain_add(chain.get(), llama_sampler_init_penalties(n_vocab, p.repeat_last_n,
+                                                                          p.repeat_penalty, 0.0f, 0.0f));
+    }
+    if (p.temperature <= 0) {
+        llama_sampler_chain_add(chain.get(), llama_sampler_init_greedy());
+    } else {
+        if (p.top_k > 0) {
+            llama_sampler_chain_add(chain.get(), llama_sampler_init_top_k(p.top_k));
+        }
+        llama_sampler_chain_add(chain.get(), llama_sampler_init_top_p(p.top_p, 1));
+        llama_sampler_chain_add(chain.get(), llama_sampler_init_min_p(p.min_p, 1));
+        llama_sampler_chain_add(chain.get(), llama_sampler_init_temp(p.temperature));
+        llama_sampler_chain_add(chain.get(), llama_sampler_init_dist(p.seed));
+    }
+    return chain;
+}
+
+size_t complete_utf8_prefix(const std::string & s) {
+    size_t i = s.size();
+    size_t back = 0;
+    while (i > 0 && back < 4) {
+        const unsigned char c = static_cast<unsigned char>(s[i - 1]);
+        if ((c & 0xC0) != 0x80) {  // a lead byte or ASCII
+            size_t need = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xE ? 3 : (c >> 3) == 0x1E ? 4 : 1;
+            return back + 1 >= need ? s.size() : i - 1;
+        }
+        --i;
+        ++back;
+    }
+    return s.size();  // not UTF-8 we can wait on: pass it through
+}
+
+std::string token_piece(const llama_vocab * vocab, llama_token token) {
+    std::string piece(16, '\0');
+    int32_t n = llama_token_to_piece(vocab, token, piece.data(), static_cast<int32_t>(piece.size()), 0, false);
+    if (n < 0) {
+        piece.resize(static_cast<size_t>(-n));
+        n = llama_token_to_piece(vocab, token, piece.data(), static_cast<int32_t>(piece.size()), 0, false);
+    }
+    piece.resize(n > 0 ? static_cast<size_t>(n) : 0);
+    return piece;
+}
+
+}  // namespace llava_kv

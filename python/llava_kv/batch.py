@@ -1,0 +1,185 @@
+"""One prompt over many images, at C++ speed.
+
+``run(model, images, prompt)`` renders the prompt once with the model's chat template (a user
+message holding the image, then the prompt text), and hands the images to the native batch runner:
+images are decoded here on a loader thread, encoded ahead by the runner (duplicates come from the
+embedding cache), and decoded as up to ``parallel`` sequences of one context that share the
+prompt's prefix. A corrupt or missing image fails its own record; the rest go on.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+
+from . import _core
+from .errors import ClosedError, LlavaKVError
+from .images import ImageInput, load_image
+
+if TYPE_CHECKING:
+    from .model import Model
+
+__all__ = ["BatchRecord", "run", "iter_run", "render_prompt"]
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    """The outcome for one image: its text, or the error that stopped it."""
+
+    index: int
+    image: str
+    text: str | None
+    tokens: int
+    finish_reason: str | None
+    cached: bool
+    timings: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"image": self.image, "text": self.text, "tokens": self.tokens, "finish_reason": self.finish_reason,
+                "cached": self.cached, "timings": dict(self.timings), "error": self.error}
+
+
+def render_prompt(model: "Model", prompt: str, *, system: str | None = None,
+                  chat_template: str | None = None) -> tuple[str, str]:
+    """The text before and after the image once ``[image, prompt]`` is rendered as a user message,
+    exactly as :meth:`Session.chat` renders it."""
+    marker = model._core.media_marker
+    if marker in prompt or (system and marker in system):
+        raise ValueError(f"the prompt contains the media marker {marker!r} as text")
+    messages = ([("system", system)] if system else []) + [("user", marker + prompt)]
+    rendered = model._core.apply_chat_template(messages, True, chat_template or "")
+    parts = rendered.split(marker)
+    if len(parts) != 2:
+        raise ValueError("the chat template dropped or duplicated the image marker")
+    return parts[0], parts[1]
+
+
+def _describe(image: Any) -> str:
+    if isinstance(image, (str, os.PathLike)):
+        return os.fspath(image)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return f"<{len(image)} bytes>"
+    shape = getattr(image, "shape", None)
+    if shape is not None:
+        return f"<array {'x'.join(map(str, shape))}>"
+    size = getattr(image, "size", None)
+    return getattr(image, "filename", "") or (f"<PIL {size[0]}x{size[1]}>" if isinstance(size, tuple) else
+                                              f"<{type(image).__name__}>")
+
+
+class _Feeder(threading.Thread):
+    """Decodes images (Pillow) and submits them; the runner's queue bounds how far it runs ahead."""
+
+    def __init__(self, runner: Any, images: Iterable[ImageInput], projector_id: str) -> None:
+        super().__init__(name="llava-kv-batch-loader", daemon=True)
+        self.runner = runner
+        self.images = images
+        self.projector_id = projector_id
+        self.sources: dict[int, str] = {}
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            for i, image in enumerate(self.images):
+                source = _describe(image)
+                self.sources[i] = source
+                t0 = time.perf_counter()
+                try:
+                    loaded = load_image(image, self.projector_id)
+                except (LlavaKVError, OSError, ValueError, TypeError) as e:
+                    message = f"{type(e).__name__}: {e}"
+                    self.runner.submit(i, None, "", source, error=message, load_ms=1000 * (time.perf_counter() - t0))
+                    continue
+                self.runner.submit(i, loaded.pixels, loaded.digest, source, load_ms=1000 * (time.perf_counter() - t0))
+        except ClosedError:
+            pass  # the consumer stopped early
+        except BaseException as e:  # the images iterable itself failed: hand it to the consumer
+            self.error = e
+        finally:
+            self.runner.finish()
+
+
+def _progress(total: int | None, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency; stay usable without it
+        return None
+    return tqdm(total=total, unit="img", desc="llava-kv batch", dynamic_ncols=True)
+
+
+def iter_run(model: "Model", images: Iterable[ImageInput], prompt: str, *, ordered: bool = True,
+             max_tokens: int = 64, parallel: int = 4, progress: bool = True, temperature: float = 0.0,
+             top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
+             seed: int = 0, stop: str | Sequence[str] | None = None, system: str | None = None,
+             n_ctx: int | None = None, n_batch: int = 512, n_threads: int | None = None,
+             chat_template: str | None = None, stats: dict[str, Any] | None = None) -> Iterator[BatchRecord]:
+    """Yield a :class:`BatchRecord` per image: in input order (``ordered=True``) or as each completes.
+
+    Closing the iterator early stops the native work. ``stats``, when given, is filled with the
+    runner's counters at the end (images encoded, cache hits, decode steps, ...).
+    """
+    if not isinstance(prompt, str) or not prompt:
+        raise ValueError("prompt must be a non-empty string")
+    if isinstance(images, (str, bytes, os.PathLike)):
+        raise TypeError("images must be an iterable of images (wrap a single image in a list)")
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    prefix, suffix = render_prompt(model, prompt, system=system, chat_template=chat_template)
+    total = len(images) if hasattr(images, "__len__") else None  # type: ignore[arg-type]
+    runner = _core.BatchRunner.start(
+        model._core, prefix=prefix, suffix=suffix, n_parallel=parallel, max_tokens=max_tokens, n_ctx=n_ctx or 0,
+        n_batch=n_batch, n_threads=n_threads or 0, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        repeat_penalty=repeat_penalty, seed=seed, stop=stops)
+    feeder = _Feeder(runner, images, model.projector_id)
+    bar = _progress(total, progress)
+    feeder.start()
+    waiting: dict[int, BatchRecord] = {}
+    next_index = 0
+    try:
+        while True:
+            d = runner.next()
+            if d is None:
+                break
+            index = int(d["id"])
+            error = d["error"] or None
+            record = BatchRecord(index=index, image=feeder.sources.get(index, d["source"]),
+                                 text=None if error else d["text"], tokens=int(d["n_tokens"]),
+                                 finish_reason=None if error else d["finish_reason"], cached=bool(d["cached"]),
+                                 timings={k: round(float(v), 3) for k, v in d["timings"].items()}, error=error)
+            if bar is not None:
+                bar.update(1)
+            if not ordered:
+                yield record
+                continue
+            waiting[index] = record
+            while next_index in waiting:
+                yield waiting.pop(next_index)
+                next_index += 1
+        if feeder.error is not None:
+            raise feeder.error
+    finally:
+        runner.close()
+        feeder.join()
+        if stats is not None:
+            stats.update(runner.stats())
+        if bar is not None:
+            bar.close()
+
+
+def run(model: "Model", images: Iterable[ImageInput], prompt: str, *, max_tokens: int = 64, parallel: int = 4,
+        progress: bool = True, **kwargs: Any) -> list[BatchRecord]:
+    """Run ``prompt`` on every image; the records come back in input order.
+
+    Keyword arguments as for :func:`iter_run` (temperature, top_k, top_p, min_p, repeat_penalty,
+    seed, stop, system, n_ctx, n_batch, n_threads, chat_template, stats).
+    """
+    return list(iter_run(model, images, prompt, max_tokens=max_tokens, parallel=parallel, progress=progress,
+                         ordered=True, **kwargs))
