@@ -278,6 +278,7 @@ void BatchRunner::encoder_loop() {
             for (size_t k = 0; k < pending.size(); ++k) {
                 done[pending_jobs[k]]->cached = static_cast<bool>(model_->embedding_cache().peek(pending[k]->digest));
             }
+            std::lock_guard<std::mutex> compute(compute_mutex_);
             const auto t0 = Clock::now();
             std::vector<std::shared_ptr<const ImageEmbedding>> embeddings;
             try {
@@ -694,6 +695,7 @@ void BatchRunner::decoder_loop() {
         if (!hold.owns_lock()) {
             return;
         }
+        std::unique_lock<std::mutex> compute(compute_mutex_);
         for (auto & [slot, job] : admitted) {
             if (!ctx_) {
                 try {
@@ -701,6 +703,7 @@ void BatchRunner::decoder_loop() {
                 } catch (const std::exception & e) {
                     ctx_.reset();
                     slot->job = std::move(job);
+                    compute.unlock();
                     hold.unlock();
                     fail_everything(e.what());
                     return;

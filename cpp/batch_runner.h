@@ -138,6 +138,9 @@ class BatchRunner {
     std::vector<llama_token> suffix_;
     size_t longest_stop_ = 0;
 
+    // Encoding and decoding take turns: both run on the same cores (or GPU), and two compute graphs
+    // at once on the CPU backend oversubscribe it (measured: parallel decoding ran 2x slower).
+    std::mutex compute_mutex_;
     std::atomic<bool> stop_{false};
     std::atomic<bool> closed_{false};
     std::mutex close_mutex_;

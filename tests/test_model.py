@@ -137,4 +137,4 @@ def test_dropping_references_frees_without_close(llava_pair):
     gc.collect()
     # ...and with the last reference both are freed, no close() needed
     after = lk._core.native_objects()
-    assert after == {"models": live["models"] - 1, "sessions": live["sessions"] - 1}
+    assert after == dict(live, models=live["models"] - 1, sessions=live["sessions"] - 1)
