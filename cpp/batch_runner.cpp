@@ -19,23 +19,6 @@ double ms_between(Clock::time_point a, Clock::time_point b) {
     return std::chrono::duration<double, std::milli>(b - a).count();
 }
 
-std::vector<llama_token> tokenize_text(const llama_vocab * vocab, const std::string & text) {
-    // As mtmd tokenizes the text around media markers: special tokens parsed, none added.
-    std::vector<llama_token> tokens(text.size() + 2);
-    int32_t n = llama_tokenize(vocab, text.data(), static_cast<int32_t>(text.size()), tokens.data(),
-                               static_cast<int32_t>(tokens.size()), false, true);
-    if (n < 0) {
-        tokens.resize(static_cast<size_t>(-n));
-        n = llama_tokenize(vocab, text.data(), static_cast<int32_t>(text.size()), tokens.data(),
-                           static_cast<int32_t>(tokens.size()), false, true);
-    }
-    if (n < 0) {
-        throw Error("tokenization failed for a prompt of " + std::to_string(text.size()) + " bytes");
-    }
-    tokens.resize(static_cast<size_t>(n));
-    return tokens;
-}
-
 }  // namespace
 
 // An image ready for a sequence: its embedding (or why there is none) and the times so far.
@@ -125,6 +108,10 @@ BatchRunner::BatchRunner(std::shared_ptr<Model> model, const BatchParams & param
     if (suffix_.empty()) {
         // Generation samples from the logits after the last prompt token, which must be text.
         throw std::invalid_argument("the prompt must have text after the image");
+    }
+    if (params_.n_ctx > 0 && params_.n_ctx <= static_cast<int32_t>(prefix_.size())) {
+        throw std::invalid_argument("n_ctx=" + std::to_string(params_.n_ctx) + " leaves no room after the " +
+                                    std::to_string(prefix_.size()) + " tokens of the prompt before the image");
     }
     g_live_runners.fetch_add(1);
 }
@@ -319,14 +306,26 @@ void BatchRunner::encoder_loop() {
     }
 }
 
-void BatchRunner::create_context(const Ready & first) {
-    const int32_t n_per_job = first.image->n_tokens + static_cast<int32_t>(suffix_.size()) + params_.max_tokens;
-    int32_t n_ctx = params_.n_ctx;
-    if (n_ctx == 0) {
-        // Room for every sequence at once with an image like the first, plus a quarter for larger ones.
-        n_ctx = static_cast<int32_t>(prefix_.size()) + params_.n_parallel * n_per_job;
-        n_ctx += n_ctx / 4;
+int32_t BatchRunner::cells_needed(const Ready & job) const {
+    return job.image->n_tokens + static_cast<int32_t>(suffix_.size()) + params_.max_tokens;
+}
+
+std::string BatchRunner::too_large(const Ready & job) const {
+    if (cells_needed(job) <= seq_cells_) {
+        return {};
     }
+    return "the image needs " + std::to_string(cells_needed(job)) + " KV cells (image " +
+           std::to_string(job.image->n_tokens) + ", prompt " + std::to_string(suffix_.size()) + ", max_tokens " +
+           std::to_string(params_.max_tokens) + ") after the shared prompt of " + std::to_string(prefix_.size()) +
+           ", more than n_ctx=" + std::to_string(prefix_.size() + size_t(seq_cells_)) + " per image allows";
+}
+
+void BatchRunner::create_context(const Ready & first) {
+    // Room for every sequence at once; sized from the first image (plus a quarter for larger ones)
+    // unless n_ctx says how much one image may use.
+    seq_cells_ = params_.n_ctx > 0 ? params_.n_ctx - static_cast<int32_t>(prefix_.size())
+                                   : cells_needed(first) + cells_needed(first) / 4;
+    const int32_t n_ctx = static_cast<int32_t>(prefix_.size()) + params_.n_parallel * seq_cells_;
     llama_context_params cparams = llama_context_default_params();
     cparams.n_ctx = static_cast<uint32_t>(n_ctx);
     cparams.n_batch = static_cast<uint32_t>(params_.n_batch);
@@ -647,18 +646,12 @@ void BatchRunner::decoder_loop() {
                     break;
                 }
                 if (r.error.empty() && ctx_) {
-                    const int32_t need = r.image->n_tokens + static_cast<int32_t>(suffix_.size()) + params_.max_tokens;
-                    const int32_t capacity = static_cast<int32_t>(llama_n_ctx(ctx_.get())) -
-                                             static_cast<int32_t>(prefix_.size());
-                    if (need > capacity) {
-                        r.error = "the job needs " + std::to_string(need) + " KV cells (image " +
-                                  std::to_string(r.image->n_tokens) + ", prompt " + std::to_string(suffix_.size()) +
-                                  ", max_tokens " + std::to_string(params_.max_tokens) + ") but a sequence can have " +
-                                  std::to_string(capacity) + "; pass a larger n_ctx";
-                    } else if (cells_in_use_ + need > static_cast<int32_t>(llama_n_ctx(ctx_.get()))) {
-                        break;  // wait for a running job to finish
-                    } else {
-                        cells_in_use_ += need;
+                    r.error = too_large(r);
+                    if (r.error.empty()) {
+                        if (cells_in_use_ + cells_needed(r) > static_cast<int32_t>(llama_n_ctx(ctx_.get()))) {
+                            break;  // wait for a running job to finish
+                        }
+                        cells_in_use_ += cells_needed(r);
                     }
                 }
                 std::unique_ptr<Ready> job = std::move(ready_.front());
@@ -708,18 +701,15 @@ void BatchRunner::decoder_loop() {
                     fail_everything(e.what());
                     return;
                 }
-                const int32_t need = job->image->n_tokens + static_cast<int32_t>(suffix_.size()) + params_.max_tokens;
-                if (cells_in_use_ + need > static_cast<int32_t>(llama_n_ctx(ctx_.get()))) {
+                const std::string error = too_large(*job);
+                if (!error.empty()) {
                     slot->job = std::move(job);
-                    fail_slot(*slot, "the job needs " + std::to_string(need) + " KV cells but n_ctx is " +
-                                         std::to_string(llama_n_ctx(ctx_.get())) + "; pass a larger n_ctx");
+                    fail_slot(*slot, error);
                     continue;
                 }
-                cells_in_use_ += need;
-                slot->cells = need;
-            } else {
-                slot->cells = job->image->n_tokens + static_cast<int32_t>(suffix_.size()) + params_.max_tokens;
+                cells_in_use_ += cells_needed(*job);
             }
+            slot->cells = cells_needed(*job);
             admit(*slot, std::move(*job));
         }
         bool any = false;

@@ -28,7 +28,7 @@ namespace llava_kv {
 
 struct BatchParams {
     int32_t n_parallel = 4;
-    int32_t n_ctx = 0;  // KV cells of the shared context; 0: sized from the first image
+    int32_t n_ctx = 0;  // KV cells one image's sequence may use, shared prefix included; 0: sized from the first image
     int32_t n_batch = 512;
     int32_t n_threads = 0;  // 0: the model's
     int32_t max_tokens = 64;
@@ -81,7 +81,7 @@ struct BatchStats {
     uint64_t tokens_generated = 0;
     uint64_t decode_steps = 0;    // batched decode calls carrying prompt or generated tokens
     uint64_t max_sequences = 0;   // most sequences carried by one decode step
-    int32_t n_ctx = 0;            // KV cells of the context, once created
+    int32_t n_ctx = 0;            // KV cells of the whole context, once created
 };
 
 class BatchRunner {
@@ -123,6 +123,9 @@ class BatchRunner {
     std::shared_lock<std::shared_mutex> acquire_hold() const;
 
     void create_context(const Ready & first);
+    int32_t cells_needed(const Ready & job) const;
+    // Why this job can never fit a sequence (empty if it can).
+    std::string too_large(const Ready & job) const;
     bool admit(Slot & slot, Ready && job);
     void decode_step(std::vector<Slot> & slots);
     void finish_slot(Slot & slot, const char * reason);
@@ -158,6 +161,7 @@ class BatchRunner {
     llama_context_ptr ctx_;
     llama_batch_ext_ptr batch_;
     int32_t cells_in_use_ = 0;
+    int32_t seq_cells_ = 0;  // cells one job may use beyond the shared prefix
 
     std::thread encoder_;
     std::thread decoder_;

@@ -2,7 +2,25 @@
 
 #include <stdexcept>
 
+#include "errors.h"
+
 namespace llava_kv {
+
+std::vector<llama_token> tokenize_text(const llama_vocab * vocab, const std::string & text) {
+    std::vector<llama_token> tokens(text.size() + 2);
+    int32_t n = llama_tokenize(vocab, text.data(), static_cast<int32_t>(text.size()), tokens.data(),
+                               static_cast<int32_t>(tokens.size()), false, true);
+    if (n < 0) {
+        tokens.resize(static_cast<size_t>(-n));
+        n = llama_tokenize(vocab, text.data(), static_cast<int32_t>(text.size()), tokens.data(),
+                           static_cast<int32_t>(tokens.size()), false, true);
+    }
+    if (n < 0) {
+        throw Error("tokenization failed for a text of " + std::to_string(text.size()) + " bytes");
+    }
+    tokens.resize(static_cast<size_t>(n));
+    return tokens;
+}
 
 llama_sampler_ptr make_sampler_chain(const SamplingParams & p, int32_t n_vocab) {
     if (p.temperature > 0 && (p.top_p <= 0 || p.top_p > 1 || p.min_p < 0 || p.min_p > 1)) {

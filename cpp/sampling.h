@@ -1,8 +1,9 @@
-// Sampling and detokenization shared by sessions and the batch runner.
+// Tokens in and out, shared by sessions and the batch runner: tokenizing, sampling, detokenizing.
 #pragma once
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "llama-cpp.h"
 
@@ -17,6 +18,10 @@ struct SamplingParams {
     int32_t repeat_last_n = 64;
     uint32_t seed = 0;
 };
+
+// Tokens of `text` as mtmd tokenizes the text around media markers: special tokens parsed, none
+// added (BOS is the caller's). Throws Error if tokenization fails.
+std::vector<llama_token> tokenize_text(const llama_vocab * vocab, const std::string & text);
 
 // llama.cpp's sampler chain for these settings (greedy when temperature <= 0).
 // Throws std::invalid_argument for settings out of range.

@@ -131,21 +131,7 @@ void Session::check_open() const {
 }
 
 std::vector<llama_token> Session::tokenize_locked(const std::string & text) const {
-    // As mtmd tokenizes the text between media markers: no special tokens added, special tokens parsed.
-    const llama_vocab * vocab = model_->vocab();
-    std::vector<llama_token> tokens(text.size() + 2);
-    int32_t n = llama_tokenize(vocab, text.data(), static_cast<int32_t>(text.size()), tokens.data(),
-                               static_cast<int32_t>(tokens.size()), false, true);
-    if (n < 0) {
-        tokens.resize(static_cast<size_t>(-n));
-        n = llama_tokenize(vocab, text.data(), static_cast<int32_t>(text.size()), tokens.data(),
-                           static_cast<int32_t>(tokens.size()), false, true);
-    }
-    if (n < 0) {
-        throw Error("tokenization failed for a text of " + std::to_string(text.size()) + " bytes");
-    }
-    tokens.resize(static_cast<size_t>(n));
-    return tokens;
+    return tokenize_text(model_->vocab(), text);
 }
 
 std::vector<llama_token> Session::tokenize(const std::string & text, bool add_special) const {

@@ -215,7 +215,7 @@ def test_per_item_context_limit(model):
     records = batch.run(model, [random_image(1), random_image(2)], PROMPT, max_tokens=300, n_ctx=256, progress=False)
     for r in records:
         assert not r.ok
-        assert "KV cells" in r.error and "n_ctx" in r.error
+        assert "KV cells" in r.error and "n_ctx=256 per image" in r.error
 
 
 @pytest.mark.parametrize("kwargs, exc, match", [

@@ -12,12 +12,6 @@ namespace py = pybind11;
 namespace llava_kv::bindings {
 namespace {
 
-using RgbArray = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>;
-
-py::str utf8(const std::string & s) {
-    return py::reinterpret_steal<py::str>(PyUnicode_DecodeUTF8(s.data(), static_cast<py::ssize_t>(s.size()), "replace"));
-}
-
 py::dict result_dict(const BatchResult & r) {
     py::dict d;
     d["id"] = r.id;
@@ -47,8 +41,9 @@ void register_batch(py::module_ & m) {
             "start",
             [](std::shared_ptr<Model> model, const std::string & prefix, const std::string & suffix,
                int32_t n_parallel, int32_t max_tokens, int32_t n_ctx, int32_t n_batch, int32_t n_threads,
-               float temperature, int32_t top_k, float top_p, float min_p, float repeat_penalty, uint32_t seed,
-               std::vector<std::string> stop, int32_t queue_size, int32_t encode_ahead) {
+               float temperature, int32_t top_k, float top_p, float min_p, float repeat_penalty,
+               int32_t repeat_last_n, uint32_t seed, std::vector<std::string> stop, int32_t queue_size,
+               int32_t encode_ahead) {
                 BatchParams p;
                 p.prefix = prefix;
                 p.suffix = suffix;
@@ -57,12 +52,7 @@ void register_batch(py::module_ & m) {
                 p.n_ctx = n_ctx;
                 p.n_batch = n_batch;
                 p.n_threads = n_threads;
-                p.sampling.temperature = temperature;
-                p.sampling.top_k = top_k;
-                p.sampling.top_p = top_p;
-                p.sampling.min_p = min_p;
-                p.sampling.repeat_penalty = repeat_penalty;
-                p.sampling.seed = seed;
+                p.sampling = sampling_params(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed);
                 p.stop = std::move(stop);
                 p.queue_size = queue_size;
                 p.encode_ahead = encode_ahead;
@@ -72,7 +62,7 @@ void register_batch(py::module_ & m) {
             py::arg("model"), py::kw_only(), py::arg("prefix"), py::arg("suffix"), py::arg("n_parallel") = 4,
             py::arg("max_tokens") = 64, py::arg("n_ctx") = 0, py::arg("n_batch") = 512, py::arg("n_threads") = 0,
             py::arg("temperature") = 0.0f, py::arg("top_k") = 40, py::arg("top_p") = 0.95f, py::arg("min_p") = 0.05f,
-            py::arg("repeat_penalty") = 1.0f, py::arg("seed") = 0, py::arg("stop") = std::vector<std::string>{},
+            py::arg("repeat_penalty") = 1.0f, py::arg("repeat_last_n") = 64, py::arg("seed") = 0, py::arg("stop") = std::vector<std::string>{},
             py::arg("queue_size") = 0, py::arg("encode_ahead") = 0)
         .def(
             "submit",

@@ -11,8 +11,6 @@ namespace py = pybind11;
 namespace llava_kv::bindings {
 namespace {
 
-using RgbArray = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>;
-
 // Python passes each new chunk as a str (text) or a tuple (HxWx3 uint8 array, digest, source).
 // The arrays stay referenced here while the GIL is released and the core reads them.
 struct Inputs {
@@ -48,11 +46,6 @@ Inputs convert(const py::list & items) {
         out.chunks.push_back(std::move(input));
     }
     return out;
-}
-
-// Text that came from a model may hold invalid UTF-8 (byte tokens): decode with replacement.
-py::str utf8(const std::string & s) {
-    return py::reinterpret_steal<py::str>(PyUnicode_DecodeUTF8(s.data(), static_cast<py::ssize_t>(s.size()), "replace"));
 }
 
 py::dict chunk_dict(const ChunkInfo & c) {
@@ -143,15 +136,8 @@ void register_session(py::module_ & m) {
             "begin_generation",
             [](Session & s, float temperature, int32_t top_k, float top_p, float min_p, float repeat_penalty,
                int32_t repeat_last_n, uint32_t seed) {
-                SamplingParams p;
-                p.temperature = temperature;
-                p.top_k = top_k;
-                p.top_p = top_p;
-                p.min_p = min_p;
-                p.repeat_penalty = repeat_penalty;
-                p.repeat_last_n = repeat_last_n;
-                p.seed = seed;
-                s.begin_generation(p);
+                s.begin_generation(
+                    sampling_params(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed));
             },
             py::kw_only(), py::arg("temperature") = 0.0f, py::arg("top_k") = 40, py::arg("top_p") = 0.95f,
             py::arg("min_p") = 0.05f, py::arg("repeat_penalty") = 1.0f, py::arg("repeat_last_n") = 64,

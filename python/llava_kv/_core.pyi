@@ -107,7 +107,8 @@ class BatchRunner:
     def start(
         model: Model, *, prefix: str, suffix: str, n_parallel: int = 4, max_tokens: int = 64, n_ctx: int = 0,
         n_batch: int = 512, n_threads: int = 0, temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95,
-        min_p: float = 0.05, repeat_penalty: float = 1.0, seed: int = 0, stop: list[str] = ...,
+        min_p: float = 0.05, repeat_penalty: float = 1.0, repeat_last_n: int = 64, seed: int = 0,
+        stop: list[str] = ...,
         queue_size: int = 0, encode_ahead: int = 0,
     ) -> BatchRunner: ...
     def submit(

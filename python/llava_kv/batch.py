@@ -124,8 +124,10 @@ def iter_run(model: "Model", images: Iterable[ImageInput], prompt: str, *, order
              chat_template: str | None = None, stats: dict[str, Any] | None = None) -> Iterator[BatchRecord]:
     """Yield a :class:`BatchRecord` per image: in input order (``ordered=True``) or as each completes.
 
-    Closing the iterator early stops the native work. ``stats``, when given, is filled with the
-    runner's counters at the end (images encoded, cache hits, decode steps, ...).
+    Closing the iterator early stops the native work. ``n_ctx`` is the context one image may use
+    (prompt, image tokens and answer; default: what the first image needs, plus a quarter); an image
+    that needs more fails its record. ``stats``, when given, is filled with the runner's counters at
+    the end (images encoded, cache hits, decode steps, ...).
     """
     if not isinstance(prompt, str) or not prompt:
         raise ValueError("prompt must be a non-empty string")

@@ -92,6 +92,12 @@ def _add_model_args(p: argparse.ArgumentParser, *, test_pair: bool, required: bo
     g.add_argument("--verbose", action="store_true", help="show llama.cpp's log on stderr")
 
 
+def _add_template_args(g: Any) -> None:
+    g.add_argument("--system", metavar="TEXT", help="system message")
+    g.add_argument("--chat-template", metavar="NAME",
+                   help="chat template to use instead of the model's own (e.g. chatml, llama3, gemma)")
+
+
 def _add_sampling_args(p: argparse.ArgumentParser, *, max_tokens: int) -> None:
     g = p.add_argument_group("generation")
     g.add_argument("--max-tokens", type=_non_negative_int, default=max_tokens, metavar="N",
@@ -761,9 +767,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True, help="the question or instruction; '-' reads it from stdin")
     g.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="image shown before the prompt (repeatable; in order)")
-    g.add_argument("--system", metavar="TEXT", help="system message")
-    g.add_argument("--chat-template", metavar="NAME",
-                   help="chat template to use instead of the model's own (e.g. chatml, llama3, gemma)")
+    _add_template_args(g)
     g.add_argument("--n-ctx", type=_positive_int, default=4096, metavar="N",
                    help="context size in tokens (default: %(default)s)")
     _add_sampling_args(run, max_tokens=256)
@@ -789,9 +793,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = chat.add_argument_group("conversation")
     g.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="image attached to the first message (repeatable)")
-    g.add_argument("--system", metavar="TEXT", help="system message")
-    g.add_argument("--chat-template", metavar="NAME",
-                   help="chat template to use instead of the model's own (e.g. chatml, llama3, gemma)")
+    _add_template_args(g)
     g.add_argument("--n-ctx", type=_positive_int, default=4096, metavar="N",
                    help="context size in tokens for the whole conversation (default: %(default)s)")
     _add_sampling_args(chat, max_tokens=256)
@@ -829,9 +831,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = batch.add_argument_group("run")
     g.add_argument("--parallel", type=_positive_int, default=4, metavar="N",
                    help="images generated at the same time (default: %(default)s)")
-    g.add_argument("--system", metavar="TEXT", help="system message")
-    g.add_argument("--chat-template", metavar="NAME",
-                   help="chat template to use instead of the model's own (e.g. chatml, llama3, gemma)")
+    _add_template_args(g)
     g.add_argument("--n-ctx", type=_positive_int, default=None, metavar="N",
                    help="context size per image (default: what the prompt, image and --max-tokens need)")
     _add_sampling_args(batch, max_tokens=64)
