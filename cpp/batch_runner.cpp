@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <set>
 
 #include "errors.h"
 #include "mtmd-helper.h"
@@ -262,8 +263,10 @@ void BatchRunner::encoder_loop() {
                 return;
             }
             EncodeCounters counters;
+            std::set<std::string> seen;  // a picture twice in one call is encoded once
             for (size_t k = 0; k < pending.size(); ++k) {
-                done[pending_jobs[k]]->cached = static_cast<bool>(model_->embedding_cache().peek(pending[k]->digest));
+                done[pending_jobs[k]]->cached = !seen.insert(pending[k]->digest).second ||
+                                                static_cast<bool>(model_->embedding_cache().peek(pending[k]->digest));
             }
             std::lock_guard<std::mutex> compute(compute_mutex_);
             const auto t0 = Clock::now();

@@ -249,3 +249,13 @@ def test_progress_bar_counts_images(model, capsys):
     batch.run(model, [random_image(i) for i in range(3)], PROMPT, max_tokens=2, progress=True)
     err = capsys.readouterr().err
     assert "3/3" in err
+
+
+@pytest.mark.parametrize("parallel", [1, 8])
+def test_a_repeat_is_cached_however_the_encoder_groups_images(model, parallel):
+    a, b = random_image(51), random_image(52)
+    model._core.clear_cache()
+    stats: dict = {}
+    records = batch.run(model, [a, a, b, a], PROMPT, max_tokens=3, parallel=parallel, progress=False, stats=stats)
+    assert [r.cached for r in records] == [False, True, False, True]
+    assert stats["images_encoded"] == 2
