@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from PIL import Image
 
 import llava_kv as lk
-from llava_kv.testing import make_test_model, random_image
+from llava_kv.testing import TestModel, make_test_model, random_image
 
 FILLER = ("The picture shows a small red house near a big green tree under a blue sky, and a man with "
           "a white dog walks along the road while the light changes over the land. ")
@@ -42,7 +43,7 @@ def _feed(s: lk.Session, items: list[Any]) -> None:
         s.append_text(x) if isinstance(x, str) else s.append_image(x)
 
 
-def _median_time(fn: Callable[[], Any], setup: Callable[[], Any], repeats: int) -> tuple[float, list[float]]:
+def _median_time(fn: Callable[..., Any], setup: Callable[[], Any], repeats: int) -> tuple[float, list[float]]:
     times = []
     for _ in range(repeats):
         state = setup()
@@ -52,31 +53,31 @@ def _median_time(fn: Callable[[], Any], setup: Callable[[], Any], repeats: int) 
     return statistics.median(times), times
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="realistic")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--filler", type=int, default=0, help="filler sentences per text block (0: aim at ~2k tokens)")
-    parser.add_argument("--n-batch", type=int, default=512)
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
-
-    pair = make_test_model(preset=args.preset)
+def conversation_images(pair: TestModel) -> list[np.ndarray]:
+    """The images A, B, C of the conversation and the replacement D."""
     size = (pair.preset.image_size, pair.preset.image_size)
-    imgs = [random_image(100 + i, size) for i in range(4)]  # A, B, C and a replacement D
+    return [random_image(100 + i, size) for i in range(4)]
+
+
+def measure(pair: TestModel, *, repeats: int = 5, filler: int = 0, n_batch: int = 512, n_ctx: int = 4096,
+            target_tokens: int = 2048, load_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run every edit scenario on ``pair``; returns the JSON-ready result (see the module doc).
+
+    ``filler`` is the number of filler sentences per text block; 0 sizes the conversation to about
+    ``target_tokens`` tokens.
+    """
+    imgs = conversation_images(pair)
+    size = (pair.preset.image_size, pair.preset.image_size)
     fresh_imgs = iter(random_image(1000 + i, size) for i in range(10_000))
-    n_ctx = 4096
-    results: dict[str, Any] = {}
-    with lk.Model.load(pair.model_path, pair.mmproj_path) as model:
+    with lk.Model.load(pair.model_path, pair.mmproj_path, **(load_kwargs or {})) as model:
         def new_session() -> lk.Session:
-            return model.session(n_ctx=n_ctx, n_batch=args.n_batch)
+            return model.session(n_ctx=n_ctx, n_batch=n_batch)
 
         with new_session() as probe:
-            filler = args.filler
             if not filler:
                 per = len(probe.tokenize(FILLER))
                 img_tokens = pair.preset.image_tokens
-                filler = max(1, int((2048 - 3 * img_tokens - 40) / (2 * per)))
+                filler = max(1, int((target_tokens - 3 * img_tokens - 40) / (2 * per)))
             _feed(probe, _timeline(imgs, filler))  # warms the cache with A, B, C
             probe.append_image(imgs[3])  # and D
             n_tokens = probe.n_past - probe.timeline[-1].n_tokens
@@ -122,15 +123,15 @@ def main() -> int:
             return run
 
         measured: dict[str, tuple[float, list[float]]] = {}
-        measured["fresh_prefill_last"] = _median_time(fresh(final_last), lambda: None, args.repeats)
-        measured["fresh_prefill_middle"] = _median_time(fresh(final_middle), lambda: None, args.repeats)
+        measured["fresh_prefill_last"] = _median_time(fresh(final_last), lambda: None, repeats)
+        measured["fresh_prefill_middle"] = _median_time(fresh(final_middle), lambda: None, repeats)
         measured["fresh_prefill_with_encode_last"] = _median_time(fresh_with_encode(final_last), lambda: None,
-                                                                  args.repeats)
+                                                                  repeats)
         # warm the cache again after the clears
         with new_session() as s:
             _feed(s, final_last + [imgs[1], imgs[2]])
-        measured["suffix_floor_last"] = _median_time(suffix([imgs[3], base[6]]), prefix_session(5), args.repeats)
-        measured["suffix_floor_middle"] = _median_time(suffix([imgs[3]] + base[4:]), prefix_session(3), args.repeats)
+        measured["suffix_floor_last"] = _median_time(suffix([imgs[3], base[6]]), prefix_session(5), repeats)
+        measured["suffix_floor_middle"] = _median_time(suffix([imgs[3]] + base[4:]), prefix_session(3), repeats)
 
         sessions: list[lk.Session] = []
 
@@ -139,30 +140,31 @@ def main() -> int:
             sessions.append(s)
             return s
 
-        measured["replace_last_image"] = _median_time(replace(2, lambda: imgs[3]), conv, args.repeats)
-        measured["replace_middle_image"] = _median_time(replace(1, lambda: imgs[3]), conv, args.repeats)
+        measured["replace_last_image"] = _median_time(replace(2, lambda: imgs[3]), conv, repeats)
+        measured["replace_middle_image"] = _median_time(replace(1, lambda: imgs[3]), conv, repeats)
         measured["replace_last_image_new_image"] = _median_time(replace(2, lambda: next(fresh_imgs)), conv,
-                                                                args.repeats)
+                                                                repeats)
         # correctness in the same run: the edited conversation equals the fresh one
         s = conversation()
         s.replace_image(s.images[2], imgs[3])
         with new_session() as f:
             _feed(f, final_last)
             max_diff = float(np.abs(s.logits() - f.logits()).max())
-        before = s.stats
         s.remove_image(s.images[2])
+        before = s.stats
+        t0 = time.perf_counter()
         s.insert_image(5, imgs[2])
+        readd_ms = (time.perf_counter() - t0) * 1000
         after = s.stats
         readd = {"images_encoded": after["images_encoded"] - before["images_encoded"],
-                 "embed_cache_hits": after["embed_cache_hits"] - before["embed_cache_hits"]}
-        t0 = time.perf_counter()
-        s.replace_image(s.images[2], imgs[3])
+                 "embed_cache_hits": after["embed_cache_hits"] - before["embed_cache_hits"],
+                 "ms": round(readd_ms, 3)}
         s.close()
         for x in sessions:
             x.close()
 
         def ms(key: str) -> float:
-            return round(measured[key][0] * 1000, 2)
+            return round(measured[key][0] * 1000, 3)
 
         results = {
             "benchmark": "edit_bench",
@@ -171,9 +173,10 @@ def main() -> int:
                         "devices": [d["description"] for d in lk.build_info()["devices"]]},
             "conversation_tokens": n_tokens,
             "image_tokens": pair.preset.image_tokens,
-            "repeats": args.repeats,
+            "repeats": repeats,
+            "filler": filler,
             "median_ms": {k: ms(k) for k in measured},
-            "all_ms": {k: [round(t * 1000, 2) for t in v[1]] for k, v in measured.items()},
+            "all_ms": {k: [round(t * 1000, 3) for t in v[1]] for k, v in measured.items()},
             "ratios": {
                 "replace_last_speedup_vs_fresh_prefill": round(ms("fresh_prefill_last") / ms("replace_last_image"), 2),
                 "replace_last_vs_suffix_floor": round(ms("replace_last_image") / ms("suffix_floor_last"), 3),
@@ -188,6 +191,44 @@ def main() -> int:
             "readd_image": readd,
             "max_abs_logit_diff_vs_fresh": max_diff,
         }
+    return results
+
+
+def measure_peer(pair: TestModel, *, filler: int, repeats: int, folder: Path, python: Path | None = None,
+                 n_ctx: int = 4096, n_gpu_layers: int = 0) -> dict[str, Any]:
+    """The same edits done with llama-cpp-python (benchmarks/peer_edit.py in the peer venv): a new
+    chat call with the edited conversation, as its chat handler offers no edit."""
+    from benchmarks.peer import PeerError, run_peer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pngs = []
+    for i, img in enumerate(conversation_images(pair)):
+        pngs.append(str(folder / f"edit_{'ABCD'[i]}.png"))
+        Image.fromarray(img).save(pngs[-1])
+    text = "\n" + FILLER * filler
+    spec = {"model": str(pair.model_path), "mmproj": str(pair.mmproj_path), "n_ctx": n_ctx,
+            "n_gpu_layers": n_gpu_layers, "repeats": repeats, "system": "Look at these pictures.",
+            "blocks": [[pngs[0], text], [pngs[1], text], [pngs[2], "\nWhich one has a dog? Describe it."]],
+            "replacement": pngs[3]}
+    spec_path = folder / "peer_edit.json"
+    spec_path.write_text(json.dumps(spec))
+    try:
+        return run_peer(str(Path(__file__).resolve().parent / "peer_edit.py"), [str(spec_path)], python=python)
+    except PeerError as e:
+        return {"peer_error": str(e)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="realistic")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--filler", type=int, default=0, help="filler sentences per text block (0: aim at ~2k tokens)")
+    parser.add_argument("--n-batch", type=int, default=512)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    results = measure(make_test_model(preset=args.preset), repeats=args.repeats, filler=args.filler,
+                      n_batch=args.n_batch)
     text = json.dumps(results, indent=1)
     if args.out:
         Path(args.out).write_text(text)

@@ -1,36 +1,109 @@
 """The reference binding, llama-cpp-python, at the version whose sdist supplies our llama.cpp, in a
 virtualenv of its own made on demand (never a dependency of llava-kv).
 
-``peer_python()`` returns the interpreter of that venv, building it the first time (the sdist
-compiles llama.cpp: several minutes on a small machine). ``run_peer(script, args)`` runs a script
-there and returns its JSON output.
+``peer_python()`` returns the interpreter of that venv, building it the first time: it installs
+the very sdist our build takes llama.cpp from (``scripts/fetch_llama_cpp.py`` fetches it by name,
+checks its sha256 and caches it), so both sides run the same llama.cpp commit. Compiling it takes
+several minutes on a small machine; the venv lives in the user's cache dir
+(``~/.cache/llava-kv/peer-venv``, ``peer-venv-gpu`` for a GPU build; ``LLAVA_KV_PEER_VENV`` overrides
+it), so later runs and CI on a fresh clone reuse it. ``run_peer(script, args)`` runs a script there
+and returns the JSON object it prints last.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import venv
 from pathlib import Path
+from types import ModuleType
 
 PEER = "llama-cpp-python==0.3.36"
-VENV = Path(os.environ.get("LLAVA_KV_PEER_VENV", Path(__file__).resolve().parent / ".peer-venv"))
+HERE = Path(__file__).resolve().parent
+CPU_CMAKE_ARGS = "-DGGML_NATIVE=OFF"  # as our own build: portable, no -march=native
+GPU_CMAKE_ARGS = "-DGGML_NATIVE=OFF -DGGML_CUDA=ON"
+_STAMP = "llava-kv-peer.json"
+# The prompt the peer's Llava15ChatHandler writes: llama.cpp's "vicuna" template with this system
+# message. Our side of each comparison uses the same, so both decode the same tokens.
+CHAT_TEMPLATE = "vicuna"
+SYSTEM_MESSAGE = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+                  "helpful, detailed, and polite answers to the human's questions.")
 
 
-def peer_python() -> Path:
-    py = VENV / "bin" / "python"
-    if py.exists() and subprocess.run([str(py), "-c", "import llama_cpp"], capture_output=True).returncode == 0:
+class PeerError(RuntimeError):
+    """The peer could not be built or one of its runs failed."""
+
+
+def _fetcher() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("fetch_llama_cpp", HERE.parent / "scripts" / "fetch_llama_cpp.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def default_venv(gpu: bool = False) -> Path:
+    if os.environ.get("LLAVA_KV_PEER_VENV"):
+        return Path(os.environ["LLAVA_KV_PEER_VENV"])
+    return Path(_fetcher().default_cache_dir()) / ("peer-venv-gpu" if gpu else "peer-venv")
+
+
+def _works(py: Path, gpu: bool) -> bool:
+    check = "import llama_cpp; assert llama_cpp.__version__ == %r" % PEER.split("==")[1]
+    if gpu:
+        check += "; assert llama_cpp.llama_supports_gpu_offload()"
+    return py.exists() and subprocess.run([str(py), "-c", check], capture_output=True).returncode == 0
+
+
+def peer_python(*, gpu: bool = False, build: bool = True) -> Path:
+    """The peer venv's interpreter; builds the venv when it is missing or broken and ``build``."""
+    env_dir = default_venv(gpu)
+    py = env_dir / "bin" / "python"
+    if _works(py, gpu):
         return py
-    print(f"benchmarks: building {PEER} in {VENV} (compiles llama.cpp; takes minutes)", file=sys.stderr)
-    venv.EnvBuilder(with_pip=True, clear=True).create(VENV)
-    env = dict(os.environ, CMAKE_ARGS=os.environ.get("PEER_CMAKE_ARGS", "-DGGML_NATIVE=OFF"))
-    subprocess.run([str(py), "-m", "pip", "install", "-q", "numpy", "pillow", PEER], check=True, env=env)
+    if not build:
+        raise PeerError(f"no working {PEER} venv at {env_dir} (run without --no-peer-build to build it)")
+    fetch = _fetcher()
+    sdist = fetch.cached_sdist(Path(fetch.default_cache_dir()))  # sha256-checked
+    cmake_args = os.environ.get("PEER_CMAKE_ARGS", GPU_CMAKE_ARGS if gpu else CPU_CMAKE_ARGS)
+    print(f"benchmarks: building {PEER} from {sdist} in {env_dir} (CMAKE_ARGS={cmake_args!r}; compiles "
+          "llama.cpp, takes minutes)", file=sys.stderr)
+    venv.EnvBuilder(with_pip=True, clear=True).create(env_dir)
+    env = dict(os.environ, CMAKE_ARGS=cmake_args)
+    result = subprocess.run([str(py), "-m", "pip", "install", "-q", "numpy", "pillow", str(sdist)], env=env)
+    if result.returncode != 0 or not _works(py, gpu):
+        raise PeerError(f"building {PEER} in {env_dir} failed (pip exit status {result.returncode})")
+    (env_dir / _STAMP).write_text(json.dumps({"peer": PEER, "sdist_sha256": fetch.SDIST_SHA256,
+                                              "cmake_args": cmake_args}))
     return py
 
 
-def run_peer(script: str, args: list[str], timeout: float = 3600) -> dict:
-    result = subprocess.run([str(peer_python()), script, *args], capture_output=True, text=True, timeout=timeout)
+def peer_build_info(py: Path) -> dict:
+    """Version and llama.cpp facts of the peer venv."""
+    stamp = py.parent.parent / _STAMP
+    info = json.loads(stamp.read_text()) if stamp.exists() else {"peer": PEER, "cmake_args": CPU_CMAKE_ARGS}
+    out = subprocess.run([str(py), "-c", "import json, llama_cpp; print(json.dumps({'version': llama_cpp.__version__, "
+                          "'gpu_offload': bool(llama_cpp.llama_supports_gpu_offload())}))"],
+                         capture_output=True, text=True)
+    if out.returncode == 0:
+        info.update(json.loads(out.stdout))
+    info["venv"] = str(py.parent.parent)
+    return info
+
+
+def threads() -> int:
+    """Threads both sides use for decoding and encoding: one per core, llava-kv's default
+    (llama-cpp-python's own default would be half the cores for generation)."""
+    return int(os.environ.get("LLAVA_KV_BENCH_THREADS") or os.cpu_count() or 1)
+
+
+def run_peer(script: str, args: list[str], timeout: float = 3600, *, python: Path | None = None) -> dict:
+    """Run ``script`` (a file in benchmarks/) in the peer venv and return the JSON it prints last."""
+    py = python or peer_python()
+    env = dict(os.environ, LLAVA_KV_BENCH_THREADS=str(threads()))
+    result = subprocess.run([str(py), script, *args], capture_output=True, text=True, timeout=timeout, env=env)
     if result.returncode != 0:
-        raise RuntimeError(f"peer run failed:\n{result.stderr[-4000:]}")
+        raise PeerError(f"peer run {Path(script).name} failed:\n{result.stderr[-4000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])

@@ -1,0 +1,163 @@
+"""Batch captioning throughput: images/s of ``llava_kv.batch.run`` (C++ batch runner, several
+sequences decoded together), of a sequential loop over llama-cpp-python's ``Llava15ChatHandler`` on
+the same generated model, and an estimate of the limit, in one run.
+
+Usage: python benchmarks/batch_bench.py [--preset realistic] [--images 16] [--max-tokens 32]
+       [--parallel 4] [--repeats 3] [--no-peer] [--out result.json]
+
+Every image is distinct and the embedding cache is cleared before each repetition, so every image is
+encoded every time, as the peer does. The limit estimate adds, per image, what no runtime can
+avoid, measured here with single-session calls: encoding it (append of a new image minus append of
+the same image cached), decoding its image tokens and the prompt text after it, and generating its
+answer at the cost per sequence of one batched step (a ``parallel``-token decode / ``parallel``),
+as many steps as our answers had tokens. The shared prompt prefix is decoded once per batch and
+left out. It assumes no overlap between encoding and decoding, so a runtime that overlaps them
+could exceed it.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+import llava_kv as lk
+from llava_kv.testing import TestModel, make_test_model, random_image
+
+if __package__ in (None, ""):  # run as a script: make the benchmarks package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.peer import CHAT_TEMPLATE, SYSTEM_MESSAGE, PeerError, run_peer  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+PROMPT = "Describe this picture in one sentence."
+_never_seen = itertools.count(90_000)  # seeds of images no call has encoded yet
+
+
+def write_images(pair: TestModel, folder: Path, n: int, first_seed: int = 5000) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    size = (pair.preset.image_size, pair.preset.image_size)
+    paths = []
+    for i in range(n):
+        path = folder / f"batch_{first_seed + i}.png"
+        if not path.exists():
+            Image.fromarray(random_image(first_seed + i, size)).save(path)
+        paths.append(path)
+    return paths
+
+
+def _timed(fn: Any) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def estimate_limit(model: lk.Model, pair: TestModel, images: list[Path], *, parallel: int,
+                   tokens_per_image: float, repeats: int) -> dict[str, Any]:
+    """Seconds per image that no runtime avoids (see the module doc), from single-session calls."""
+    size = (pair.preset.image_size, pair.preset.image_size)
+    encode, image_decode, text_decode, step = [], [], [], []
+    with model.chat_session(n_ctx=4096) as s:
+        messages: list[dict[str, Any]] = [{"role": "system", "content": SYSTEM_MESSAGE},
+                    {"role": "user", "content": [{"type": "image", "image": str(images[0])},
+                                                 {"type": "text", "text": PROMPT}]}]
+        items = lk.chat.render_messages(model, messages, chat_template=CHAT_TEMPLATE)
+        k = next(i for i, x in enumerate(items) if not isinstance(x, str))
+        prefix, after = items[:k], items[k + 1:]
+        suffix = "".join(x for x in after if isinstance(x, str))
+        for x in prefix:
+            assert isinstance(x, str)
+            s.append_text(x)
+        base = len(s.timeline)
+        for _ in range(repeats):
+            img = random_image(next(_never_seen), size)
+            with_encode = _timed(lambda: s.append_image(img))
+            s.truncate(base)
+            cached = _timed(lambda: s.append_image(img))
+            text = _timed(lambda: s.append_text(suffix))
+            # one batched generation step of `parallel` sequences ~ one `parallel`-token decode
+            step.append(_timed(lambda: s.append_text(" the" * parallel)))
+            s.truncate(base)
+            encode.append(max(0.0, with_encode - cached))
+            image_decode.append(cached)
+            text_decode.append(text)
+    parts = {"encode_s": statistics.median(encode), "image_decode_s": statistics.median(image_decode),
+             "prompt_text_decode_s": statistics.median(text_decode),
+             "batched_step_s": statistics.median(step), "parallel": parallel,
+             "tokens_per_image": tokens_per_image}
+    per_image = (parts["encode_s"] + parts["image_decode_s"] + parts["prompt_text_decode_s"]
+                 + tokens_per_image * parts["batched_step_s"] / parallel)
+    parts["seconds_per_image"] = per_image
+    parts["images_per_s"] = 1.0 / per_image
+    return parts
+
+
+def measure(pair: TestModel, *, n_images: int = 16, max_tokens: int = 32, parallel: int = 4, repeats: int = 3,
+            peer: bool = True, peer_python: Path | None = None, workdir: Path | None = None,
+            load_kwargs: dict[str, Any] | None = None, peer_gpu_layers: int = 0) -> dict[str, Any]:
+    from llava_kv import batch
+
+    images = write_images(pair, workdir or Path(tempfile.mkdtemp()), n_images)
+    warm = write_images(pair, workdir or Path(tempfile.mkdtemp()), 2, first_seed=4000)
+    walls, records = [], []
+    with lk.Model.load(pair.model_path, pair.mmproj_path, **(load_kwargs or {})) as model:
+        same_prompt = {"chat_template": CHAT_TEMPLATE, "system": SYSTEM_MESSAGE}  # the peer's prompt
+        batch.run(model, [str(p) for p in warm], PROMPT, max_tokens=4, parallel=parallel, progress=False,
+                  **same_prompt)
+        for _ in range(repeats):
+            model._core.clear_cache()  # every image encoded every time, as the peer does
+            t0 = time.perf_counter()
+            records = batch.run(model, [str(p) for p in images], PROMPT, max_tokens=max_tokens,
+                                parallel=parallel, progress=False, **same_prompt)
+            walls.append(time.perf_counter() - t0)
+        failed = [r.error for r in records if not r.ok]
+        if failed:
+            raise RuntimeError(f"batch.run failed on {len(failed)} images: {failed[0]}")
+        tokens = statistics.mean(r.tokens for r in records)
+        limit = estimate_limit(model, pair, images, parallel=parallel, tokens_per_image=tokens, repeats=repeats)
+    result: dict[str, Any] = {
+        "images": n_images, "max_tokens": max_tokens, "parallel": parallel, "repeats": repeats,
+        "ours_wall_s": walls, "ours_images_per_s": n_images / statistics.median(walls),
+        "ours_tokens_per_image": tokens,
+        "ours_stage_ms": {k: statistics.median(r.timings[k] for r in records) for k in records[0].timings},
+        "limit": limit, "peer_images_per_s": None,
+    }
+    if peer:
+        try:
+            out = run_peer(str(HERE / "peer_batch.py"),
+                           [str(pair.model_path), str(pair.mmproj_path), PROMPT, str(max_tokens), str(repeats),
+                            str(peer_gpu_layers), *map(str, images)], python=peer_python)
+            result.update(peer_wall_s=out["wall_s"], peer_images_per_s=n_images / statistics.median(out["wall_s"]),
+                          peer_tokens_per_image=out["tokens_per_image"])
+        except PeerError as e:
+            result["peer_error"] = str(e)
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="realistic")
+    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--parallel", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    result = measure(make_test_model(preset=args.preset), n_images=args.images, max_tokens=args.max_tokens,
+                     parallel=args.parallel, repeats=args.repeats, peer=not args.no_peer)
+    text = json.dumps(result, indent=1)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

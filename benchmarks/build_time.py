@@ -1,0 +1,108 @@
+"""Wheel build time from a clean build folder: llava-kv, llama-cpp-python (the same llama.cpp
+commit, from the same sdist), and the limit: building only the llama.cpp libraries llava-kv links
+(llama, ggml, mtmd; static, PIC), which no binding of llama.cpp avoids.
+
+Usage: python benchmarks/build_time.py [--jobs N] [--no-peer] [--out result.json]
+
+Three native builds one after the other (minutes each on a small machine). Each starts from an
+empty build folder with ccache disabled, so nothing is reused from earlier builds; the pinned
+llama.cpp source is already in third_party/ (its fetch is not timed). Our wheel and the peer's are
+built with ``pip wheel --no-build-isolation`` (scikit-build-core, pybind11 and cmake from this
+environment), all three with the same CMAKE_ARGS (``GGML_NATIVE=OFF``, plus ``GGML_CUDA=ON`` on a
+GPU build) and the same parallelism.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the benchmarks package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.peer import CPU_CMAKE_ARGS, GPU_CMAKE_ARGS, _fetcher  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# The llama.cpp part of our CMakeLists.txt, alone: the same options, the same targets.
+_LIMIT_CMAKELISTS = """cmake_minimum_required(VERSION 3.21)
+project(llama_cpp_only C CXX)
+set(CMAKE_POSITION_INDEPENDENT_CODE ON)
+set(BUILD_SHARED_LIBS OFF CACHE BOOL "" FORCE)
+foreach(opt LLAMA_BUILD_COMMON LLAMA_BUILD_TESTS LLAMA_BUILD_TOOLS LLAMA_BUILD_EXAMPLES
+            LLAMA_BUILD_SERVER LLAMA_BUILD_APP LLAMA_BUILD_UI LLAMA_OPENSSL LLAMA_CURL
+            LLAMA_SUBPROCESS MTMD_VIDEO LLAMA_ALL_WARNINGS)
+  set(${opt} OFF CACHE BOOL "" FORCE)
+endforeach()
+add_subdirectory("@LLAMA@" llama.cpp EXCLUDE_FROM_ALL)
+add_subdirectory("@LLAMA@/tools/mtmd" mtmd EXCLUDE_FROM_ALL)
+"""
+
+
+def _run(cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> float:
+    t0 = time.perf_counter()
+    result = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])}... failed:\n{(result.stdout + result.stderr)[-3000:]}")
+    return seconds
+
+
+def measure(*, gpu: bool = False, peer: bool = True, jobs: int | None = None) -> dict[str, Any]:
+    jobs = jobs or os.cpu_count() or 1
+    llama = ROOT / "third_party" / "llama.cpp"
+    if not (llama / "CMakeLists.txt").exists():
+        raise RuntimeError(f"{llama} is empty: build llava-kv once first (it fetches the pinned source)")
+    cmake_args = GPU_CMAKE_ARGS if gpu else CPU_CMAKE_ARGS
+    env = dict(os.environ, CCACHE_DISABLE="1", CMAKE_BUILD_PARALLEL_LEVEL=str(jobs), CMAKE_ARGS=cmake_args)
+    out: dict[str, Any] = {"jobs": jobs, "cmake_args": cmake_args, "seconds": {}}
+    with tempfile.TemporaryDirectory(prefix="llava-kv-build-time-") as tmp:
+        work = Path(tmp)
+        out["seconds"]["ours"] = _run(
+            [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-build-isolation", "--no-deps", "-q",
+             "-w", str(work / "wheels"), "-C", f"build-dir={work / 'ours-build'}"], env)
+        wheel = next((work / "wheels").glob("llava_kv-*.whl"))
+        out["ours_wheel_mb"] = round(wheel.stat().st_size / 2**20, 1)
+
+        limit_src = work / "limit-src"
+        limit_src.mkdir()
+        (limit_src / "CMakeLists.txt").write_text(_LIMIT_CMAKELISTS.replace("@LLAMA@", llama.as_posix()))
+        build = work / "limit-build"
+        cmake = shutil.which("cmake") or "cmake"
+        limit = _run([cmake, "-S", str(limit_src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
+                      *cmake_args.split()], env)
+        limit += _run([cmake, "--build", str(build), "--target", "mtmd", "llama", "--parallel", str(jobs)], env)
+        out["seconds"]["limit"] = limit
+
+        if peer:
+            fetch = _fetcher()
+            sdist = fetch.cached_sdist(Path(fetch.default_cache_dir()))
+            out["seconds"]["peer"] = _run(
+                [sys.executable, "-m", "pip", "wheel", str(sdist), "--no-build-isolation", "--no-deps", "-q",
+                 "-w", str(work / "peer-wheels")], env)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=None)
+    parser.add_argument("--gpu", action="store_true", help="build with -DGGML_CUDA=ON")
+    parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    result = measure(gpu=args.gpu, peer=not args.no_peer, jobs=args.jobs)
+    text = json.dumps(result, indent=1)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,70 @@
+"""One scenario's entry in results.json, and the timing helper every scenario uses.
+
+Every entry has the same shape, so that the README table, the plots and the smoke test read them
+alike:
+
+- ``unit``: of ``ours``, ``peer`` and ``limit``; ``better``: "lower" or "higher".
+- ``ours``, ``peer``, ``limit``: the headline figure of llava-kv, of llama-cpp-python, and of the
+  limit (what no runtime can beat: for an edit, decoding only the invalidated suffix; for a
+  repeated image, zero encodes; for memory, zero drift). A figure that could not be measured is
+  null, and ``reasons`` says why under the same key.
+- ``limit_means``: the limit in words.
+- ``ratios``: cost ratios, > 1 meaning the first named costs more: ``ours_vs_limit`` (ours / limit
+  for times and memory, limit / ours for throughputs; null where the limit is 0, see
+  ``ours_minus_limit``), ``peer_vs_ours`` (peer / ours, or ours / peer for throughputs).
+- ``repetitions``: how many times each figure was measured (headline figures are medians).
+- ``details``: everything else the scenario measured (all repetitions, per-turn series, counters).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable, Optional
+
+
+def median_time(fn: Callable[[Any], Any], setup: Callable[[], Any] = lambda: None,
+                repeats: int = 3) -> tuple[float, list[float]]:
+    """Median and all wall-clock seconds of ``fn(setup())`` (setup not timed)."""
+    times = []
+    for _ in range(repeats):
+        state = setup()
+        t0 = time.perf_counter()
+        fn(state)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def _ratio(a: Optional[float], b: Optional[float], digits: int = 3) -> Optional[float]:
+    if a is None or b is None or b == 0:
+        return None
+    return round(a / b, digits)
+
+
+def entry(*, unit: str, repetitions: int, ours: Optional[float], peer: Optional[float], limit: Optional[float],
+          limit_means: str, better: str = "lower", reasons: Optional[dict[str, str]] = None,
+          extra_ratios: Optional[dict[str, Any]] = None, details: Optional[dict[str, Any]] = None,
+          digits: int = 4) -> dict[str, Any]:
+    def rnd(x: Optional[float]) -> Optional[float]:
+        return None if x is None else round(float(x), digits)
+
+    reasons = dict(reasons or {})
+    for key, value in (("ours", ours), ("peer", peer), ("limit", limit)):
+        if value is None and key not in reasons:
+            raise ValueError(f"{key} is null without a reason")
+    if better == "lower":
+        ratios = {"ours_vs_limit": _ratio(ours, limit), "peer_vs_ours": _ratio(peer, ours)}
+    else:
+        ratios = {"ours_vs_limit": _ratio(limit, ours), "peer_vs_ours": _ratio(ours, peer)}
+    if limit == 0 and ours is not None:
+        ratios["ours_minus_limit"] = rnd(ours - limit)
+    ratios.update(extra_ratios or {})
+    return {"unit": unit, "better": better, "repetitions": repetitions, "ours": rnd(ours), "peer": rnd(peer),
+            "limit": rnd(limit), "limit_means": limit_means, "ratios": ratios, "reasons": reasons,
+            "details": details or {}}
+
+
+def skipped(*, unit: str, reason: str, limit_means: str, better: str = "lower",
+            details: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """An entry for a scenario that was not run (its key stays present, every figure null)."""
+    return entry(unit=unit, repetitions=0, ours=None, peer=None, limit=None, limit_means=limit_means,
+                 better=better, reasons={"ours": reason, "peer": reason, "limit": reason}, details=details)

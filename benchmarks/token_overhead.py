@@ -1,0 +1,137 @@
+"""Per-token cost of generation driven from Python, against the C++ generate loop, in one run.
+
+Usage: python benchmarks/token_overhead.py [--preset realistic] [--tokens 64] [--repeats 5] [--no-peer]
+
+On one prompt (text, an image, text), greedy, medians over --repeats, each from the same state:
+- ``stream``: ``session.generate(n, stream=True)`` consumed piece by piece (a Python loop around
+  one native step per token, UTF-8 and stop-string handling in Python): ours.
+- ``text``: ``session.generate(n)``: the same loop, joined.
+- ``native_step``: a bare Python loop over the binding's ``generate_step()``: the native step plus
+  one binding call per token, no facade.
+- ``cpp_loop``: ``llava_kv.batch.run`` with one image and ``parallel=1``: the C++ batch runner's own
+  generate loop (its ``generate_ms`` / tokens), no Python per token.
+  The limit (in the suite) is the cheaper of ``cpp_loop`` and ``native_step``.
+- peer: llama-cpp-python's chat completion on the same prompt, (t(n tokens) - t(1 token)) / (n - 1).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from PIL import Image
+
+import llava_kv as lk
+from llava_kv.testing import TestModel, make_test_model, random_image
+
+if __package__ in (None, ""):  # run as a script: make the benchmarks package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.peer import CHAT_TEMPLATE, SYSTEM_MESSAGE, PeerError, run_peer  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+PROMPT = "Describe this picture in detail."
+
+
+def measure(pair: TestModel, *, n_tokens: int = 64, repeats: int = 5, peer: bool = True,
+            peer_python: Path | None = None, workdir: Path | None = None,
+            load_kwargs: dict[str, Any] | None = None, peer_gpu_layers: int = 0) -> dict[str, Any]:
+    folder = workdir or Path(tempfile.mkdtemp())
+    folder.mkdir(parents=True, exist_ok=True)
+    png = folder / "token_overhead.png"
+    size = pair.preset.image_size
+    Image.fromarray(random_image(11, (size, size))).save(png)
+    messages: list[dict[str, Any]] = [
+        {"role": "system", "content": SYSTEM_MESSAGE},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(png)}},
+                                     {"type": "text", "text": PROMPT}]}]
+    per_token: dict[str, list[float]] = {"stream": [], "text": [], "native_step": [], "cpp_loop": []}
+    tokens: dict[str, int] = {}
+    reasons: dict[str, str] = {}
+    with lk.Model.load(pair.model_path, pair.mmproj_path, **(load_kwargs or {})) as model, \
+            model.chat_session(n_ctx=2048) as s:
+        s.chat(messages, max_tokens=0, chat_template=CHAT_TEMPLATE)  # the peer's prompt, decoded once
+        base = len(s.timeline)
+
+        def timed(key: str, fn: Callable[[], None]) -> None:
+            before = s.stats["tokens_generated"]
+            t0 = time.perf_counter()
+            fn()
+            seconds = time.perf_counter() - t0
+            n = s.stats["tokens_generated"] - before
+            s.truncate(base)
+            if n:
+                per_token[key].append(seconds / n)
+                tokens[key] = n
+
+        def stream() -> None:
+            for _ in s.generate(n_tokens, stream=True):
+                pass
+
+        def native_step() -> None:
+            core = s._core
+            core.begin_generation(temperature=0.0, seed=0)
+            for _ in range(n_tokens):
+                if core.generate_step()[2]:
+                    break
+            core.flush_generation()
+
+        stream()  # warm-up
+        s.truncate(base)
+        for _ in range(repeats):
+            timed("stream", stream)
+            timed("text", lambda: s.generate(n_tokens))
+            timed("native_step", native_step)
+        try:
+            from llava_kv import batch
+        except ImportError as e:
+            reasons["cpp_loop"] = f"llava_kv.batch not available ({e})"
+        else:
+            for _ in range(repeats):
+                r = batch.run(model, [str(png)], PROMPT, max_tokens=n_tokens, parallel=1, progress=False,
+                              chat_template=CHAT_TEMPLATE, system=SYSTEM_MESSAGE)[0]
+                if not r.ok:
+                    raise RuntimeError(f"batch.run failed: {r.error}")
+                if r.tokens:
+                    per_token["cpp_loop"].append(r.timings["generate_ms"] / 1000 / r.tokens)
+                    tokens["cpp_loop"] = r.tokens
+    result: dict[str, Any] = {
+        "n_tokens": n_tokens, "repeats": repeats, "tokens_generated": tokens,
+        "per_token_s": {k: statistics.median(v) if v else None for k, v in per_token.items()},
+        "all_per_token_s": per_token, "reasons": reasons, "peer_per_token_s": None,
+    }
+    if peer:
+        try:
+            out = run_peer(str(HERE / "peer_token_overhead.py"),
+                           [str(pair.model_path), str(pair.mmproj_path), str(png), PROMPT, str(n_tokens),
+                            str(repeats), str(peer_gpu_layers)], python=peer_python)
+            result.update(peer_per_token_s=out["per_token_s"], peer_all_per_token_s=out["all_per_token_s"],
+                          peer_tokens_generated=out["tokens"])
+        except PeerError as e:
+            result["peer_error"] = str(e)
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="realistic")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    result = measure(make_test_model(preset=args.preset), n_tokens=args.tokens, repeats=args.repeats,
+                     peer=not args.no_peer)
+    text = json.dumps(result, indent=1)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
