@@ -42,7 +42,6 @@ struct BatchRunner::Slot {
     bool generating = false;
     llama_pos pos = 0;
     size_t suffix_next = 0;  // prompt tokens after the image not yet decoded
-    int32_t cells = 0;       // KV cells reserved for this job
     int32_t n_prompt = 0;
     llama_token last = -1;  // sampled, to be decoded in the next step
     int32_t batch_index = -1;
@@ -58,8 +57,7 @@ std::shared_ptr<BatchRunner> BatchRunner::start(std::shared_ptr<Model> model, co
     runner->model_->track_runner(runner);  // from here on the model's close() stops it
     std::lock_guard<std::mutex> guard(runner->close_mutex_);
     if (!runner->stop_.load()) {
-        runner->encoder_ = std::thread([r = runner.get()] { r->encoder_loop(); });
-        runner->decoder_ = std::thread([r = runner.get()] { r->decoder_loop(); });
+        runner->worker_ = std::thread([r = runner.get()] { r->worker_loop(); });
     }
     return runner;
 }
@@ -194,11 +192,8 @@ void BatchRunner::close() {
         return;
     }
     request_stop();
-    if (encoder_.joinable()) {
-        encoder_.join();
-    }
-    if (decoder_.joinable()) {
-        decoder_.join();
+    if (worker_.joinable()) {
+        worker_.join();
     }
     batch_.reset();
     ctx_.reset();
@@ -216,97 +211,72 @@ void BatchRunner::emit(BatchResult && result, bool failed) {
     changed_.notify_all();
 }
 
-void BatchRunner::encoder_loop() {
-    while (true) {
-        std::vector<BatchJob> jobs;
-        {
-            std::unique_lock<std::mutex> lock(mutex_);
-            changed_.wait(lock, [&] {
-                return stop_.load() || (input_done_ && input_.empty()) ||
-                       (!input_.empty() && ready_.size() < static_cast<size_t>(params_.encode_ahead));
-            });
-            if (stop_.load() || (input_.empty() && input_done_)) {
-                return;
-            }
-            // Everything that fits ahead goes to the projector together.
-            while (!input_.empty() && ready_.size() + jobs.size() < static_cast<size_t>(params_.encode_ahead)) {
-                jobs.push_back(std::move(input_.front()));
-                input_.pop_front();
-            }
-            changed_.notify_all();  // room for submit()
+std::vector<std::unique_ptr<BatchRunner::Ready>> BatchRunner::encode(std::vector<BatchJob> jobs) {
+    std::vector<std::unique_ptr<Ready>> done;
+    std::vector<const ImagePixels *> pending;
+    std::vector<ImagePixels> pixels(jobs.size());
+    std::vector<size_t> pending_jobs;
+    for (size_t i = 0; i < jobs.size(); ++i) {
+        auto r = std::make_unique<Ready>();
+        r->id = jobs[i].id;
+        r->source = jobs[i].source;
+        r->error = jobs[i].error;
+        r->load_ms = jobs[i].load_ms;
+        r->submitted = jobs[i].submitted;
+        if (r->error.empty() && jobs[i].pixels.size() != size_t(jobs[i].width) * jobs[i].height * 3) {
+            r->error = "image buffer of " + std::to_string(jobs[i].pixels.size()) + " bytes does not hold " +
+                       std::to_string(jobs[i].width) + "x" + std::to_string(jobs[i].height) + " RGB pixels";
         }
-        std::vector<std::unique_ptr<Ready>> done;
-        std::vector<const ImagePixels *> pending;
-        std::vector<ImagePixels> pixels(jobs.size());
-        std::vector<size_t> pending_jobs;
-        for (size_t i = 0; i < jobs.size(); ++i) {
-            auto r = std::make_unique<Ready>();
-            r->id = jobs[i].id;
-            r->source = jobs[i].source;
-            r->error = jobs[i].error;
-            r->load_ms = jobs[i].load_ms;
-            r->submitted = jobs[i].submitted;
-            if (r->error.empty() && jobs[i].pixels.size() != size_t(jobs[i].width) * jobs[i].height * 3) {
-                r->error = "image buffer of " + std::to_string(jobs[i].pixels.size()) + " bytes does not hold " +
-                           std::to_string(jobs[i].width) + "x" + std::to_string(jobs[i].height) + " RGB pixels";
-            }
-            if (r->error.empty()) {
-                pixels[i] = {jobs[i].pixels.data(), jobs[i].width, jobs[i].height, jobs[i].digest, jobs[i].source};
-                pending.push_back(&pixels[i]);
-                pending_jobs.push_back(i);
-            }
-            done.push_back(std::move(r));
+        if (r->error.empty()) {
+            pixels[i] = {jobs[i].pixels.data(), jobs[i].width, jobs[i].height, jobs[i].digest, jobs[i].source};
+            pending.push_back(&pixels[i]);
+            pending_jobs.push_back(i);
         }
-        if (!pending.empty()) {
-            auto hold = acquire_hold();
-            if (!hold.owns_lock()) {
-                return;
-            }
-            EncodeCounters counters;
-            std::set<std::string> seen;  // a picture twice in one call is encoded once
-            for (size_t k = 0; k < pending.size(); ++k) {
-                done[pending_jobs[k]]->cached = !seen.insert(pending[k]->digest).second ||
-                                                static_cast<bool>(model_->embedding_cache().peek(pending[k]->digest));
-            }
-            std::lock_guard<std::mutex> compute(compute_mutex_);
-            const auto t0 = Clock::now();
-            std::vector<std::shared_ptr<const ImageEmbedding>> embeddings;
-            try {
-                embeddings = embed_images(*model_, pending, counters);
-            } catch (const std::exception &) {
-                // One bad image fails only itself: encode one at a time to find it.
-                embeddings.assign(pending.size(), nullptr);
-                for (size_t k = 0; k < pending.size(); ++k) {
-                    try {
-                        embeddings[k] = embed_images(*model_, {pending[k]}, counters).front();
-                    } catch (const std::exception & e) {
-                        done[pending_jobs[k]]->error = e.what();
-                    }
-                }
-            }
-            const auto t1 = Clock::now();
-            size_t n_encoded = 0;
-            for (size_t k = 0; k < pending.size(); ++k) {
-                n_encoded += done[pending_jobs[k]]->cached ? 0 : 1;
-            }
-            for (size_t k = 0; k < pending.size(); ++k) {
-                Ready & r = *done[pending_jobs[k]];
-                r.image = embeddings[k];
-                r.encode_ms = r.cached || n_encoded == 0 ? 0.0 : ms_between(t0, t1) / double(n_encoded);
-            }
-            std::lock_guard<std::mutex> lock(mutex_);
-            stats_.encode.images_encoded += counters.images_encoded;
-            stats_.encode.embed_cache_hits += counters.embed_cache_hits;
-            stats_.encode.embed_cache_misses += counters.embed_cache_misses;
-            stats_.encode.batched_encodes += counters.batched_encodes;
-        }
-        std::lock_guard<std::mutex> lock(mutex_);
-        for (auto & r : done) {
-            r->encoded = Clock::now();
-            ready_.push_back(std::move(r));
-        }
-        changed_.notify_all();
+        done.push_back(std::move(r));
     }
+    if (pending.empty()) {
+        return done;
+    }
+    std::set<std::string> seen;  // a picture twice in one call is encoded once
+    for (size_t k = 0; k < pending.size(); ++k) {
+        done[pending_jobs[k]]->cached = !seen.insert(pending[k]->digest).second ||
+                                        static_cast<bool>(model_->embedding_cache().peek(pending[k]->digest));
+    }
+    EncodeCounters counters;
+    const auto t0 = Clock::now();
+    std::vector<std::shared_ptr<const ImageEmbedding>> embeddings;
+    try {
+        embeddings = embed_images(*model_, pending, counters);
+    } catch (const std::exception &) {
+        // One bad image fails only itself: encode one at a time to find it.
+        embeddings.assign(pending.size(), nullptr);
+        for (size_t k = 0; k < pending.size(); ++k) {
+            try {
+                embeddings[k] = embed_images(*model_, {pending[k]}, counters).front();
+            } catch (const std::exception & e) {
+                done[pending_jobs[k]]->error = e.what();
+            }
+        }
+    }
+    const auto t1 = Clock::now();
+    size_t n_encoded = 0;
+    for (size_t k = 0; k < pending.size(); ++k) {
+        n_encoded += done[pending_jobs[k]]->cached ? 0 : 1;
+    }
+    for (size_t k = 0; k < pending.size(); ++k) {
+        Ready & r = *done[pending_jobs[k]];
+        r.image = embeddings[k];
+        r.encode_ms = r.cached || n_encoded == 0 ? 0.0 : ms_between(t0, t1) / double(n_encoded);
+    }
+    for (auto & r : done) {
+        r->encoded = t1;
+    }
+    std::lock_guard<std::mutex> lock(mutex_);
+    stats_.encode.images_encoded += counters.images_encoded;
+    stats_.encode.embed_cache_hits += counters.embed_cache_hits;
+    stats_.encode.embed_cache_misses += counters.embed_cache_misses;
+    stats_.encode.batched_encodes += counters.batched_encodes;
+    return done;
 }
 
 int32_t BatchRunner::cells_needed(const Ready & job) const {
@@ -328,13 +298,15 @@ void BatchRunner::create_context(const Ready & first) {
     // unless n_ctx says how much one image may use.
     seq_cells_ = params_.n_ctx > 0 ? params_.n_ctx - static_cast<int32_t>(prefix_.size())
                                    : cells_needed(first) + cells_needed(first) / 4;
-    const int32_t n_ctx = static_cast<int32_t>(prefix_.size()) + params_.n_parallel * seq_cells_;
+    // One KV stream per sequence (and one for the prefix): attention in a step reads only each
+    // sequence's own cells, where a unified cache would make every token read every image's.
+    const int32_t n_ctx = (params_.n_parallel + 1) * (static_cast<int32_t>(prefix_.size()) + seq_cells_);
     llama_context_params cparams = llama_context_default_params();
     cparams.n_ctx = static_cast<uint32_t>(n_ctx);
     cparams.n_batch = static_cast<uint32_t>(params_.n_batch);
     cparams.n_ubatch = static_cast<uint32_t>(params_.n_batch);
     cparams.n_seq_max = static_cast<uint32_t>(params_.n_parallel + 1);  // + the shared prefix
-    cparams.kv_unified = true;  // the prefix's cells are shared, not copied
+    cparams.kv_unified = false;  // the prefix is copied into a sequence's stream when it starts
     const int32_t threads = params_.n_threads > 0 ? params_.n_threads : model_->n_threads();
     cparams.n_threads = threads;
     cparams.n_threads_batch = threads;
@@ -355,7 +327,6 @@ void BatchRunner::create_context(const Ready & first) {
     if (status != 0) {
         throw Error("decoding the shared prompt prefix failed (status " + std::to_string(status) + ")");
     }
-    cells_in_use_ = static_cast<int32_t>(prefix_.size());
     std::lock_guard<std::mutex> lock(mutex_);
     stats_.n_ctx = static_cast<int32_t>(llama_n_ctx(ctx_.get()));
     stats_.prefix_tokens = prefix_.size();
@@ -456,8 +427,6 @@ void BatchRunner::finish_slot(Slot & slot, const char * reason) {
     r.generate_ms = ms_between(slot.first_token, now);
     r.total_ms = slot.job->load_ms + ms_between(slot.job->submitted, now);
     llama_memory_seq_rm(llama_get_memory(ctx_.get()), slot.seq, -1, -1);
-    cells_in_use_ -= slot.cells;
-    slot.cells = 0;
     slot.job.reset();
     slot.sampler.reset();
     emit(std::move(r), false);
@@ -475,8 +444,6 @@ void BatchRunner::fail_slot(Slot & slot, const std::string & error) {
     if (ctx_) {
         llama_memory_seq_rm(llama_get_memory(ctx_.get()), slot.seq, -1, -1);
     }
-    cells_in_use_ -= slot.cells;
-    slot.cells = 0;
     slot.job.reset();
     slot.sampler.reset();
     emit(std::move(r), true);
@@ -593,75 +560,66 @@ void BatchRunner::decode_step(std::vector<Slot> & slots) {
     stats_.tokens_generated += generated;
 }
 
-void BatchRunner::decoder_loop() {
+void BatchRunner::worker_loop() {
     std::vector<Slot> slots(static_cast<size_t>(params_.n_parallel));
     for (size_t i = 0; i < slots.size(); ++i) {
         slots[i].seq = static_cast<llama_seq_id>(i);
     }
-    auto fail_everything = [&](const std::string & why) {
-        // The context cannot run: every job still coming fails with the reason.
-        for (auto & slot : slots) {
-            if (slot.job) {
-                fail_slot(slot, why);
-            }
-        }
-        std::unique_lock<std::mutex> lock(mutex_);
-        while (!stop_.load()) {
-            if (!ready_.empty()) {
-                std::unique_ptr<Ready> r = std::move(ready_.front());
-                ready_.pop_front();
-                changed_.notify_all();
-                lock.unlock();
-                BatchResult res;
-                res.id = r->id;
-                res.source = r->source;
-                res.error = r->error.empty() ? why : r->error;
-                emit(std::move(res), true);
-                lock.lock();
-                continue;
-            }
-            if (input_done_ && input_.empty() && stats_.jobs_done + stats_.jobs_failed == stats_.jobs_submitted) {
-                return;
-            }
-            changed_.wait(lock);
-        }
-    };
+    std::string broken;  // why the context cannot run; every job fails with it
     while (!stop_.load()) {
-        // Take encoded jobs into free sequences while the context has room for them.
-        std::vector<std::pair<Slot *, std::unique_ptr<Ready>>> admitted;
-        bool active = false;
+        size_t free = 0;
+        for (const auto & slot : slots) {
+            free += slot.job ? 0 : 1;
+        }
+        // Encode what the free sequences will take next, between decode steps of the running ones:
+        // one thread does all compute, so encoding never competes with decoding for the cores.
+        std::vector<BatchJob> jobs;
         {
             std::unique_lock<std::mutex> lock(mutex_);
-            for (auto & slot : slots) {
-                active = active || static_cast<bool>(slot.job);
-            }
-            std::vector<Slot *> free_slots;
-            for (auto & slot : slots) {
-                if (!slot.job) {
-                    free_slots.push_back(&slot);
+            if (free == slots.size() && ready_.empty()) {
+                changed_.wait(lock, [&] { return stop_.load() || !input_.empty() || input_done_; });
+                if (stop_.load() || (input_.empty() && input_done_)) {
+                    return;
                 }
             }
-            std::reverse(free_slots.begin(), free_slots.end());
-            while (!ready_.empty()) {
-                Slot * free_slot = free_slots.empty() ? nullptr : free_slots.back();
+            const size_t want = std::min<size_t>(params_.encode_ahead, free > ready_.size() ? free - ready_.size() : 0);
+            while (!input_.empty() && jobs.size() < want) {
+                jobs.push_back(std::move(input_.front()));
+                input_.pop_front();
+            }
+            if (!jobs.empty()) {
+                changed_.notify_all();  // room for submit()
+            }
+        }
+        auto hold = acquire_hold();
+        if (!hold.owns_lock()) {
+            return;
+        }
+        for (auto & r : encode(std::move(jobs))) {
+            ready_.push_back(std::move(r));
+        }
+        // Take encoded jobs into free sequences while the context has room for them.
+        for (auto & slot : slots) {
+            while (!slot.job && !ready_.empty() && !stop_.load()) {
                 Ready & r = *ready_.front();
-                if (r.error.empty() && !free_slot) {
-                    break;
+                if (r.error.empty() && !broken.empty()) {
+                    r.error = broken;
                 }
-                if (r.error.empty() && ctx_) {
-                    r.error = too_large(r);
-                    if (r.error.empty()) {
-                        if (cells_in_use_ + cells_needed(r) > static_cast<int32_t>(llama_n_ctx(ctx_.get()))) {
-                            break;  // wait for a running job to finish
-                        }
-                        cells_in_use_ += cells_needed(r);
+                if (r.error.empty() && !ctx_) {
+                    try {
+                        create_context(r);  // sized from this first image
+                    } catch (const std::exception & e) {
+                        ctx_.reset();
+                        broken = e.what();
+                        continue;
                     }
                 }
-                std::unique_ptr<Ready> job = std::move(ready_.front());
-                ready_.pop_front();
-                changed_.notify_all();
-                if (!job->error.empty()) {
-                    lock.unlock();
+                if (r.error.empty()) {
+                    r.error = too_large(r);
+                }
+                if (!r.error.empty()) {
+                    std::unique_ptr<Ready> job = std::move(ready_.front());
+                    ready_.pop_front();
                     BatchResult res;
                     res.id = job->id;
                     res.source = job->source;
@@ -669,54 +627,15 @@ void BatchRunner::decoder_loop() {
                     res.load_ms = job->load_ms;
                     res.total_ms = job->load_ms + ms_between(job->submitted, Clock::now());
                     emit(std::move(res), true);
-                    lock.lock();
                     continue;
                 }
-                admitted.emplace_back(free_slot, std::move(job));
-                free_slots.pop_back();
-                if (!ctx_) {
-                    break;  // the context is sized from this first image; the rest are checked against it
-                }
+                std::unique_ptr<Ready> job = std::move(ready_.front());
+                ready_.pop_front();
+                admit(slot, std::move(*job));
             }
-            if (admitted.empty() && !active) {
-                if (input_done_ && input_.empty() && ready_.empty() &&
-                    stats_.jobs_done + stats_.jobs_failed == stats_.jobs_submitted) {
-                    return;
-                }
-                changed_.wait(lock);
-                continue;
-            }
-        }
-        auto hold = acquire_hold();
-        if (!hold.owns_lock()) {
-            return;
-        }
-        std::unique_lock<std::mutex> compute(compute_mutex_);
-        for (auto & [slot, job] : admitted) {
-            if (!ctx_) {
-                try {
-                    create_context(*job);
-                } catch (const std::exception & e) {
-                    ctx_.reset();
-                    slot->job = std::move(job);
-                    compute.unlock();
-                    hold.unlock();
-                    fail_everything(e.what());
-                    return;
-                }
-                const std::string error = too_large(*job);
-                if (!error.empty()) {
-                    slot->job = std::move(job);
-                    fail_slot(*slot, error);
-                    continue;
-                }
-                cells_in_use_ += cells_needed(*job);
-            }
-            slot->cells = cells_needed(*job);
-            admit(*slot, std::move(*job));
         }
         bool any = false;
-        for (auto & slot : slots) {
+        for (const auto & slot : slots) {
             any = any || static_cast<bool>(slot.job);
         }
         if (any) {

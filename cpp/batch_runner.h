@@ -1,11 +1,11 @@
 // Many (image, prompt) jobs over one model, decoded as parallel sequences of one context.
 //
-// Two threads of its own: an encoder that turns queued images into embeddings ahead of need
-// (cache first, then the projector, several images per call where it can batch), and a decoder
-// that keeps up to n_parallel sequences in flight. The prompt text before the image is decoded
-// once into a sequence of its own and copied into each job's sequence (llama_memory_seq_cp);
-// every decode step carries one token of every generating sequence plus the prompt tokens of
-// sequences that just received their image. Results come back as jobs complete.
+// One worker thread of its own does all the compute: between decode steps it encodes the images the
+// free sequences will take next (cache first, then the projector, several per call where it can
+// batch), so encoding never competes with decoding for the cores. The prompt text before the image
+// is decoded once into a sequence of its own and copied into each job's sequence
+// (llama_memory_seq_cp); every decode step carries one token of every generating sequence plus the
+// prompt tokens of sequences that just received their image. Results come back as jobs complete.
 #pragma once
 
 #include <atomic>
@@ -36,8 +36,8 @@ struct BatchParams {
     std::vector<std::string> stop;
     std::string prefix;  // prompt text before the image (the runner adds BOS where the model wants it)
     std::string suffix;  // prompt text after the image
-    int32_t queue_size = 0;    // submitted jobs waiting for the encoder; 0: 2 * n_parallel
-    int32_t encode_ahead = 0;  // encoded jobs waiting for a free sequence; 0: n_parallel
+    int32_t queue_size = 0;    // submitted jobs waiting for the worker; 0: 2 * n_parallel
+    int32_t encode_ahead = 0;  // most images encoded in one call; 0: n_parallel
 };
 
 // One image to run the prompt on. The pixels are copied in, so the caller's buffer is free at once.
@@ -117,8 +117,8 @@ class BatchRunner {
     struct Slot;
 
     BatchRunner(std::shared_ptr<Model> model, const BatchParams & params);
-    void encoder_loop();
-    void decoder_loop();
+    void worker_loop();
+    std::vector<std::unique_ptr<Ready>> encode(std::vector<BatchJob> jobs);
     // A shared hold on the model, or none once a stop is asked for or the model is closed.
     std::shared_lock<std::shared_mutex> acquire_hold() const;
 
@@ -141,30 +141,25 @@ class BatchRunner {
     std::vector<llama_token> suffix_;
     size_t longest_stop_ = 0;
 
-    // Encoding and decoding take turns: both run on the same cores (or GPU), and two compute graphs
-    // at once on the CPU backend oversubscribe it (measured: parallel decoding ran 2x slower).
-    std::mutex compute_mutex_;
     std::atomic<bool> stop_{false};
     std::atomic<bool> closed_{false};
     std::mutex close_mutex_;
 
-    mutable std::mutex mutex_;  // everything below up to the threads
-    std::condition_variable changed_;  // any of the queues changed, finish(), or stop
+    mutable std::mutex mutex_;  // everything below up to the worker's own state
+    std::condition_variable changed_;  // input_ or results_ changed, finish(), or stop
     std::deque<BatchJob> input_;
-    std::deque<std::unique_ptr<Ready>> ready_;
     std::deque<BatchResult> results_;
     bool input_done_ = false;
     uint64_t returned_ = 0;
     BatchStats stats_;
 
-    // Owned by the decoder thread (and close(), after joining it).
+    // Owned by the worker thread (and close(), after joining it).
+    std::deque<std::unique_ptr<Ready>> ready_;  // encoded, waiting for a free sequence
     llama_context_ptr ctx_;
     llama_batch_ext_ptr batch_;
-    int32_t cells_in_use_ = 0;
     int32_t seq_cells_ = 0;  // cells one job may use beyond the shared prefix
 
-    std::thread encoder_;
-    std::thread decoder_;
+    std::thread worker_;
 };
 
 }  // namespace llava_kv
