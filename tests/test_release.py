@@ -77,3 +77,23 @@ def test_vram_returns_after_each_cycle(tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     assert report["drift_mib"] == 0
+
+
+def test_closed_objects_need_no_garbage_collector(llava_pair):
+    """Reference counting alone frees the Python objects (and their native shells): no cycles."""
+    gc.collect()
+    before = lk._core.native_objects()
+    gc.disable()
+    try:
+        for i in range(5):
+            with lk.Model.load(llava_pair.model_path, llava_pair.mmproj_path) as m, m.session(n_ctx=256) as s:
+                s.append_text("USER: ")
+                s.append_image(random_image(i))
+                s.append_text(" hi")
+                assert len(s.images) == 1
+                s.chat([{"role": "user", "content": "hello"}], max_tokens=2)
+                lk.batch.run(m, [random_image(i)], "Describe.", max_tokens=2, progress=False)
+            del m, s
+        assert lk._core.native_objects() == before
+    finally:
+        gc.enable()

@@ -69,7 +69,6 @@ class Session(NativeObject):
     def __init__(self, model: "Model", core: _core.Session) -> None:
         self._model = model
         self._core = core
-        self._images = ImageList(self)
         self._cancel_requested = False
         self.last_finish_reason: str | None = None
 
@@ -111,7 +110,7 @@ class Session(NativeObject):
     @property
     def images(self) -> "ImageList":
         """Live list view of the timeline's images; edits through it go through the registry."""
-        return self._images
+        return ImageList(self)  # a fresh view each time: a stored one would make a reference cycle
 
     @property
     def stats(self) -> dict[str, int]:
