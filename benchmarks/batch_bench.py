@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import statistics
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from llava_kv.testing import TestModel, make_test_model, random_image
 if __package__ in (None, ""):  # run as a script: make the benchmarks package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.peer import CHAT_TEMPLATE, SYSTEM_MESSAGE, PeerError, run_peer  # noqa: E402
+from benchmarks.scenario import emit  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 PROMPT = "Describe this picture in one sentence."
@@ -150,13 +150,8 @@ def main() -> int:
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--out")
     args = parser.parse_args()
-    result = measure(make_test_model(preset=args.preset), n_images=args.images, max_tokens=args.max_tokens,
-                     parallel=args.parallel, repeats=args.repeats, peer=not args.no_peer)
-    text = json.dumps(result, indent=1)
-    if args.out:
-        Path(args.out).write_text(text)
-    print(text)
-    return 0
+    return emit(measure(make_test_model(preset=args.preset), n_images=args.images, max_tokens=args.max_tokens,
+                     parallel=args.parallel, repeats=args.repeats, peer=not args.no_peer), args.out)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ GPU build) and the same parallelism.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -27,6 +26,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the benchmarks package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.peer import CPU_CMAKE_ARGS, GPU_CMAKE_ARGS, _fetcher  # noqa: E402
+from benchmarks.scenario import emit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -96,12 +96,7 @@ def main() -> int:
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--out")
     args = parser.parse_args()
-    result = measure(gpu=args.gpu, peer=not args.no_peer, jobs=args.jobs)
-    text = json.dumps(result, indent=1)
-    if args.out:
-        Path(args.out).write_text(text)
-    print(text)
-    return 0
+    return emit(measure(gpu=args.gpu, peer=not args.no_peer, jobs=args.jobs), args.out)
 
 
 if __name__ == "__main__":

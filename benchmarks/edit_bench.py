@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import platform
 import statistics
 import time
@@ -219,6 +220,10 @@ def measure_peer(pair: TestModel, *, filler: int, repeats: int, folder: Path, py
 
 
 def main() -> int:
+    if __package__ in (None, ""):  # run as a script: make the benchmarks package importable
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks.scenario import emit
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="realistic")
     parser.add_argument("--repeats", type=int, default=5)
@@ -227,13 +232,8 @@ def main() -> int:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
-    results = measure(make_test_model(preset=args.preset), repeats=args.repeats, filler=args.filler,
-                      n_batch=args.n_batch)
-    text = json.dumps(results, indent=1)
-    if args.out:
-        Path(args.out).write_text(text)
-    print(text)
-    return 0
+    return emit(measure(make_test_model(preset=args.preset), repeats=args.repeats, filler=args.filler,
+                      n_batch=args.n_batch), args.out)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ LLaVA-1.5 (its system message, "USER: ... ASSISTANT:") and greedy decoding.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -29,6 +28,7 @@ from llava_kv.testing import TestModel, make_test_model, random_image
 if __package__ in (None, ""):  # run as a script: make the benchmarks package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.peer import CHAT_TEMPLATE, PEER, SYSTEM_MESSAGE, PeerError, run_peer  # noqa: E402
+from benchmarks.scenario import emit  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -139,13 +139,8 @@ def main() -> int:
     parser.add_argument("--out")
     args = parser.parse_args()
 
-    result = measure(make_test_model(preset=args.preset), turns=args.turns, max_tokens=args.max_tokens,
-                     n_ctx=args.n_ctx, repeats=args.repeats, peer=not args.no_peer)
-    text = json.dumps(result, indent=1)
-    if args.out:
-        Path(args.out).write_text(text)
-    print(text)
-    return 0
+    return emit(measure(make_test_model(preset=args.preset), turns=args.turns, max_tokens=args.max_tokens,
+                     n_ctx=args.n_ctx, repeats=args.repeats, peer=not args.no_peer), args.out)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,10 @@ alike:
 """
 from __future__ import annotations
 
+import json
 import statistics
 import time
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 
@@ -68,3 +70,12 @@ def skipped(*, unit: str, reason: str, limit_means: str, better: str = "lower",
     """An entry for a scenario that was not run (its key stays present, every figure null)."""
     return entry(unit=unit, repetitions=0, ours=None, peer=None, limit=None, limit_means=limit_means,
                  better=better, reasons={"ours": reason, "peer": reason, "limit": reason}, details=details)
+
+
+def emit(result: Any, out: Optional[str]) -> int:
+    """A single script's ending: its JSON on stdout, and in ``out`` when given."""
+    text = json.dumps(result, indent=1)
+    if out:
+        Path(out).write_text(text)
+    print(text)
+    return 0

@@ -16,7 +16,6 @@ On one prompt (text, an image, text), greedy, medians over --repeats, each from 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from llava_kv.testing import TestModel, make_test_model, random_image
 if __package__ in (None, ""):  # run as a script: make the benchmarks package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.peer import CHAT_TEMPLATE, SYSTEM_MESSAGE, PeerError, run_peer  # noqa: E402
+from benchmarks.scenario import emit  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 PROMPT = "Describe this picture in detail."
@@ -124,13 +124,8 @@ def main() -> int:
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--out")
     args = parser.parse_args()
-    result = measure(make_test_model(preset=args.preset), n_tokens=args.tokens, repeats=args.repeats,
-                     peer=not args.no_peer)
-    text = json.dumps(result, indent=1)
-    if args.out:
-        Path(args.out).write_text(text)
-    print(text)
-    return 0
+    return emit(measure(make_test_model(preset=args.preset), n_tokens=args.tokens, repeats=args.repeats,
+                     peer=not args.no_peer), args.out)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import json
 import platform
 import time
 from pathlib import Path
+from typing import Any
 
 import llava_kv as lk
 from llava_kv.testing import make_test_model, random_image, rss_bytes
@@ -42,10 +43,15 @@ def main() -> int:
 
     pair = make_test_model(preset=args.preset)
     image = random_image(0, (pair.preset.image_size, pair.preset.image_size))
-    gpu = _gpu_used_bytes() is not None
-    measure = (lambda: _gpu_used_bytes()[1]) if gpu else rss_bytes  # type: ignore[index]
+    probe = _gpu_used_bytes()
+    gpu = probe is not None
+
+    def measure() -> int:
+        got = _gpu_used_bytes() if gpu else None
+        return got[1] if got is not None else rss_bytes()
+
     baseline = measure()
-    cycles = []
+    cycles: list[dict[str, Any]] = []
     for i in range(args.cycles):
         t0 = time.perf_counter()
         with lk.Model.load(pair.model_path, pair.mmproj_path, n_gpu_layers=-1, mmproj_use_gpu=True) as model:
@@ -60,10 +66,10 @@ def main() -> int:
         cycles.append({"cycle": i + 1, "loaded_bytes": loaded, "after_close_bytes": closed,
                        "seconds": round(time.perf_counter() - t0, 4),
                        "model_memory": {k: mem[k] for k in ("weights", "projector", "total")}})
-    after = [c["after_close_bytes"] for c in cycles]
+    after = [int(c["after_close_bytes"]) for c in cycles]
     report = {
         "benchmark": "vram_release",
-        "memory": ("nvml" if gpu and _gpu_used_bytes()[0] == "nvml" else "ggml") if gpu else "rss",  # type: ignore[index]
+        "memory": probe[0] if probe is not None else "rss",
         "device": ([d for d in lk.build_info()["devices"] if d["type"] in ("gpu", "igpu")] or [None])[0],
         "host": platform.node(),
         "build": lk.build_info(),

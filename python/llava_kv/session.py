@@ -16,7 +16,7 @@ from . import _core
 from .native import NativeObject
 from .chat import plan_edit, render_messages
 from .errors import CancelledError, LlavaKVError
-from .images import ImageInput, LoadedImage, load_image
+from .images import ImageInput, load_image
 
 if TYPE_CHECKING:
     from .model import Model

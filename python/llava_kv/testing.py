@@ -21,7 +21,6 @@ Presets (``PRESETS``):
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
