@@ -4,8 +4,8 @@
 #include <chrono>
 #include <set>
 
+#include "decode.h"
 #include "errors.h"
-#include "mtmd-helper.h"
 #include "runtime.h"
 
 namespace llava_kv {
@@ -125,7 +125,7 @@ bool BatchRunner::abort_requested(void * self) {
 }
 
 std::shared_lock<std::shared_mutex> BatchRunner::acquire_hold() const {
-    // Never block on the model: Model::close() holds it exclusively while it joins these threads.
+    // Never block on the model: Model::close() holds it exclusively while it joins the worker.
     while (!stop_.load()) {
         auto hold = model_->try_hold();
         if (hold.owns_lock() || model_->closed()) {
@@ -323,7 +323,9 @@ void BatchRunner::create_context(const Ready & first) {
     }
     batch_.reset(llama_batch_ext_init(ctx_.get()));
     const llama_seq_id prefix_seq = params_.n_parallel;
-    const int32_t status = decode_tokens(prefix_.data(), prefix_.size(), 0, prefix_seq);
+    DecodeCounts counts;
+    const int32_t status =
+        decode_text(ctx_.get(), prefix_.data(), prefix_.size(), 0, prefix_seq, params_.n_batch, false, counts);
     if (status != 0) {
         throw Error("decoding the shared prompt prefix failed (status " + std::to_string(status) + ")");
     }
@@ -331,27 +333,6 @@ void BatchRunner::create_context(const Ready & first) {
     stats_.n_ctx = static_cast<int32_t>(llama_n_ctx(ctx_.get()));
     stats_.prefix_tokens = prefix_.size();
     stats_.tokens_decoded += prefix_.size();
-}
-
-int32_t BatchRunner::decode_tokens(const llama_token * tokens, size_t n, llama_pos pos, llama_seq_id seq) {
-    // n_batch tokens at a time from the start, as a session splits a text chunk.
-    size_t i = 0;
-    while (i < n) {
-        llama_batch_ext_clear(batch_.get());
-        for (int32_t added = 0; i < n && added < params_.n_batch; ++i, ++added) {
-            const int32_t idx = llama_batch_ext_add_token(batch_.get(), seq, tokens[i]);
-            if (idx < 0) {
-                return -1;
-            }
-            llama_pos p = pos++;
-            llama_batch_ext_set_pos(batch_.get(), idx, &p);
-        }
-        const int32_t status = llama_process(ctx_.get(), LLAMA_PROCESS_TYPE_DECODE, batch_.get());
-        if (status != 0) {
-            return status;
-        }
-    }
-    return 0;
 }
 
 bool BatchRunner::admit(Slot & slot, Ready && job) {
@@ -376,37 +357,21 @@ bool BatchRunner::admit(Slot & slot, Ready && job) {
         stats_.prefix_copies += 1;
     }
     const ImageEmbedding & image = *slot.job->image;
-    for (size_t j = 0; j < image.chunks.size(); ++j) {
-        const mtmd_input_chunk * sub = image.chunks[j].get();
-        int32_t status = 0;
-        int32_t n = 0;
-        if (mtmd_input_chunk_get_type(sub) == MTMD_INPUT_CHUNK_TYPE_TEXT) {
-            size_t n_text = 0;
-            const llama_token * tokens = mtmd_input_chunk_get_tokens_text(sub, &n_text);
-            status = decode_tokens(tokens, n_text, slot.pos, slot.seq);
-            slot.pos += static_cast<llama_pos>(n_text);
-            n = static_cast<int32_t>(n_text);
-        } else {
-            n = static_cast<int32_t>(mtmd_input_chunk_get_n_tokens(sub));
-            if (mtmd_decode_use_non_causal(model_->projector(), sub) && n > params_.n_batch) {
-                fail_slot(slot, "this projector attends over a whole image at once, which needs its " +
-                                    std::to_string(n) + " tokens in one batch; use n_batch >= " + std::to_string(n));
-                return false;
-            }
-            llama_pos new_pos = slot.pos;
-            float * embd = const_cast<float *>(image.embeddings[j].data());  // mtmd reads it only
-            status = mtmd_helper_decode_image_chunk(model_->projector(), ctx_.get(), sub, embd, slot.pos, slot.seq,
-                                                    params_.n_batch, &new_pos, nullptr, nullptr);
-            slot.pos = new_pos;
-        }
-        if (status != 0) {
-            fail_slot(slot, stop_.load() ? "stopped" : "decoding the image failed (status " + std::to_string(status) + ")");
-            return false;
-        }
-        slot.n_prompt += n;
-        std::lock_guard<std::mutex> lock(mutex_);
-        stats_.tokens_decoded += static_cast<uint64_t>(n);
+    const std::string problem = image_batch_problem(model_->projector(), image, params_.n_batch);
+    if (!problem.empty()) {
+        fail_slot(slot, problem);
+        return false;
     }
+    DecodeCounts counts;
+    const int32_t status =
+        decode_image(model_->projector(), ctx_.get(), image, slot.pos, slot.seq, params_.n_batch, false, counts);
+    if (status != 0) {
+        fail_slot(slot, stop_.load() ? "stopped" : "decoding the image failed (status " + std::to_string(status) + ")");
+        return false;
+    }
+    slot.n_prompt = static_cast<int32_t>(counts.text_tokens + counts.image_tokens);
+    std::lock_guard<std::mutex> lock(mutex_);
+    stats_.tokens_decoded += counts.text_tokens + counts.image_tokens;
     return true;
 }
 

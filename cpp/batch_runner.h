@@ -86,7 +86,7 @@ struct BatchStats {
 
 class BatchRunner {
   public:
-    // Tokenizes the prompt and starts the threads; the context is created with the first image.
+    // Tokenizes the prompt and starts the worker; the context is created with the first image.
     static std::shared_ptr<BatchRunner> start(std::shared_ptr<Model> model, const BatchParams & params);
     ~BatchRunner();
     BatchRunner(const BatchRunner &) = delete;
@@ -100,7 +100,7 @@ class BatchRunner {
     // The next finished job, as they complete; blocks. False once every submitted job's result has
     // been returned after finish(). Throws ClosedError if closed before that.
     bool next(BatchResult & out);
-    // Stops the threads and frees the context; idempotent. Results not yet taken are dropped.
+    // Stops the worker and frees the context; idempotent. Results not yet taken are dropped.
     void close();
     bool closed() const { return closed_.load(); }
     BatchStats stats() const;
@@ -108,7 +108,7 @@ class BatchRunner {
     size_t prefix_tokens() const { return prefix_.size(); }
     size_t suffix_tokens() const { return suffix_.size(); }
 
-    // For Model::close(): ask the threads to stop before it waits for the model, then close.
+    // For Model::close(): ask the worker to stop before it waits for the model, then close.
     void request_stop();
     void close_for_model();
 
@@ -131,7 +131,6 @@ class BatchRunner {
     void finish_slot(Slot & slot, const char * reason);
     void fail_slot(Slot & slot, const std::string & error);
     void emit(BatchResult && result, bool failed);
-    int32_t decode_tokens(const llama_token * tokens, size_t n, llama_pos pos, llama_seq_id seq);
 
     static bool abort_requested(void * self);
 

@@ -3,10 +3,10 @@
 #include <algorithm>
 #include <string>
 
+#include "decode.h"
 #include "errors.h"
 #include "session_state.h"
 #include "llama-cpp.h"
-#include "mtmd-helper.h"
 
 namespace llava_kv {
 namespace {
@@ -141,16 +141,10 @@ std::vector<uint64_t> ImageEmbedRegistry::splice(size_t begin, size_t end, std::
         return {};
     }
     for (const auto & spec : inserted) {
-        if (spec.kind != ChunkKind::Image) {
-            continue;
-        }
-        for (const auto & sub : spec.image->chunks) {
-            const size_t n = mtmd_input_chunk_get_n_tokens(sub.get());
-            if (mtmd_input_chunk_get_type(sub.get()) != MTMD_INPUT_CHUNK_TYPE_TEXT &&
-                mtmd_decode_use_non_causal(projector_, sub.get()) &&
-                n > static_cast<size_t>(std::min(n_batch_, n_ubatch_))) {
-                throw Error("this projector attends over a whole image at once, which needs its " + std::to_string(n) +
-                            " tokens in one batch; open the session with n_batch >= " + std::to_string(n));
+        if (spec.kind == ChunkKind::Image) {
+            const std::string problem = image_batch_problem(projector_, *spec.image, std::min(n_batch_, n_ubatch_));
+            if (!problem.empty()) {
+                throw Error(problem);
             }
         }
     }
@@ -394,41 +388,25 @@ int32_t ImageEmbedRegistry::decode_from(const std::vector<Chunk> & timeline, siz
 }
 
 int32_t ImageEmbedRegistry::decode_text(const llama_token * tokens, size_t n, llama_pos pos, bool logits_last) {
-    // Same splits as mtmd_helper_eval_chunk_single: n_batch tokens at a time from the chunk start.
-    llama_batch_ext_ptr batch(llama_batch_ext_init(ctx_));
-    size_t i = 0;
-    while (i < n) {
-        llama_batch_ext_clear(batch.get());
-        int32_t idx = -1;
-        int32_t added = 0;
-        for (; i < n && added < n_batch_; ++i, ++added) {
-            idx = llama_batch_ext_add_token(batch.get(), 0, tokens[i]);
-            if (idx < 0) {
-                return -1;
-            }
-            llama_pos p = pos++;
-            llama_batch_ext_set_pos(batch.get(), idx, &p);
-        }
-        const bool want_logits = logits_last && i == n;
-        if (want_logits) {
-            llama_batch_ext_set_output_logits(batch.get(), idx, true);
-        }
-        const int32_t status = llama_process(ctx_, LLAMA_PROCESS_TYPE_DECODE, batch.get());
-        if (status != 0) {
-            return status;
-        }
-        counters_.decode_calls += 1;
-        counters_.tokens_decoded += static_cast<uint64_t>(added);
-        counters_.text_tokens_decoded += static_cast<uint64_t>(added);
-        if (want_logits) {
-            const float * logits = llama_get_logits_ith(ctx_, -1);
-            if (logits == nullptr) {
-                return -1;
-            }
-            logits_.assign(logits, logits + llama_vocab_n_tokens(vocab_));
-            has_logits_ = true;
-        }
+    DecodeCounts counts;
+    const int32_t status = llava_kv::decode_text(ctx_, tokens, n, pos, 0, n_batch_, logits_last, counts);
+    return record(counts, status);
+}
+
+int32_t ImageEmbedRegistry::record(const DecodeCounts & counts, int32_t status) {
+    counters_.decode_calls += counts.calls;
+    counters_.tokens_decoded += counts.text_tokens + counts.image_tokens;
+    counters_.text_tokens_decoded += counts.text_tokens;
+    counters_.image_tokens_decoded += counts.image_tokens;
+    if (status != 0 || !counts.logits) {
+        return status;
     }
+    const float * logits = llama_get_logits_ith(ctx_, -1);
+    if (logits == nullptr) {
+        return -1;
+    }
+    logits_.assign(logits, logits + llama_vocab_n_tokens(vocab_));
+    has_logits_ = true;
     return 0;
 }
 
@@ -452,33 +430,11 @@ int32_t ImageEmbedRegistry::decode_chunk(const Chunk & chunk, bool logits_last) 
         }
         pos += 1;
     }
-    const ImageEmbedding & image = *chunk.image;
-    for (size_t j = 0; j < image.chunks.size(); ++j) {
-        const mtmd_input_chunk * sub = image.chunks[j].get();
-        const bool last = logits_last && j + 1 == image.chunks.size();
-        if (mtmd_input_chunk_get_type(sub) == MTMD_INPUT_CHUNK_TYPE_TEXT) {
-            size_t n = 0;
-            const llama_token * tokens = mtmd_input_chunk_get_tokens_text(sub, &n);
-            const int32_t status = decode_text(tokens, n, pos, last);
-            if (status != 0) {
-                return status;
-            }
-            pos += static_cast<llama_pos>(n);
-            continue;
-        }
-        llama_pos new_pos = pos;
-        // mtmd reads the embedding but takes a non-const pointer.
-        float * embd = const_cast<float *>(image.embeddings[j].data());
-        const int32_t status =
-            mtmd_helper_decode_image_chunk(projector_, ctx_, sub, embd, pos, 0, n_batch_, &new_pos, nullptr, nullptr);
-        if (status != 0) {
-            return status;
-        }
-        const size_t n = mtmd_input_chunk_get_n_tokens(sub);
-        counters_.decode_calls += (n + n_batch_ - 1) / n_batch_;
-        counters_.tokens_decoded += n;
-        counters_.image_tokens_decoded += n;
-        pos = new_pos;
+    DecodeCounts counts;
+    const int32_t status =
+        record(counts, decode_image(projector_, ctx_, *chunk.image, pos, 0, n_batch_, logits_last, counts));
+    if (status != 0) {
+        return status;
     }
     counters_.images_decoded += 1;
     return 0;

@@ -53,6 +53,7 @@ struct RegistryCounters {
     uint64_t shift_edits = 0;
 };
 
+struct DecodeCounts;      // decode.h
 struct RegistrySnapshot;  // session_state.h
 
 class ImageEmbedRegistry {
@@ -108,6 +109,9 @@ class ImageEmbedRegistry {
     int32_t decode_from(const std::vector<Chunk> & timeline, size_t from);
     int32_t decode_text(const llama_token * tokens, size_t n, llama_pos pos0, bool logits_last);
     int32_t decode_chunk(const Chunk & chunk, bool logits_last);
+    // Adds a decode call's work to the counters and keeps its logits if it asked for them; returns
+    // `status`, or -1 if the logits it asked for are missing.
+    int32_t record(const DecodeCounts & counts, int32_t status);
     bool remove_kv_from(llama_pos pos0);
     void reset_kv();
 
