@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from . import _core
 from .errors import ClosedError, LlavaKVError
-from .images import ImageInput, load_image
+from .images import ImageInput, describe_image, load_image
 
 if TYPE_CHECKING:
     from .model import Model
@@ -61,19 +61,6 @@ def render_prompt(model: "Model", prompt: str, *, system: str | None = None,
     return parts[0], parts[1]
 
 
-def _describe(image: Any) -> str:
-    if isinstance(image, (str, os.PathLike)):
-        return os.fspath(image)
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        return f"<{len(image)} bytes>"
-    shape = getattr(image, "shape", None)
-    if shape is not None:
-        return f"<array {'x'.join(map(str, shape))}>"
-    size = getattr(image, "size", None)
-    return getattr(image, "filename", "") or (f"<PIL {size[0]}x{size[1]}>" if isinstance(size, tuple) else
-                                              f"<{type(image).__name__}>")
-
-
 class _Feeder(threading.Thread):
     """Decodes images (Pillow) and submits them; the runner's queue bounds how far it runs ahead."""
 
@@ -88,7 +75,7 @@ class _Feeder(threading.Thread):
     def run(self) -> None:
         try:
             for i, image in enumerate(self.images):
-                source = _describe(image)
+                source = describe_image(image)
                 self.sources[i] = source
                 t0 = time.perf_counter()
                 try:

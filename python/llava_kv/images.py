@@ -72,6 +72,20 @@ def _from_array(arr: np.ndarray, source: str) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+def describe_image(image: Any) -> str:
+    """How errors and records name an image: the path as given, or a short description."""
+    if isinstance(image, (str, os.PathLike)):
+        return os.fspath(image)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return f"<{memoryview(image).nbytes} bytes>"
+    if isinstance(image, np.ndarray):
+        return f"<array {'x'.join(map(str, image.shape))}>"
+    size, mode = getattr(image, "size", None), getattr(image, "mode", None)
+    if isinstance(size, tuple) and mode is not None:  # a PIL image
+        return getattr(image, "filename", "") or f"<PIL {mode} {size[0]}x{size[1]}>"
+    return f"<{type(image).__name__}>"
+
+
 def load_image(image: ImageInput, projector_id: str = "") -> LoadedImage:
     """Decode ``image`` (path, bytes, PIL image or uint8 array) to RGB pixels and digest them.
 
@@ -80,29 +94,24 @@ def load_image(image: ImageInput, projector_id: str = "") -> LoadedImage:
     """
     from PIL import Image, UnidentifiedImageError
 
+    source = describe_image(image)
     if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        source = str(image)
-        if not path.is_file():
+        if not Path(image).is_file():
             raise FileNotFoundError(2, "No such image file", source)
         try:
-            with Image.open(path) as img:
+            with Image.open(image) as img:
                 pixels = _from_pil(img, repr(source))
         except UnidentifiedImageError as e:
             raise ImageError(f"cannot read image {source!r}: not an image format Pillow knows") from e
     elif isinstance(image, (bytes, bytearray, memoryview)):
-        data = bytes(image)
-        source = f"<{len(data)} bytes>"
         try:
-            with Image.open(io.BytesIO(data)) as img:
+            with Image.open(io.BytesIO(bytes(image))) as img:
                 pixels = _from_pil(img, source)
         except UnidentifiedImageError as e:
             raise ImageError(f"cannot read image from {source}: not an image format Pillow knows") from e
     elif isinstance(image, np.ndarray):
-        source = f"<array {'x'.join(map(str, image.shape))}>"
         pixels = _from_array(image, source)
     elif isinstance(image, Image.Image):
-        source = getattr(image, "filename", "") or f"<PIL {image.mode} {image.size[0]}x{image.size[1]}>"
         pixels = _from_pil(image, source)
     else:
         raise TypeError(f"an image is a path, bytes, PIL.Image or HxWx3 uint8 array, not {type(image).__name__}")

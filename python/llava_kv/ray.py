@@ -66,9 +66,8 @@ class ImagePrompter:
         self.model.close()
 
     def __del__(self) -> None:
-        model = getattr(self, "model", None)
-        if model is not None:
-            model.close()
+        if hasattr(self, "model"):  # __init__ may have failed before loading
+            self.close()
 
 
 def prompt_dataset(dataset: Any, model_path: str | os.PathLike[str], mmproj_path: str | os.PathLike[str],
