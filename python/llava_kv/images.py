@@ -6,6 +6,7 @@ pictures never do.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -15,11 +16,31 @@ from typing import Any, Union
 
 import numpy as np
 
+from .arguments import check_int
 from .errors import ImageError
 
 ImageInput = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, np.ndarray, Any]
 
-__all__ = ["LoadedImage", "load_image", "file_fingerprint"]
+__all__ = ["LoadedImage", "load_image", "describe_image", "file_fingerprint", "set_max_image_pixels",
+           "get_max_image_pixels", "DEFAULT_MAX_IMAGE_PIXELS"]
+
+# Images larger than this (width x height) are refused before they are decoded: a small file can
+# declare a huge canvas (a "decompression bomb"), and a projector resizes every image to a few
+# hundred pixels a side anyway. 8192 x 8192; raise it with set_max_image_pixels(). Pillow's own
+# guard (PIL.Image.MAX_IMAGE_PIXELS, about 89 Mpx, an error at twice that) also applies, and its
+# errors become ImageError too.
+DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192
+_max_image_pixels = DEFAULT_MAX_IMAGE_PIXELS
+
+
+def set_max_image_pixels(n: int | None) -> None:
+    """Refuse images of more than ``n`` pixels (None: back to DEFAULT_MAX_IMAGE_PIXELS), process-wide."""
+    global _max_image_pixels
+    _max_image_pixels = DEFAULT_MAX_IMAGE_PIXELS if n is None else check_int("max_image_pixels", n, 1, 2**62)
+
+
+def get_max_image_pixels() -> int:
+    return _max_image_pixels
 
 
 @dataclass(frozen=True)
@@ -48,14 +69,35 @@ def file_fingerprint(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def _from_pil(img: Any, source: str) -> np.ndarray:
+def _check_size(width: int, height: int, source: str, limit: int) -> None:
+    if width * height > limit:
+        raise ImageError(f"image {source} is {width}x{height} = {width * height} pixels, more than the limit of "
+                         f"{limit} (llava_kv.images.set_max_image_pixels() raises it)")
+
+
+def _from_pil(img: Any, source: str, limit: int) -> np.ndarray:
+    _check_size(img.size[0], img.size[1], source, limit)  # before decoding: only the header is read so far
+    img.load()
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return np.asarray(img, dtype=np.uint8)
+
+
+def _decode(open_image: Any, source: str, limit: int) -> np.ndarray:
+    """Pixels of the image ``open_image()`` opens; every failure of Pillow's becomes ImageError."""
+    from PIL import Image, UnidentifiedImageError
+
     try:
-        img.load()
-        if img.mode != "RGB":
-            img = img.convert("RGB")
-        return np.asarray(img, dtype=np.uint8)
-    except Exception as e:  # PIL raises many types for truncated or odd files
-        raise ImageError(f"cannot decode image {source}: {e}") from e
+        with open_image() as img:
+            return _from_pil(img, source, limit)
+    except ImageError:
+        raise
+    except UnidentifiedImageError as e:
+        raise ImageError(f"cannot read image {source}: not an image format Pillow knows") from e
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"image {source} is too large to decode safely: {e}") from e
+    except Exception as e:  # truncated or corrupt data: Pillow raises OSError, ValueError, SyntaxError, ...
+        raise ImageError(f"cannot decode image {source}: {type(e).__name__}: {e}") from e
 
 
 def _from_array(arr: np.ndarray, source: str) -> np.ndarray:
@@ -86,33 +128,29 @@ def describe_image(image: Any) -> str:
     return f"<{type(image).__name__}>"
 
 
-def load_image(image: ImageInput, projector_id: str = "") -> LoadedImage:
+def load_image(image: ImageInput, projector_id: str = "", *, max_pixels: int | None = None) -> LoadedImage:
     """Decode ``image`` (path, bytes, PIL image or uint8 array) to RGB pixels and digest them.
 
-    Raises FileNotFoundError for a missing path, ImageError for data Pillow cannot decode, and
-    TypeError/ValueError for objects that are not images.
+    Raises FileNotFoundError for a missing path, ImageError naming the input for data Pillow cannot
+    decode or an image of more than ``max_pixels`` pixels (default: :func:`get_max_image_pixels`),
+    and TypeError/ValueError for objects that are not images.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
+    limit = _max_image_pixels if max_pixels is None else check_int("max_pixels", max_pixels, 1, 2**62)
     source = describe_image(image)
     if isinstance(image, (str, os.PathLike)):
         if not Path(image).is_file():
             raise FileNotFoundError(2, "No such image file", source)
-        try:
-            with Image.open(image) as img:
-                pixels = _from_pil(img, repr(source))
-        except UnidentifiedImageError as e:
-            raise ImageError(f"cannot read image {source!r}: not an image format Pillow knows") from e
+        pixels = _decode(lambda: Image.open(image), repr(source), limit)
     elif isinstance(image, (bytes, bytearray, memoryview)):
-        try:
-            with Image.open(io.BytesIO(bytes(image))) as img:
-                pixels = _from_pil(img, source)
-        except UnidentifiedImageError as e:
-            raise ImageError(f"cannot read image from {source}: not an image format Pillow knows") from e
+        data = bytes(image)
+        pixels = _decode(lambda: Image.open(io.BytesIO(data)), source, limit)
     elif isinstance(image, np.ndarray):
         pixels = _from_array(image, source)
+        _check_size(pixels.shape[1], pixels.shape[0], source, limit)
     elif isinstance(image, Image.Image):
-        pixels = _from_pil(image, source)
+        pixels = _decode(lambda: contextlib.nullcontext(image), source, limit)  # the caller's to close
     else:
         raise TypeError(f"an image is a path, bytes, PIL.Image or HxWx3 uint8 array, not {type(image).__name__}")
 

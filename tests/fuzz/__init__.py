@@ -1,0 +1,1 @@
+"""Coverage-guided fuzzing (atheris) of the three kinds of untrusted file llava-kv reads."""
