@@ -2,15 +2,16 @@
 
 #include <algorithm>
 #include <chrono>
+#include <new>
 #include <set>
 
 #include "decode.h"
 #include "errors.h"
 #include "runtime.h"
+#include "tokens.h"
 
 namespace llava_kv {
 
-extern std::atomic<long> g_live_runners;
 
 namespace {
 
@@ -112,13 +113,13 @@ BatchRunner::BatchRunner(std::shared_ptr<Model> model, const BatchParams & param
         throw std::invalid_argument("n_ctx=" + std::to_string(params_.n_ctx) + " leaves no room after the " +
                                     std::to_string(prefix_.size()) + " tokens of the prompt before the image");
     }
-    g_live_runners.fetch_add(1);
+    if (int64_t(params_.n_parallel + 1) * params_.n_ctx > INT32_MAX) {
+        throw std::invalid_argument("parallel=" + std::to_string(params_.n_parallel) + " sequences of n_ctx=" +
+                                    std::to_string(params_.n_ctx) + " cells are more than llama.cpp can address");
+    }
 }
 
-BatchRunner::~BatchRunner() {
-    close();
-    g_live_runners.fetch_sub(1);
-}
+BatchRunner::~BatchRunner() { close(); }
 
 bool BatchRunner::abort_requested(void * self) {
     return static_cast<BatchRunner *>(self)->stop_.load(std::memory_order_relaxed);
@@ -171,6 +172,9 @@ bool BatchRunner::next(BatchResult & out) {
     if (input_done_ && returned_ == stats_.jobs_submitted) {
         return false;
     }
+    if (!failure_.empty()) {
+        throw Error("the batch runner failed and stopped: " + failure_);
+    }
     throw ClosedError(model_->closed() ? "the model was closed while the batch was running"
                                        : "the batch runner was closed before all results came back");
 }
@@ -213,8 +217,8 @@ void BatchRunner::emit(BatchResult && result, bool failed) {
 
 std::vector<std::unique_ptr<BatchRunner::Ready>> BatchRunner::encode(std::vector<BatchJob> jobs) {
     std::vector<std::unique_ptr<Ready>> done;
-    std::vector<const ImagePixels *> pending;
-    std::vector<ImagePixels> pixels(jobs.size());
+    std::vector<const MediaInput *> pending;
+    std::vector<MediaInput> pixels(jobs.size());
     std::vector<size_t> pending_jobs;
     for (size_t i = 0; i < jobs.size(); ++i) {
         auto r = std::make_unique<Ready>();
@@ -246,13 +250,13 @@ std::vector<std::unique_ptr<BatchRunner::Ready>> BatchRunner::encode(std::vector
     const auto t0 = Clock::now();
     std::vector<std::shared_ptr<const ImageEmbedding>> embeddings;
     try {
-        embeddings = embed_images(*model_, pending, counters);
+        embeddings = embed_media(*model_, pending, counters);
     } catch (const std::exception &) {
         // One bad image fails only itself: encode one at a time to find it.
         embeddings.assign(pending.size(), nullptr);
         for (size_t k = 0; k < pending.size(); ++k) {
             try {
-                embeddings[k] = embed_images(*model_, {pending[k]}, counters).front();
+                embeddings[k] = embed_media(*model_, {pending[k]}, counters).front();
             } catch (const std::exception & e) {
                 done[pending_jobs[k]]->error = e.what();
             }
@@ -279,8 +283,8 @@ std::vector<std::unique_ptr<BatchRunner::Ready>> BatchRunner::encode(std::vector
     return done;
 }
 
-int32_t BatchRunner::cells_needed(const Ready & job) const {
-    return job.image->n_tokens + static_cast<int32_t>(suffix_.size()) + params_.max_tokens;
+int64_t BatchRunner::cells_needed(const Ready & job) const {
+    return int64_t(job.image->n_tokens) + int64_t(suffix_.size()) + int64_t(params_.max_tokens);
 }
 
 std::string BatchRunner::too_large(const Ready & job) const {
@@ -290,27 +294,36 @@ std::string BatchRunner::too_large(const Ready & job) const {
     return "the image needs " + std::to_string(cells_needed(job)) + " KV cells (image " +
            std::to_string(job.image->n_tokens) + ", prompt " + std::to_string(suffix_.size()) + ", max_tokens " +
            std::to_string(params_.max_tokens) + ") after the shared prompt of " + std::to_string(prefix_.size()) +
-           ", more than n_ctx=" + std::to_string(prefix_.size() + size_t(seq_cells_)) + " per image allows";
+           ", more than n_ctx=" + std::to_string(int64_t(prefix_.size()) + seq_cells_) +
+           " per image allows; lower max_tokens or pass a larger n_ctx";
 }
 
 void BatchRunner::create_context(const Ready & first) {
-    // Room for every sequence at once; sized from the first image (plus a quarter for larger ones)
-    // unless n_ctx says how much one image may use.
-    seq_cells_ = params_.n_ctx > 0 ? params_.n_ctx - static_cast<int32_t>(prefix_.size())
-                                   : cells_needed(first) + cells_needed(first) / 4;
+    // Room for every sequence at once; sized from the first image (plus a quarter for larger ones,
+    // at most the model's training context) unless n_ctx says how much one image may use.
+    const int64_t prefix = static_cast<int64_t>(prefix_.size());
+    if (params_.n_ctx > 0) {
+        seq_cells_ = params_.n_ctx - prefix;
+    } else {
+        const int64_t wanted = cells_needed(first) + cells_needed(first) / 4;
+        seq_cells_ = std::min(wanted, std::max<int64_t>(model_->n_ctx_train() - prefix, 1));
+    }
     // One KV stream per sequence (and one for the prefix): attention in a step reads only each
     // sequence's own cells, where a unified cache would make every token read every image's.
-    const int32_t n_ctx = (params_.n_parallel + 1) * (static_cast<int32_t>(prefix_.size()) + seq_cells_);
-    llama_context_params cparams = llama_context_default_params();
+    const int64_t n_ctx = int64_t(params_.n_parallel + 1) * (prefix + seq_cells_);
+    if (n_ctx > INT32_MAX) {
+        throw Error("a batch context of " + std::to_string(n_ctx) + " cells (" + std::to_string(params_.n_parallel) +
+                    " sequences) is more than llama.cpp can address; lower parallel or n_ctx");
+    }
+    model_->check_context_memory(n_ctx);
+    llama_context_params cparams = model_->context_params(params_.n_threads);
     cparams.n_ctx = static_cast<uint32_t>(n_ctx);
     cparams.n_batch = static_cast<uint32_t>(params_.n_batch);
     cparams.n_ubatch = static_cast<uint32_t>(params_.n_batch);
     cparams.n_seq_max = static_cast<uint32_t>(params_.n_parallel + 1);  // + the shared prefix
+    // llama.cpp keeps room for one output per sequence even when n_batch is smaller.
+    cparams.n_outputs_max = static_cast<uint32_t>(std::max(params_.n_batch, params_.n_parallel + 1));
     cparams.kv_unified = false;  // the prefix is copied into a sequence's stream when it starts
-    const int32_t threads = params_.n_threads > 0 ? params_.n_threads : model_->n_threads();
-    cparams.n_threads = threads;
-    cparams.n_threads_batch = threads;
-    cparams.no_perf = true;
     cparams.abort_callback = &BatchRunner::abort_requested;
     cparams.abort_callback_data = this;
     take_logged_errors();
@@ -453,6 +466,9 @@ void BatchRunner::decode_step(std::vector<Slot> & slots) {
         carried += 1;
     }
     const int32_t n_tokens = params_.n_batch - room;
+    if (take_decode_fault() == DecodeFault::Exception) {
+        throw std::bad_alloc();  // test hook: a failure inside the worker
+    }
     const int32_t status = llama_process(ctx_.get(), LLAMA_PROCESS_TYPE_DECODE, batch_.get());
     if (status != 0) {
         const std::string why = stop_.load() ? std::string("stopped")
@@ -492,6 +508,11 @@ void BatchRunner::decode_step(std::vector<Slot> & slots) {
             slot.generating = true;
             slot.first_token = Clock::now();
         }
+        const float * logits = llama_get_logits_ith(ctx_.get(), slot.batch_index);
+        if (logits == nullptr || !all_finite(logits, static_cast<size_t>(model_->n_vocab()))) {
+            fail_slot(slot, "the model produced non-finite logits (NaN or inf): its weights or hyperparameters are broken");
+            continue;
+        }
         const llama_token token = llama_sampler_sample(slot.sampler.get(), ctx_.get(), slot.batch_index);
         if (llama_vocab_is_eog(vocab, token)) {
             finish_slot(slot, "stop");
@@ -526,6 +547,24 @@ void BatchRunner::decode_step(std::vector<Slot> & slots) {
 }
 
 void BatchRunner::worker_loop() {
+    // Nothing may escape a thread's function (std::terminate): a failure ends the run and reaches
+    // the consumer's next() as an exception.
+    try {
+        run_jobs();
+    } catch (const std::exception & e) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        failure_ = e.what();
+        stop_.store(true);
+        changed_.notify_all();
+    } catch (...) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        failure_ = "an unknown C++ exception";
+        stop_.store(true);
+        changed_.notify_all();
+    }
+}
+
+void BatchRunner::run_jobs() {
     std::vector<Slot> slots(static_cast<size_t>(params_.n_parallel));
     for (size_t i = 0; i < slots.size(); ++i) {
         slots[i].seq = static_cast<llama_seq_id>(i);

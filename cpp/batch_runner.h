@@ -118,12 +118,13 @@ class BatchRunner {
 
     BatchRunner(std::shared_ptr<Model> model, const BatchParams & params);
     void worker_loop();
+    void run_jobs();
     std::vector<std::unique_ptr<Ready>> encode(std::vector<BatchJob> jobs);
     // A shared hold on the model, or none once a stop is asked for or the model is closed.
     std::shared_lock<std::shared_mutex> acquire_hold() const;
 
     void create_context(const Ready & first);
-    int32_t cells_needed(const Ready & job) const;
+    int64_t cells_needed(const Ready & job) const;
     // Why this job can never fit a sequence (empty if it can).
     std::string too_large(const Ready & job) const;
     bool admit(Slot & slot, Ready && job);
@@ -134,6 +135,7 @@ class BatchRunner {
 
     static bool abort_requested(void * self);
 
+    LiveObject live_{LiveKind::BatchRunner};
     std::shared_ptr<Model> model_;
     BatchParams params_;
     std::vector<llama_token> prefix_;  // BOS included where the model adds it
@@ -151,12 +153,13 @@ class BatchRunner {
     bool input_done_ = false;
     uint64_t returned_ = 0;
     BatchStats stats_;
+    std::string failure_;  // why the worker stopped, if it failed
 
     // Owned by the worker thread (and close(), after joining it).
     std::deque<std::unique_ptr<Ready>> ready_;  // encoded, waiting for a free sequence
     llama_context_ptr ctx_;
     llama_batch_ext_ptr batch_;
-    int32_t seq_cells_ = 0;  // cells one job may use beyond the shared prefix
+    int64_t seq_cells_ = 0;  // cells one job may use beyond the shared prefix
 
     std::thread worker_;
 };

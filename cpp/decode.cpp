@@ -1,9 +1,69 @@
 #include "decode.h"
 
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <mutex>
+
 #include "llama-cpp.h"
 #include "mtmd-helper.h"
 
 namespace llava_kv {
+namespace {
+
+std::atomic<uint64_t> g_fault_countdown{0};  // 0: disarmed
+std::atomic<int> g_fault_kind{static_cast<int>(DecodeFault::None)};
+
+std::mutex g_pause_mutex;
+std::condition_variable g_pause_changed;
+bool g_paused = false;    // a decode is waiting in pause_decode()
+bool g_released = false;  // release_decode_pause() was called for it
+
+}  // namespace
+
+void pause_decode() {
+    std::unique_lock<std::mutex> lock(g_pause_mutex);
+    g_paused = true;
+    g_released = false;
+    g_pause_changed.notify_all();
+    g_pause_changed.wait(lock, [] { return g_released; });
+    g_paused = false;
+}
+
+bool wait_decode_paused(double timeout_s) {
+    std::unique_lock<std::mutex> lock(g_pause_mutex);
+    return g_pause_changed.wait_for(lock, std::chrono::duration<double>(timeout_s), [] { return g_paused; });
+}
+
+void release_decode_pause() {
+    std::lock_guard<std::mutex> lock(g_pause_mutex);
+    g_released = true;
+    g_pause_changed.notify_all();
+}
+
+void arm_decode_fault(uint64_t nth, DecodeFault kind) {
+    g_fault_kind.store(static_cast<int>(kind));
+    g_fault_countdown.store(kind == DecodeFault::None ? 0 : nth);
+}
+
+DecodeFault take_decode_fault() {
+    uint64_t left = g_fault_countdown.load();
+    while (left > 0) {
+        if (g_fault_countdown.compare_exchange_weak(left, left - 1)) {
+            return left == 1 ? static_cast<DecodeFault>(g_fault_kind.load()) : DecodeFault::None;
+        }
+    }
+    return DecodeFault::None;
+}
+
+bool all_finite(const float * values, size_t n) {
+    for (size_t i = 0; i < n; ++i) {
+        if (!std::isfinite(values[i])) {
+            return false;
+        }
+    }
+    return true;
+}
 
 int32_t decode_text(llama_context * ctx, const llama_token * tokens, size_t n, llama_pos pos, llama_seq_id seq,
                     int32_t n_batch, bool logits_last, DecodeCounts & counts) {

@@ -3,6 +3,7 @@
 // whether two runs give bitwise the same logits.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <string>
 
@@ -11,6 +12,41 @@
 #include "mtmd.h"
 
 namespace llava_kv {
+
+// When a context's decoding must stop. The owner's abort callback reads abort_requested(); a
+// rollback sets `restoring` while it re-decodes the previous state, so that a cancel() that stopped
+// the edit cannot also stop the restore of what was there before it.
+struct CancelState {
+    std::atomic<bool> cancel{false};     // cancel(): the call in flight stops, nothing changes
+    std::atomic<bool> closing{false};    // close(): the call stops and its state is dropped
+    std::atomic<bool> restoring{false};  // a rollback is re-decoding the previous state
+
+    bool abort_requested() const {
+        return closing.load(std::memory_order_relaxed) ||
+               (cancel.load(std::memory_order_relaxed) && !restoring.load(std::memory_order_relaxed));
+    }
+};
+
+// Test-only fault injection, so every rollback path can be made to run: arm_decode_fault(n, kind)
+// makes the n-th decode call from now (1 = the next one) fail in the given way. Disarmed by default.
+// Status: a failing status; Exception: a C++ exception; Cancel / Close: the owner's cancel() or
+// close() arrives, and the decode is aborted for real; Pause: the decode waits (holding whatever
+// the call holds) until release_decode_pause(), so tests can order threads with events, not sleeps.
+enum class DecodeFault { None, Status, Exception, Cancel, Close, Pause };
+void arm_decode_fault(uint64_t nth, DecodeFault kind);
+// Called once per decode call by the code that can take the fault: the armed fault when it is due.
+DecodeFault take_decode_fault();
+// Pause: blocks the calling decode until released; the test side waits for it to be reached.
+void pause_decode();
+bool wait_decode_paused(double timeout_s);
+void release_decode_pause();
+
+// Statuses of our own beside llama_process's (0 ok, 1 no KV slot, 2 aborted, < 0 errors).
+constexpr int32_t kDecodeThrew = -100;      // a C++ exception escaped a decode
+constexpr int32_t kDecodeNonFinite = -101;  // the logits hold NaN or inf
+
+// Whether all `n` values are finite (a model with broken weights or hyperparameters gives NaN).
+bool all_finite(const float * values, size_t n);
 
 // What one decode call did, for the callers' counters.
 struct DecodeCounts {

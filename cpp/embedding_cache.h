@@ -27,6 +27,8 @@ struct ImageEmbedding {
     llama_pos n_pos = 0;                         // KV positions taken (differs from n_tokens under M-RoPE)
     uint32_t width = 0;
     uint32_t height = 0;
+    bool audio = false;      // an audio clip (then width/height are 0)
+    uint64_t n_samples = 0;  // audio
 
     size_t bytes() const;
 };

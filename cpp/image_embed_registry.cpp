@@ -1,6 +1,7 @@
 #include "image_embed_registry.h"
 
 #include <algorithm>
+#include <new>
 #include <string>
 
 #include "decode.h"
@@ -11,21 +12,17 @@
 namespace llava_kv {
 namespace {
 
-std::string decode_failure(int32_t status) {
-    switch (status) {
-        case 1: return "no KV cache slot for the batch (the context is full)";
-        case 2: return "cancelled";
-        case -1: return "invalid batch";
-        default: return "llama_decode failed with status " + std::to_string(status);
-    }
-}
+// Marks a rollback in progress for its lifetime, so that a pending cancel() cannot stop it.
+class Restoring {
+  public:
+    explicit Restoring(CancelState & state) : state_(state) { state_.restoring.store(true); }
+    ~Restoring() { state_.restoring.store(false); }
+    Restoring(const Restoring &) = delete;
+    Restoring & operator=(const Restoring &) = delete;
 
-[[noreturn]] void throw_decode_failure(int32_t status) {
-    if (status == 2) {
-        throw CancelledError("the call was cancelled; the session is as it was before the call");
-    }
-    throw Error("decoding failed: " + decode_failure(status) + "; the session is as it was before the call");
-}
+  private:
+    CancelState & state_;
+};
 
 // The token whose logits a timeline ending in `chunk` reports, if it ends in text.
 bool last_text_token(const Chunk & chunk, llama_token bos, llama_token & out) {
@@ -56,16 +53,68 @@ bool last_text_token(const Chunk & chunk, llama_token bos, llama_token & out) {
 }  // namespace
 
 ImageEmbedRegistry::ImageEmbedRegistry(llama_context * ctx, mtmd_context * projector, const llama_vocab * vocab,
-                                       int32_t n_batch, int32_t n_ubatch, RegistryCounters & counters)
+                                       int32_t n_ctx, int32_t n_batch, int32_t n_ubatch, CancelState & cancel,
+                                       RegistryCounters & counters)
     : ctx_(ctx),
       projector_(projector),
       vocab_(vocab),
       n_batch_(n_batch),
       n_ubatch_(n_ubatch),
-      n_ctx_(static_cast<int32_t>(llama_n_ctx(ctx))),
+      n_ctx_(n_ctx),
       add_bos_(llama_vocab_get_add_bos(vocab)),
       bos_(llama_vocab_bos(vocab)),
+      cancel_(cancel),
       counters_(counters) {}
+
+std::string ImageEmbedRegistry::failure(int32_t status) const {
+    switch (status) {
+        case 1: return "no KV cache slot for the batch (the context is full)";
+        case 2: return "cancelled";
+        case -1: return "invalid batch";
+        case kDecodeThrew: return "an internal error (" + exception_what_ + ")";
+        case kDecodeNonFinite:
+            return "the model produced non-finite logits (NaN or inf): its weights or hyperparameters are broken";
+        default: return "llama_decode failed with status " + std::to_string(status);
+    }
+}
+
+void ImageEmbedRegistry::roll_back(int32_t status, size_t first, const std::vector<float> & old_logits,
+                                   bool old_has_logits) {
+    if (cancel_.closing.load()) {
+        // The session is being closed and its state freed: restoring it would only delay close().
+        reset_kv();
+        timeline_.clear();
+        has_logits_ = false;
+        throw ClosedError("the session was closed while the call was running");
+    }
+    int32_t restored = -1;
+    {
+        Restoring restoring(cancel_);
+        const llama_pos restore_from = first < timeline_.size() ? timeline_[first].pos0 : n_past();
+        restored = remove_kv_from(restore_from) ? decode_from(timeline_, first) : -1;
+        if (restored != 0 && !cancel_.closing.load()) {
+            reset_kv();
+            restored = decode_from(timeline_, 0);
+        }
+    }
+    if (restored != 0) {
+        const std::string why = failure(restored);
+        reset_kv();
+        timeline_.clear();
+        has_logits_ = false;
+        if (cancel_.closing.load()) {
+            throw ClosedError("the session was closed while the call was running");
+        }
+        throw Error("decoding failed (" + failure(status) + ") and the previous state could not be rebuilt (" +
+                    why + "); the session was reset to empty");
+    }
+    logits_ = old_logits;
+    has_logits_ = old_has_logits;
+    if (status == 2) {
+        throw CancelledError("the call was cancelled; the session is as it was before the call");
+    }
+    throw Error("decoding failed: " + failure(status) + "; the session is as it was before the call");
+}
 
 int32_t ImageEmbedRegistry::n_cells() const {
     int32_t total = 0;
@@ -208,22 +257,7 @@ void ImageEmbedRegistry::commit(std::vector<Chunk> next, size_t begin) {
 
     const int32_t status = decode_from(next, first);
     if (status != 0) {
-        const llama_pos restore_from = first < timeline_.size() ? timeline_[first].pos0 : n_past();
-        int32_t restored = remove_kv_from(restore_from) ? decode_from(timeline_, first) : -1;
-        if (restored != 0) {
-            reset_kv();
-            restored = decode_from(timeline_, 0);
-        }
-        if (restored != 0) {
-            reset_kv();
-            timeline_.clear();
-            has_logits_ = false;
-            throw Error("decoding failed (" + decode_failure(status) +
-                        ") and the previous state could not be rebuilt; the session was reset to empty");
-        }
-        logits_ = old_logits;
-        has_logits_ = old_has_logits;
-        throw_decode_failure(status);
+        roll_back(status, first, old_logits, old_has_logits);
     }
     timeline_ = std::move(next);
 }
@@ -270,6 +304,8 @@ void ImageEmbedRegistry::remove_shift(size_t index) {
     counters_.shift_edits += 1;
 
     // Refresh the logits of the (shifted) last token so logits() never reports stale values.
+    const std::vector<float> old_logits = logits_;
+    const bool old_has_logits = has_logits_;
     const Chunk & last = next.back();
     llama_token token = 0;
     int32_t status = 0;
@@ -280,19 +316,19 @@ void ImageEmbedRegistry::remove_shift(size_t index) {
             status = -1;
         } else {
             counters_.kv_cells_removed += 1;
-            status = decode_text(&token, 1, pos, true);
+            try {
+                status = decode_text(&token, 1, pos, true);
+            } catch (const std::exception & e) {
+                exception_what_ = e.what();
+                status = kDecodeThrew;
+            }
         }
     }
     if (status != 0) {
-        // Put back the state from before the call by rebuilding it exactly.
+        // The shift already moved the KV cache: put back the state from before the call by
+        // rebuilding it exactly, from the start.
         reset_kv();
-        if (decode_from(timeline_, 0) != 0) {
-            reset_kv();
-            timeline_.clear();
-            has_logits_ = false;
-            throw Error("a shift edit failed and the previous state could not be rebuilt; the session was reset");
-        }
-        throw_decode_failure(status);
+        roll_back(status, 0, old_logits, old_has_logits);
     }
     timeline_ = std::move(next);
 }
@@ -308,10 +344,24 @@ void ImageEmbedRegistry::append_generated(llama_token token, const std::string &
                                    std::to_string(n_ctx_) + "; open the session with a larger n_ctx");
     }
     const llama_pos pos = n_past();
-    const int32_t status = decode_text(&token, 1, pos, true);
+    const std::vector<float> old_logits = logits_;
+    int32_t status = 0;
+    try {
+        status = decode_text(&token, 1, pos, true);
+    } catch (const std::exception & e) {
+        exception_what_ = e.what();
+        status = kDecodeThrew;
+    }
     if (status != 0) {
+        // One token past the timeline: dropping its cell puts the KV cache back.
         remove_kv_from(pos);
-        throw_decode_failure(status);
+        logits_ = old_logits;
+        has_logits_ = true;
+        if (status == 2) {
+            throw CancelledError(cancel_.closing.load() ? "the session was closed while generating"
+                                                        : "generation was cancelled; the session is as it was");
+        }
+        throw Error("decoding failed: " + failure(status) + "; the session is as it was before the call");
     }
     if (!timeline_.back().generated) {
         Chunk c;
@@ -378,7 +428,13 @@ void ImageEmbedRegistry::reset_kv() {
 int32_t ImageEmbedRegistry::decode_from(const std::vector<Chunk> & timeline, size_t from) {
     has_logits_ = false;
     for (size_t i = from; i < timeline.size(); ++i) {
-        const int32_t status = decode_chunk(timeline[i], i + 1 == timeline.size());
+        int32_t status = 0;
+        try {
+            status = decode_chunk(timeline[i], i + 1 == timeline.size());
+        } catch (const std::exception & e) {
+            exception_what_ = e.what();
+            status = kDecodeThrew;
+        }
         if (status != 0) {
             has_logits_ = false;
             return status;
@@ -388,6 +444,9 @@ int32_t ImageEmbedRegistry::decode_from(const std::vector<Chunk> & timeline, siz
 }
 
 int32_t ImageEmbedRegistry::decode_text(const llama_token * tokens, size_t n, llama_pos pos, bool logits_last) {
+    if (const int32_t status = fault_point()) {
+        return status;
+    }
     DecodeCounts counts;
     const int32_t status = llava_kv::decode_text(ctx_, tokens, n, pos, 0, n_batch_, logits_last, counts);
     return record(counts, status);
@@ -405,8 +464,24 @@ int32_t ImageEmbedRegistry::record(const DecodeCounts & counts, int32_t status) 
     if (logits == nullptr) {
         return -1;
     }
-    logits_.assign(logits, logits + llama_vocab_n_tokens(vocab_));
+    const size_t n_vocab = static_cast<size_t>(llama_vocab_n_tokens(vocab_));
+    if (!all_finite(logits, n_vocab)) {
+        return kDecodeNonFinite;
+    }
+    logits_.assign(logits, logits + n_vocab);
     has_logits_ = true;
+    return 0;
+}
+
+int32_t ImageEmbedRegistry::fault_point() {
+    switch (take_decode_fault()) {
+        case DecodeFault::Status: return -3;
+        case DecodeFault::Exception: throw std::bad_alloc();
+        case DecodeFault::Cancel: cancel_.cancel.store(true); break;  // the decode that follows is aborted for real
+        case DecodeFault::Close: cancel_.closing.store(true); break;
+        case DecodeFault::Pause: pause_decode(); break;
+        case DecodeFault::None: break;
+    }
     return 0;
 }
 
@@ -429,6 +504,9 @@ int32_t ImageEmbedRegistry::decode_chunk(const Chunk & chunk, bool logits_last) 
             return status;
         }
         pos += 1;
+    }
+    if (const int32_t status = fault_point()) {
+        return status;
     }
     DecodeCounts counts;
     const int32_t status =

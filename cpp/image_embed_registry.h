@@ -53,13 +53,17 @@ struct RegistryCounters {
     uint64_t shift_edits = 0;
 };
 
+struct CancelState;       // decode.h
 struct DecodeCounts;      // decode.h
 struct RegistrySnapshot;  // session_state.h
 
 class ImageEmbedRegistry {
   public:
-    ImageEmbedRegistry(llama_context * ctx, mtmd_context * projector, const llama_vocab * vocab,
-                       int32_t n_batch, int32_t n_ubatch, RegistryCounters & counters);
+    // `n_ctx` is the capacity edits are checked against (what the user asked for, not llama.cpp's
+    // padded size); `n_batch`/`n_ubatch` are the context's own. `cancel` is the owner's: a rollback
+    // holds off cancel() while it restores, and after close() the state is dropped, not restored.
+    ImageEmbedRegistry(llama_context * ctx, mtmd_context * projector, const llama_vocab * vocab, int32_t n_ctx,
+                       int32_t n_batch, int32_t n_ubatch, CancelState & cancel, RegistryCounters & counters);
 
     const std::vector<Chunk> & timeline() const { return timeline_; }
     llama_pos n_past() const { return timeline_.empty() ? 0 : timeline_.back().pos1; }
@@ -94,9 +98,6 @@ class ImageEmbedRegistry {
     // Empties the timeline and the KV cache.
     void clear();
 
-    // Checked before any state changes; the KV cache of `n_ctx` cells must hold the timeline.
-    void set_capacity(int32_t n_ctx) { n_ctx_ = n_ctx; }
-
   private:
     std::vector<Chunk> build(size_t begin, size_t end, std::vector<ChunkSpec> & inserted,
                              std::vector<uint64_t> & ids) const;
@@ -105,10 +106,18 @@ class ImageEmbedRegistry {
     void commit(std::vector<Chunk> next, size_t first);
     static void layout(std::vector<Chunk> & timeline, bool add_bos, size_t from);
     void check_fits(const std::vector<Chunk> & timeline) const;
-    // Decodes timeline[from:] into the KV cache; returns llama's status (0 = ok).
+    // Decodes timeline[from:] into the KV cache; returns llama's status (0 = ok) or one of ours
+    // (decode.h): a C++ exception is caught here and reported as kDecodeThrew.
     int32_t decode_from(const std::vector<Chunk> & timeline, size_t from);
+    // After a failed decode of `status`: puts the KV cache back to the current timeline (from chunk
+    // `first` on) and throws the error the call ends with. Never returns.
+    [[noreturn]] void roll_back(int32_t status, size_t first, const std::vector<float> & old_logits,
+                                bool old_has_logits);
+    std::string failure(int32_t status) const;
     int32_t decode_text(const llama_token * tokens, size_t n, llama_pos pos0, bool logits_last);
     int32_t decode_chunk(const Chunk & chunk, bool logits_last);
+    // Where the test-only fault hook (decode.h) strikes: before every text or image decode call.
+    int32_t fault_point();
     // Adds a decode call's work to the counters and keeps its logits if it asked for them; returns
     // `status`, or -1 if the logits it asked for are missing.
     int32_t record(const DecodeCounts & counts, int32_t status);
@@ -123,7 +132,9 @@ class ImageEmbedRegistry {
     int32_t n_ctx_ = 0;
     bool add_bos_;
     llama_token bos_;
+    CancelState & cancel_;
     RegistryCounters & counters_;
+    std::string exception_what_;  // what the last kDecodeThrew caught
 
     std::vector<Chunk> timeline_;
     uint64_t next_id_ = 1;

@@ -1,30 +1,61 @@
 #include "image_encoder.h"
 
+#include <cstring>
 #include <map>
 
 #include "errors.h"
 #include "model.h"
+#include "mtmd-helper.h"
 #include "runtime.h"
 
 namespace llava_kv {
+
+mtmd::bitmap_ptr make_bitmap(const Model & model, const MediaInput & input) {
+    if (input.is_audio()) {
+        if (!mtmd_support_audio(model.projector())) {
+            throw ImageError("this projector takes no audio; load a model whose mmproj has an audio encoder");
+        }
+        if (input.n_samples == 0) {
+            throw ImageError("empty audio clip '" + input.source + "'");
+        }
+        mtmd::bitmap_ptr bitmap(mtmd_bitmap_init_from_audio(input.n_samples, input.samples));
+        if (!bitmap) {
+            throw ImageError("could not create an audio buffer of " + std::to_string(input.n_samples) + " samples");
+        }
+        return bitmap;
+    }
+    if (!model.has_vision()) {
+        throw ImageError("this model has no vision projector: load it with an mmproj_path that has a vision encoder");
+    }
+    if (input.data == nullptr || input.width == 0 || input.height == 0) {
+        throw ImageError("empty image (" + std::to_string(input.width) + "x" + std::to_string(input.height) + ")");
+    }
+    mtmd::bitmap_ptr bitmap(mtmd_bitmap_init(input.width, input.height, input.data));
+    if (!bitmap) {
+        throw ImageError("could not create a bitmap of " + std::to_string(input.width) + "x" +
+                         std::to_string(input.height) + " pixels");
+    }
+    return bitmap;
+}
+
 namespace {
 
 struct PendingImage {
-    const ImagePixels * pixels = nullptr;
+    const MediaInput * pixels = nullptr;
     mtmd::input_chunks_ptr chunks;
     std::shared_ptr<ImageEmbedding> entry;
 };
 
-PendingImage tokenize_image(Model & model, const ImagePixels & pixels) {
+std::string describe(const MediaInput & input) {
+    if (input.is_audio()) {
+        return "the audio clip '" + input.source + "' (" + std::to_string(input.n_samples) + " samples)";
+    }
+    return "the image '" + input.source + "' (" + std::to_string(input.width) + "x" + std::to_string(input.height) + ")";
+}
+
+PendingImage tokenize_image(Model & model, const MediaInput & pixels) {
     mtmd_context * projector = model.projector();
-    if (pixels.data == nullptr || pixels.width == 0 || pixels.height == 0) {
-        throw ImageError("empty image (" + std::to_string(pixels.width) + "x" + std::to_string(pixels.height) + ")");
-    }
-    mtmd::bitmap_ptr bitmap(mtmd_bitmap_init(pixels.width, pixels.height, pixels.data));
-    if (!bitmap) {
-        throw ImageError("could not create a bitmap of " + std::to_string(pixels.width) + "x" +
-                         std::to_string(pixels.height) + " pixels");
-    }
+    mtmd::bitmap_ptr bitmap = make_bitmap(model, pixels);
     mtmd_bitmap_set_id(bitmap.get(), pixels.digest.c_str());
     PendingImage p;
     p.pixels = &pixels;
@@ -36,21 +67,22 @@ PendingImage tokenize_image(Model & model, const ImagePixels & pixels) {
     const int32_t status = mtmd_tokenize(projector, p.chunks.get(), &text, bitmaps, 1);
     if (status != 0) {
         const std::string why = take_logged_errors();
-        throw ImageError("the projector could not preprocess the image '" + pixels.source + "' (" +
-                         std::to_string(pixels.width) + "x" + std::to_string(pixels.height) + ", status " +
+        throw ImageError("the projector could not preprocess " + describe(pixels) + " (status " +
                          std::to_string(status) + ")" + (why.empty() ? "" : ": " + why));
     }
     p.entry = std::make_shared<ImageEmbedding>();
     p.entry->digest = pixels.digest;
     p.entry->width = pixels.width;
     p.entry->height = pixels.height;
+    p.entry->audio = pixels.is_audio();
+    p.entry->n_samples = pixels.n_samples;
     for (size_t i = 0; i < mtmd_input_chunks_size(p.chunks.get()); ++i) {
         const mtmd_input_chunk * chunk = mtmd_input_chunks_get(p.chunks.get(), i);
         p.entry->n_tokens += static_cast<int32_t>(mtmd_input_chunk_get_n_tokens(chunk));
         p.entry->n_pos += mtmd_input_chunk_get_n_pos(chunk);
     }
     if (p.entry->n_tokens == 0) {
-        throw ImageError("the projector produced no tokens for the image '" + pixels.source + "'");
+        throw ImageError("the projector produced no tokens for " + describe(pixels));
     }
     p.entry->embeddings.resize(mtmd_input_chunks_size(p.chunks.get()));
     return p;
@@ -76,7 +108,7 @@ void encode_pending(Model & model, std::vector<PendingImage> & pending, EncodeCo
     }
     auto fail = [](const Job & job) {
         const std::string why = take_logged_errors();
-        throw ImageError("the projector failed to encode the image '" + job.image->pixels->source + "'" +
+        throw ImageError("the projector failed to encode " + describe(*job.image->pixels) +
                          (why.empty() ? "" : ": " + why));
     };
     size_t next = 0;
@@ -120,7 +152,7 @@ void encode_pending(Model & model, std::vector<PendingImage> & pending, EncodeCo
             const bool text = mtmd_input_chunk_get_type(chunk) == MTMD_INPUT_CHUNK_TYPE_TEXT;
             p.entry->chunks.emplace_back(text ? mtmd_input_chunk_copy(chunk) : mtmd_input_chunk_get_placeholder(chunk));
             if (!p.entry->chunks.back()) {
-                throw ImageError("could not keep the layout of the encoded image '" + p.pixels->source + "'");
+                throw ImageError("could not keep the layout of the encoded " + describe(*p.pixels));
             }
         }
         p.chunks.reset();
@@ -129,15 +161,15 @@ void encode_pending(Model & model, std::vector<PendingImage> & pending, EncodeCo
 
 }  // namespace
 
-std::vector<std::shared_ptr<const ImageEmbedding>> embed_images(Model & model,
-                                                                const std::vector<const ImagePixels *> & images,
+std::vector<std::shared_ptr<const ImageEmbedding>> embed_media(Model & model,
+                                                                const std::vector<const MediaInput *> & images,
                                                                 EncodeCounters & counters) {
     std::vector<std::shared_ptr<const ImageEmbedding>> out(images.size());
     if (images.empty()) {
         return out;
     }
-    if (model.projector() == nullptr || !model.has_vision()) {
-        throw ImageError("this model has no vision projector: load it with mmproj_path to use images");
+    if (model.projector() == nullptr) {
+        throw ImageError("this model has no vision projector (no mmproj loaded): load it with mmproj_path to use images or audio");
     }
     EmbeddingCache & cache = model.embedding_cache();
     std::vector<size_t> missing;
@@ -180,6 +212,41 @@ std::vector<std::shared_ptr<const ImageEmbedding>> embed_images(Model & model,
         }
     }
     return out;
+}
+
+std::vector<float> decode_audio(Model & model, const std::string & bytes) {
+    if (model.projector() == nullptr || !mtmd_support_audio(model.projector())) {
+        throw ImageError("this model takes no audio: its projector has no audio encoder");
+    }
+    // Only what starts like an audio file reaches mtmd's decoder (which would try other bytes as an
+    // image with stb_image): RIFF/WAVE, FLAC, MP3 with an ID3 tag or an MPEG frame sync.
+    const auto * b = reinterpret_cast<const unsigned char *>(bytes.data());
+    const bool wav = bytes.size() >= 12 && std::memcmp(b, "RIFF", 4) == 0 && std::memcmp(b + 8, "WAVE", 4) == 0;
+    const bool flac = bytes.size() >= 4 && std::memcmp(b, "fLaC", 4) == 0;
+    const bool mp3 = (bytes.size() >= 3 && std::memcmp(b, "ID3", 3) == 0) ||
+                     (bytes.size() >= 2 && b[0] == 0xFF && (b[1] & 0xE0) == 0xE0);
+    if (!wav && !flac && !mp3) {
+        throw ImageError("not a wav, mp3 or flac file (unknown header)");
+    }
+    take_logged_errors();
+    mtmd::bitmap_ptr bitmap;
+    {
+        std::lock_guard<std::mutex> lock(model.projector_mutex());
+        mtmd_helper_bitmap_wrapper decoded = mtmd_helper_bitmap_init_from_buf(
+            model.projector(), reinterpret_cast<const unsigned char *>(bytes.data()), bytes.size(), false,
+            mtmd_helper_init_opt_default());
+        bitmap.reset(decoded.bitmap);
+        if (decoded.video_ctx != nullptr) {
+            mtmd_helper_video_free(decoded.video_ctx);  // not audio: refused below
+        }
+    }
+    if (!bitmap || !mtmd_bitmap_is_audio(bitmap.get())) {
+        const std::string why = take_logged_errors();
+        throw ImageError("not a readable audio file (wav, mp3 or flac)" + (why.empty() ? "" : ": " + why));
+    }
+    const size_t n = mtmd_bitmap_get_n_bytes(bitmap.get()) / sizeof(float);
+    const float * data = reinterpret_cast<const float *>(mtmd_bitmap_get_data(bitmap.get()));
+    return std::vector<float>(data, data + n);
 }
 
 }  // namespace llava_kv

@@ -1,4 +1,5 @@
-// Pixels -> embeddings for one model: the embedding cache first, the projector for what it lacks.
+// Pixels or audio samples -> embeddings for one model: the embedding cache first, the projector for
+// what it lacks.
 #pragma once
 
 #include <cstdint>
@@ -7,18 +8,24 @@
 #include <vector>
 
 #include "embedding_cache.h"
+#include "mtmd.h"
 
 namespace llava_kv {
 
 class Model;
 
-// RGB pixels owned by the caller for the length of the call, with their content digest.
-struct ImagePixels {
-    const uint8_t * data = nullptr;
+// An image (RGB pixels) or an audio clip (mono float samples at the projector's rate), owned by the
+// caller for the length of the call, with its content digest.
+struct MediaInput {
+    const uint8_t * data = nullptr;  // image: height x width x 3
     uint32_t width = 0;
     uint32_t height = 0;
     std::string digest;
     std::string source;
+    const float * samples = nullptr;  // audio (then data is null)
+    size_t n_samples = 0;
+
+    bool is_audio() const { return samples != nullptr; }
 };
 
 // What embedding images cost, added to by every call.
@@ -29,12 +36,20 @@ struct EncodeCounters {
     uint64_t batched_encodes = 0;  // projector calls that encoded several images at once
 };
 
-// Embeddings for these images, in order, from the model's cache or its projector. Images not yet
-// cached are encoded under the projector lock, several at a time with mtmd's batch encode where
-// the projector can; the same picture twice is encoded once. The caller holds the model.
-// Throws ImageError naming the image that failed; nothing is added to the cache then.
-std::vector<std::shared_ptr<const ImageEmbedding>> embed_images(Model & model,
-                                                                const std::vector<const ImagePixels *> & images,
+// Embeddings for these images and audio clips, in order, from the model's cache or its projector.
+// What is not yet cached is encoded under the projector lock, several at a time with mtmd's batch
+// encode where the projector can; the same content twice is encoded once. The caller holds the
+// model. Throws ImageError naming the input that failed; nothing is added to the cache then.
+std::vector<std::shared_ptr<const ImageEmbedding>> embed_media(Model & model,
+                                                                const std::vector<const MediaInput *> & images,
                                                                 EncodeCounters & counters);
+
+// The mtmd bitmap of one input; throws ImageError if the projector cannot take it (no vision / no
+// audio encoder, empty input).
+mtmd::bitmap_ptr make_bitmap(const Model & model, const MediaInput & input);
+
+// Decodes an audio file's bytes (wav, mp3 or flac, as mtmd's helper reads them) into mono float
+// samples at the projector's sample rate. Throws ImageError if they are not audio it can read.
+std::vector<float> decode_audio(Model & model, const std::string & bytes);
 
 }  // namespace llava_kv

@@ -15,18 +15,6 @@
 
 namespace llava_kv {
 
-std::atomic<long> g_live_models{0};
-std::atomic<long> g_live_sessions{0};
-std::atomic<long> g_live_runners{0};
-
-LiveCounts live_counts() {
-    return {g_live_models.load(), g_live_sessions.load(), g_live_runners.load()};
-}
-
-namespace {
-
-}  // namespace
-
 std::string buft_device_name(ggml_backend_buffer_type_t buft) {
     ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
     if (dev != nullptr) {
@@ -53,9 +41,7 @@ Model::Model(std::string path, std::string mmproj_path, const ModelParams & para
       mmproj_path_(std::move(mmproj_path)),
       params_(params),
       verbosity_(params.verbose),
-      cache_(params.embed_cache_bytes) {
-    g_live_models.fetch_add(1);
-}
+      cache_(params.embed_cache_bytes) {}
 
 std::shared_ptr<Model> Model::load(const std::string & model_path, const std::string & mmproj_path,
                                    const ModelParams & params) {
@@ -105,6 +91,8 @@ std::shared_ptr<Model> Model::load(const std::string & model_path, const std::st
                                              model_path + "'"));
         }
         self->has_vision_ = mtmd_support_vision(self->projector_.get());
+        self->has_audio_ = mtmd_support_audio(self->projector_.get());
+        self->audio_sample_rate_ = mtmd_get_audio_sample_rate(self->projector_.get());
         self->uses_mrope_ = mtmd_decode_use_mrope(self->projector_.get());
         for (const auto & [dev, bytes] : mtmd_get_memory_usage(mmproj_path.c_str(), pparams)) {
             self->projector_memory_.push_back(
@@ -114,10 +102,7 @@ std::shared_ptr<Model> Model::load(const std::string & model_path, const std::st
     return self;
 }
 
-Model::~Model() {
-    close();
-    g_live_models.fetch_sub(1);
-}
+Model::~Model() { close(); }
 
 void Model::close() {
     std::vector<std::weak_ptr<BatchRunner>> runners;
@@ -125,11 +110,15 @@ void Model::close() {
         std::lock_guard<std::mutex> guard(sessions_mutex_);
         runners = runners_;
     }
-    // Runner threads take short holds in a loop: ask them to stop first, or this lock could wait on them.
+    // Runner threads take short holds in a loop: ask them to stop first, or this lock could wait on
+    // them; calls in flight on sessions stop at their next decode step rather than run to the end.
     for (auto & weak : runners) {
         if (auto runner = weak.lock()) {
             runner->request_stop();
         }
+    }
+    for (const auto & session : live_sessions()) {
+        session->begin_close();
     }
     std::unique_lock<std::shared_mutex> lock(lifetime_);
     if (closed_.load()) {
@@ -203,6 +192,36 @@ std::vector<std::shared_ptr<Session>> Model::live_sessions() const {
         }
     }
     return out;
+}
+
+llama_context_params Model::context_params(int32_t n_threads) const {
+    llama_context_params cparams = llama_context_default_params();
+    const int32_t threads = n_threads > 0 ? n_threads : n_threads_;
+    cparams.n_threads = threads;
+    cparams.n_threads_batch = threads;
+    cparams.flash_attn_type = params_.flash_attn;
+    cparams.no_perf = true;
+    return cparams;
+}
+
+void Model::check_context_memory(int64_t n_cells) const {
+    const llama_model * m = model_.get();
+    if (llama_model_n_swa(m) > 0) {
+        return;
+    }
+    const int64_t n_head = std::max(1, llama_model_n_head(m));
+    const int64_t kv_width = int64_t(llama_model_n_embd(m)) / n_head * std::max(1, llama_model_n_head_kv(m));
+    const double needed = double(n_cells) * llama_model_n_layer(m) * 2.0 * double(kv_width) * 2.0;
+    double free = 0;
+    for (const auto & d : devices()) {
+        free += double(d.memory_free);
+    }
+    if (free > 0 && needed > free) {
+        const auto gib = [](double b) { return std::to_string(b / double(1ull << 30)).substr(0, 6); };
+        throw Error("a context of " + std::to_string(n_cells) + " KV cells needs at least " + gib(needed) +
+                    " GiB for its cache, more than the " + gib(free) + " GiB the devices have free; ask for a smaller "
+                    "n_ctx");
+    }
 }
 
 MemoryReport Model::memory() const {

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "embedding_cache.h"
+#include "live_objects.h"
 #include "llama-cpp.h"
 #include "mtmd.h"
 #include "runtime.h"
@@ -30,6 +31,9 @@ struct ModelParams {
     int32_t n_threads = 0;  // 0: one per core
     bool verbose = false;
     size_t embed_cache_bytes = size_t(1) << 30;
+    // Flash attention in every context of the model: llama.cpp's choice (AUTO), or forced on/off.
+    // Part of what makes two runtimes' logits comparable (llama-cpp-python's Llama() defaults to off).
+    llama_flash_attn_type flash_attn = LLAMA_FLASH_ATTN_TYPE_AUTO;
 };
 
 // Bytes one component holds on one device.
@@ -44,13 +48,6 @@ struct MemoryReport {
     std::vector<DeviceInfo> devices;
 };
 
-// Native objects alive in this process, for leak tests.
-struct LiveCounts {
-    long models = 0;
-    long sessions = 0;
-    long batch_runners = 0;
-};
-LiveCounts live_counts();
 
 class Model : public std::enable_shared_from_this<Model> {
   public:
@@ -90,11 +87,21 @@ class Model : public std::enable_shared_from_this<Model> {
     int32_t n_vocab() const { return n_vocab_; }
     int32_t n_ctx_train() const { return n_ctx_train_; }
     bool has_vision() const { return has_vision_; }
+    bool has_audio() const { return has_audio_; }
+    int32_t audio_sample_rate() const { return audio_sample_rate_; }  // -1 without audio
     bool uses_mrope() const { return uses_mrope_; }
     int32_t n_threads() const { return n_threads_; }
     std::string description() const { return description_; }
 
     MemoryReport memory() const;
+
+    // The settings every context of this model shares (threads, flash attention, no perf counters);
+    // callers add sizes and their abort callback. n_threads 0: the model's.
+    llama_context_params context_params(int32_t n_threads) const;
+    // Refuses (Error naming the sizes) a context of `n_cells` KV cells whose cache could not fit the
+    // memory the devices have free, before llama.cpp allocates and clears it. A lower-bound estimate
+    // (f16 K and V of every layer); sliding-window models, whose cache is smaller, are not checked.
+    void check_context_memory(int64_t n_cells) const;
 
     // The model's chat template (empty if it has none), and a conversation rendered with it by
     // llama.cpp's template engine. `messages` are (role, content) pairs.
@@ -105,6 +112,7 @@ class Model : public std::enable_shared_from_this<Model> {
   private:
     Model(std::string path, std::string mmproj_path, const ModelParams & params);
 
+    LiveObject live_{LiveKind::Model};
     std::string path_;
     std::string mmproj_path_;
     ModelParams params_;
@@ -124,6 +132,8 @@ class Model : public std::enable_shared_from_this<Model> {
     int32_t n_ctx_train_ = 0;
     int32_t n_threads_ = 1;
     bool has_vision_ = false;
+    bool has_audio_ = false;
+    int32_t audio_sample_rate_ = -1;
     bool uses_mrope_ = false;
     std::string description_;
     std::vector<MemoryEntry> projector_memory_;

@@ -1,24 +1,23 @@
 #include "reference.h"
 
+#include "image_encoder.h"
+
 #include "errors.h"
 #include "mtmd-helper.h"
 
 namespace llava_kv {
 
-ReferenceResult reference_eval(Model & model, const std::string & prompt, const std::vector<ImagePixels> & images,
+ReferenceResult reference_eval(Model & model, const std::string & prompt, const std::vector<MediaInput> & images,
                                int32_t n_ctx, int32_t n_batch) {
     auto hold = model.hold();
     if (model.projector() == nullptr) {
         throw Error("reference_eval needs a model loaded with a projector");
     }
-    llama_context_params cparams = llama_context_default_params();
+    llama_context_params cparams = model.context_params(0);
     cparams.n_ctx = static_cast<uint32_t>(n_ctx);
     cparams.n_batch = static_cast<uint32_t>(n_batch);
     cparams.n_ubatch = static_cast<uint32_t>(n_batch);
     cparams.n_seq_max = 1;
-    cparams.n_threads = model.n_threads();
-    cparams.n_threads_batch = model.n_threads();
-    cparams.no_perf = true;
     llama_context_ptr ctx(llama_init_from_model(model.llama(), cparams));
     if (!ctx) {
         throw Error("reference_eval: could not create a context");
@@ -26,7 +25,7 @@ ReferenceResult reference_eval(Model & model, const std::string & prompt, const 
     std::vector<mtmd::bitmap_ptr> bitmaps;
     std::vector<const mtmd_bitmap *> raw;
     for (const auto & img : images) {
-        bitmaps.emplace_back(mtmd_bitmap_init(img.width, img.height, img.data));
+        bitmaps.push_back(make_bitmap(model, img));
         raw.push_back(bitmaps.back().get());
     }
     mtmd::input_chunks_ptr chunks(mtmd_input_chunks_init());

@@ -17,7 +17,7 @@ struct ReferenceResult {
     std::vector<float> logits;
 };
 
-ReferenceResult reference_eval(Model & model, const std::string & prompt, const std::vector<ImagePixels> & images,
+ReferenceResult reference_eval(Model & model, const std::string & prompt, const std::vector<MediaInput> & images,
                                int32_t n_ctx, int32_t n_batch);
 
 }  // namespace llava_kv

@@ -1,4 +1,4 @@
-// Tokens in and out, shared by sessions and the batch runner: tokenizing, sampling, detokenizing.
+// llama.cpp's sampler chain for the settings sessions and the batch runner take.
 #pragma once
 
 #include <cstdint>
@@ -19,18 +19,8 @@ struct SamplingParams {
     uint32_t seed = 0;
 };
 
-// Tokens of `text` as mtmd tokenizes the text around media markers: special tokens parsed, none
-// added (BOS is the caller's). Throws Error if tokenization fails.
-std::vector<llama_token> tokenize_text(const llama_vocab * vocab, const std::string & text);
-
 // llama.cpp's sampler chain for these settings (greedy when temperature <= 0).
 // Throws std::invalid_argument for settings out of range.
 llama_sampler_ptr make_sampler_chain(const SamplingParams & params, int32_t n_vocab);
-
-// Length of the longest prefix of `s` that does not end inside a UTF-8 character.
-size_t complete_utf8_prefix(const std::string & s);
-
-// The bytes of one token as the model writes them (no special-token rendering).
-std::string token_piece(const llama_vocab * vocab, llama_token token);
 
 }  // namespace llava_kv

@@ -4,13 +4,12 @@
 
 #include "errors.h"
 #include "sampling.h"
+#include "tokens.h"
 #include "session_state.h"
 #include "ggml-backend.h"
 #include "llama-ext.h"
 
 namespace llava_kv {
-
-extern std::atomic<long> g_live_sessions;
 
 namespace {
 
@@ -20,16 +19,6 @@ std::atomic<uint64_t> g_next_session_id{1};
 
 Session::Session(std::shared_ptr<Model> model, const SessionParams & params)
     : model_(std::move(model)), params_(params), id_(g_next_session_id.fetch_add(1)) {
-    g_live_sessions.fetch_add(1);
-    // Constructed fully or not at all: a throw below must not leave the count raised.
-    struct Uncount {
-        bool armed = true;
-        ~Uncount() {
-            if (armed) {
-                g_live_sessions.fetch_sub(1);
-            }
-        }
-    } uncount;
     if (params_.n_ctx < 1) {
         throw std::invalid_argument("n_ctx must be >= 1, got " + std::to_string(params_.n_ctx));
     }
@@ -42,15 +31,12 @@ Session::Session(std::shared_ptr<Model> model, const SessionParams & params)
     if (params_.n_ubatch == 0 || params_.n_ubatch > params_.n_batch) {
         params_.n_ubatch = params_.n_batch;
     }
-    llama_context_params cparams = llama_context_default_params();
+    model_->check_context_memory(params_.n_ctx);
+    llama_context_params cparams = model_->context_params(params_.n_threads);
     cparams.n_ctx = static_cast<uint32_t>(params_.n_ctx);
     cparams.n_batch = static_cast<uint32_t>(params_.n_batch);
     cparams.n_ubatch = static_cast<uint32_t>(params_.n_ubatch);
     cparams.n_seq_max = 1;
-    const int32_t threads = params_.n_threads > 0 ? params_.n_threads : model_->n_threads();
-    cparams.n_threads = threads;
-    cparams.n_threads_batch = threads;
-    cparams.no_perf = true;
     cparams.abort_callback = &Session::abort_requested;
     cparams.abort_callback_data = this;
     take_logged_errors();
@@ -61,11 +47,13 @@ Session::Session(std::shared_ptr<Model> model, const SessionParams & params)
                     ", n_batch=" + std::to_string(params_.n_batch) + " (out of memory?)" +
                     (why.empty() ? "" : "\nllama.cpp said:\n" + why));
     }
-    // llama.cpp may round n_ctx up (padding); the registry checks against what it really holds.
-    params_.n_ctx = static_cast<int32_t>(llama_n_ctx(ctx_.get()));
+    // llama.cpp pads n_ctx up and clamps the batch sizes to it: edits are checked against the n_ctx
+    // asked for, and decoded in batches the context really takes.
+    params_.n_batch = static_cast<int32_t>(llama_n_batch(ctx_.get()));
+    params_.n_ubatch = static_cast<int32_t>(llama_n_ubatch(ctx_.get()));
     registry_ = std::make_unique<ImageEmbedRegistry>(ctx_.get(), model_->projector(), model_->vocab(),
-                                                     params_.n_batch, params_.n_ubatch, stats_.registry);
-    uncount.armed = false;
+                                                     params_.n_ctx, params_.n_batch, params_.n_ubatch, cancel_,
+                                                     stats_.registry);
 }
 
 Session::~Session() {
@@ -74,11 +62,10 @@ Session::~Session() {
     } catch (...) {
         // A destructor must not throw; close() only fails if the model is closing, which frees us.
     }
-    g_live_sessions.fetch_sub(1);
 }
 
 bool Session::abort_requested(void * self) {
-    return static_cast<Session *>(self)->cancel_.load(std::memory_order_relaxed);
+    return static_cast<Session *>(self)->cancel_.abort_requested();
 }
 
 void Session::free_native() {
@@ -98,13 +85,13 @@ void Session::close() {
     } catch (const ClosedError &) {
         return;  // the model's close() has closed (or is closing) this session
     }
-    cancel_.store(true);
+    cancel_.closing.store(true);  // a call in flight stops at its next decode step
     std::lock_guard<std::mutex> lock(mutex_);
     free_native();
 }
 
 void Session::close_for_model() {
-    cancel_.store(true);
+    cancel_.closing.store(true);
     std::lock_guard<std::mutex> lock(mutex_);
     free_native();
 }
@@ -114,7 +101,7 @@ auto Session::run_edit(Edit && edit) -> decltype(edit()) {
     auto hold = model_->hold();
     std::lock_guard<std::mutex> lock(mutex_);
     check_open();
-    cancel_.store(false);
+    cancel_.cancel.store(false);
     const SessionStats before = stats_;
     try {
         return edit();
@@ -127,6 +114,9 @@ auto Session::run_edit(Edit && edit) -> decltype(edit()) {
 void Session::check_open() const {
     if (closed_.load()) {
         throw ClosedError("the session is closed");
+    }
+    if (cancel_.closing.load()) {
+        throw ClosedError("the session is closing");
     }
 }
 
@@ -145,13 +135,13 @@ std::vector<llama_token> Session::tokenize(const std::string & text, bool add_sp
 
 std::vector<uint64_t> Session::splice(size_t begin, size_t end, const std::vector<ChunkInput> & inputs) {
     return run_edit([&] {
-        std::vector<const ImagePixels *> pixels;
+        std::vector<const MediaInput *> pixels;
         for (const auto & input : inputs) {
             if (input.kind == ChunkKind::Image) {
                 pixels.push_back(&input.image);
             }
         }
-        const auto embeddings = embed_images(*model_, pixels, stats_.encode);
+        const auto embeddings = embed_media(*model_, pixels, stats_.encode);
         std::vector<ChunkSpec> specs;
         specs.reserve(inputs.size());
         size_t next_image = 0;
@@ -222,6 +212,8 @@ std::vector<ChunkInfo> Session::timeline() const {
             info.digest = c.image->digest;
             info.width = c.image->width;
             info.height = c.image->height;
+            info.audio = c.image->audio;
+            info.n_samples = c.image->n_samples;
         }
         out.push_back(std::move(info));
     }
@@ -368,7 +360,14 @@ std::string Session::save_state() const {
         throw Error("could not read the KV cache state");
     }
     kv.resize(n);
-    return serialize_state(registry_->snapshot(), kv);
+    StateHeader header;
+    header.n_ctx = static_cast<uint32_t>(params_.n_ctx);
+    header.n_batch = static_cast<uint32_t>(params_.n_batch);
+    header.n_ubatch = static_cast<uint32_t>(params_.n_ubatch);
+    header.n_cells = static_cast<uint32_t>(registry_->n_cells());
+    header.n_vocab = static_cast<uint32_t>(model_->n_vocab());
+    header.n_embd_inp = static_cast<uint32_t>(llama_model_n_embd_inp(model_->llama()));
+    return serialize_state(header, registry_->snapshot(), kv);
 }
 
 void Session::load_state(const std::string & blob) {
@@ -378,16 +377,25 @@ void Session::load_state(const std::string & blob) {
     if (!registry_->timeline().empty()) {
         throw Error("load_state needs an empty session");
     }
+    // Everything is checked against this model and context before llama.cpp reads a byte of it.
+    const StateHeader header = inspect_state(blob);
+    check_state_fits(header, *model_);
+    if (header.n_cells > static_cast<uint32_t>(params_.n_ctx)) {
+        throw ContextFullError(header.n_cells, params_.n_ctx,
+                               "the saved session needs " + std::to_string(header.n_cells) +
+                                   " KV cells but this context holds " + std::to_string(params_.n_ctx));
+    }
     std::string kv;
-    RegistrySnapshot snap = deserialize_state(blob, kv);
+    StateHeader unused;
+    RegistrySnapshot snap = deserialize_state(blob, unused, kv);
     long long cells = 0;
     for (const auto & c : snap.timeline) {
         cells += (c.kind == ChunkKind::Text ? static_cast<long long>(c.tokens.size()) : c.image->n_tokens);
     }
-    if (cells + 1 > params_.n_ctx) {
-        throw ContextFullError(cells + 1, params_.n_ctx,
-                               "the saved session needs about " + std::to_string(cells + 1) +
-                                   " KV cells but this context holds " + std::to_string(params_.n_ctx));
+    cells += (!snap.timeline.empty() && llama_vocab_get_add_bos(model_->vocab())) ? 1 : 0;
+    if (cells != static_cast<long long>(header.n_cells)) {
+        throw Error("corrupt session state: its timeline takes " + std::to_string(cells) +
+                    " KV cells but its header says " + std::to_string(header.n_cells));
     }
     for (const auto & c : snap.timeline) {
         for (llama_token t : c.tokens) {
@@ -411,6 +419,21 @@ void Session::load_state(const std::string & blob) {
         if (c.kind == ChunkKind::Image && !model_->embedding_cache().peek(c.image->digest)) {
             model_->embedding_cache().put(c.image);
         }
+    }
+}
+
+void check_state_fits(const StateHeader & header, const Model & model) {
+    if (header.n_vocab != static_cast<uint32_t>(model.n_vocab()) ||
+        header.n_embd_inp != static_cast<uint32_t>(llama_model_n_embd_inp(model.llama()))) {
+        throw Error("the saved session is for a model with " + std::to_string(header.n_vocab) + " tokens and width " +
+                    std::to_string(header.n_embd_inp) + ", not this one (" + std::to_string(model.n_vocab()) +
+                    " tokens, width " + std::to_string(llama_model_n_embd_inp(model.llama())) + ")");
+    }
+    if (header.n_cells > header.n_ctx || header.n_batch == 0 || header.n_ubatch == 0 ||
+        header.n_ubatch > header.n_batch || header.n_ctx > static_cast<uint32_t>(INT32_MAX)) {
+        throw Error("corrupt session state: inconsistent sizes (n_ctx " + std::to_string(header.n_ctx) + ", n_batch " +
+                    std::to_string(header.n_batch) + ", n_ubatch " + std::to_string(header.n_ubatch) + ", cells " +
+                    std::to_string(header.n_cells) + ")");
     }
 }
 

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "decode.h"
 #include "image_embed_registry.h"
 #include "image_encoder.h"
 #include "llama-cpp.h"
@@ -28,7 +29,7 @@ struct SessionParams {
 struct ChunkInput {
     ChunkKind kind = ChunkKind::Text;
     std::string text;
-    ImagePixels image;
+    MediaInput image;
 };
 
 // One generation step: the token sampled, the text it completes (whole UTF-8 characters only;
@@ -49,6 +50,8 @@ struct ChunkInfo {
     std::string source;  // the text of a text chunk; the image's path or description
     uint32_t width = 0;
     uint32_t height = 0;
+    bool audio = false;  // a media chunk holding an audio clip, not an image
+    uint64_t n_samples = 0;
     std::vector<llama_token> tokens;  // text chunks (without BOS)
     bool generated = false;
 };
@@ -70,6 +73,10 @@ class Session {
     bool closed() const { return closed_.load(); }
     // Called by Model::close() while it holds the model exclusively.
     void close_for_model();
+    // Called by Model::close() before it waits for calls in flight: they stop at their next decode
+    // step and drop their state instead of restoring it.
+    void begin_close() { cancel_.closing.store(true); }
+    bool closing() const { return cancel_.closing.load(); }
 
     // Replaces chunks [begin, end) with `inputs` (exact). Returns the new chunks' ids (empty text
     // makes no chunk). On any failure the session is exactly as before the call.
@@ -84,6 +91,7 @@ class Session {
     std::vector<float> logits() const;
     llama_pos n_past() const;
     int32_t n_cells() const;
+    // The capacity edits are checked against: the n_ctx asked for (llama.cpp may allocate a few more cells).
     int32_t n_ctx() const { return params_.n_ctx; }
     SessionStats stats() const;
     std::vector<llama_token> tokenize(const std::string & text, bool add_special) const;
@@ -103,8 +111,9 @@ class Session {
     std::string save_state() const;
     void load_state(const std::string & blob);
 
-    // Asks the call in flight (if any) to stop; it raises CancelledError and leaves the session unchanged.
-    void cancel() { cancel_.store(true); }
+    // Asks the call in flight (if any) to stop; it raises CancelledError and leaves the session
+    // unchanged. A single lock-free store: safe from a signal handler.
+    void cancel() { cancel_.cancel.store(true); }
 
     const SessionParams & params() const { return params_; }
     uint64_t id() const { return id_; }
@@ -123,11 +132,12 @@ class Session {
 
     static bool abort_requested(void * self);
 
+    LiveObject live_{LiveKind::Session};
     std::shared_ptr<Model> model_;
     SessionParams params_;
     uint64_t id_;
     std::atomic<bool> closed_{false};
-    std::atomic<bool> cancel_{false};
+    CancelState cancel_;
     mutable std::mutex mutex_;
 
     llama_context_ptr ctx_;
@@ -136,5 +146,9 @@ class Session {
     SessionStats stats_;
     std::unique_ptr<ImageEmbedRegistry> registry_;
 };
+
+struct StateHeader;  // session_state.h
+// Throws Error unless a saved state with this header can be loaded into sessions of `model`.
+void check_state_fits(const StateHeader & header, const Model & model);
 
 }  // namespace llava_kv

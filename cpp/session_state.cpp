@@ -7,7 +7,30 @@
 namespace llava_kv {
 namespace {
 
-constexpr char kMagic[8] = {'L', 'L', 'K', 'V', 'S', 'T', '0', '1'};
+constexpr char kMagic[8] = {'L', 'L', 'K', 'V', 'S', 'T', '0', '2'};
+constexpr size_t kPreamble = sizeof(kMagic) + 2 * sizeof(uint64_t);  // magic, payload size, checksum
+
+// An integrity check against corrupted files (not an authenticity check): every step is a
+// bijection of the running value, so any change of one 8-byte word changes the result.
+uint64_t checksum64(const char * data, size_t n) {
+    constexpr uint64_t k1 = 0x9E3779B97F4A7C15ull;
+    constexpr uint64_t k2 = 0xC2B2AE3D27D4EB4Full;
+    uint64_t h = k1 ^ static_cast<uint64_t>(n);
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t w = 0;
+        std::memcpy(&w, data + i, 8);
+        h ^= w * k2;
+        h = ((h << 31) | (h >> 33)) * k1;
+    }
+    uint64_t tail = 0;
+    std::memcpy(&tail, data + i, n - i);
+    h ^= tail * k2;
+    h ^= h >> 29;
+    h *= k1;
+    return h ^ (h >> 32);
+}
+
 
 class Writer {
   public:
@@ -58,6 +81,10 @@ class Reader {
         return v;
     }
     bool done() const { return pos_ == in_.size(); }
+    void skip(size_t n) {
+        need(n);
+        pos_ += n;
+    }
 
   private:
     void need(uint64_t n) const {
@@ -71,9 +98,17 @@ class Reader {
 
 }  // namespace
 
-std::string serialize_state(const RegistrySnapshot & snap, const std::string & kv_state) {
+std::string serialize_state(const StateHeader & header, const RegistrySnapshot & snap, const std::string & kv_state) {
     Writer w;
     w.out.append(kMagic, sizeof(kMagic));
+    w.pod<uint64_t>(0);  // payload size and checksum, filled in below
+    w.pod<uint64_t>(0);
+    w.pod<uint32_t>(header.n_ctx);
+    w.pod<uint32_t>(header.n_batch);
+    w.pod<uint32_t>(header.n_ubatch);
+    w.pod<uint32_t>(header.n_cells);
+    w.pod<uint32_t>(header.n_vocab);
+    w.pod<uint32_t>(header.n_embd_inp);
     w.pod<uint64_t>(snap.next_id);
     w.pod<uint64_t>(snap.timeline.size());
     for (const Chunk & c : snap.timeline) {
@@ -89,6 +124,8 @@ std::string serialize_state(const RegistrySnapshot & snap, const std::string & k
         w.str(img.digest);
         w.pod<uint32_t>(img.width);
         w.pod<uint32_t>(img.height);
+        w.pod<uint8_t>(img.audio ? 1 : 0);
+        w.pod<uint64_t>(img.n_samples);
         w.pod<uint64_t>(img.chunks.size());
         for (size_t j = 0; j < img.chunks.size(); ++j) {
             size_t size = 0;
@@ -106,17 +143,53 @@ std::string serialize_state(const RegistrySnapshot & snap, const std::string & k
     w.pod<uint8_t>(snap.has_logits ? 1 : 0);
     w.vec(snap.logits);
     w.str(kv_state);
-    return std::move(w.out);
+    return reseal_state(std::move(w.out));
 }
 
-RegistrySnapshot deserialize_state(const std::string & blob, std::string & kv_state) {
-    if (blob.size() < sizeof(kMagic) || std::memcmp(blob.data(), kMagic, sizeof(kMagic)) != 0) {
+std::string reseal_state(std::string blob) {
+    if (blob.size() < kPreamble) {
+        throw Error("not a llava-kv session state (too short)");
+    }
+    const uint64_t size = blob.size() - kPreamble;
+    const uint64_t sum = checksum64(blob.data() + kPreamble, size);
+    std::memcpy(blob.data() + sizeof(kMagic), &size, sizeof(size));
+    std::memcpy(blob.data() + sizeof(kMagic) + sizeof(size), &sum, sizeof(sum));
+    return blob;
+}
+
+StateHeader inspect_state(const std::string & blob) {
+    if (blob.size() < sizeof(kMagic) || std::memcmp(blob.data(), kMagic, 6) != 0) {
         throw Error("not a llava-kv session state (bad magic)");
     }
-    Reader r(blob);
-    for (size_t i = 0; i < sizeof(kMagic); ++i) {
-        r.pod<char>();
+    if (std::memcmp(blob.data(), kMagic, sizeof(kMagic)) != 0) {
+        throw Error("session state format version '" + blob.substr(6, 2) + "' is not the one this llava-kv reads (" +
+                    std::string(kMagic + 6, 2) + "); save the session again with this version");
     }
+    Reader r(blob);
+    r.skip(sizeof(kMagic));
+    const uint64_t size = r.pod<uint64_t>();
+    const uint64_t sum = r.pod<uint64_t>();
+    if (size != blob.size() - kPreamble) {
+        throw Error("corrupt session state: it declares " + std::to_string(size) + " bytes of data but holds " +
+                    std::to_string(blob.size() - kPreamble) + " (truncated or appended to)");
+    }
+    if (checksum64(blob.data() + kPreamble, size) != sum) {
+        throw Error("corrupt session state: checksum mismatch (the file was changed or damaged after it was saved)");
+    }
+    StateHeader h;
+    h.n_ctx = r.pod<uint32_t>();
+    h.n_batch = r.pod<uint32_t>();
+    h.n_ubatch = r.pod<uint32_t>();
+    h.n_cells = r.pod<uint32_t>();
+    h.n_vocab = r.pod<uint32_t>();
+    h.n_embd_inp = r.pod<uint32_t>();
+    return h;
+}
+
+RegistrySnapshot deserialize_state(const std::string & blob, StateHeader & header, std::string & kv_state) {
+    header = inspect_state(blob);
+    Reader r(blob);
+    r.skip(kPreamble + 6 * sizeof(uint32_t));
     RegistrySnapshot snap;
     snap.next_id = r.pod<uint64_t>();
     const uint64_t n = r.pod<uint64_t>();
@@ -136,6 +209,8 @@ RegistrySnapshot deserialize_state(const std::string & blob, std::string & kv_st
             img->digest = r.str();
             img->width = r.pod<uint32_t>();
             img->height = r.pod<uint32_t>();
+            img->audio = r.pod<uint8_t>() != 0;
+            img->n_samples = r.pod<uint64_t>();
             const uint64_t n_sub = r.pod<uint64_t>();
             if (n_sub == 0 || n_sub > blob.size()) {
                 throw Error("corrupt session state: image chunk count");

@@ -17,8 +17,27 @@ struct RegistrySnapshot {
     bool has_logits = false;
 };
 
-std::string serialize_state(const RegistrySnapshot & snapshot, const std::string & kv_state);
-// Throws Error on a truncated or corrupt blob.
-RegistrySnapshot deserialize_state(const std::string & blob, std::string & kv_state);
+// What a state blob says about itself, covered by its checksum: enough to size the context that
+// loads it, and to refuse a blob of another model before anything is allocated.
+struct StateHeader {
+    uint32_t n_ctx = 0;
+    uint32_t n_batch = 0;
+    uint32_t n_ubatch = 0;
+    uint32_t n_cells = 0;  // KV cells the timeline takes (BOS included)
+    uint32_t n_vocab = 0;
+    uint32_t n_embd_inp = 0;
+};
+
+// Layout: magic "LLKVST02", payload size (u64), checksum of the payload (u64), payload (header,
+// timeline, logits, KV cache of the sequence).
+std::string serialize_state(const StateHeader & header, const RegistrySnapshot & snapshot,
+                            const std::string & kv_state);
+// Checks magic, size and checksum (no allocation beyond the blob) and returns the header. Throws
+// Error naming what is wrong.
+StateHeader inspect_state(const std::string & blob);
+// Test hook: rewrites the payload size and checksum of a blob a test changed on purpose.
+std::string reseal_state(std::string blob);
+// Throws Error on a truncated or corrupt blob; every size is bounded by the blob.
+RegistrySnapshot deserialize_state(const std::string & blob, StateHeader & header, std::string & kv_state);
 
 }  // namespace llava_kv

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 import llava_kv as lk
+from llava_kv import _core
 
 from conftest import session_state
 
@@ -89,17 +90,35 @@ def test_cancel_from_another_thread(model, images):
     with model.session(n_ctx=8192) as s:
         _prompt(s, images)
         pieces = s.generate(8000, stream=True)
-        next(pieces)  # generation is running; cancel it from another thread
-        timer = threading.Timer(0.05, s.cancel)
-        timer.start()
-        with pytest.raises(lk.CancelledError):
-            for _ in pieces:
-                pass
-        timer.join()
+        next(pieces)  # generation is running; cancel it from another thread while a step decodes
+        _core._arm_decode_fault(2, "pause")
+        outcome = {}
+
+        def consume():
+            try:
+                for _ in pieces:
+                    pass
+                outcome["result"] = "finished"
+            except BaseException as e:  # noqa: BLE001 - inspected below
+                outcome["result"] = e
+
+        consumer = threading.Thread(target=consume)
+        consumer.start()
+        try:
+            if not _core._wait_decode_paused(30.0):
+                consumer.join(30)
+                pytest.fail(f"generation ended before its third step ({outcome}): this preset's random model "
+                            "samples an end-of-generation token at once")
+            s.cancel()
+        finally:
+            _core._release_decode_pause()
+            consumer.join(30)
+            _core._arm_decode_fault(0, "none")
+        assert isinstance(outcome["result"], lk.CancelledError), outcome
         n = s.stats["tokens_generated"]
-        assert 0 < n < 8000
+        assert n == 2  # the step that was cancelled left nothing behind
         # what was generated stays; the session remains usable
-        assert s.n_past == sum(c.n_tokens for c in s.timeline)
+        assert s.n_past == s.timeline[-1].pos1 and s.timeline[-1].generated
         s.append_text(" more")
         assert s.logits().shape == (model.n_vocab,)
 
@@ -118,11 +137,12 @@ def test_generated_chunks_are_edited_like_any_other(model, images):
         s.generate(8)
         s.append_text("\nUSER: again")
         generated = [d["tokens"] for d in s._core.timeline() if d["generated"]]
-        image_pos = s.images[0].pos0
+        image_index = s._core.index_of(s.images[0].chunk_id)
         before = s.stats
         s.replace_image(s.images[0], images[1])  # re-decodes the generated tokens too, as they were
         assert [d["tokens"] for d in s._core.timeline() if d["generated"]] == generated
-        assert s.stats["tokens_decoded"] - before["tokens_decoded"] == s.n_past - image_pos
+        cells_from_image = sum(c.n_tokens for c in s.timeline[image_index:])  # KV cells, not positions (M-RoPE)
+        assert s.stats["tokens_decoded"] - before["tokens_decoded"] == cells_from_image
         s.remove_image(s.images[0])
         assert [d["tokens"] for d in s._core.timeline() if d["generated"]] == generated
 
@@ -238,3 +258,20 @@ def test_template_whitespace_before_a_reply_does_not_force_a_redecode(llava_pair
         messages += [r["choices"][0]["message"], {"role": "user", "content": "more"}]
         r = s.chat(messages, max_tokens=6, chat_template="vicuna")
         assert r["llava_kv"]["reused_tokens"] == n_before
+
+
+def test_session_seed_makes_sampling_reproducible(model, images):
+    """model.session(seed=...) is real: the same calls on sessions of one seed give the same text,
+    consecutive calls differ, another seed differs, and a fork samples on as its source would."""
+    def sample(seed):
+        with model.session(n_ctx=1024, seed=seed) as s:
+            _prompt(s, images)
+            first = s.generate(12, temperature=1.5, top_k=0, top_p=1.0, min_p=0.0)
+            with s.fork() as f:
+                forked = f.generate(12, temperature=1.5, top_k=0, top_p=1.0, min_p=0.0)
+            second = s.generate(12, temperature=1.5, top_k=0, top_p=1.0, min_p=0.0)
+            return first, second, forked
+    a, b = sample(5), sample(5)
+    assert a == b
+    assert a[1] == a[2]  # the fork drew the seed its source drew next
+    assert a[0] != a[1] and sample(6)[0] != a[0]

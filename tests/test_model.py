@@ -1,7 +1,9 @@
 import dataclasses
 import gc
 import os
+import re
 
+import numpy as np
 import pytest
 
 import llava_kv as lk
@@ -39,13 +41,14 @@ def test_corrupt_gguf_raises_model_load_error(llava_pair, tmp_path, damage):
     data = llava_pair.model_path.read_bytes()
     bad = tmp_path / f"{damage}.gguf"
     bad.write_bytes({"truncated": data[: len(data) // 3], "garbage": os.urandom(4096), "empty": b""}[damage])
-    with pytest.raises(lk.ModelLoadError, match="could not load the text model"):
+    # refused by the validation before llama.cpp opens it; the message names the file
+    with pytest.raises(lk.ModelLoadError, match=re.escape(bad.name)):
         lk.Model.load(bad)
     # and the projector side
     bad_proj = tmp_path / f"{damage}-mmproj.gguf"
     proj = llava_pair.mmproj_path.read_bytes()
     bad_proj.write_bytes({"truncated": proj[: len(proj) // 3], "garbage": os.urandom(4096), "empty": b""}[damage])
-    with pytest.raises(lk.ModelLoadError, match="could not load the projector"):
+    with pytest.raises(lk.ModelLoadError, match=re.escape(bad_proj.name)):
         lk.Model.load(llava_pair.model_path, bad_proj)
 
 
@@ -138,3 +141,21 @@ def test_dropping_references_frees_without_close(llava_pair):
     # ...and with the last reference both are freed, no close() needed
     after = lk._core.native_objects()
     assert after == dict(live, models=live["models"] - 1, sessions=live["sessions"] - 1)
+
+
+def test_flash_attention_setting(llava_pair, images):
+    """"auto" is llama.cpp's choice (on for CPU); "on" gives the same logits to the bit, "off" is the
+    other kernel (what llama-cpp-python's Llama() uses by default)."""
+    logits = {}
+    for setting in ("auto", "on", "off"):
+        with lk.Model.load(llava_pair.model_path, llava_pair.mmproj_path, flash_attn=setting) as m:
+            assert m.flash_attn == setting
+            with m.session(n_ctx=512) as s:
+                s.append_text("USER: ")
+                s.append_image(images[0])
+                s.append_text(" what is it?")
+                logits[setting] = s.logits()
+    assert np.array_equal(logits["auto"], logits["on"])
+    assert np.isfinite(logits["off"]).all() and not np.array_equal(logits["off"], logits["on"])
+    with pytest.raises(ValueError, match="flash_attn"):
+        lk.Model.load(llava_pair.model_path, flash_attn="yes")

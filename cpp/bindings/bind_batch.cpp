@@ -56,7 +56,7 @@ void register_batch(py::module_ & m) {
                 p.stop = std::move(stop);
                 p.queue_size = queue_size;
                 p.encode_ahead = encode_ahead;
-                py::gil_scoped_release release;
+                ReleasedGil release;
                 return BatchRunner::start(std::move(model), p);
             },
             py::arg("model"), py::kw_only(), py::arg("prefix"), py::arg("suffix"), py::arg("n_parallel") = 4,
@@ -75,6 +75,11 @@ void register_batch(py::module_ & m) {
                 job.error = error;
                 job.load_ms = load_ms;
                 if (!pixels.is_none()) {
+                    // No silent conversion of other dtypes (a float image would wrap around).
+                    if (!py::isinstance<py::array>(pixels) ||
+                        !pixels.cast<py::array>().dtype().is(py::dtype::of<uint8_t>())) {
+                        throw py::value_error("image pixels must be an HxWx3 uint8 array");
+                    }
                     RgbArray a = RgbArray::ensure(pixels);
                     if (!a || a.ndim() != 3 || a.shape(2) != 3) {
                         throw py::value_error("image pixels must be an HxWx3 uint8 array");
@@ -84,18 +89,18 @@ void register_batch(py::module_ & m) {
                     job.pixels.resize(static_cast<size_t>(a.size()));
                     std::memcpy(job.pixels.data(), a.data(), job.pixels.size());
                 }
-                py::gil_scoped_release release;
+                ReleasedGil release;
                 runner.submit(std::move(job));
             },
             py::arg("id"), py::arg("pixels"), py::arg("digest"), py::arg("source"), py::arg("error") = "",
             py::arg("load_ms") = 0.0)
-        .def("finish", &BatchRunner::finish, py::call_guard<py::gil_scoped_release>())
+        .def("finish", &BatchRunner::finish, py::call_guard<ReleasedGil>())
         .def("next",
              [](BatchRunner & runner) -> py::object {
                  BatchResult r;
                  bool got = false;
                  {
-                     py::gil_scoped_release release;
+                     ReleasedGil release;
                      got = runner.next(r);
                  }
                  if (!got) {
@@ -103,7 +108,7 @@ void register_batch(py::module_ & m) {
                  }
                  return result_dict(r);
              })
-        .def("close", &BatchRunner::close, py::call_guard<py::gil_scoped_release>())
+        .def("close", &BatchRunner::close, py::call_guard<ReleasedGil>())
         .def_property_readonly("closed", &BatchRunner::closed)
         .def_property_readonly("prefix_tokens", &BatchRunner::prefix_tokens)
         .def_property_readonly("suffix_tokens", &BatchRunner::suffix_tokens)

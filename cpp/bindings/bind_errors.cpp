@@ -9,9 +9,10 @@ namespace py = pybind11;
 namespace llava_kv::bindings {
 namespace {
 
+// Messages may quote bytes of a corrupt file: never let their decoding be the error raised.
 void raise(const char * name, const std::exception & e) {
     py::object cls = py::module_::import("llava_kv.errors").attr(name);
-    PyErr_SetObject(cls.ptr(), cls(e.what()).ptr());
+    PyErr_SetObject(cls.ptr(), cls(utf8(e.what())).ptr());
 }
 
 }  // namespace
@@ -24,7 +25,7 @@ void register_errors(py::module_ & /*m*/) {
             }
         } catch (const ContextFullError & e) {
             py::object cls = py::module_::import("llava_kv.errors").attr("ContextFullError");
-            py::object exc = cls(e.what(), py::arg("needed") = e.needed, py::arg("available") = e.available);
+            py::object exc = cls(utf8(e.what()), py::arg("needed") = e.needed, py::arg("available") = e.available);
             PyErr_SetObject(cls.ptr(), exc.ptr());
         } catch (const ModelLoadError & e) {
             raise("ModelLoadError", e);
@@ -37,7 +38,7 @@ void register_errors(py::module_ & /*m*/) {
         } catch (const Error & e) {
             raise("LlavaKVError", e);
         } catch (const NotFoundError & e) {
-            PyErr_SetString(PyExc_KeyError, e.what());
+            PyErr_SetObject(PyExc_KeyError, utf8(e.what()).ptr());
         }
     });
 }

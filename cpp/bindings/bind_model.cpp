@@ -6,6 +6,7 @@
 #include "bindings.h"
 #include "model.h"
 #include "session.h"
+#include "image_encoder.h"
 
 namespace py = pybind11;
 
@@ -16,20 +17,30 @@ void register_model(py::module_ & m) {
         .def_static(
             "load",
             [](const std::string & model_path, const std::string & mmproj_path, int32_t n_gpu_layers,
-               bool mmproj_use_gpu, int32_t n_threads, bool verbose, size_t embed_cache_bytes) {
+               bool mmproj_use_gpu, int32_t n_threads, bool verbose, size_t embed_cache_bytes,
+               const std::string & flash_attn) {
                 ModelParams params;
+                if (flash_attn == "auto") {
+                    params.flash_attn = LLAMA_FLASH_ATTN_TYPE_AUTO;
+                } else if (flash_attn == "on") {
+                    params.flash_attn = LLAMA_FLASH_ATTN_TYPE_ENABLED;
+                } else if (flash_attn == "off") {
+                    params.flash_attn = LLAMA_FLASH_ATTN_TYPE_DISABLED;
+                } else {
+                    throw py::value_error("flash_attn must be 'auto', 'on' or 'off', got '" + flash_attn + "'");
+                }
                 params.n_gpu_layers = n_gpu_layers;
                 params.mmproj_use_gpu = mmproj_use_gpu;
                 params.n_threads = n_threads;
                 params.verbose = verbose;
                 params.embed_cache_bytes = embed_cache_bytes;
-                py::gil_scoped_release release;
+                ReleasedGil release;
                 return Model::load(model_path, mmproj_path, params);
             },
             py::arg("model_path"), py::arg("mmproj_path") = "", py::kw_only(), py::arg("n_gpu_layers") = 0,
             py::arg("mmproj_use_gpu") = true, py::arg("n_threads") = 0, py::arg("verbose") = false,
-            py::arg("embed_cache_bytes") = size_t(1) << 30)
-        .def("close", &Model::close, py::call_guard<py::gil_scoped_release>())
+            py::arg("embed_cache_bytes") = size_t(1) << 30, py::arg("flash_attn") = "auto")
+        .def("close", &Model::close, py::call_guard<ReleasedGil>())
         .def_property_readonly("closed", &Model::closed)
         .def_property_readonly("path", &Model::path)
         .def_property_readonly("mmproj_path", &Model::mmproj_path)
@@ -37,9 +48,33 @@ void register_model(py::module_ & m) {
         .def_property_readonly("n_vocab", &Model::n_vocab)
         .def_property_readonly("n_ctx_train", &Model::n_ctx_train)
         .def_property_readonly("has_vision", &Model::has_vision)
+        .def_property_readonly("has_audio", &Model::has_audio)
+        .def_property_readonly("audio_sample_rate", &Model::audio_sample_rate)
+        .def(
+            "decode_audio",
+            [](Model & model, const py::bytes & data) {
+                const std::string bytes = data;
+                std::vector<float> samples;
+                {
+                    ReleasedGil release;
+                    auto hold = model.hold();
+                    samples = decode_audio(model, bytes);
+                }
+                py::array_t<float> out(static_cast<py::ssize_t>(samples.size()));
+                std::copy(samples.begin(), samples.end(), out.mutable_data());
+                return out;
+            },
+            py::arg("data"), "Mono float32 samples at the projector's rate from wav/mp3/flac bytes.")
         .def_property_readonly("uses_mrope", &Model::uses_mrope)
         .def_property_readonly("n_threads", &Model::n_threads)
         .def_property_readonly("description", &Model::description)
+        .def_property_readonly("flash_attn", [](const Model & model) {
+            switch (model.params().flash_attn) {
+                case LLAMA_FLASH_ATTN_TYPE_ENABLED: return "on";
+                case LLAMA_FLASH_ATTN_TYPE_DISABLED: return "off";
+                default: return "auto";
+            }
+        })
         .def_property_readonly("media_marker", [](const Model &) { return std::string(mtmd_default_marker()); })
         .def(
             "session",
@@ -50,18 +85,19 @@ void register_model(py::module_ & m) {
                 params.n_ubatch = n_ubatch;
                 params.seed = seed;
                 params.n_threads = n_threads;
-                py::gil_scoped_release release;
+                ReleasedGil release;
                 return model.open_session(params);
             },
             py::kw_only(), py::arg("n_ctx") = 4096, py::arg("n_batch") = 512, py::arg("n_ubatch") = 0,
             py::arg("seed") = 0, py::arg("n_threads") = 0)
-        .def("n_open_sessions", [](const Model & model) { return model.live_sessions().size(); })
+        .def("n_open_sessions", [](const Model & model) { return model.live_sessions().size(); },
+             py::call_guard<ReleasedGil>())
         .def(
             "memory",
             [](const Model & model) {
                 MemoryReport report;
                 {
-                    py::gil_scoped_release release;
+                    ReleasedGil release;
                     report = model.memory();
                 }
                 py::list entries;
@@ -90,9 +126,10 @@ void register_model(py::module_ & m) {
              [](Model & model, const std::string & digest) {
                  return static_cast<bool>(model.embedding_cache().peek(digest));
              })
-        .def_property_readonly("chat_template", &Model::chat_template)
+        .def_property_readonly("chat_template",
+                               py::cpp_function(&Model::chat_template, py::call_guard<ReleasedGil>()))
         .def("apply_chat_template", &Model::apply_chat_template, py::arg("messages"), py::arg("add_assistant") = true,
-             py::arg("template_override") = "")
+             py::arg("template_override") = "", py::call_guard<ReleasedGil>())
         .def("clear_cache", [](Model & model) { model.embedding_cache().clear(); });
 }
 

@@ -5,16 +5,19 @@
 #include "bindings.h"
 #include "reference.h"
 #include "session.h"
+#include "session_state.h"
+#include "decode.h"
 
 namespace py = pybind11;
 
 namespace llava_kv::bindings {
 namespace {
 
-// Python passes each new chunk as a str (text) or a tuple (HxWx3 uint8 array, digest, source).
-// The arrays stay referenced here while the GIL is released and the core reads them.
+// Python passes each new chunk as a str (text) or a tuple (array, digest, source): an HxWx3 uint8
+// array is an image, a 1-D float32 array an audio clip. The arrays stay referenced here while the
+// GIL is released and the core reads them.
 struct Inputs {
-    std::vector<RgbArray> arrays;
+    std::vector<py::array> arrays;
     std::vector<ChunkInput> chunks;
 };
 
@@ -26,22 +29,33 @@ Inputs convert(const py::list & items) {
         if (py::isinstance<py::str>(item)) {
             input.kind = ChunkKind::Text;
             input.text = item.cast<std::string>();
-        } else {
-            auto tuple = item.cast<py::tuple>();
-            if (tuple.size() != 3) {
-                throw py::type_error("an image chunk is (pixels, digest, source)");
-            }
-            RgbArray pixels = RgbArray::ensure(tuple[0]);
-            if (!pixels || pixels.ndim() != 3 || pixels.shape(2) != 3) {
-                throw py::value_error("image pixels must be an HxWx3 uint8 array");
-            }
-            input.kind = ChunkKind::Image;
+            out.chunks.push_back(std::move(input));
+            continue;
+        }
+        auto tuple = item.cast<py::tuple>();
+        if (tuple.size() != 3 || !py::isinstance<py::array>(tuple[0])) {
+            throw py::type_error("a media chunk is (array, digest, source)");
+        }
+        const auto given = tuple[0].cast<py::array>();
+        input.kind = ChunkKind::Image;
+        input.image.digest = tuple[1].cast<std::string>();
+        input.image.source = tuple[2].cast<std::string>();
+        // No silent conversions: pixels are uint8, audio samples float32.
+        if (given.dtype().is(py::dtype::of<float>()) && given.ndim() == 1) {
+            auto samples = py::array_t<float, py::array::c_style>::ensure(given);
+            input.image.samples = samples.data();
+            input.image.n_samples = static_cast<size_t>(samples.size());
+            out.arrays.push_back(std::move(samples));
+        } else if (given.dtype().is(py::dtype::of<uint8_t>()) && given.ndim() == 3 && given.shape(2) == 3) {
+            RgbArray pixels = RgbArray::ensure(given);
             input.image.data = pixels.data();
             input.image.height = static_cast<uint32_t>(pixels.shape(0));
             input.image.width = static_cast<uint32_t>(pixels.shape(1));
-            input.image.digest = tuple[1].cast<std::string>();
-            input.image.source = tuple[2].cast<std::string>();
             out.arrays.push_back(std::move(pixels));
+        } else {
+            throw py::value_error("media must be an HxWx3 uint8 array (image) or a 1-D float32 array (audio), got " +
+                                  py::str(given.dtype()).cast<std::string>() + " with " +
+                                  std::to_string(given.ndim()) + " dimensions");
         }
         out.chunks.push_back(std::move(input));
     }
@@ -51,7 +65,7 @@ Inputs convert(const py::list & items) {
 py::dict chunk_dict(const ChunkInfo & c) {
     py::dict d;
     d["id"] = c.id;
-    d["kind"] = c.kind == ChunkKind::Text ? "text" : "image";
+    d["kind"] = c.kind == ChunkKind::Text ? "text" : (c.audio ? "audio" : "image");
     d["n_tokens"] = c.n_tokens;
     d["pos0"] = c.pos0;
     d["pos1"] = c.pos1;
@@ -61,6 +75,7 @@ py::dict chunk_dict(const ChunkInfo & c) {
         d["digest"] = c.digest;
         d["width"] = c.width;
         d["height"] = c.height;
+        d["n_samples"] = c.n_samples;
     } else {
         d["tokens"] = c.tokens;
     }
@@ -75,13 +90,13 @@ void register_session(py::module_ & m) {
         "reference_eval",
         [](Model & model, const std::string & prompt, const py::list & images, int32_t n_ctx, int32_t n_batch) {
             Inputs inputs = convert(images);
-            std::vector<ImagePixels> pixels;
+            std::vector<MediaInput> pixels;
             for (const auto & c : inputs.chunks) {
                 pixels.push_back(c.image);
             }
             ReferenceResult r;
             {
-                py::gil_scoped_release release;
+                ReleasedGil release;
                 r = reference_eval(model, prompt, pixels, n_ctx, n_batch);
             }
             py::array_t<float> logits(static_cast<py::ssize_t>(r.logits.size()));
@@ -90,28 +105,91 @@ void register_session(py::module_ & m) {
         },
         py::arg("model"), py::arg("prompt"), py::arg("images"), py::arg("n_ctx") = 4096, py::arg("n_batch") = 512);
 
+    m.def(
+        "inspect_state",
+        [](const Model & model, const py::bytes & blob) {
+            const std::string data = blob;
+            StateHeader h;
+            {
+                ReleasedGil release;
+                h = inspect_state(data);
+                check_state_fits(h, model);
+            }
+            py::dict d;
+            d["n_ctx"] = h.n_ctx;
+            d["n_batch"] = h.n_batch;
+            d["n_ubatch"] = h.n_ubatch;
+            d["n_cells"] = h.n_cells;
+            return d;
+        },
+        py::arg("model"), py::arg("blob"),
+        "Checks a saved session's integrity (checksum) and that it fits `model`; returns the sizes it was saved with.");
+    m.def(
+        "_arm_decode_fault",
+        [](uint64_t nth, const std::string & kind) {
+            DecodeFault k = DecodeFault::None;
+            if (kind == "status") {
+                k = DecodeFault::Status;
+            } else if (kind == "exception") {
+                k = DecodeFault::Exception;
+            } else if (kind == "cancel") {
+                k = DecodeFault::Cancel;
+            } else if (kind == "close") {
+                k = DecodeFault::Close;
+            } else if (kind == "pause") {
+                k = DecodeFault::Pause;
+            } else if (kind != "none") {
+                throw py::value_error("kind must be 'status', 'exception', 'cancel', 'close', 'pause' or 'none'");
+            }
+            arm_decode_fault(nth, k);
+        },
+        py::arg("nth"), py::arg("kind"),
+        "Test hook: the nth decode call from now (1: the next) fails with a bad status or a C++ exception, "
+        "gets a real cancel() or close(), or pauses until _release_decode_pause(); 'none' disarms.");
+    m.def(
+        "_seal_state",
+        [](const py::bytes & blob) { return py::bytes(reseal_state(std::string(blob))); }, py::arg("blob"),
+        "Test hook: recomputes a state blob's size and checksum after a test changed it on purpose.");
+    m.def("_wait_decode_paused", &wait_decode_paused, py::arg("timeout_s"), py::call_guard<ReleasedGil>(),
+          "Test hook: waits until a decode armed with 'pause' is paused; False on timeout.");
+    m.def("_release_decode_pause", &release_decode_pause, py::call_guard<ReleasedGil>(),
+          "Test hook: lets the paused decode go on.");
+
     py::class_<Session, std::shared_ptr<Session>>(m, "Session")
-        .def("close", &Session::close, py::call_guard<py::gil_scoped_release>())
+        .def("close", &Session::close, py::call_guard<ReleasedGil>())
         .def_property_readonly("closed", &Session::closed)
+        .def_property_readonly("closing", &Session::closing,
+                               "close() has begun: a call in flight stops at its next decode step")
         .def_property_readonly("id", &Session::id)
         .def(
             "splice",
             [](Session & s, size_t begin, size_t end, const py::list & items) {
                 Inputs inputs = convert(items);
-                py::gil_scoped_release release;
-                return s.splice(begin, end, inputs.chunks);
+                return interruptible(s, [&] { return s.splice(begin, end, inputs.chunks); });
             },
             py::arg("begin"), py::arg("end"), py::arg("items"))
-        .def("remove_shift", &Session::remove_shift, py::arg("chunk_id"), py::call_guard<py::gil_scoped_release>())
-        .def("remove_chunks", &Session::remove_chunks, py::arg("chunk_ids"),
-             py::call_guard<py::gil_scoped_release>())
-        .def("index_of", &Session::index_of, py::arg("chunk_id"))
-        .def("clear", &Session::clear, py::call_guard<py::gil_scoped_release>())
+        .def(
+            "remove_shift",
+            [](Session & s, uint64_t chunk_id) { interruptible(s, [&] { s.remove_shift(chunk_id); }); },
+            py::arg("chunk_id"))
+        .def(
+            "remove_chunks",
+            [](Session & s, const std::vector<uint64_t> & chunk_ids) {
+                interruptible(s, [&] { s.remove_chunks(chunk_ids); });
+            },
+            py::arg("chunk_ids"))
+        .def("index_of", &Session::index_of, py::arg("chunk_id"), py::call_guard<ReleasedGil>())
+        .def("clear", &Session::clear, py::call_guard<ReleasedGil>())
         .def("cancel", &Session::cancel)
         .def("timeline",
              [](const Session & s) {
+                 std::vector<ChunkInfo> timeline;
+                 {
+                     ReleasedGil release;
+                     timeline = s.timeline();
+                 }
                  py::list out;
-                 for (const auto & c : s.timeline()) {
+                 for (const auto & c : timeline) {
                      out.append(chunk_dict(c));
                  }
                  return out;
@@ -120,42 +198,44 @@ void register_session(py::module_ & m) {
              [](const Session & s) {
                  std::vector<float> logits;
                  {
-                     py::gil_scoped_release release;
+                     ReleasedGil release;
                      logits = s.logits();
                  }
                  py::array_t<float> out(static_cast<py::ssize_t>(logits.size()));
                  std::copy(logits.begin(), logits.end(), out.mutable_data());
                  return out;
              })
-        .def_property_readonly("n_past", &Session::n_past)
-        .def_property_readonly("n_cells", &Session::n_cells)
+        .def_property_readonly("n_past", py::cpp_function(&Session::n_past, py::call_guard<ReleasedGil>()))
+        .def_property_readonly("n_cells", py::cpp_function(&Session::n_cells, py::call_guard<ReleasedGil>()))
         .def_property_readonly("n_ctx", &Session::n_ctx)
         .def_property_readonly("n_batch", [](const Session & s) { return s.params().n_batch; })
-        .def("tokenize", &Session::tokenize, py::arg("text"), py::arg("add_special") = false)
+        .def_property_readonly("n_ubatch", [](const Session & s) { return s.params().n_ubatch; })
+        .def_property_readonly("seed", [](const Session & s) { return s.params().seed; },
+                               "the seed the session was opened with (model.session(seed=...))")
+        .def("tokenize", &Session::tokenize, py::arg("text"), py::arg("add_special") = false,
+             py::call_guard<ReleasedGil>())
         .def(
             "begin_generation",
             [](Session & s, float temperature, int32_t top_k, float top_p, float min_p, float repeat_penalty,
                int32_t repeat_last_n, uint32_t seed) {
-                s.begin_generation(
-                    sampling_params(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed));
+                const SamplingParams p =
+                    sampling_params(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed);
+                ReleasedGil release;
+                s.begin_generation(p);
             },
             py::kw_only(), py::arg("temperature") = 0.0f, py::arg("top_k") = 40, py::arg("top_p") = 0.95f,
             py::arg("min_p") = 0.05f, py::arg("repeat_penalty") = 1.0f, py::arg("repeat_last_n") = 64,
             py::arg("seed") = 0)
         .def("generate_step",
              [](Session & s) {
-                 GenerationStep step;
-                 {
-                     py::gil_scoped_release release;
-                     step = s.generate_step();
-                 }
+                 const GenerationStep step = interruptible(s, [&] { return s.generate_step(); });
                  return py::make_tuple(step.token, py::bytes(step.text), step.end_of_generation);
              })
         .def("save_state",
              [](const Session & s) {
                  std::string blob;
                  {
-                     py::gil_scoped_release release;
+                     ReleasedGil release;
                      blob = s.save_state();
                  }
                  return py::bytes(blob);
@@ -163,15 +243,33 @@ void register_session(py::module_ & m) {
         .def("load_state",
              [](Session & s, const py::bytes & blob) {
                  std::string data = blob;
-                 py::gil_scoped_release release;
-                 s.load_state(data);
+                 interruptible(s, [&] { s.load_state(data); });
+             },
+             py::arg("blob"))
+        .def("flush_generation",
+             [](Session & s) {
+                 std::string rest;
+                 {
+                     ReleasedGil release;
+                     rest = s.flush_generation();
+                 }
+                 return py::bytes(rest);
              })
-        .def("flush_generation", [](Session & s) { return py::bytes(s.flush_generation()); })
-        .def("detokenize", [](const Session & s, const std::vector<llama_token> & tokens) {
-            return py::bytes(s.detokenize(tokens));
-        })
+        .def("detokenize",
+             [](const Session & s, const std::vector<llama_token> & tokens) {
+                 std::string text;
+                 {
+                     ReleasedGil release;
+                     text = s.detokenize(tokens);
+                 }
+                 return py::bytes(text);
+             })
         .def("stats", [](const Session & s) {
-            const SessionStats st = s.stats();
+            SessionStats st;
+            {
+                ReleasedGil release;
+                st = s.stats();
+            }
             py::dict d;
             d["tokens_decoded"] = st.registry.tokens_decoded;
             d["text_tokens_decoded"] = st.registry.text_tokens_decoded;

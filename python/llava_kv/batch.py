@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from . import _core
+from .arguments import INT32_MAX, check_int, check_sampling
+from .chat import apply_chat_template
 from .errors import ClosedError, LlavaKVError
 from .images import ImageInput, describe_image, load_image
 
@@ -54,7 +56,7 @@ def render_prompt(model: "Model", prompt: str, *, system: str | None = None,
     if marker in prompt or (system and marker in system):
         raise ValueError(f"the prompt contains the media marker {marker!r} as text")
     messages = ([("system", system)] if system else []) + [("user", marker + prompt)]
-    rendered = model._core.apply_chat_template(messages, True, chat_template or "")
+    rendered = apply_chat_template(model, messages, True, chat_template)[0]
     parts = rendered.split(marker)
     if len(parts) != 2:
         raise ValueError("the chat template dropped or duplicated the image marker")
@@ -118,6 +120,19 @@ def iter_run(model: "Model", images: Iterable[ImageInput], prompt: str, *, order
     """
     if not isinstance(prompt, str) or not prompt:
         raise ValueError("prompt must be a non-empty string")
+    check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+                   seed=seed, max_tokens=max_tokens, min_tokens=1, seed_optional=False)
+    check_int("parallel", parallel, 1, 255)
+    check_int("n_batch", n_batch)
+    if n_batch < parallel:  # each step decodes one token of every sequence
+        raise ValueError(f"n_batch ({n_batch}) must be >= parallel ({parallel})")
+    check_int("n_ctx", n_ctx, allow_none=True)
+    check_int("n_threads", n_threads, allow_none=True)
+    # the runner's context holds parallel + 1 sequences (the shared prompt and one per image)
+    per_sequence = max(max_tokens, n_ctx or 0)
+    if (parallel + 1) * per_sequence > INT32_MAX:
+        raise ValueError(f"max_tokens={max_tokens} / n_ctx={n_ctx} with parallel={parallel} needs more than "
+                         f"{INT32_MAX} KV cells; lower them")
     if isinstance(images, (str, bytes, os.PathLike)):
         raise TypeError("images must be an iterable of images (wrap a single image in a list)")
     stops = [stop] if isinstance(stop, str) else list(stop or [])

@@ -89,6 +89,8 @@ def _add_model_args(p: argparse.ArgumentParser, *, test_pair: bool, required: bo
                    help="layers to offload to the GPU; -1 offloads all (GPU builds; default: %(default)s)")
     g.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                    help="CPU threads (default: one per core)")
+    g.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto",
+                   help="flash attention: llama.cpp's choice, or forced on/off (default: %(default)s)")
     g.add_argument("--verbose", action="store_true", help="show llama.cpp's log on stderr")
 
 
@@ -142,7 +144,7 @@ def _load_model(args: argparse.Namespace, paths: tuple[str, str | None] | None =
 
     model_path, mmproj_path = paths or _model_paths(args)
     return lk.Model.load(model_path, mmproj_path, n_gpu_layers=args.n_gpu_layers, n_threads=args.threads,
-                         verbose=args.verbose)
+                         flash_attn=args.flash_attn, verbose=args.verbose)
 
 
 # -- demo ----------------------------------------------------------------------------------------
@@ -198,17 +200,34 @@ def _demo(args: argparse.Namespace) -> int:
 # -- info ----------------------------------------------------------------------------------------
 
 
+def _template_used(model: Any) -> dict[str, str] | None:
+    """The template ``chat`` renders with when not given one: the model's own or its architecture's."""
+    from llava_kv.chat import choose_chat_template
+    from llava_kv.errors import LlavaKVError
+
+    try:
+        chosen = choose_chat_template(model)
+    except LlavaKVError:
+        return None
+    return {"name": chosen.name, "source": chosen.source}
+
+
 def _info(args: argparse.Namespace) -> int:
     import llava_kv as lk
+
+    from llava_kv.gguf_metadata import architecture, projector_type
 
     out: dict = {"version": lk.__version__, "build": lk.build_info()}
     if args.model or args.mmproj:
         with _load_model(args) as model:
             out["model"] = {"path": model.path, "mmproj": model.mmproj_path,
+                            "family": architecture(model.path),
+                            "projector_type": projector_type(model.mmproj_path) if model.mmproj_path else None,
                             "description": model._core.description, "n_embd": model.n_embd,
                             "n_vocab": model.n_vocab, "n_ctx_train": model.n_ctx_train,
                             "has_vision": model.has_vision, "uses_mrope": model._core.uses_mrope,
-                            "chat_template": model.chat_template, "memory": model.memory()}
+                            "chat_template": model.chat_template, "chat_template_used": _template_used(model),
+                            "memory": model.memory()}
     print(json.dumps(out, indent=1, default=str))
     return 0
 
@@ -841,8 +860,10 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser(
         "info", formatter_class=_Formatter, help="build information, model metadata and memory, as JSON",
         description="Print JSON: the llava-kv version and build (llama.cpp commit, compiled backends, devices "
-        "seen now); with --model also the model's metadata (embedding width, vocabulary, trained context, "
-        "vision, chat template) and the memory it holds per component and device once loaded.",
+        "seen now); with --model also the model's family (its GGUF architecture, e.g. gemma3, qwen2vl), the "
+        "projector type of --mmproj (e.g. mlp, gemma3, idefics3), the model's metadata (embedding width, "
+        "vocabulary, trained context, vision, chat template) and the memory it holds per component and device "
+        "once loaded.",
         epilog="examples:\n"
         "  llava-kv info\n"
         "  llava-kv info --model m.gguf --mmproj p.gguf --n-gpu-layers -1")

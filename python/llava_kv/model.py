@@ -1,16 +1,38 @@
 """Model: a text model plus its optional projector, loaded once and shared by sessions."""
 from __future__ import annotations
 
+import atexit
 import os
+import weakref
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _core
+
+if TYPE_CHECKING:
+    import numpy as np
+from .arguments import UINT32_MAX, check_int
 from .native import NativeObject
+from .gguf_validation import check_model_files
 from .images import file_fingerprint
 from .session import Session
 
 __all__ = ["Model"]
+
+_FLASH_ATTN = ("auto", "on", "off")
+
+# Every open model, so that interpreter exit can stop what still runs natively (batch workers, edits
+# in other threads) before Python tears down: no native thread may outlive the interpreter.
+_live_models: "weakref.WeakSet[Model]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    for model in list(_live_models):
+        try:
+            model.close()
+        except Exception:  # noqa: BLE001 - exiting: a model that fails to close must not stop the others
+            pass
 
 
 def _check_file(path: str | os.PathLike[str], what: str) -> str:
@@ -35,21 +57,29 @@ class Model(NativeObject):
     @classmethod
     def load(cls, model_path: str | os.PathLike[str], mmproj_path: str | os.PathLike[str] | None = None, *,
              n_gpu_layers: int = 0, mmproj_use_gpu: bool = True, n_threads: int | None = None,
-             verbose: bool = False, embed_cache_bytes: int = 1 << 30) -> "Model":
+             verbose: bool = False, embed_cache_bytes: int = 1 << 30, flash_attn: str = "auto") -> "Model":
         """Load a GGUF text model and, optionally, its mmproj projector.
 
-        ``n_gpu_layers=-1`` offloads every layer (GPU builds). Raises FileNotFoundError for a
-        missing file and :class:`llava_kv.ModelLoadError` for a corrupt or incompatible one.
+        ``n_gpu_layers=-1`` offloads every layer (GPU builds). ``flash_attn`` is llama.cpp's choice
+        for every context of the model: "auto" (llama.cpp decides; on for CPU), "on" or "off". Logits
+        equal another runtime's only with the same setting (llama-cpp-python's ``Llama()`` defaults to
+        off). Raises FileNotFoundError for a missing file and :class:`llava_kv.ModelLoadError` for a
+        corrupt or incompatible one.
         """
+        if flash_attn not in _FLASH_ATTN:
+            raise ValueError(f"flash_attn must be one of {', '.join(map(repr, _FLASH_ATTN))}, got {flash_attn!r}")
         model = _check_file(model_path, "model")
         mmproj = _check_file(mmproj_path, "mmproj") if mmproj_path is not None else ""
-        if n_threads is not None and n_threads < 1:
-            raise ValueError(f"n_threads must be >= 1 (or None for one per core), got {n_threads}")
-        if embed_cache_bytes < 0:
-            raise ValueError("embed_cache_bytes must be >= 0")
+        check_int("n_gpu_layers", n_gpu_layers, -1)
+        check_int("n_threads", n_threads, 1, allow_none=True)
+        check_int("embed_cache_bytes", embed_cache_bytes, 0, 2**63 - 1)
+        check_model_files(model, mmproj or None)  # llama.cpp asserts on malformed files: refuse them first
         core = _core.Model.load(model, mmproj, n_gpu_layers=n_gpu_layers, mmproj_use_gpu=mmproj_use_gpu,
-                                n_threads=n_threads or 0, verbose=verbose, embed_cache_bytes=embed_cache_bytes)
-        return cls(core, file_fingerprint(mmproj) if mmproj else "")
+                                n_threads=n_threads or 0, verbose=verbose, embed_cache_bytes=embed_cache_bytes,
+                                flash_attn=flash_attn)
+        loaded = cls(core, file_fingerprint(mmproj) if mmproj else "")
+        _live_models.add(loaded)
+        return loaded
 
     # -- lifetime ---------------------------------------------------------------------------
 
@@ -87,6 +117,26 @@ class Model(NativeObject):
         return self._core.has_vision
 
     @property
+    def has_audio(self) -> bool:
+        """Whether the projector has an audio encoder (``Session.append_audio``)."""
+        return self._core.has_audio
+
+    @property
+    def audio_sample_rate(self) -> int | None:
+        """The sample rate audio arrays must have (e.g. 16000), None without audio."""
+        rate = self._core.audio_sample_rate
+        return rate if rate > 0 else None
+
+    def decode_audio(self, data: bytes) -> "np.ndarray":
+        """wav/mp3/flac bytes -> mono float32 samples at :attr:`audio_sample_rate` (mtmd's decoder)."""
+        return self._core.decode_audio(bytes(data))
+
+    @property
+    def flash_attn(self) -> str:
+        """The flash-attention setting of the model's contexts: "auto", "on" or "off"."""
+        return self._core.flash_attn
+
+    @property
     def projector_id(self) -> str:
         """Content fingerprint of the mmproj file; part of every image digest."""
         return self._projector_id
@@ -102,9 +152,14 @@ class Model(NativeObject):
 
     def session(self, *, n_ctx: int = 4096, n_batch: int = 512, n_ubatch: int | None = None, seed: int = 0,
                 n_threads: int | None = None) -> Session:
-        """Open a conversation with its own KV cache of ``n_ctx`` cells."""
-        if n_ctx < 1 or n_batch < 1:
-            raise ValueError(f"n_ctx and n_batch must be >= 1, got n_ctx={n_ctx}, n_batch={n_batch}")
+        """Open a conversation with its own KV cache of ``n_ctx`` cells (edits are checked against
+        ``n_ctx``; llama.cpp may allocate a few more). ``seed`` makes sampled text reproducible per
+        session: ``generate(seed=None)`` draws each call's seed from it (see ``Session.generate``)."""
+        check_int("n_ctx", n_ctx)
+        check_int("n_batch", n_batch)
+        check_int("n_ubatch", n_ubatch, allow_none=True)
+        check_int("seed", seed, 0, UINT32_MAX)
+        check_int("n_threads", n_threads, allow_none=True)
         core = self._core.session(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch or 0, seed=seed,
                                   n_threads=n_threads or 0)
         return Session(self, core)

@@ -13,22 +13,26 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence, Union, over
 import numpy as np
 
 from . import _core
+from .arguments import check_sampling
 from .native import NativeObject
-from .chat import plan_edit, render_messages
-from .errors import CancelledError, LlavaKVError
+from .chat import plan_edit, render_conversation
+from .errors import CancelledError, ContextFullError, LlavaKVError
+from .audio import AudioInput, LoadedAudio, load_audio, looks_like_audio
 from .images import ImageInput, load_image
 
 if TYPE_CHECKING:
     from .model import Model
 
-__all__ = ["Session", "ImageRef", "Chunk", "ImageList"]
+__all__ = ["Session", "ImageRef", "Chunk", "ImageList"]  # ImageList also serves Session.media
 
 EDIT_MODES = ("exact", "shift")
+MEDIA_KINDS = ("image", "audio")
 
 
 @dataclass(frozen=True)
 class ImageRef:
-    """An image in a session's timeline. ``pos0``/``pos1`` are its KV positions when the ref was made."""
+    """An image (or, with ``kind="audio"``, an audio clip) in a session's timeline. ``pos0``/``pos1``
+    are its KV positions when the ref was made."""
 
     path: str
     digest: str
@@ -36,13 +40,14 @@ class ImageRef:
     pos0: int
     pos1: int
     chunk_id: int
+    kind: str = "image"  # "image" or "audio"
 
 
 @dataclass(frozen=True)
 class Chunk:
     """One element of the timeline: text tokens or one image, with its KV span ``[pos0, pos1)``."""
 
-    kind: str  # "text" or "image"
+    kind: str  # "text", "image" or "audio"
     n_tokens: int
     pos0: int
     pos1: int
@@ -50,13 +55,27 @@ class Chunk:
     text: str | None = None
     image: ImageRef | None = None
     generated: bool = False
+    audio: ImageRef | None = None
+
+    @property
+    def media(self) -> ImageRef | None:
+        """The image or audio clip of a media chunk."""
+        return self.image or self.audio
 
 
 def _chunk_from_core(d: dict[str, Any]) -> Chunk:
-    if d["kind"] == "image":
-        ref = ImageRef(d["source"], d["digest"], d["n_tokens"], d["pos0"], d["pos1"], d["id"])
-        return Chunk("image", d["n_tokens"], d["pos0"], d["pos1"], d["id"], image=ref)
+    if d["kind"] in MEDIA_KINDS:
+        ref = ImageRef(d["source"], d["digest"], d["n_tokens"], d["pos0"], d["pos1"], d["id"], d["kind"])
+        return Chunk(d["kind"], d["n_tokens"], d["pos0"], d["pos1"], d["id"],
+                     image=ref if d["kind"] == "image" else None, audio=ref if d["kind"] == "audio" else None)
     return Chunk("text", d["n_tokens"], d["pos0"], d["pos1"], d["id"], text=d["source"], generated=d["generated"])
+
+
+def _core_item(x: Any) -> Any:
+    """A rendered chat item as the core takes it: text, or (array, digest, source) for media."""
+    if isinstance(x, str):
+        return x
+    return (x.samples if isinstance(x, LoadedAudio) else x.pixels, x.digest, x.source)
 
 
 class Session(NativeObject):
@@ -70,6 +89,7 @@ class Session(NativeObject):
         self._model = model
         self._core = core
         self._cancel_requested = False
+        self._generations = 0  # generate() calls so far: with the session seed, the next call's seed
         self.last_finish_reason: str | None = None
 
     # -- lifetime ---------------------------------------------------------------------------
@@ -79,8 +99,9 @@ class Session(NativeObject):
             return "<llava_kv.Session closed>"
         tl = self._core.timeline()
         n_images = sum(1 for c in tl if c["kind"] == "image")
+        n_audio = sum(1 for c in tl if c["kind"] == "audio")
         return (f"<llava_kv.Session n_past={self._core.n_past} n_ctx={self._core.n_ctx} chunks={len(tl)} "
-                f"images={n_images}>")
+                f"images={n_images}" + (f" audio={n_audio}>" if n_audio else ">"))
 
     def cancel(self) -> None:
         """Stop the call running in another thread: an edit raises CancelledError and changes
@@ -110,7 +131,12 @@ class Session(NativeObject):
     @property
     def images(self) -> "ImageList":
         """Live list view of the timeline's images; edits through it go through the registry."""
-        return ImageList(self)  # a fresh view each time: a stored one would make a reference cycle
+        return ImageList(self, ("image",))  # a fresh view each time: a stored one would make a reference cycle
+
+    @property
+    def media(self) -> "ImageList":
+        """Live list view of the timeline's images and audio clips, in order (``ref.kind`` tells which)."""
+        return ImageList(self, MEDIA_KINDS)
 
     @property
     def stats(self) -> dict[str, int]:
@@ -130,25 +156,58 @@ class Session(NativeObject):
         img = load_image(image, self._model.projector_id)
         return (img.pixels, img.digest, img.source)
 
+    def _audio(self, audio: AudioInput) -> tuple[np.ndarray, str, str]:
+        clip = load_audio(audio, self._model)
+        return (clip.samples, clip.digest, clip.source)
+
+    def _media(self, kind: str, x: Any) -> tuple[np.ndarray, str, str]:
+        return self._audio(x) if kind == "audio" else self._image(x)
+
     def _splice(self, begin: int, end: int, items: Sequence[Any]) -> list[int]:
         return list(self._core.splice(begin, end, list(items)))
 
     def _ref(self, chunk_id: int) -> ImageRef:
         for d in self._core.timeline():
             if d["id"] == chunk_id:
-                chunk = _chunk_from_core(d)
-                assert chunk.image is not None
-                return chunk.image
+                ref = _chunk_from_core(d).media
+                assert ref is not None
+                return ref
         raise KeyError(chunk_id)
 
-    def _index(self, ref: ImageRef | int) -> int:
+    def _index(self, ref: ImageRef | int, kind: str = "image") -> int:
         chunk_id = ref.chunk_id if isinstance(ref, ImageRef) else ref
         if not isinstance(chunk_id, int):
             raise TypeError(f"expected an ImageRef, not {type(ref).__name__}")
         index = self._core.index_of(chunk_id)
-        if self._core.timeline()[index]["kind"] != "image":
-            raise KeyError(f"chunk {chunk_id} is not an image")
+        if self._core.timeline()[index]["kind"] != kind:
+            raise KeyError(f"chunk {chunk_id} is not {'an image' if kind == 'image' else 'an audio clip'}")
         return index
+
+    def _append_media(self, kind: str, x: Any) -> ImageRef:
+        n = len(self._core.timeline())
+        (chunk_id,) = self._splice(n, n, [self._media(kind, x)])
+        return self._ref(chunk_id)
+
+    def _insert_media(self, kind: str, index: int, x: Any) -> ImageRef:
+        n = len(self._core.timeline())
+        if not 0 <= index <= n:
+            raise IndexError(f"chunk index {index} is outside 0..{n}")
+        (chunk_id,) = self._splice(index, index, [self._media(kind, x)])
+        return self._ref(chunk_id)
+
+    def _replace_media(self, kind: str, ref: ImageRef, x: Any) -> ImageRef:
+        index = self._index(ref, kind)
+        (chunk_id,) = self._splice(index, index + 1, [self._media(kind, x)])
+        return self._ref(chunk_id)
+
+    def _remove_media(self, kind: str, ref: ImageRef, mode: str) -> None:
+        if mode not in EDIT_MODES:
+            raise ValueError(f"mode must be one of {EDIT_MODES}, not {mode!r}")
+        index = self._index(ref, kind)
+        if mode == "shift":
+            self._core.remove_shift(self._core.timeline()[index]["id"])
+        else:
+            self._splice(index, index + 1, [])
 
     def append_text(self, text: str) -> None:
         """Append text (special tokens in it are parsed; BOS is added before the first chunk)."""
@@ -158,17 +217,11 @@ class Session(NativeObject):
 
     def append_image(self, image: ImageInput) -> ImageRef:
         """Append an image (path, bytes, PIL image or HxWx3 uint8 array); returns its ref."""
-        n = len(self._core.timeline())
-        (chunk_id,) = self._splice(n, n, [self._image(image)])
-        return self._ref(chunk_id)
+        return self._append_media("image", image)
 
     def insert_image(self, index: int, image: ImageInput) -> ImageRef:
         """Insert an image before the ``index``-th chunk of the timeline (``len(timeline)`` appends)."""
-        n = len(self._core.timeline())
-        if not 0 <= index <= n:
-            raise IndexError(f"chunk index {index} is outside 0..{n}")
-        (chunk_id,) = self._splice(index, index, [self._image(image)])
-        return self._ref(chunk_id)
+        return self._insert_media("image", index, image)
 
     def insert_text(self, index: int, text: str) -> None:
         """Insert text before the ``index``-th chunk of the timeline."""
@@ -179,10 +232,7 @@ class Session(NativeObject):
 
     def replace_image(self, ref: ImageRef, image: ImageInput) -> ImageRef:
         """Replace the image ``ref`` with ``image``; only the timeline from that image on is recomputed."""
-        index = self._index(ref)
-        item = self._image(image)
-        (chunk_id,) = self._splice(index, index + 1, [item])
-        return self._ref(chunk_id)
+        return self._replace_media("image", ref, image)
 
     def remove_image(self, ref: ImageRef, mode: str = "exact") -> None:
         """Remove the image ``ref``.
@@ -192,13 +242,24 @@ class Session(NativeObject):
         but approximate (later tokens keep having attended to the image); refused with LlavaKVError
         for M-RoPE models and memories that cannot shift.
         """
-        if mode not in EDIT_MODES:
-            raise ValueError(f"mode must be one of {EDIT_MODES}, not {mode!r}")
-        index = self._index(ref)
-        if mode == "shift":
-            self._core.remove_shift(self._core.timeline()[index]["id"])
-        else:
-            self._splice(index, index + 1, [])
+        self._remove_media("image", ref, mode)
+
+    def append_audio(self, audio: AudioInput) -> ImageRef:
+        """Append an audio clip: a wav/mp3/flac path or bytes, or a 1-D float32 array of mono samples at
+        ``model.audio_sample_rate``. Same registry as images: cached by content, edited like them."""
+        return self._append_media("audio", audio)
+
+    def insert_audio(self, index: int, audio: AudioInput) -> ImageRef:
+        """Insert an audio clip before the ``index``-th chunk of the timeline."""
+        return self._insert_media("audio", index, audio)
+
+    def replace_audio(self, ref: ImageRef, audio: AudioInput) -> ImageRef:
+        """Replace the audio clip ``ref``; only the timeline from it on is recomputed."""
+        return self._replace_media("audio", ref, audio)
+
+    def remove_audio(self, ref: ImageRef, mode: str = "exact") -> None:
+        """Remove the audio clip ``ref`` (``mode`` as for :meth:`remove_image`)."""
+        self._remove_media("audio", ref, mode)
 
     def truncate(self, n_chunks: int) -> None:
         """Keep the first ``n_chunks`` chunks of the timeline and drop the rest."""
@@ -209,12 +270,14 @@ class Session(NativeObject):
             self._splice(n_chunks, n, [])
 
     def edit(self, begin: int, end: int, items: Iterable[Union[str, ImageInput]]) -> None:
-        """Replace timeline chunks ``[begin, end)`` with ``items``: a ``str`` is text, anything else an
-        image (give image paths as ``pathlib.Path``). One edit: only from ``begin`` on is recomputed."""
+        """Replace timeline chunks ``[begin, end)`` with ``items``: a ``str`` is text, a 1-D float array
+        or a .wav/.mp3/.flac path audio, anything else an image (give image paths as ``pathlib.Path``).
+        One edit: only from ``begin`` on is recomputed."""
         n = len(self._core.timeline())
         if not 0 <= begin <= end <= n:
             raise IndexError(f"chunk range [{begin}, {end}) is outside the timeline of {n} chunks")
-        self._splice(begin, end, [x if isinstance(x, str) else self._image(x) for x in items])
+        self._splice(begin, end, [x if isinstance(x, str) else self._media("audio" if looks_like_audio(x) else "image", x)
+                                  for x in items])
 
     def clear(self) -> None:
         """Remove everything: timeline, KV cache and the session's references to embeddings."""
@@ -223,41 +286,78 @@ class Session(NativeObject):
     # -- state ------------------------------------------------------------------------------
 
     _STATE_FORMAT = "llava-kv-session"
-    _STATE_VERSION = 1
+    _STATE_VERSION = 2  # 2: the native state carries its sizes and a checksum
+    _HEADER_KEYS = {"format": str, "version": int, "model_fingerprint": str, "projector_id": str}
+    _MAX_HEADER_BYTES = 1 << 16
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the session (KV cache, timeline, image refs and their embeddings) to ``path``."""
+        """Write the session (KV cache, timeline, image refs and their embeddings) to ``path``.
+
+        The file is written next to ``path`` and renamed over it, so ``path`` never holds half a
+        session; the native part carries a checksum that :meth:`load` verifies.
+        """
         header = {"format": self._STATE_FORMAT, "version": self._STATE_VERSION,
                   "model_fingerprint": self._model.fingerprint, "projector_id": self._model.projector_id,
-                  "n_ctx": self.n_ctx, "n_batch": self._core.n_batch, "n_past": self.n_past}
+                  "n_ctx": self.n_ctx, "n_past": self.n_past}
         blob = self._core.save_state()
         tmp = f"{os.fspath(path)}.tmp"
         with open(tmp, "wb") as f:
             f.write(json.dumps(header).encode() + b"\n")
             f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
 
     @classmethod
     def load(cls, model: "Model", path: str | os.PathLike[str], *, n_ctx: int | None = None,
              n_batch: int | None = None) -> "Session":
         """Open a session saved by :meth:`save` on ``model``, which must be the model it was saved
-        from (same weights and projector); otherwise LlavaKVError names the mismatch."""
+        from (same weights and projector); otherwise LlavaKVError names the mismatch.
+
+        The file is checked before anything is allocated for it: header keys and types, the native
+        state's checksum, its sizes against this model. ``n_ctx`` defaults to the saved one, which
+        must not exceed the model's training context unless the saved timeline needs more; a smaller
+        ``n_ctx`` than the timeline needs raises ContextFullError.
+        """
+        name = os.fspath(path)
         with open(path, "rb") as f:
-            line = f.readline()
+            line = f.readline(cls._MAX_HEADER_BYTES)
             try:
                 header = json.loads(line)
             except ValueError:
                 header = None
             if not isinstance(header, dict) or header.get("format") != cls._STATE_FORMAT:
-                raise LlavaKVError(f"{os.fspath(path)!r} is not a llava-kv session file")
-            if header.get("version") != cls._STATE_VERSION:
-                raise LlavaKVError(f"{os.fspath(path)!r} has session format version {header.get('version')}, "
+                raise LlavaKVError(f"{name!r} is not a llava-kv session file")
+            for key, kind in cls._HEADER_KEYS.items():
+                if not isinstance(header.get(key), kind):
+                    raise LlavaKVError(f"{name!r}: the session header's {key!r} is missing or not a "
+                                       f"{kind.__name__} ({header.get(key)!r})")
+            if header["version"] != cls._STATE_VERSION:
+                raise LlavaKVError(f"{name!r} has session format version {header['version']}, "
                                    f"this llava-kv reads version {cls._STATE_VERSION}")
             if header["model_fingerprint"] != model.fingerprint or header["projector_id"] != model.projector_id:
-                raise LlavaKVError(f"{os.fspath(path)!r} was saved from a different model or projector than "
+                raise LlavaKVError(f"{name!r} was saved from a different model or projector than "
                                    f"{model.path!r}; load it with the model it was saved from")
             blob = f.read()
-        session = model.session(n_ctx=n_ctx or header["n_ctx"], n_batch=n_batch or header["n_batch"])
+        try:
+            saved = _core.inspect_state(model._core, blob)
+        except LlavaKVError as e:
+            raise LlavaKVError(f"{name!r}: {e}") from None
+        needed = saved["n_cells"]
+        if n_ctx is None:
+            n_ctx = saved["n_ctx"]
+            limit = max(model.n_ctx_train, needed)
+            if n_ctx > limit:
+                raise LlavaKVError(f"{name!r} declares n_ctx={n_ctx}, more than this model's training context "
+                                   f"({model.n_ctx_train}) and more than the {needed} cells its timeline takes; "
+                                   f"pass n_ctx= to choose the size")
+        elif not isinstance(n_ctx, int) or isinstance(n_ctx, bool) or not 1 <= n_ctx < 2**31:
+            raise ValueError(f"n_ctx must be an int in [1, 2**31), got {n_ctx!r}")
+        if n_ctx < needed:
+            raise ContextFullError(f"{name!r} needs {needed} KV cells but n_ctx={n_ctx}; pass n_ctx >= {needed}",
+                                   needed=needed, available=n_ctx)
+        n_batch = n_batch or saved["n_batch"]
+        session = model.session(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=min(saved["n_ubatch"], n_batch))
         try:
             session._core.load_state(blob)
         except BaseException:
@@ -269,7 +369,9 @@ class Session(NativeObject):
         """A new, independent session holding a copy of this one (KV cache included): try two
         continuations, or two different images, side by side without recomputing the prefix."""
         blob = self._core.save_state()
-        other = self._model.session(n_ctx=self.n_ctx, n_batch=self._core.n_batch)
+        other = self._model.session(n_ctx=self.n_ctx, n_batch=self._core.n_batch, n_ubatch=self._core.n_ubatch,
+                                    seed=self._core.seed)
+        other._generations = self._generations  # a fork samples on as this session would
         try:
             other._core.load_state(blob)
         except BaseException:
@@ -289,15 +391,21 @@ class Session(NativeObject):
         leaving the iterator early stops generating. Generation ends at an end-of-generation token,
         at ``max_tokens``, or when the text contains a ``stop`` string (which is not returned).
         ``last_finish_reason`` is then "stop" or "length".
+
+        ``seed=None`` samples with a seed drawn from the session's own (``model.session(seed=...)``)
+        and the number of generate calls before this one: the same calls on two sessions opened
+        with the same seed give the same text, and consecutive calls differ.
         """
-        if max_tokens < 0:
-            raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
+        check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+                       seed=seed, max_tokens=max_tokens)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if any(not isinstance(x, str) or not x for x in stops):
             raise ValueError("stop strings must be non-empty str")
+        if seed is None:
+            seed = (self._core.seed * 1_000_003 + self._generations * 7919 + 17) & 0xFFFFFFFF
+        self._generations += 1
         self._core.begin_generation(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                    repeat_penalty=repeat_penalty,
-                                    seed=self._core.id * 7919 + 17 if seed is None else seed)
+                                    repeat_penalty=repeat_penalty, seed=seed)
         self._cancel_requested = False
         pieces = self._pieces(max_tokens, stops)
         return pieces if stream else "".join(pieces)
@@ -344,17 +452,20 @@ class Session(NativeObject):
         ``chat.completion`` dict (or, with ``stream=True``, an iterator of ``chat.completion.chunk``
         dicts) shaped as in the OpenAI / llama-cpp-python APIs.
         """
-        items = render_messages(self._model, messages, chat_template=chat_template)
+        check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+                       seed=seed, max_tokens=max_tokens)  # before the conversation is decoded
+        items, template = render_conversation(self._model, messages, chat_template=chat_template)
         timeline = self.timeline
         first, rest = plan_edit(timeline, items)
         before = self._core.stats()
-        self._splice(first, len(timeline), [x if isinstance(x, str) else (x.pixels, x.digest, x.source) for x in rest])
+        self._splice(first, len(timeline), [_core_item(x) for x in rest])
         prompt_tokens = self._core.n_past
         reused = timeline[first].pos0 if first < len(timeline) else (timeline[-1].pos1 if timeline else 0)
         after = self._core.stats()
         meta = {"reused_tokens": reused,
                 "decoded_tokens": after["tokens_decoded"] - before["tokens_decoded"],
-                "images_encoded": after["images_encoded"] - before["images_encoded"]}
+                "images_encoded": after["images_encoded"] - before["images_encoded"],
+                "chat_template": template.name, "chat_template_source": template.source}
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         pieces = self.generate(max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                repeat_penalty=repeat_penalty, seed=seed, stop=stop, stream=True)
@@ -383,14 +494,19 @@ class Session(NativeObject):
 
 
 class ImageList(MutableSequence):  # type: ignore[type-arg]
-    """The images of a session's timeline, in order. A view: reads reflect the session now, and
-    ``del``, assignment, ``insert`` and ``clear`` are edits through the registry."""
+    """The images (``session.images``) or all media (``session.media``: images and audio clips) of a
+    session's timeline, in order. A view: reads reflect the session now, and ``del``, assignment,
+    ``insert`` and ``clear`` are edits through the registry."""
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session, kinds: tuple[str, ...] = ("image",)) -> None:
         self._session = session
+        self._kinds = kinds
 
     def _refs(self) -> list[ImageRef]:
-        return [c.image for c in self._session.timeline if c.image is not None]
+        return [c.media for c in self._session.timeline if c.media is not None and c.kind in self._kinds]
+
+    def _kind_of(self, x: Any) -> str:
+        return "audio" if "audio" in self._kinds and looks_like_audio(x) else "image"
 
     def __len__(self) -> int:
         return len(self._refs())
@@ -407,30 +523,33 @@ class ImageList(MutableSequence):  # type: ignore[type-arg]
     def __iter__(self) -> Iterator[ImageRef]:
         return iter(self._refs())
 
-    def __setitem__(self, index: Any, image: Any) -> None:
+    def __setitem__(self, index: Any, item: Any) -> None:
         if isinstance(index, slice):
-            raise TypeError("assign images one at a time: session.images[i] = image")
-        self._session.replace_image(self._refs()[index], image)
+            raise TypeError("assign one at a time: session.images[i] = image")
+        ref = self._refs()[index]
+        self._session._replace_media(ref.kind, ref, item)  # an image stays an image, a clip a clip
 
     def __delitem__(self, index: int | slice) -> None:
         refs = self._refs()
         if isinstance(index, slice):
             self._session._core.remove_chunks([r.chunk_id for r in refs[index]])
         else:
-            self._session.remove_image(refs[index])
+            self._session._remove_media(refs[index].kind, refs[index], "exact")
 
-    def insert(self, index: int, image: Any) -> None:
+    def insert(self, index: int, item: Any) -> None:
         refs = self._refs()
+        kind = self._kind_of(item)
         if index < 0:
             index = max(0, len(refs) + index)
         if index >= len(refs):
-            self._session.append_image(image)
+            self._session._append_media(kind, item)
         else:
-            self._session.insert_image(self._session._core.index_of(refs[index].chunk_id), image)
+            self._session._insert_media(kind, self._session._core.index_of(refs[index].chunk_id), item)
 
     def clear(self) -> None:
-        """Remove every image from the timeline, the KV cache and the session's embedding refs, in one edit."""
+        """Remove every item of the view from the timeline, the KV cache and the session's embedding
+        refs, in one edit."""
         self._session._core.remove_chunks([r.chunk_id for r in self._refs()])
 
     def __repr__(self) -> str:
-        return f"ImageList({self._refs()!r})"
+        return f"{'MediaList' if 'audio' in self._kinds else 'ImageList'}({self._refs()!r})"
