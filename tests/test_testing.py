@@ -27,7 +27,9 @@ def test_presets_differ_in_architecture_and_projector():
     assert PRESETS["llava-7b"].image_tokens == 576
 
 
-def test_image_token_counts_match_the_preset(pair):
+@pytest.mark.parametrize("preset", ["tiny-llava", "tiny-gemma3"])  # the other families: test_families.py
+def test_image_token_counts_match_the_preset(tmp_path, preset):
+    pair = make_test_model(tmp_path, preset)
     with lk.Model.load(pair.model_path, pair.mmproj_path) as m, m.session(n_ctx=512) as s:
         ref = s.append_image(random_image(0))
         # gemma3 wraps the image in <start_of_image> ... <end_of_image>; BOS goes first.

@@ -4,21 +4,109 @@ A conversation is rendered with the model's chat template (llama.cpp's template 
 media marker standing in for each image, then split at the markers into text and images. The
 session then edits its timeline to match: a new turn only appends; a changed earlier message or
 image is an edit from the first difference on.
+
+A GGUF without ``tokenizer.chat_template`` (base models, some conversions) still chats when its
+architecture names one chat format: gemma3 is always Gemma's turn format, so llama.cpp's built-in
+"gemma" template is used, and said so (a log line, and the name in the reply). Architectures shared
+by families with different formats (llama: Llama 2, Llama 3, Vicuna, Mistral, SmolVLM...) name none;
+those need ``chat_template=``.
 """
 from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import os
-from typing import Any, Iterable, Sequence, Union
+from typing import Any, Iterable, NamedTuple, Sequence, Union
 from urllib.parse import unquote, urlparse
 
-from .errors import ImageError
+from . import gguf_metadata
+from .audio import LoadedAudio, load_audio
+from .errors import ImageError, LlavaKVError
 from .images import LoadedImage, load_image
 
-__all__ = ["render_messages", "plan_edit"]
+__all__ = ["ARCH_CHAT_TEMPLATES", "ChatTemplate", "choose_chat_template", "apply_chat_template", "render_messages",
+           "render_conversation", "plan_edit"]
 
-Item = Union[str, LoadedImage]
+Item = Union[str, LoadedImage, LoadedAudio]
+Media = (LoadedImage, LoadedAudio)
+AUDIO_FORMATS = ("wav", "mp3", "flac")
+
+log = logging.getLogger("llava_kv")
+
+# general.architecture -> the name of llama.cpp's built-in template (src/llama-chat.cpp) for the
+# architectures llava-kv loads whose every released chat model uses one format. Left out on purpose:
+# llama (Llama 2/3, Vicuna, Mistral, SmolVLM...), phi3 (Phi-3 and Phi-4 differ), chatglm, deepseek2
+# (V2 and V3 differ), gemma4 (a format of its own llama.cpp has no built-in for), granite's hybrids.
+ARCH_CHAT_TEMPLATES: dict[str, str] = {
+    **dict.fromkeys(("gemma", "gemma2", "gemma3", "gemma3n"), "gemma"),
+    **dict.fromkeys(("qwen", "qwen2", "qwen2moe", "qwen2vl", "qwen3", "qwen3moe", "qwen3next", "qwen3vl",
+                     "qwen3vlmoe"), "chatml"),
+    "llama4": "llama4",
+    "mistral3": "mistral-v7-tekken",
+    "command-r": "command-r", "cohere2": "command-r",
+    "deepseek": "deepseek", "deepseek2-ocr": "deepseek-ocr",
+    "exaone": "exaone3", "exaone4": "exaone4", "exaone-moe": "exaone-moe",
+    "granite": "granite",
+    "hunyuan-moe": "hunyuan-moe", "hunyuan-dense": "hunyuan-dense", "hunyuan_vl": "hunyuan-vl",
+    "gpt-oss": "gpt-oss",
+    "seed_oss": "seed_oss",
+}
+
+
+class ChatTemplate(NamedTuple):
+    """The template a conversation is rendered with and where it came from."""
+
+    template: str  # what llama.cpp is given: "" for the model's own, else a built-in name or a template
+    name: str  # for people: the built-in name, "custom" for a template string, "model" for the GGUF's own
+    source: str  # "argument" (chat_template=), "model" (tokenizer.chat_template) or "architecture"
+
+
+_announced: set[tuple[str, str]] = set()
+
+
+def choose_chat_template(model: Any, chat_template: str | None = None) -> ChatTemplate:
+    """``chat_template`` when given, else the model's own, else the built-in template its
+    architecture names (logged once per model file). Raises LlavaKVError when there is none."""
+    if chat_template:
+        name = chat_template if "\n" not in chat_template and "{" not in chat_template else "custom"
+        return ChatTemplate(chat_template, name, "argument")
+    if model.chat_template:
+        return ChatTemplate("", "model", "model")
+    arch = gguf_metadata.architecture(model.path)
+    builtin = ARCH_CHAT_TEMPLATES.get(arch or "")
+    if builtin is None:
+        raise LlavaKVError(f"the model '{model.path}' has no chat template (tokenizer.chat_template) and its "
+                           f"architecture {arch!r} does not name one; pass chat_template=... (a llama.cpp name "
+                           "such as 'chatml', 'llama3', 'gemma', 'vicuna', or a template string)")
+    if (model.path, builtin) not in _announced:
+        _announced.add((model.path, builtin))
+        log.info("%s has no chat template; using llama.cpp's built-in %r, the format of its "
+                 "architecture %r (pass chat_template= to choose another)", model.path, builtin, arch)
+    return ChatTemplate(builtin, builtin, "architecture")
+
+
+def apply_chat_template(model: Any, messages: Sequence[tuple[str, str]], add_assistant: bool = True,
+                        chat_template: str | None = None) -> tuple[str, ChatTemplate]:
+    """Render ``(role, content)`` pairs with the template :func:`choose_chat_template` picks."""
+    chosen = choose_chat_template(model, chat_template)
+    return model._core.apply_chat_template(list(messages), add_assistant, chosen.template), chosen
+
+
+def _media_from_part(part: dict[str, Any], model: Any) -> LoadedImage | LoadedAudio:
+    if part.get("type") == "input_audio":
+        spec = part.get("input_audio")
+        if not isinstance(spec, dict) or not isinstance(spec.get("data"), str):
+            raise ValueError("an input_audio part needs input_audio={'data': <base64>, 'format': 'wav'}")
+        fmt = spec.get("format", "wav")
+        if fmt not in AUDIO_FORMATS:
+            raise ValueError(f"input_audio format must be one of {', '.join(AUDIO_FORMATS)}, not {fmt!r}")
+        try:
+            data = base64.b64decode(spec["data"], validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise ImageError(f"invalid base64 in input_audio data: {e}") from e
+        return load_audio(data, model)
+    return _image_from_part(part, model.projector_id)
 
 
 def _image_from_part(part: dict[str, Any], projector_id: str) -> LoadedImage:
@@ -40,6 +128,12 @@ def _image_from_part(part: dict[str, Any], projector_id: str) -> LoadedImage:
         parsed = urlparse(url)
         if parsed.scheme in ("http", "https"):
             raise ValueError(f"remote image URLs are not fetched ({url}); download the image and pass its path")
+        if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
+            raise ValueError(f"file:// image URLs must name a file on this machine (no host, or localhost), "
+                             f"not host {parsed.netloc!r}: {url}")
+        if parsed.scheme not in ("", "file") and len(parsed.scheme) > 1 and not os.path.isfile(url):
+            raise ValueError(f"image URL scheme {parsed.scheme!r} is not supported ({url}): use a path, a "
+                             "file:// URL or a base64 data: URI")
         path = unquote(parsed.path) if parsed.scheme == "file" else url
         if not os.path.isfile(path):
             raise ImageError(f"image file not found: {path}")
@@ -49,18 +143,25 @@ def _image_from_part(part: dict[str, Any], projector_id: str) -> LoadedImage:
         if isinstance(image, (str, os.PathLike)) and not os.path.isfile(image):
             raise ImageError(f"image file not found: {image}")
         return load_image(image, projector_id)
-    raise ValueError(f"unknown message part type {kind!r}: use 'text', 'image_url' or 'image'")
+    raise ValueError(f"unknown message part type {kind!r}: use 'text', 'image_url', 'image' or 'input_audio'")
 
 
 def render_messages(model: Any, messages: Sequence[dict[str, Any]], *, add_assistant: bool = True,
                     chat_template: str | None = None) -> list[Item]:
-    """Render ``messages`` with the chat template and return the items (text / images) in order.
+    """Render ``messages`` with the chat template and return the items (text / images / audio) in order.
 
-    Every image is loaded here, before anything changes, so a bad message leaves a session as it was.
+    Every image and audio clip is loaded here, before anything changes, so a bad message leaves a
+    session as it was.
     """
+    return render_conversation(model, messages, add_assistant=add_assistant, chat_template=chat_template)[0]
+
+
+def render_conversation(model: Any, messages: Sequence[dict[str, Any]], *, add_assistant: bool = True,
+                        chat_template: str | None = None) -> tuple[list[Item], ChatTemplate]:
+    """:func:`render_messages`, and the template it rendered them with."""
     marker = model._core.media_marker
     rendered: list[tuple[str, str]] = []
-    images: list[LoadedImage] = []
+    images: list[LoadedImage | LoadedAudio] = []
     if not isinstance(messages, (list, tuple)) or not messages:
         raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
     for i, message in enumerate(messages):
@@ -83,13 +184,13 @@ def render_messages(model: Any, messages: Sequence[dict[str, Any]], *, add_assis
                         raise ValueError(f"message {i} contains the media marker {marker!r} as text")
                     pieces.append(str(part.get("text", "")))
                 else:
-                    images.append(_image_from_part(part, model.projector_id))
+                    images.append(_media_from_part(part, model))
                     pieces.append(marker)
             text = "".join(pieces)
         else:
             raise ValueError(f"message {i}: content must be a string or a list of parts")
         rendered.append((str(message["role"]), text))
-    prompt = model._core.apply_chat_template(rendered, add_assistant, chat_template or "")
+    prompt, chosen = apply_chat_template(model, rendered, add_assistant, chat_template)
     segments = prompt.split(marker)
     if len(segments) != len(images) + 1:
         raise ValueError("the chat template dropped or duplicated an image marker")
@@ -99,7 +200,7 @@ def render_messages(model: Any, messages: Sequence[dict[str, Any]], *, add_assis
             items.append(seg)
         if k < len(images):
             items.append(images[k])
-    return items
+    return items, chosen
 
 
 def plan_edit(timeline: Iterable[Any], items: Sequence[Item]) -> tuple[int, list[Item]]:
@@ -117,8 +218,8 @@ def plan_edit(timeline: Iterable[Any], items: Sequence[Item]) -> tuple[int, list
         if i >= len(items):
             break
         want = items[i]
-        if chunk.kind == "image":
-            if offset == 0 and isinstance(want, LoadedImage) and chunk.image.digest == want.digest:
+        if chunk.media is not None:
+            if offset == 0 and isinstance(want, Media) and chunk.media.digest == want.digest:
                 i += 1
                 continue
             break
