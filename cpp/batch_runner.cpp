@@ -8,6 +8,7 @@
 #include "decode.h"
 #include "errors.h"
 #include "runtime.h"
+#include "stop_strings.h"
 #include "tokens.h"
 
 namespace llava_kv {
@@ -47,7 +48,7 @@ struct BatchRunner::Slot {
     llama_token last = -1;  // sampled, to be decoded in the next step
     int32_t batch_index = -1;
     llama_sampler_ptr sampler;
-    std::string text;
+    std::unique_ptr<StopStrings> stops;  // the job's text so far, cut at a stop string
     int32_t n_generated = 0;
     Clock::time_point admitted;
     Clock::time_point first_token;
@@ -88,12 +89,7 @@ BatchRunner::BatchRunner(std::shared_ptr<Model> model, const BatchParams & param
         params_.encode_ahead = params_.n_parallel;
     }
     make_sampler_chain(params_.sampling, 1);  // validates the settings before any thread starts
-    for (const auto & s : params_.stop) {
-        if (s.empty()) {
-            throw std::invalid_argument("stop strings must not be empty");
-        }
-        longest_stop_ = std::max(longest_stop_, s.size());
-    }
+    StopStrings validated(params_.stop);  // throws for an empty stop string, before any thread starts
     auto hold = model_->hold();
     if (model_->projector() == nullptr || !model_->has_vision()) {
         throw ImageError("this model has no vision projector: load it with mmproj_path to run image batches");
@@ -202,10 +198,6 @@ void BatchRunner::close() {
     batch_.reset();
     ctx_.reset();
     closed_.store(true);
-}
-
-void BatchRunner::close_for_model() {
-    close();
 }
 
 void BatchRunner::emit(BatchResult && result, bool failed) {
@@ -358,7 +350,7 @@ bool BatchRunner::admit(Slot & slot, Ready && job) {
     slot.pos = static_cast<llama_pos>(prefix_.size());
     slot.generating = false;
     slot.suffix_next = 0;
-    slot.text.clear();
+    slot.stops = std::make_unique<StopStrings>(params_.stop);
     slot.n_generated = 0;
     slot.n_prompt = 0;
     slot.last = -1;
@@ -393,7 +385,7 @@ void BatchRunner::finish_slot(Slot & slot, const char * reason) {
     BatchResult r;
     r.id = slot.job->id;
     r.source = slot.job->source;
-    r.text = std::move(slot.text);
+    r.text = slot.stops->text();
     r.n_tokens = slot.n_generated;
     r.n_prompt_tokens = slot.n_prompt;
     r.finish_reason = reason;
@@ -520,21 +512,7 @@ void BatchRunner::decode_step(std::vector<Slot> & slots) {
         }
         generated += 1;
         slot.n_generated += 1;
-        const size_t before = slot.text.size();
-        slot.text += token_piece(vocab, token);
-        bool stopped = false;
-        if (longest_stop_ > 0) {
-            const size_t from = before >= longest_stop_ ? before - longest_stop_ + 1 : 0;
-            size_t cut = std::string::npos;
-            for (const auto & s : params_.stop) {
-                cut = std::min(cut, slot.text.find(s, from));
-            }
-            if (cut != std::string::npos) {
-                slot.text.resize(cut);
-                stopped = true;
-            }
-        }
-        if (stopped) {
+        if (slot.stops->feed(token_piece(vocab, token))) {
             finish_slot(slot, "stop");
         } else if (slot.n_generated >= params_.max_tokens) {
             finish_slot(slot, "length");

@@ -105,12 +105,9 @@ class BatchRunner {
     bool closed() const { return closed_.load(); }
     BatchStats stats() const;
     const BatchParams & params() const { return params_; }
-    size_t prefix_tokens() const { return prefix_.size(); }
-    size_t suffix_tokens() const { return suffix_.size(); }
 
-    // For Model::close(): ask the worker to stop before it waits for the model, then close.
+    // For Model::close(): ask the worker to stop before it waits for the model (then close()).
     void request_stop();
-    void close_for_model();
 
   private:
     struct Ready;
@@ -140,7 +137,6 @@ class BatchRunner {
     BatchParams params_;
     std::vector<llama_token> prefix_;  // BOS included where the model adds it
     std::vector<llama_token> suffix_;
-    size_t longest_stop_ = 0;
 
     std::atomic<bool> stop_{false};
     std::atomic<bool> closed_{false};

@@ -133,7 +133,7 @@ void Model::close() {
     }
     for (auto & weak : runners) {
         if (auto runner = weak.lock()) {
-            runner->close_for_model();
+            runner->close();
         }
     }
     for (auto & weak : sessions) {

@@ -38,9 +38,10 @@ struct ModelParams {
 
 // Bytes one component holds on one device.
 struct MemoryEntry {
-    std::string component;  // "weights", "projector", "embedding_cache", "session:<id>:kv", ...
+    std::string component;  // "weights", "projector", "embedding_cache", or a session's "kv" / "compute"
     std::string device;
     size_t bytes = 0;
+    uint64_t session_id = 0;  // the session a "kv" / "compute" entry belongs to (0: the model's own)
 };
 
 struct MemoryReport {

@@ -265,13 +265,12 @@ std::vector<MemoryEntry> Session::memory_entries() const {
         slot.first += data.context;
         slot.second += data.compute;
     }
-    const std::string prefix = "session:" + std::to_string(id_) + ":";
     for (const auto & [device, sizes] : by_device) {
         if (sizes.first) {
-            out.push_back({prefix + "kv", device, sizes.first});
+            out.push_back({"kv", device, sizes.first, id_});
         }
         if (sizes.second) {
-            out.push_back({prefix + "compute", device, sizes.second});
+            out.push_back({"compute", device, sizes.second, id_});
         }
     }
     return out;

@@ -1,7 +1,7 @@
 import base64
 import io
 import threading
-import time
+import weakref
 
 import numpy as np
 import pytest
@@ -29,7 +29,7 @@ def test_greedy_is_deterministic_and_follows_the_logits(model, images):
             texts.append(s.generate(12))
             gen = s.timeline[-1]
             assert gen.generated and gen.kind == "text"
-            firsts.append(s._core.timeline()[-1]["tokens"][0])
+            firsts.append(s.timeline[-1].tokens[0])
             assert firsts[-1] == argmax
             # each generated token is in the timeline and the KV cache
             assert s.n_past == n_past + gen.n_tokens == n_past + s.stats["tokens_generated"]
@@ -78,12 +78,20 @@ def test_stop_strings_end_generation_and_are_not_returned(model, images):
 def test_leaving_a_stream_stops_native_work(model, images):
     with model.session(n_ctx=1024) as s:
         _prompt(s, images)
+        n_past = s.n_past
         it = s.generate(50, stream=True)
         got = [next(it) for _ in range(3)]
         n = s.stats["tokens_generated"]
+        # Each token is generated when the stream is asked for it: nothing runs ahead, in no thread.
+        assert len(got) == 3 and n <= 4 and s.n_past == n_past + n
+        gone = weakref.ref(it)
         del it
-        time.sleep(0.05)
-        assert s.stats["tokens_generated"] == n and len(got) == 3 and n <= 4
+        # Dropping the stream finalizes it at once (no thread or pending native step keeps it alive),
+        # and the session takes the next call with the tokens generated so far and no more.
+        assert gone() is None
+        assert s.stats["tokens_generated"] == n and s.n_past == n_past + n
+        s.append_text(" next")
+        assert s.stats["tokens_generated"] == n and s.timeline[-2].generated and s.timeline[-2].n_tokens == n
 
 
 def test_cancel_from_another_thread(model, images):
@@ -136,15 +144,15 @@ def test_generated_chunks_are_edited_like_any_other(model, images):
         _prompt(s, images)
         s.generate(8)
         s.append_text("\nUSER: again")
-        generated = [d["tokens"] for d in s._core.timeline() if d["generated"]]
+        generated = [c.tokens for c in s.timeline if c.generated]
         image_index = s._core.index_of(s.images[0].chunk_id)
         before = s.stats
         s.replace_image(s.images[0], images[1])  # re-decodes the generated tokens too, as they were
-        assert [d["tokens"] for d in s._core.timeline() if d["generated"]] == generated
+        assert [c.tokens for c in s.timeline if c.generated] == generated
         cells_from_image = sum(c.n_tokens for c in s.timeline[image_index:])  # KV cells, not positions (M-RoPE)
         assert s.stats["tokens_decoded"] - before["tokens_decoded"] == cells_from_image
         s.remove_image(s.images[0])
-        assert [d["tokens"] for d in s._core.timeline() if d["generated"]] == generated
+        assert [c.tokens for c in s.timeline if c.generated] == generated
 
 
 # -- chat --------------------------------------------------------------------------------------
@@ -275,3 +283,18 @@ def test_session_seed_makes_sampling_reproducible(model, images):
     assert a == b
     assert a[1] == a[2]  # the fork drew the seed its source drew next
     assert a[0] != a[1] and sample(6)[0] != a[0]
+
+
+def test_stop_strings_split_across_pieces():
+    """The one stop-string matcher of sessions and the batch runner: a stop string split over
+    pieces is found, text that may still become one is held back, never half a character."""
+    m = _core.StopStrings(["STOP", "zz"])
+    assert not m.feed(b"hello S") and m.safe_size == 4  # "hell": "o S" could begin "STOP"
+    assert not m.feed(b"TO") and m.safe_size == 6
+    assert m.feed(b"P and more") and m.text == b"hello " and m.safe_size == 6 and m.stopped
+    assert m.feed(b"STOP") and m.text == b"hello "  # nothing changes once stopped
+    u = _core.StopStrings(["zz"])
+    assert not u.feed("é".encode()) and u.safe_size == 0  # one byte held back would split the character
+    assert not u.feed(b"a") and u.text[: u.safe_size].decode() == "é"
+    with pytest.raises(ValueError):
+        _core.StopStrings([""])

@@ -89,10 +89,10 @@ def _greedy(model: lk.Model, prompt: str, n: int = N_GREEDY) -> tuple[list[int],
         s.append_text(prompt)
         logits = s.logits()
         text = s.generate(max_tokens=n, temperature=0.0)
-        chunks = s._core.timeline()
+        chunks = s.timeline
         prompt_tokens = s.tokenize(prompt, add_special=True)
-        assert [d["generated"] for d in chunks][:1] == [False] and chunks[0]["n_tokens"] == len(prompt_tokens)
-        generated = [t for d in chunks if d["generated"] for t in d["tokens"]]
+        assert [c.generated for c in chunks][:1] == [False] and chunks[0].n_tokens == len(prompt_tokens)
+        generated = [t for c in chunks if c.generated for t in c.tokens]
         return prompt_tokens, generated, logits, text
 
 
@@ -234,7 +234,7 @@ def _layout(s: lk.Session) -> list[tuple]:
 
 def _next_tokens(s: lk.Session, n: int = 3) -> list[int]:
     s.generate(max_tokens=n, temperature=0.0)
-    tokens = [t for d in s._core.timeline() if d["generated"] for t in d["tokens"]]
+    tokens = [t for c in s.timeline if c.generated for t in c.tokens]
     s.truncate(len([c for c in s.timeline if not c.generated]))
     return tokens
 

@@ -12,30 +12,29 @@ namespace py = pybind11;
 namespace llava_kv::bindings {
 namespace {
 
-py::dict result_dict(const BatchResult & r) {
-    py::dict d;
-    d["id"] = r.id;
-    d["source"] = utf8(r.source);
-    d["text"] = utf8(r.text);
-    d["n_tokens"] = r.n_tokens;
-    d["n_prompt_tokens"] = r.n_prompt_tokens;
-    d["finish_reason"] = r.finish_reason;
-    d["error"] = utf8(r.error);
-    d["cached"] = r.cached;
-    py::dict t;
-    t["load_ms"] = r.load_ms;
-    t["encode_ms"] = r.encode_ms;
-    t["wait_ms"] = r.wait_ms;
-    t["prefill_ms"] = r.prefill_ms;
-    t["generate_ms"] = r.generate_ms;
-    t["total_ms"] = r.total_ms;
-    d["timings"] = t;
-    return d;
-}
 
 }  // namespace
 
 void register_batch(py::module_ & m) {
+    py::class_<BatchResult>(m, "BatchResult", "What one job of a batch runner produced (or why it failed).")
+        .def_readonly("id", &BatchResult::id, "the job's id, as submitted")
+        .def_property_readonly("source", [](const BatchResult & r) { return utf8(r.source); },
+                               "the image's path or description")
+        .def_property_readonly("text", [](const BatchResult & r) { return utf8(r.text); }, "the generated text")
+        .def_readonly("n_tokens", &BatchResult::n_tokens, "tokens generated")
+        .def_readonly("n_prompt_tokens", &BatchResult::n_prompt_tokens,
+                      "tokens the job decoded itself (image and prompt text), not the shared prefix")
+        .def_readonly("finish_reason", &BatchResult::finish_reason, "'stop' or 'length'; '' on error")
+        .def_property_readonly("error", [](const BatchResult & r) { return utf8(r.error); },
+                               "why the job failed ('' if it did not)")
+        .def_readonly("cached", &BatchResult::cached, "the embedding came from the cache")
+        .def_readonly("load_ms", &BatchResult::load_ms, "decoding the image file (the caller's loader)")
+        .def_readonly("encode_ms", &BatchResult::encode_ms, "the projector's share for this image")
+        .def_readonly("wait_ms", &BatchResult::wait_ms, "encoded, waiting for a free sequence")
+        .def_readonly("prefill_ms", &BatchResult::prefill_ms, "image and prompt decoded, first token sampled")
+        .def_readonly("generate_ms", &BatchResult::generate_ms, "the rest of the answer")
+        .def_readonly("total_ms", &BatchResult::total_ms, "load + from submit to the result");
+
     py::class_<BatchRunner, std::shared_ptr<BatchRunner>>(m, "BatchRunner")
         .def_static(
             "start",
@@ -106,13 +105,10 @@ void register_batch(py::module_ & m) {
                  if (!got) {
                      return py::none();
                  }
-                 return result_dict(r);
+                 return py::cast(std::move(r));
              })
         .def("close", &BatchRunner::close, py::call_guard<ReleasedGil>())
         .def_property_readonly("closed", &BatchRunner::closed)
-        .def_property_readonly("prefix_tokens", &BatchRunner::prefix_tokens)
-        .def_property_readonly("suffix_tokens", &BatchRunner::suffix_tokens)
-        .def_property_readonly("n_parallel", [](const BatchRunner & r) { return r.params().n_parallel; })
         .def("stats", [](const BatchRunner & runner) {
             const BatchStats s = runner.stats();
             py::dict d;

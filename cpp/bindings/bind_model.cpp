@@ -102,7 +102,7 @@ void register_model(py::module_ & m) {
                 }
                 py::list entries;
                 for (const auto & e : report.entries) {
-                    entries.append(py::make_tuple(e.component, e.device, e.bytes));
+                    entries.append(py::make_tuple(e.component, e.device, e.bytes, e.session_id));
                 }
                 py::list devices;
                 for (const auto & d : report.devices) {
@@ -121,10 +121,6 @@ void register_model(py::module_ & m) {
                  out["bytes"] = s.bytes;
                  out["capacity_bytes"] = s.capacity_bytes;
                  return out;
-             })
-        .def("cache_contains",
-             [](Model & model, const std::string & digest) {
-                 return static_cast<bool>(model.embedding_cache().peek(digest));
              })
         .def_property_readonly("chat_template",
                                py::cpp_function(&Model::chat_template, py::call_guard<ReleasedGil>()))

@@ -6,6 +6,7 @@
 #include "reference.h"
 #include "session.h"
 #include "session_state.h"
+#include "stop_strings.h"
 #include "decode.h"
 
 namespace py = pybind11;
@@ -62,25 +63,6 @@ Inputs convert(const py::list & items) {
     return out;
 }
 
-py::dict chunk_dict(const ChunkInfo & c) {
-    py::dict d;
-    d["id"] = c.id;
-    d["kind"] = c.kind == ChunkKind::Text ? "text" : (c.audio ? "audio" : "image");
-    d["n_tokens"] = c.n_tokens;
-    d["pos0"] = c.pos0;
-    d["pos1"] = c.pos1;
-    d["source"] = utf8(c.source);
-    d["generated"] = c.generated;
-    if (c.kind == ChunkKind::Image) {
-        d["digest"] = c.digest;
-        d["width"] = c.width;
-        d["height"] = c.height;
-        d["n_samples"] = c.n_samples;
-    } else {
-        d["tokens"] = c.tokens;
-    }
-    return d;
-}
 
 }  // namespace
 
@@ -155,6 +137,35 @@ void register_session(py::module_ & m) {
     m.def("_release_decode_pause", &release_decode_pause, py::call_guard<ReleasedGil>(),
           "Test hook: lets the paused decode go on.");
 
+    py::class_<StopStrings>(m, "StopStrings",
+                            "Stop strings over generated text arriving piece by piece (as the batch runner "
+                            "applies them): where it first holds one, and how much can be shown already.")
+        .def(py::init<std::vector<std::string>>(), py::arg("stops"))
+        .def("feed", &StopStrings::feed, py::arg("piece"),
+             "Appends bytes; True once the text holds a stop string (it then ends before it).")
+        .def_property_readonly("text", [](const StopStrings & s) { return py::bytes(s.text()); })
+        .def_property_readonly("stopped", &StopStrings::stopped)
+        .def_property_readonly("safe_size", &StopStrings::safe_size,
+                               "bytes of text that no later piece can turn into a stop string");
+
+    py::class_<ChunkInfo>(m, "ChunkInfo", "One chunk of a session's timeline: text tokens, an image or an audio clip.")
+        .def_readonly("id", &ChunkInfo::id, "stable id of the chunk within its session")
+        .def_property_readonly(
+            "kind",
+            [](const ChunkInfo & c) { return c.kind == ChunkKind::Text ? "text" : (c.audio ? "audio" : "image"); },
+            "'text', 'image' or 'audio'")
+        .def_readonly("n_tokens", &ChunkInfo::n_tokens, "KV cells the chunk takes (the first chunk's include BOS)")
+        .def_readonly("pos0", &ChunkInfo::pos0, "first KV position")
+        .def_readonly("pos1", &ChunkInfo::pos1, "one past the last KV position (fewer than cells under M-RoPE)")
+        .def_readonly("digest", &ChunkInfo::digest, "content digest of an image or clip ('' for text)")
+        .def_property_readonly("source", [](const ChunkInfo & c) { return utf8(c.source); },
+                               "the text of a text chunk; the path or description an image or clip came as")
+        .def_readonly("width", &ChunkInfo::width, "image width in pixels (0 otherwise)")
+        .def_readonly("height", &ChunkInfo::height, "image height in pixels (0 otherwise)")
+        .def_readonly("n_samples", &ChunkInfo::n_samples, "audio samples (0 otherwise)")
+        .def_readonly("tokens", &ChunkInfo::tokens, "token ids of a text chunk, BOS excluded (empty otherwise)")
+        .def_readonly("generated", &ChunkInfo::generated, "tokens the model sampled, not text given to it");
+
     py::class_<Session, std::shared_ptr<Session>>(m, "Session")
         .def("close", &Session::close, py::call_guard<ReleasedGil>())
         .def_property_readonly("closed", &Session::closed)
@@ -188,11 +199,7 @@ void register_session(py::module_ & m) {
                      ReleasedGil release;
                      timeline = s.timeline();
                  }
-                 py::list out;
-                 for (const auto & c : timeline) {
-                     out.append(chunk_dict(c));
-                 }
-                 return out;
+                 return timeline;
              })
         .def("logits",
              [](const Session & s) {
@@ -263,7 +270,8 @@ void register_session(py::module_ & m) {
                      text = s.detokenize(tokens);
                  }
                  return py::bytes(text);
-             })
+             },
+             py::arg("tokens"))
         .def("stats", [](const Session & s) {
             SessionStats st;
             {

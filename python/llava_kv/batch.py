@@ -14,9 +14,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
-from . import _core
 from .arguments import INT32_MAX, check_int, check_sampling
-from .chat import apply_chat_template
+from .chat import render_segments
 from .errors import ClosedError, LlavaKVError
 from .images import ImageInput, describe_image, load_image
 
@@ -25,6 +24,9 @@ if TYPE_CHECKING:
 
 __all__ = ["BatchRecord", "run", "iter_run", "render_prompt"]
 
+
+# Per-record timings (ms) the native runner reports, in the order they happen.
+TIMINGS = ("load_ms", "encode_ms", "wait_ms", "prefill_ms", "generate_ms", "total_ms")
 
 @dataclass(frozen=True)
 class BatchRecord:
@@ -52,15 +54,12 @@ def render_prompt(model: "Model", prompt: str, *, system: str | None = None,
                   chat_template: str | None = None) -> tuple[str, str]:
     """The text before and after the image once ``[image, prompt]`` is rendered as a user message,
     exactly as :meth:`Session.chat` renders it."""
-    marker = model._core.media_marker
+    marker = model.media_marker
     if marker in prompt or (system and marker in system):
         raise ValueError(f"the prompt contains the media marker {marker!r} as text")
     messages = ([("system", system)] if system else []) + [("user", marker + prompt)]
-    rendered = apply_chat_template(model, messages, True, chat_template)[0]
-    parts = rendered.split(marker)
-    if len(parts) != 2:
-        raise ValueError("the chat template dropped or duplicated the image marker")
-    return parts[0], parts[1]
+    (before, after), _ = render_segments(model, messages, 1, chat_template=chat_template)
+    return before, after
 
 
 class _Feeder(threading.Thread):
@@ -138,8 +137,8 @@ def iter_run(model: "Model", images: Iterable[ImageInput], prompt: str, *, order
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     prefix, suffix = render_prompt(model, prompt, system=system, chat_template=chat_template)
     total = len(images) if hasattr(images, "__len__") else None  # type: ignore[arg-type]
-    runner = _core.BatchRunner.start(
-        model._core, prefix=prefix, suffix=suffix, n_parallel=parallel, max_tokens=max_tokens, n_ctx=n_ctx or 0,
+    runner = model._start_batch_runner(
+        prefix=prefix, suffix=suffix, n_parallel=parallel, max_tokens=max_tokens, n_ctx=n_ctx or 0,
         n_batch=n_batch, n_threads=n_threads or 0, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
         repeat_penalty=repeat_penalty, seed=seed, stop=stops)
     feeder = _Feeder(runner, images, model.projector_id)
@@ -149,15 +148,15 @@ def iter_run(model: "Model", images: Iterable[ImageInput], prompt: str, *, order
     next_index = 0
     try:
         while True:
-            d = runner.next()
-            if d is None:
+            r = runner.next()
+            if r is None:
                 break
-            index = int(d["id"])
-            error = d["error"] or None
-            record = BatchRecord(index=index, image=feeder.sources.get(index, d["source"]),
-                                 text=None if error else d["text"], tokens=int(d["n_tokens"]),
-                                 finish_reason=None if error else d["finish_reason"], cached=bool(d["cached"]),
-                                 timings={k: round(float(v), 3) for k, v in d["timings"].items()}, error=error)
+            index = int(r.id)
+            error = r.error or None
+            record = BatchRecord(index=index, image=feeder.sources.get(index, r.source),
+                                 text=None if error else r.text, tokens=r.n_tokens,
+                                 finish_reason=None if error else r.finish_reason, cached=r.cached,
+                                 timings={k: round(getattr(r, k), 3) for k in TIMINGS}, error=error)
             if bar is not None:
                 bar.update(1)
             if not ordered:

@@ -25,7 +25,8 @@ from .audio import LoadedAudio, load_audio
 from .errors import ImageError, LlavaKVError
 from .images import LoadedImage, load_image
 
-__all__ = ["ARCH_CHAT_TEMPLATES", "ChatTemplate", "choose_chat_template", "apply_chat_template", "render_messages",
+__all__ = ["ARCH_CHAT_TEMPLATES", "ChatTemplate", "choose_chat_template", "apply_chat_template", "render_segments",
+           "render_messages",
            "render_conversation", "plan_edit"]
 
 Item = Union[str, LoadedImage, LoadedAudio]
@@ -90,7 +91,7 @@ def apply_chat_template(model: Any, messages: Sequence[tuple[str, str]], add_ass
                         chat_template: str | None = None) -> tuple[str, ChatTemplate]:
     """Render ``(role, content)`` pairs with the template :func:`choose_chat_template` picks."""
     chosen = choose_chat_template(model, chat_template)
-    return model._core.apply_chat_template(list(messages), add_assistant, chosen.template), chosen
+    return model.render_chat(list(messages), add_assistant=add_assistant, template=chosen.template), chosen
 
 
 def _media_from_part(part: dict[str, Any], model: Any) -> LoadedImage | LoadedAudio:
@@ -146,6 +147,17 @@ def _image_from_part(part: dict[str, Any], projector_id: str) -> LoadedImage:
     raise ValueError(f"unknown message part type {kind!r}: use 'text', 'image_url', 'image' or 'input_audio'")
 
 
+def render_segments(model: Any, messages: Sequence[tuple[str, str]], n_media: int, *, add_assistant: bool = True,
+                    chat_template: str | None = None) -> tuple[list[str], ChatTemplate]:
+    """Render ``(role, content)`` pairs holding ``n_media`` media markers and split the prompt at
+    them: the ``n_media + 1`` texts around the images and clips, and the template used."""
+    prompt, chosen = apply_chat_template(model, messages, add_assistant, chat_template)
+    segments = prompt.split(model.media_marker)
+    if len(segments) != n_media + 1:
+        raise ValueError("the chat template dropped or duplicated a media marker")
+    return segments, chosen
+
+
 def render_messages(model: Any, messages: Sequence[dict[str, Any]], *, add_assistant: bool = True,
                     chat_template: str | None = None) -> list[Item]:
     """Render ``messages`` with the chat template and return the items (text / images / audio) in order.
@@ -159,7 +171,7 @@ def render_messages(model: Any, messages: Sequence[dict[str, Any]], *, add_assis
 def render_conversation(model: Any, messages: Sequence[dict[str, Any]], *, add_assistant: bool = True,
                         chat_template: str | None = None) -> tuple[list[Item], ChatTemplate]:
     """:func:`render_messages`, and the template it rendered them with."""
-    marker = model._core.media_marker
+    marker = model.media_marker
     rendered: list[tuple[str, str]] = []
     images: list[LoadedImage | LoadedAudio] = []
     if not isinstance(messages, (list, tuple)) or not messages:
@@ -190,10 +202,8 @@ def render_conversation(model: Any, messages: Sequence[dict[str, Any]], *, add_a
         else:
             raise ValueError(f"message {i}: content must be a string or a list of parts")
         rendered.append((str(message["role"]), text))
-    prompt, chosen = apply_chat_template(model, rendered, add_assistant, chat_template)
-    segments = prompt.split(marker)
-    if len(segments) != len(images) + 1:
-        raise ValueError("the chat template dropped or duplicated an image marker")
+    segments, chosen = render_segments(model, rendered, len(images), add_assistant=add_assistant,
+                                       chat_template=chat_template)
     items: list[Item] = []
     for k, seg in enumerate(segments):
         if seg:

@@ -5,7 +5,7 @@ import atexit
 import os
 import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from . import _core
 
@@ -17,9 +17,26 @@ from .gguf_validation import check_model_files
 from .images import file_fingerprint
 from .session import Session
 
-__all__ = ["Model"]
+__all__ = ["Model", "MemoryReport", "DeviceMemory"]
 
 _FLASH_ATTN = ("auto", "on", "off")
+
+
+class DeviceMemory(TypedDict):
+    type: str  # "cpu", "gpu", "igpu", "accel"
+    free: int
+    total: int
+
+
+class MemoryReport(TypedDict):
+    """Bytes per component and device (``{device: bytes}``), sessions by id, and each device's memory."""
+
+    weights: dict[str, int]
+    projector: dict[str, int]
+    embedding_cache: dict[str, int]
+    sessions: dict[int, dict[str, dict[str, int]]]  # id -> {"kv": {dev: n}, "compute": {dev: n}}
+    total: dict[str, int]
+    devices: dict[str, DeviceMemory]
 
 # Every open model, so that interpreter exit can stop what still runs natively (batch workers, edits
 # in other threads) before Python tears down: no native thread may outlive the interpreter.
@@ -117,6 +134,32 @@ class Model(NativeObject):
         return self._core.has_vision
 
     @property
+    def description(self) -> str:
+        """llama.cpp's one-line description of the text model (architecture, size, type)."""
+        return self._core.description
+
+    @property
+    def uses_mrope(self) -> bool:
+        """Whether image positions are M-RoPE (an image takes fewer positions than KV cells)."""
+        return self._core.uses_mrope
+
+    @property
+    def media_marker(self) -> str:
+        """The text that stands for an image or audio clip in a prompt (mtmd's marker)."""
+        return self._core.media_marker
+
+    def render_chat(self, messages: list[tuple[str, str]], *, add_assistant: bool = True,
+                    template: str = "") -> str:
+        """``(role, content)`` pairs rendered by llama.cpp's template engine with ``template`` (a
+        built-in name or a template string; "" for the model's own). See :mod:`llava_kv.chat` for
+        choosing the template."""
+        return self._core.apply_chat_template(list(messages), add_assistant, template)
+
+    def _start_batch_runner(self, **params: Any) -> Any:
+        """The native runner behind :func:`llava_kv.batch.iter_run` (private to that module)."""
+        return _core.BatchRunner.start(self._core, **params)
+
+    @property
     def has_audio(self) -> bool:
         """Whether the projector has an audio encoder (``Session.append_audio``)."""
         return self._core.has_audio
@@ -173,7 +216,7 @@ class Model(NativeObject):
     def chat_template(self) -> str | None:
         return self._core.chat_template or None
 
-    def memory(self) -> dict[str, Any]:
+    def memory(self) -> "MemoryReport":
         """Bytes held, per component and device, plus each device's free/total memory.
 
         ``{"weights": {dev: n}, "projector": {dev: n}, "embedding_cache": {dev: n},
@@ -181,14 +224,14 @@ class Model(NativeObject):
         "devices": {dev: {"type", "free", "total"}}}``
         """
         entries, devices = self._core.memory()
-        report: dict[str, Any] = {"weights": {}, "projector": {}, "embedding_cache": {}, "sessions": {},
-                                  "total": {}}
-        for component, device, nbytes in entries:
-            if component.startswith("session:"):
-                _, sid, part = component.split(":")
-                slot = report["sessions"].setdefault(int(sid), {"kv": {}, "compute": {}})[part]
+        report: MemoryReport = {"weights": {}, "projector": {}, "embedding_cache": {}, "sessions": {}, "total": {},
+                                "devices": {}}
+        for component, device, nbytes, session_id in entries:
+            slot: dict[str, int]
+            if session_id:
+                slot = report["sessions"].setdefault(session_id, {"kv": {}, "compute": {}})[component]
             else:
-                slot = report[component]
+                slot = report[component]  # type: ignore[literal-required]
             slot[device] = slot.get(device, 0) + nbytes
             report["total"][device] = report["total"].get(device, 0) + nbytes
         report["devices"] = {name: {"type": kind, "free": free, "total": total}

@@ -8,7 +8,7 @@ import json
 import os
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence, Union, overload
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Sequence, TypedDict, Union, cast, overload
 
 import numpy as np
 
@@ -23,24 +23,48 @@ from .images import ImageInput, load_image
 if TYPE_CHECKING:
     from .model import Model
 
-__all__ = ["Session", "ImageRef", "Chunk", "ImageList"]  # ImageList also serves Session.media
+__all__ = ["Session", "SessionStats", "ImageRef", "Chunk", "ImageList"]  # ImageList also serves Session.media
 
 EDIT_MODES = ("exact", "shift")
 MEDIA_KINDS = ("image", "audio")
 
 
+class SessionStats(TypedDict):
+    """Counters of the work a session did (since it was opened); media counters count audio too."""
+
+    tokens_decoded: int  # text + media tokens written into the KV cache
+    text_tokens_decoded: int
+    image_tokens_decoded: int
+    images_decoded: int  # media chunks written into the KV cache (from embeddings)
+    images_encoded: int  # media run through the projector (cache misses)
+    embed_cache_hits: int
+    embed_cache_misses: int
+    batched_encodes: int  # projector calls that encoded several at once
+    tokens_generated: int
+    kv_cells_removed: int
+    decode_calls: int
+    full_redecodes: int  # edits where the memory refused a partial removal
+    shift_edits: int
+
+
 @dataclass(frozen=True)
 class ImageRef:
-    """An image (or, with ``kind="audio"``, an audio clip) in a session's timeline. ``pos0``/``pos1``
+    """An image (or, with ``kind="audio"``, an audio clip) in a session's timeline. ``source`` is the
+    path it was given as, or a short description of the object (``"<array 96x96>"``); ``pos0``/``pos1``
     are its KV positions when the ref was made."""
 
-    path: str
+    source: str
     digest: str
     n_tokens: int
     pos0: int
     pos1: int
     chunk_id: int
     kind: str = "image"  # "image" or "audio"
+
+    @property
+    def path(self) -> str:
+        """The older name of :attr:`source` (it holds a description, not a path, for non-files)."""
+        return self.source
 
 
 @dataclass(frozen=True)
@@ -56,6 +80,7 @@ class Chunk:
     image: ImageRef | None = None
     generated: bool = False
     audio: ImageRef | None = None
+    tokens: tuple[int, ...] = ()  # token ids of a text chunk (BOS excluded)
 
     @property
     def media(self) -> ImageRef | None:
@@ -63,12 +88,13 @@ class Chunk:
         return self.image or self.audio
 
 
-def _chunk_from_core(d: dict[str, Any]) -> Chunk:
-    if d["kind"] in MEDIA_KINDS:
-        ref = ImageRef(d["source"], d["digest"], d["n_tokens"], d["pos0"], d["pos1"], d["id"], d["kind"])
-        return Chunk(d["kind"], d["n_tokens"], d["pos0"], d["pos1"], d["id"],
-                     image=ref if d["kind"] == "image" else None, audio=ref if d["kind"] == "audio" else None)
-    return Chunk("text", d["n_tokens"], d["pos0"], d["pos1"], d["id"], text=d["source"], generated=d["generated"])
+def _chunk_from_core(c: _core.ChunkInfo) -> Chunk:
+    if c.kind in MEDIA_KINDS:
+        ref = ImageRef(c.source, c.digest, c.n_tokens, c.pos0, c.pos1, c.id, c.kind)
+        return Chunk(c.kind, c.n_tokens, c.pos0, c.pos1, c.id,
+                     image=ref if c.kind == "image" else None, audio=ref if c.kind == "audio" else None)
+    return Chunk("text", c.n_tokens, c.pos0, c.pos1, c.id, text=c.source, generated=c.generated,
+                 tokens=tuple(c.tokens))
 
 
 def _core_item(x: Any) -> Any:
@@ -98,8 +124,8 @@ class Session(NativeObject):
         if self.closed:
             return "<llava_kv.Session closed>"
         tl = self._core.timeline()
-        n_images = sum(1 for c in tl if c["kind"] == "image")
-        n_audio = sum(1 for c in tl if c["kind"] == "audio")
+        n_images = sum(1 for c in tl if c.kind == "image")
+        n_audio = sum(1 for c in tl if c.kind == "audio")
         return (f"<llava_kv.Session n_past={self._core.n_past} n_ctx={self._core.n_ctx} chunks={len(tl)} "
                 f"images={n_images}" + (f" audio={n_audio}>" if n_audio else ">"))
 
@@ -139,9 +165,9 @@ class Session(NativeObject):
         return ImageList(self, MEDIA_KINDS)
 
     @property
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> SessionStats:
         """Counters of work done: tokens_decoded, images_encoded, embed_cache_hits/misses, kv_cells_removed..."""
-        return dict(self._core.stats())
+        return cast(SessionStats, dict(self._core.stats()))
 
     def logits(self) -> np.ndarray:
         """Logits (float32, n_vocab) after the last token of the timeline."""
@@ -167,9 +193,9 @@ class Session(NativeObject):
         return list(self._core.splice(begin, end, list(items)))
 
     def _ref(self, chunk_id: int) -> ImageRef:
-        for d in self._core.timeline():
-            if d["id"] == chunk_id:
-                ref = _chunk_from_core(d).media
+        for c in self._core.timeline():
+            if c.id == chunk_id:
+                ref = _chunk_from_core(c).media
                 assert ref is not None
                 return ref
         raise KeyError(chunk_id)
@@ -179,7 +205,7 @@ class Session(NativeObject):
         if not isinstance(chunk_id, int):
             raise TypeError(f"expected an ImageRef, not {type(ref).__name__}")
         index = self._core.index_of(chunk_id)
-        if self._core.timeline()[index]["kind"] != kind:
+        if self._core.timeline()[index].kind != kind:
             raise KeyError(f"chunk {chunk_id} is not {'an image' if kind == 'image' else 'an audio clip'}")
         return index
 
@@ -205,7 +231,7 @@ class Session(NativeObject):
             raise ValueError(f"mode must be one of {EDIT_MODES}, not {mode!r}")
         index = self._index(ref, kind)
         if mode == "shift":
-            self._core.remove_shift(self._core.timeline()[index]["id"])
+            self._core.remove_shift(self._core.timeline()[index].id)
         else:
             self._splice(index, index + 1, [])
 
@@ -381,9 +407,24 @@ class Session(NativeObject):
 
     # -- generation -------------------------------------------------------------------------
 
+    @overload
     def generate(self, max_tokens: int = 64, *, temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95,
                  min_p: float = 0.05, repeat_penalty: float = 1.0, seed: int | None = None,
-                 stop: str | Sequence[str] | None = None, stream: bool = False) -> Any:
+                 stop: str | Sequence[str] | None = None, stream: Literal[False] = False) -> str: ...
+
+    @overload
+    def generate(self, max_tokens: int = 64, *, temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95,
+                 min_p: float = 0.05, repeat_penalty: float = 1.0, seed: int | None = None,
+                 stop: str | Sequence[str] | None = None, stream: Literal[True]) -> Iterator[str]: ...
+
+    @overload
+    def generate(self, max_tokens: int = 64, *, temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95,
+                 min_p: float = 0.05, repeat_penalty: float = 1.0, seed: int | None = None,
+                 stop: str | Sequence[str] | None = None, stream: bool = False) -> str | Iterator[str]: ...
+
+    def generate(self, max_tokens: int = 64, *, temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95,
+                 min_p: float = 0.05, repeat_penalty: float = 1.0, seed: int | None = None,
+                 stop: str | Sequence[str] | None = None, stream: bool = False) -> str | Iterator[str]:
         """Continue the timeline with up to ``max_tokens`` sampled tokens (greedy at temperature 0).
 
         Generated tokens become part of the timeline, so later turns and edits reuse them. Returns
@@ -411,8 +452,10 @@ class Session(NativeObject):
         return pieces if stream else "".join(pieces)
 
     def _pieces(self, max_tokens: int, stops: list[str]) -> Iterator[str]:
-        hold = max((len(x) for x in stops), default=1) - 1
-        text, sent = "", 0
+        # The batch runner's stop-string logic (native): it cuts at the first stop string and says
+        # how much text is final (not the start of one still to come, not inside a character).
+        matcher = _core.StopStrings(stops)
+        sent = 0
         self.last_finish_reason = "length"
         try:
             for _ in range(max_tokens):
@@ -422,28 +465,43 @@ class Session(NativeObject):
                 if end:
                     self.last_finish_reason = "stop"
                     break
-                text += raw.decode("utf-8", errors="replace")
-                hit = min((i for i in (text.find(x, max(0, sent - hold)) for x in stops) if i >= 0), default=-1)
-                if hit >= 0:
-                    if hit > sent:
-                        yield text[sent:hit]
-                    sent = len(text)
+                if matcher.feed(raw):
                     self.last_finish_reason = "stop"
-                    return
-                safe = len(text) - hold
+                    break
+                safe = matcher.safe_size
                 if safe > sent:
-                    yield text[sent:safe]
+                    yield matcher.text[sent:safe].decode("utf-8", errors="replace")
                     sent = safe
-            text += self._core.flush_generation().decode("utf-8", errors="replace")
-            if len(text) > sent:
-                yield text[sent:]
+            if not matcher.stopped:
+                matcher.feed(self._core.flush_generation())
+            rest = matcher.text[sent:]
+            if rest:
+                yield rest.decode("utf-8", errors="replace")
         finally:
             self._core.flush_generation()
+
+    @overload
+    def chat(self, messages: Sequence[dict[str, Any]], *, max_tokens: int = 256, temperature: float = 0.0,
+             top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
+             seed: int | None = None, stop: str | Sequence[str] | None = None, stream: Literal[False] = False,
+             chat_template: str | None = None) -> dict[str, Any]: ...
+
+    @overload
+    def chat(self, messages: Sequence[dict[str, Any]], *, max_tokens: int = 256, temperature: float = 0.0,
+             top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
+             seed: int | None = None, stop: str | Sequence[str] | None = None, stream: Literal[True],
+             chat_template: str | None = None) -> Iterator[dict[str, Any]]: ...
+
+    @overload
+    def chat(self, messages: Sequence[dict[str, Any]], *, max_tokens: int = 256, temperature: float = 0.0,
+             top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
+             seed: int | None = None, stop: str | Sequence[str] | None = None, stream: bool = False,
+             chat_template: str | None = None) -> dict[str, Any] | Iterator[dict[str, Any]]: ...
 
     def chat(self, messages: Sequence[dict[str, Any]], *, max_tokens: int = 256, temperature: float = 0.0,
              top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
              seed: int | None = None, stop: str | Sequence[str] | None = None, stream: bool = False,
-             chat_template: str | None = None) -> Any:
+             chat_template: str | None = None) -> dict[str, Any] | Iterator[dict[str, Any]]:
         """Answer OpenAI-style ``messages`` (content: a string, or parts of type "text",
         "image_url" (path, file:// or base64 data: URI) and "image" (path, bytes, PIL, array)).
 
@@ -510,6 +568,16 @@ class ImageList(MutableSequence):  # type: ignore[type-arg]
 
     def __len__(self) -> int:
         return len(self._refs())
+
+    def __eq__(self, other: object) -> bool:
+        """Equal to a list (or another view) of the same refs: ``session.images == []``."""
+        if isinstance(other, ImageList):
+            return self._refs() == other._refs()
+        if isinstance(other, (list, tuple)):
+            return self._refs() == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # a live view: equal to what the session holds now
 
     @overload
     def __getitem__(self, index: int) -> ImageRef: ...
