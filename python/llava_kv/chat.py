@@ -17,7 +17,9 @@ import base64
 import binascii
 import logging
 import os
-from typing import Any, Iterable, NamedTuple, Sequence, Union
+import time
+import uuid
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence, Union
 from urllib.parse import unquote, urlparse
 
 from . import gguf_metadata
@@ -27,7 +29,7 @@ from .images import LoadedImage, load_image
 
 __all__ = ["ARCH_CHAT_TEMPLATES", "ChatTemplate", "choose_chat_template", "apply_chat_template", "render_segments",
            "render_messages",
-           "render_conversation", "plan_edit"]
+           "render_conversation", "plan_edit", "ChatReply"]
 
 Item = Union[str, LoadedImage, LoadedAudio]
 Media = (LoadedImage, LoadedAudio)
@@ -211,6 +213,40 @@ def render_conversation(model: Any, messages: Sequence[dict[str, Any]], *, add_a
         if k < len(images):
             items.append(images[k])
     return items, chosen
+
+
+class ChatReply:
+    """Shapes one answer as OpenAI's (and llama-cpp-python's) ``chat.completion`` or its stream of
+    ``chat.completion.chunk`` dicts. ``finish_reason`` is read when the answer is complete."""
+
+    def __init__(self, model_name: str, finish_reason: Callable[[], str | None]) -> None:
+        self.id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+        self.model_name = model_name
+        self._finish_reason = finish_reason
+
+    def completion(self, content: str, prompt_tokens: int, completion_tokens: int,
+                   extra: dict[str, Any]) -> dict[str, Any]:
+        """The whole answer; ``extra`` goes under ``"llava_kv"`` (tokens reused, decoded, ...)."""
+        return {
+            "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model_name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                         "finish_reason": self._finish_reason()}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
+            "llava_kv": extra,
+        }
+
+    def chunks(self, pieces: Iterable[str]) -> Iterator[dict[str, Any]]:
+        """The answer as it is generated: a role chunk, one chunk per piece, a finish chunk."""
+        def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+            return {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                    "model": self.model_name, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+        yield chunk({"role": "assistant"}, None)
+        for piece in pieces:
+            yield chunk({"content": piece}, None)
+        yield chunk({}, self._finish_reason())
 
 
 def plan_edit(timeline: Iterable[Any], items: Sequence[Item]) -> tuple[int, list[Item]]:

@@ -6,8 +6,6 @@ from collections.abc import MutableSequence
 from dataclasses import dataclass
 import json
 import os
-import time
-import uuid
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Sequence, TypedDict, Union, cast, overload
 
 import numpy as np
@@ -15,7 +13,7 @@ import numpy as np
 from . import _core
 from .arguments import check_sampling
 from .native import NativeObject
-from .chat import plan_edit, render_conversation
+from .chat import ChatReply, plan_edit, render_conversation
 from .errors import CancelledError, ContextFullError, LlavaKVError
 from .audio import AudioInput, LoadedAudio, load_audio, looks_like_audio
 from .images import ImageInput, load_image
@@ -524,31 +522,13 @@ class Session(NativeObject):
                 "decoded_tokens": after["tokens_decoded"] - before["tokens_decoded"],
                 "images_encoded": after["images_encoded"] - before["images_encoded"],
                 "chat_template": template.name, "chat_template_source": template.source}
-        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         pieces = self.generate(max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                repeat_penalty=repeat_penalty, seed=seed, stop=stop, stream=True)
+        reply = ChatReply(self._model.path, lambda: self.last_finish_reason)
         if stream:
-            return self._chat_chunks(pieces, cid, created)
+            return reply.chunks(pieces)
         content = "".join(pieces)
-        completion = self.n_past - prompt_tokens
-        return {
-            "id": cid, "object": "chat.completion", "created": created, "model": self._model.path,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                         "finish_reason": self.last_finish_reason}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                      "total_tokens": prompt_tokens + completion},
-            "llava_kv": meta,
-        }
-
-    def _chat_chunks(self, pieces: Iterator[str], cid: str, created: int) -> Iterator[dict[str, Any]]:
-        def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
-            return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self._model.path,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-
-        yield chunk({"role": "assistant"}, None)
-        for piece in pieces:
-            yield chunk({"content": piece}, None)
-        yield chunk({}, self.last_finish_reason)
+        return reply.completion(content, prompt_tokens, self.n_past - prompt_tokens, meta)
 
 
 class ImageList(MutableSequence):  # type: ignore[type-arg]
