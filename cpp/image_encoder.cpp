@@ -3,6 +3,7 @@
 #include <cstring>
 #include <map>
 
+#include "decode.h"
 #include "errors.h"
 #include "model.h"
 #include "mtmd-helper.h"
@@ -111,6 +112,15 @@ void encode_pending(Model & model, std::vector<PendingImage> & pending, EncodeCo
         throw ImageError("the projector failed to encode " + describe(*job.image->pixels) +
                          (why.empty() ? "" : ": " + why));
     };
+    // An embedding with NaN or inf would decode into NaN logits: refuse it here, naming the input,
+    // before it reaches the cache.
+    auto check_finite = [](const Job & job, const float * embd, size_t n) {
+        if (!all_finite(embd, n)) {
+            throw ImageError("the projector produced non-finite values (NaN or inf) for " +
+                             describe(*job.image->pixels) +
+                             ": its weights or hyperparameters are broken (or it read memory it never wrote)");
+        }
+    };
     size_t next = 0;
     while (next < jobs.size()) {
         // Fill one batch with as many consecutive chunks as the projector takes together.
@@ -127,6 +137,7 @@ void encode_pending(Model & model, std::vector<PendingImage> & pending, EncodeCo
             }
             const float * embd = mtmd_get_output_embd(projector);
             const size_t n = mtmd_input_chunk_get_n_tokens(jobs[next].chunk);
+            check_finite(jobs[next], embd, n * n_embd);
             jobs[next].image->entry->embeddings[jobs[next].index].assign(embd, embd + n * n_embd);
             ++next;
             continue;
@@ -141,6 +152,7 @@ void encode_pending(Model & model, std::vector<PendingImage> & pending, EncodeCo
                 fail(jobs[j]);
             }
             const size_t n = mtmd_input_chunk_get_n_tokens(jobs[j].chunk);
+            check_finite(jobs[j], embd, n * n_embd);
             jobs[j].image->entry->embeddings[jobs[j].index].assign(embd, embd + n * n_embd);
         }
         next = end;

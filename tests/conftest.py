@@ -13,12 +13,12 @@ from llava_kv.testing import TestModel, make_test_model, random_image, rss_bytes
 
 # Every CI-sized family. tiny-pixtral is not here: its projector graph reads an uninitialised
 # buffer (see tests/test_families.py), so its logits are not reproducible.
-TINY_PRESETS = ["tiny-llava", "tiny-gemma3", "tiny-qwen25vl", "tiny-smolvlm", "tiny-minicpmv", "tiny-internvl",
-                "tiny-llava-next"]
+TINY_PRESETS = ["tiny-llava", "tiny-gemma3", "tiny-qwen25vl", "tiny-qwen3vl", "tiny-smolvlm", "tiny-minicpmv",
+                "tiny-internvl", "tiny-llava-next"]
 
 # Projector output tokens (embeddings, all slices and tiles) of one 96 px test image.
-IMAGE_EMBEDDINGS = {"tiny-llava": 36, "tiny-gemma3": 9, "tiny-qwen25vl": 9, "tiny-smolvlm": 45, "tiny-minicpmv": 40,
-                    "tiny-internvl": 45, "tiny-llava-next": 45}
+IMAGE_EMBEDDINGS = {"tiny-llava": 36, "tiny-gemma3": 9, "tiny-qwen25vl": 9, "tiny-qwen3vl": 9, "tiny-smolvlm": 45,
+                    "tiny-minicpmv": 40, "tiny-internvl": 45, "tiny-llava-next": 45}
 
 
 @pytest.fixture(scope="session")

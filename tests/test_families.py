@@ -1,4 +1,5 @@
-"""What each mtmd family's preset puts in the KV cache, and M-RoPE positions (qwen2.5-vl).
+"""What each mtmd family's preset puts in the KV cache, M-RoPE positions (qwen2.5-vl, qwen3-vl) and
+Qwen3-VL's deepstack slices.
 
 The edit, batch, state and chat suites run on every preset in conftest.TINY_PRESETS; this file checks
 what is particular to a family: how many KV cells and positions one image takes (several slices or
@@ -28,6 +29,7 @@ TOL = 1e-3
 # A 96 px test image after text: (KV cells, positions) and how the count comes about.
 LAYOUT = {
     "tiny-qwen25vl": (11, 5),  # <|vision_start|> + 3x3 merged tokens on 3 M-RoPE positions + <|vision_end|>
+    "tiny-qwen3vl": (11, 5),  # the same, under interleaved M-RoPE
     "tiny-smolvlm": (58, 58),  # 2x2 tiles + overview, 9 tokens each, 13 marker tokens
     "tiny-pixtral": (42, 42),  # 6x6 patches + 5 [IMG_BREAK] + [IMG_END]
     "tiny-minicpmv": (51, 51),  # overview + 2x2 slices, 8 queries each, 11 marker tokens
@@ -35,6 +37,7 @@ LAYOUT = {
     "tiny-llava-next": (45, 45),  # overview + 2x2 tiles of 3x3 patches
 }
 MULTI_TILE = {"tiny-smolvlm", "tiny-minicpmv", "tiny-internvl", "tiny-llava-next"}
+MROPE = ["tiny-qwen25vl", "tiny-qwen3vl"]
 
 
 @pytest.fixture(scope="module")
@@ -52,20 +55,29 @@ def test_an_image_takes_the_family_layout(families_dir, preset):
     cells, positions = LAYOUT[preset]
     with _load(families_dir, preset) as m, m.session(n_ctx=1024, n_batch=64) as s:
         s.append_text("USER: look")
-        ref = s.append_image(random_image(0))
-        assert (ref.n_tokens, ref.pos1 - ref.pos0) == (cells, positions)
+        try:
+            ref = s.append_image(random_image(0))
+        except lk.ImageError as e:
+            # The pinned llama.cpp's Pixtral graph reads a buffer it never wrote (README: Supported
+            # models): when that memory holds NaN the projector's output is refused, never decoded.
+            assert preset == "tiny-pixtral" and "non-finite" in str(e), e
+            assert len(s.timeline) == 1
+            ref = None
+        if ref is not None:
+            assert (ref.n_tokens, ref.pos1 - ref.pos0) == (cells, positions)
         if preset in MULTI_TILE:
             # Several slices: far more than one tile's worth of embeddings.
-            assert ref.n_tokens >= 5 * PRESETS[preset].image_tokens
+            assert ref is not None and ref.n_tokens >= 5 * PRESETS[preset].image_tokens
         # The family's chat template renders the media marker where the image goes.
-        prompt = m._core.apply_chat_template([("user", m._core.media_marker + "what is it")], True, "")
+        prompt = m.render_chat([("user", m.media_marker + "what is it")])
         # (chat() itself runs on every TINY_PRESETS preset in test_batch.py.)
-        assert prompt.count(m._core.media_marker) == 1
+        assert prompt.count(m.media_marker) == 1
 
 
-def test_mrope_spans_are_recorded_in_positions_and_cells(families_dir):
-    with _load(families_dir, "tiny-qwen25vl") as m, m.session(n_ctx=1024, n_batch=64) as s:
-        assert m._core.uses_mrope
+@pytest.mark.parametrize("preset", MROPE)
+def test_mrope_spans_are_recorded_in_positions_and_cells(families_dir, preset):
+    with _load(families_dir, preset) as m, m.session(n_ctx=1024, n_batch=64) as s:
+        assert m.uses_mrope
         for part in ("USER: look", random_image(0), " and", random_image(1), " describe"):
             s.append_text(part) if isinstance(part, str) else s.append_image(part)
         tl = s.timeline
@@ -80,16 +92,17 @@ def test_mrope_spans_are_recorded_in_positions_and_cells(families_dir):
         assert np.abs(s.logits() - ref).max() <= TOL
 
 
+@pytest.mark.parametrize("preset", MROPE)
 @pytest.mark.parametrize("edit", ["edit-text-after-image", "insert-image-after-image", "replace-first-image",
                                   "remove-first-image"])
-def test_mrope_edits_after_an_image_keep_positions_right(families_dir, edit):
+def test_mrope_edits_after_an_image_keep_positions_right(families_dir, edit, preset):
     a, b, c = random_image(0), random_image(1), random_image(2)
     parts = ["USER: look", a, " and this", b, " describe"]
     expected = {"edit-text-after-image": ["USER: look", a, " other words here", b, " describe"],
                 "insert-image-after-image": ["USER: look", a, c, " and this", b, " describe"],
                 "replace-first-image": ["USER: look", c, " and this", b, " describe"],
                 "remove-first-image": ["USER: look", " and this", b, " describe"]}[edit]
-    with _load(families_dir, "tiny-qwen25vl") as m, m.session(n_ctx=1024, n_batch=64) as s:
+    with _load(families_dir, preset) as m, m.session(n_ctx=1024, n_batch=64) as s:
         for part in parts:
             s.append_text(part) if isinstance(part, str) else s.append_image(part)
         if edit == "edit-text-after-image":
@@ -136,4 +149,30 @@ def test_a_wrong_position_layout_is_detected(families_dir):
     assert m1 and not m2
     assert cells1 == cells2 and past1 < cells1 and past2 == cells2
     assert np.abs(t1 - t2).max() <= TOL
+    assert np.abs(l1 - l2).max() > 100 * TOL
+
+
+def test_deepstack_slices_reach_the_text_model(families_dir):
+    """Qwen3-VL: the projector's output is 1 + n_deepstack slices wide per token and the text model adds
+    slice k+1 after its layer k. The same weights without the deepstack mergers (and without the text
+    model's n_deepstack_layers) agree on text alone but not once an image is in the context, so the
+    slices are decoded, not dropped; and mtmd's own evaluation of the wide embeddings agrees."""
+    deep = PRESETS["tiny-qwen3vl"]
+    assert deep.deepstack_layers == (0, 1) and deep.n_layer > len(deep.deepstack_layers)
+    flat = dataclasses.replace(deep, name="tiny-qwen3vl-flat",
+                               vision_keys=(("clip.vision.is_deepstack_layers", [False] * deep.v_layers),))
+    parts = ["USER: look", random_image(0), " describe"]
+    got = {}
+    for p in (deep, flat):
+        with _load(families_dir, p) as m, m.session(n_ctx=1024, n_batch=64) as s:
+            s.append_text(parts[0])
+            text_only = s.logits()
+            s.append_image(parts[1])
+            s.append_text(parts[2])
+            got[p.name] = (text_only, s.logits())
+            if p is deep:
+                _, n_past, ref = mtmd_reference(m, parts)
+                assert s.n_past == n_past and np.abs(s.logits() - ref).max() <= TOL
+    (t1, l1), (t2, l2) = got[deep.name], got[flat.name]
+    assert np.array_equal(t1, t2)
     assert np.abs(l1 - l2).max() > 100 * TOL

@@ -453,3 +453,24 @@ def test_a_context_whose_cache_cannot_fit_memory_is_refused(llava_pair: testing.
             with pytest.raises(lk.LlavaKVError, match="GiB for its cache"):
                 model.session(n_ctx=n_ctx)
         assert model.memory()["sessions"] == {}
+
+
+def test_non_finite_embeddings_are_refused_at_encode(llava_pair: testing.TestModel, tmp_path: Path) -> None:
+    """A projector whose output holds NaN: ImageError naming the image, nothing cached or decoded."""
+    import gguf
+
+    broken = tmp_path / "nan-mmproj.gguf"
+    broken.write_bytes(llava_pair.mmproj_path.read_bytes())
+    reader = gguf.GGUFReader(broken, "r+")
+    last = next(t for t in reader.tensors if t.name == "mm.2.weight")
+    last.data[...] = np.nan
+    del reader
+    with lk.Model.load(llava_pair.model_path, broken) as model, model.session(n_ctx=512) as s:
+        s.append_text("USER: ")
+        before = session_state(s)
+        with pytest.raises(lk.ImageError, match="non-finite"):
+            s.append_image(random_image(1))
+        assert session_state(s) == before
+        assert model.embedding_cache_stats()["entries"] == 0
+        records = lk.batch.run(model, [random_image(1)], "Describe it.", max_tokens=4, progress=False)
+        assert "non-finite" in records[0].error

@@ -28,9 +28,11 @@ void on_sigint(int signo, siginfo_t * info, void * context) {
     }
 }
 
+// Called with the GIL held, once per native call: the main thread's id is looked up once.
 bool on_main_thread() {
-    py::module_ threading = py::module_::import("threading");
-    return threading.attr("current_thread")().is(threading.attr("main_thread")());
+    static const unsigned long main_ident =
+        py::module_::import("threading").attr("main_thread")().attr("ident").cast<unsigned long>();
+    return PyThread_get_thread_ident() == main_ident;
 }
 
 }  // namespace

@@ -15,6 +15,11 @@ Presets (``PRESETS``):
 - ``tiny-qwen25vl``: qwen2vl text model (M-RoPE, ``rope.dimension_sections``) + Qwen2.5-VL projector
   (``qwen2.5vl_merger``: window attention, 2x2 patch merge). A 96 px image takes 11 KV cells but
   only 5 positions (``<|vision_start|>``, 3x3 merged tokens on 3 positions, ``<|vision_end|>``).
+- ``tiny-qwen3vl``: qwen3vl text model (interleaved M-RoPE, q/k norms) + Qwen3-VL projector
+  (``qwen3vl_merger``: fused qkv, learned positions resized to the image, 2x2 patch merge) with deepstack
+  mergers after two of its three ViT blocks. Each image token's embedding is 3 slices wide (main merger
+  + 2 deepstack slices, ``n_embd_inp`` = 3 x ``n_embd``); the text model adds slice k+1 to the output of
+  its layer k. A 96 px image takes 11 KV cells but only 5 positions, as under Qwen2.5-VL.
 - ``tiny-smolvlm``: llama + Idefics3 projector (pixel shuffle), SmolVLM's tokens and chat template;
   a 96 px image becomes 2x2 tiles and an overview between ``<row_i_col_j>`` / ``<global-img>`` markers.
 - ``tiny-pixtral``: llama + Pixtral projector (2-D RoPE), Mistral v7 template; ``[IMG_BREAK]`` after
@@ -46,9 +51,11 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
+
+from .paths import cache_dir
 
 __all__ = ["Preset", "PRESETS", "TestModel", "make_test_model", "make_test_projector", "random_image",
            "random_audio", "wav_bytes", "rss_bytes", "main"]
@@ -60,7 +67,7 @@ FORMAT_VERSION = 2
 @dataclass(frozen=True)
 class Preset:
     name: str
-    arch: str  # text architecture: a key of _ARCHS ("llama", "gemma3", "qwen2", "qwen2vl")
+    arch: str  # text architecture: a key of _ARCHS ("llama", "gemma3", "qwen2", "qwen2vl", "qwen3vl")
     n_embd: int
     n_layer: int
     n_head: int
@@ -78,7 +85,7 @@ class Preset:
     proj_hidden: int = 0  # hidden width of the projector's MLP (0: the text width)
     n_merge: int = 1  # patches merged per side (pooling, pixel shuffle, 2x2 patch merge)
     sliding_window: int = 0  # gemma3: window of the local layers
-    rope_sections: tuple[int, ...] = ()  # qwen2vl: M-RoPE sections (time, height, width, extra)
+    rope_sections: tuple[int, ...] = ()  # qwen2vl, qwen3vl: M-RoPE sections (time, height, width, extra)
     chat: str = "chatml"  # tokenizer specials + chat template: a key of _CHATS
     n_mel: int = 0  # audio projectors: mel bins of the whisper front end
     vision_keys: tuple[tuple[str, Any], ...] = ()  # further clip.* metadata the projector reads
@@ -91,13 +98,21 @@ class Preset:
         if _TOWERS[self.projector].audio:
             return 0
         side = self.image_size // self.patch_size
-        if self.projector in ("gemma3", "idefics3", "internvl", "qwen2.5vl_merger"):
+        if self.projector in ("gemma3", "idefics3", "internvl", "qwen2.5vl_merger", "qwen3vl_merger"):
             side //= self.n_merge
         if self.projector == "resampler":
             return int(dict(self.vision_keys)["clip.minicpmv_query_num"])
         if self.projector == "pixtral":
             return side * side + side - 1  # one [IMG_BREAK] between rows
         return side * side
+
+    @property
+    def deepstack_layers(self) -> tuple[int, ...]:
+        """The ViT blocks whose output a deepstack merger projects into an extra embedding slice
+        (``clip.vision.is_deepstack_layers``, as Qwen3-VL's converter writes it); the text model reads
+        their count as ``<arch>.n_deepstack_layers`` and adds the slices to its first layers."""
+        flags = dict(self.vision_keys).get("clip.vision.is_deepstack_layers", ())
+        return tuple(i for i, flag in enumerate(flags) if flag)
 
     @property
     def audio_tokens(self) -> int:
@@ -128,6 +143,20 @@ PRESETS: dict[str, Preset] = {
               rope_sections=(2, 3, 3, 0), chat="qwen2vl", vision_keys=(("clip.vision.n_wa_pattern", 2),),
               description="qwen2vl (M-RoPE) + Qwen2.5-VL projector (window attention, 2x2 patch merge): "
                           "a 96 px image takes 9 KV cells but 3 positions"),
+        # Patch 16 and merge 2 (Qwen3-VL's own) make the 96 px test image a 3x3 grid of merged tokens;
+        # image_size 128 gives an 8x8 table of learned positions, so the 6x6 patch grid of the test image
+        # is resized from it as real Qwen3-VL resizes its 48x48 table. Sections 3/3/2 interleave over the
+        # 8 rotary pairs of a 16-wide head (Qwen3-VL-2B: 24/20/20 over 64). Deepstack mergers after ViT
+        # blocks 0 and 1 of 3 feed text layers 0 and 1. Three text layers, not two: the pinned graph
+        # (src/models/qwen3vl.cpp) drops the rows it does not output in the last layer before adding that
+        # layer's deepstack slice, so a last layer that also takes a slice fails ggml_add's shape check
+        # (real Qwen3-VL adds 3 slices to 28+ layers).
+        _tiny("tiny-qwen3vl", "qwen3vl", "qwen3vl_merger", n_layer=3, image_size=128, v_layers=3, v_heads=2,
+              n_merge=2, proj_hidden=128, rope_sections=(3, 3, 2, 0), chat="qwen2vl",
+              vision_keys=(("clip.vision.is_deepstack_layers", [True, True, False]),),
+              description="qwen3vl (interleaved M-RoPE, q/k norms) + Qwen3-VL projector with 2 deepstack "
+                          "mergers: a 96 px image takes 11 KV cells but 5 positions, 3 embedding slices "
+                          "per token"),
         _tiny("tiny-smolvlm", "llama", "idefics3", image_size=48, patch_size=8, n_merge=2, chat="smolvlm",
               vision_keys=(("clip.vision.preproc_image_size", 96),),
               description="llama + Idefics3 projector (pixel shuffle): a 96 px image becomes 2x2 tiles "
@@ -316,14 +345,18 @@ class _Weights:
 class _TextArch:
     """What a text architecture's loader in llama.cpp (src/models/<arch>.cpp) requires beyond llama's."""
     qkv_bias: bool = False  # qwen2: biases on q, k, v
-    gemma: bool = False  # gemma3: norms centred at 0, post-attention/ffn norms, q/k norms, sliding window
+    qk_norm: bool = False  # RMS norms of each head's q and k (gemma3, qwen3)
+    gemma: bool = False  # gemma3: norms centred at 0, post-attention/ffn norms, sliding window
 
 
 _ARCHS: dict[str, _TextArch] = {
     "llama": _TextArch(),
-    "gemma3": _TextArch(gemma=True),
+    "gemma3": _TextArch(qk_norm=True, gemma=True),
     "qwen2": _TextArch(qkv_bias=True),
     "qwen2vl": _TextArch(qkv_bias=True),
+    # src/models/qwen3vl.cpp: interleaved M-RoPE (rope sections required), and deepstack: an input
+    # embedding n_embd * (1 + n_deepstack_layers) wide whose slice k+1 is added after layer k.
+    "qwen3vl": _TextArch(qk_norm=True),
 }
 
 
@@ -356,6 +389,8 @@ def _write_text_model(path: Path, p: Preset, seed: int) -> None:
         writer.add_rope_dimension_count(head_dim)
     if p.rope_sections:
         writer.add_rope_dimension_sections(list(p.rope_sections))
+    if p.deepstack_layers:
+        writer.add_num_deepstack_layers(len(p.deepstack_layers))
 
     tokens, scores, types = _vocab(p.n_vocab, chat.specials)
     writer.add_tokenizer_model("llama")
@@ -392,8 +427,9 @@ def _write_text_model(path: Path, p: Preset, seed: int) -> None:
         if a.gemma:
             add(T.ATTN_POST_NORM, w.norm(p.n_embd, 0.0))
             add(T.FFN_POST_NORM, w.norm(p.n_embd, 0.0))
-            add(T.ATTN_Q_NORM, w.norm(head_dim, 0.0))
-            add(T.ATTN_K_NORM, w.norm(head_dim, 0.0))
+        if a.qk_norm:
+            add(T.ATTN_Q_NORM, w.norm(head_dim, center))
+            add(T.ATTN_K_NORM, w.norm(head_dim, center))
     _finish(writer)
 
 
@@ -424,6 +460,9 @@ class _Tower:
     pre_ln: bool = False
     post_ln: bool = False
     layer_scale: bool = False  # internvl: ls1 / ls2
+    qkv: bool = False  # one fused attn_qkv matrix (and bias) per block instead of attn_q / attn_k / attn_v
+    # Tensors written once per deepstack layer i of Preset.deepstack_layers, names formatted with {i}.
+    deepstack: _Head = ()
     merge_key: str = ""  # the metadata key that takes n_merge
     # A whisper-style audio encoder (tools/mtmd/models/whisper-enc.cpp): clip.audio.* keys, "a." tensors,
     # two conv1d over the mel frames (the second of stride 2) instead of a patch conv, one learned position
@@ -438,6 +477,17 @@ _TOWERS: dict[str, _Tower] = {
                      post_ln=True, merge_key="clip.vision.projector.scale_factor"),
     "qwen2.5vl_merger": _Tower(_mlp(0, 2, into="m"), norm="rms", gated=True, patch_bias=False, patch_convs=2,
                                pos_embd="", post_ln=True, merge_key="clip.vision.spatial_merge_size"),
+    # Qwen3-VL (tools/mtmd/models/qwen3vl.cpp): layer norms, GELU ffn, fused qkv, a patch bias and learned
+    # positions on top of the two patch convs; the merger norm before the 2x2 merge is v.post_ln. Each
+    # deepstack merger normalises the merged width itself, then fc1 -> GELU -> fc2 into the text width.
+    "qwen3vl_merger": _Tower(_mlp(0, 2, into="m"), patch_convs=2, post_ln=True, qkv=True,
+                             merge_key="clip.vision.spatial_merge_size",
+                             deepstack=(("v.deepstack.{i}.norm.weight", "norm", ("m",)),
+                                        ("v.deepstack.{i}.norm.bias", "bias", ("m",)),
+                                        ("v.deepstack.{i}.fc1.weight", "linear", ("h", "m")),
+                                        ("v.deepstack.{i}.fc1.bias", "bias", ("h",)),
+                                        ("v.deepstack.{i}.fc2.weight", "linear", ("t", "h")),
+                                        ("v.deepstack.{i}.fc2.bias", "bias", ("t",)))),
     "idefics3": _Tower((("mm.model.fc.weight", "linear", ("t", "m")),), post_ln=True,
                        merge_key="clip.vision.projector.scale_factor"),
     "pixtral": _Tower(_mlp(1, 2) + (("v.token_embd.img_break", "bias", ("t",)),), norm="rms", bias=False,
@@ -544,9 +594,9 @@ def _write_projector(path: Path, p: Preset, seed: int) -> None:
     ffn = {"ffn_up": (p.v_ff, v), "ffn_gate": (p.v_ff, v), "ffn_down": (v, p.v_ff)}
     if not tw.gated:
         del ffn["ffn_gate"]
+    attn = {"attn_qkv": (3 * v, v)} if tw.qkv else {"attn_q": (v, v), "attn_k": (v, v), "attn_v": (v, v)}
     for i in range(p.v_layers):
-        for part, (n_out, n_in) in {"attn_q": (v, v), "attn_k": (v, v), "attn_v": (v, v), "attn_out": (v, v),
-                                    **ffn}.items():
+        for part, (n_out, n_in) in {**attn, "attn_out": (v, v), **ffn}.items():
             add(f"{x}.blk.{i}.{part}.weight", "linear", n_out, n_in)
             if tw.bias and not (tw.audio and part == "attn_k"):
                 add(f"{x}.blk.{i}.{part}.bias", "bias", n_out)
@@ -559,6 +609,9 @@ def _write_projector(path: Path, p: Preset, seed: int) -> None:
         add_norm(f"{x}.post_ln", v)
     for name, kind, shape in tw.head:
         add(name, kind, *(dims[s] for s in shape))
+    for i in p.deepstack_layers:
+        for name, kind, shape in tw.deepstack:
+            add(name.format(i=i), kind, *(dims[s] for s in shape))
     _finish(writer)
 
 
@@ -570,9 +623,8 @@ def _finish(writer: "object") -> None:
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("LLAVA_KV_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "llava-kv")
-    return Path(base) / "test-models"
+    """Where generated test models go by default: ``test-models`` in llava-kv's cache (:mod:`llava_kv.paths`)."""
+    return cache_dir() / "test-models"
 
 
 def make_test_model(out_dir: str | os.PathLike[str] | None = None, preset: str | Preset = "tiny-llava", *,
@@ -680,10 +732,6 @@ def rss_bytes() -> int:
         pass
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def iter_presets() -> Iterator[Preset]:
-    return iter(PRESETS.values())
 
 
 def main(argv: list[str] | None = None) -> int:
