@@ -427,16 +427,20 @@ def test_session_load_with_an_n_ctx_override(model: lk.Model, images: list[np.nd
 
 # --- silent wrong answers -----------------------------------------------------------------------
 
-def test_non_finite_logits_raise(llava_pair: testing.TestModel, tmp_path: Path) -> None:
-    """Weights that give NaN logits: a clear error and the session unchanged, never NaN logits."""
+def _with_nan_tensor(source: Path, tensor: str, dest: Path) -> Path:
+    """A copy of the GGUF ``source`` whose ``tensor`` is all NaN (weights pass every file check)."""
     import gguf
 
-    broken = tmp_path / "nan.gguf"
-    broken.write_bytes(llava_pair.model_path.read_bytes())
-    reader = gguf.GGUFReader(broken, "r+")
-    out = next(t for t in reader.tensors if t.name == "output.weight")
-    out.data[...] = np.nan
+    dest.write_bytes(source.read_bytes())
+    reader = gguf.GGUFReader(dest, "r+")
+    next(t for t in reader.tensors if t.name == tensor).data[...] = np.nan
     del reader
+    return dest
+
+
+def test_non_finite_logits_raise(llava_pair: testing.TestModel, tmp_path: Path) -> None:
+    """Weights that give NaN logits: a clear error and the session unchanged, never NaN logits."""
+    broken = _with_nan_tensor(llava_pair.model_path, "output.weight", tmp_path / "nan.gguf")
     with lk.Model.load(broken, llava_pair.mmproj_path) as model, model.session(n_ctx=512) as s:
         before = session_state(s)
         with pytest.raises(lk.LlavaKVError, match="non-finite logits"):
@@ -457,14 +461,7 @@ def test_a_context_whose_cache_cannot_fit_memory_is_refused(llava_pair: testing.
 
 def test_non_finite_embeddings_are_refused_at_encode(llava_pair: testing.TestModel, tmp_path: Path) -> None:
     """A projector whose output holds NaN: ImageError naming the image, nothing cached or decoded."""
-    import gguf
-
-    broken = tmp_path / "nan-mmproj.gguf"
-    broken.write_bytes(llava_pair.mmproj_path.read_bytes())
-    reader = gguf.GGUFReader(broken, "r+")
-    last = next(t for t in reader.tensors if t.name == "mm.2.weight")
-    last.data[...] = np.nan
-    del reader
+    broken = _with_nan_tensor(llava_pair.mmproj_path, "mm.2.weight", tmp_path / "nan-mmproj.gguf")
     with lk.Model.load(llava_pair.model_path, broken) as model, model.session(n_ctx=512) as s:
         s.append_text("USER: ")
         before = session_state(s)
