@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -36,10 +37,14 @@ STAMP = ".llava-kv-source"
 
 
 def default_cache_dir() -> Path:
-    if os.environ.get("LLAVA_KV_CACHE_DIR"):
-        return Path(os.environ["LLAVA_KV_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "llava-kv"
+    """llava-kv's cache folder, as the package defines it (python/llava_kv/paths.py, loaded by path:
+    the package is not installed yet while it is being built)."""
+    spec = importlib.util.spec_from_file_location(
+        "llava_kv_paths", Path(__file__).resolve().parent.parent / "python" / "llava_kv" / "paths.py")
+    assert spec is not None and spec.loader is not None
+    paths = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paths)
+    return paths.cache_dir()
 
 
 def sha256_of(path: Path) -> str:
@@ -87,6 +92,39 @@ def cached_sdist(cache_dir: Path) -> Path:
     return target
 
 
+def stamp_text() -> str:
+    """What a tree extracted from the pinned source records in its STAMP file."""
+    return f"{SDIST_FILE} sha256 {SDIST_SHA256}\ncommit {LLAMA_CPP_COMMIT}\n"
+
+
+def recorded_source(dest: Path) -> str | None:
+    """The source ``dest``'s STAMP records (its lines joined by "; "), or None without a stamp."""
+    try:
+        text = (dest / STAMP).read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return None
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip()) or "an empty stamp"
+
+
+def check_member(name: str) -> str:
+    """``name`` (a path inside the extracted tree) if it stays inside it, else fail. The "data"
+    extraction filter checks this too, where Python has it; on older Pythons this is the check."""
+    parts = name.split("/")
+    if name.startswith(("/", "\\")) or ".." in parts or any(":" in p or "\\" in p for p in parts):
+        fail(f"the sdist holds an unsafe path {name!r} (absolute, or leaving the tree): not extracting it. "
+             "The file is not the pinned release; delete it from the cache and retry.")
+    return name
+
+
+def sanitize(member: tarfile.TarInfo) -> None:
+    """What tarfile's "data" filter does to a file or folder, for Pythons without it (before
+    3.9.17, 3.10.12, 3.11.4): no setuid/setgid/sticky or group/other write bits, owner read/write
+    on files, and the extracting user as owner (an extraction run as root would chown otherwise)."""
+    member.mode = 0o755 if member.isdir() else (member.mode & 0o755) | 0o600
+    member.uid, member.gid = (os.getuid(), os.getgid()) if hasattr(os, "getuid") else (0, 0)
+    member.uname = member.gname = ""
+
+
 def extract(sdist: Path, dest: Path) -> None:
     prefix = f"llama_cpp_python-{SDIST_VERSION}/vendor/llama.cpp/"
     staging = Path(tempfile.mkdtemp(prefix=".llama.cpp-", dir=dest.parent))
@@ -101,12 +139,17 @@ def extract(sdist: Path, dest: Path) -> None:
                     continue
                 if rel.startswith("tools/mtmd/") and rel.endswith(SKIPPED_SUFFIXES):
                     continue
-                if not (m.isfile() or m.isdir()):
+                if not (m.isfile() or m.isdir()):  # links and devices: nothing the build needs
                     continue
-                m.name = rel
+                m.name = check_member(rel)
                 members.append(m)
-            tar.extractall(staging, members=members, filter="data")
-        (staging / STAMP).write_text(f"{SDIST_FILE} sha256 {SDIST_SHA256}\ncommit {LLAMA_CPP_COMMIT}\n")
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(staging, members=members, filter="data")
+            else:
+                for m in members:
+                    sanitize(m)
+                tar.extractall(staging, members=members)
+        (staging / STAMP).write_text(stamp_text())
         if dest.exists():
             shutil.rmtree(dest)
         staging.rename(dest)
@@ -120,15 +163,25 @@ def main() -> int:
     root = Path(__file__).resolve().parent.parent
     parser.add_argument("--dest", type=Path, default=root / "third_party" / "llama.cpp")
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir())
-    parser.add_argument("--force", action="store_true", help="extract again even if present")
+    parser.add_argument("--force", action="store_true",
+                        help="extract again even if --dest already holds the pinned source, or a tree of its own")
     parser.add_argument("--sdist", type=Path, default=None,
                         help=f"use this {SDIST_FILE} instead of the cache or a download (still hash-checked)")
     args = parser.parse_args()
 
     dest: Path = args.dest.resolve()
-    if not args.force and (dest / STAMP).exists() and (dest / "CMakeLists.txt").exists():
-        print(f"fetch_llama_cpp: {dest} already populated", file=sys.stderr)
-        return 0
+    if not args.force and dest.is_dir() and any(dest.iterdir()):
+        recorded = recorded_source(dest)
+        if recorded is None:
+            print(f"fetch_llama_cpp: {dest} has no {STAMP} stamp, so it is not a tree this script extracted: "
+                  "left as it is (--force replaces it with the pinned source)", file=sys.stderr)
+            return 0
+        pinned = "; ".join(stamp_text().splitlines())
+        if recorded == pinned and (dest / "CMakeLists.txt").exists():
+            print(f"fetch_llama_cpp: {dest} already holds the pinned source", file=sys.stderr)
+            return 0
+        print(f"fetch_llama_cpp: {dest} holds {recorded}, but the pin is {pinned}: fetching the pinned "
+              "source again", file=sys.stderr)
     dest.parent.mkdir(parents=True, exist_ok=True)
     if args.sdist is not None:
         actual = sha256_of(args.sdist) if args.sdist.is_file() else "missing"

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import gc
 import io
+import subprocess
+import sys
+import textwrap
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -172,10 +174,10 @@ def test_model_close_during_a_run_raises_closed_error(pair):
     model = lk.Model.load(pair.model_path, pair.mmproj_path)
     images = [random_image(i) for i in range(200)]
     got: list = []
+    first_record = threading.Event()
 
     def closer() -> None:
-        while not got:
-            time.sleep(0.005)
+        assert first_record.wait(60), "no record arrived"
         model.close()
 
     t = threading.Thread(target=closer)
@@ -183,32 +185,55 @@ def test_model_close_during_a_run_raises_closed_error(pair):
     with pytest.raises(lk.ClosedError):
         for r in batch.iter_run(model, images, PROMPT, max_tokens=64, parallel=2, progress=False):
             got.append(r)
-    t.join()
+            first_record.set()
+    t.join(60)
+    assert not t.is_alive()
     assert model.closed
     assert len(got) < len(images)
     with pytest.raises(lk.ClosedError):
         batch.run(model, images[:1], PROMPT, progress=False)
 
 
-def test_the_gil_is_released_while_it_runs(model):
-    ticks = 0
-    running = True
+def test_the_gil_is_released_while_it_runs(llava_pair):
+    """While the consumer waits inside the runner's native next(), another Python thread runs Python
+    code, and the run can only finish if it does: the loader thread must produce the second image
+    then. Ordered by an event, not by time: with a switch interval of an hour the interpreter never
+    takes the GIL from a thread, so the loader runs only if next() gives the GIL up itself. If it did
+    not, the run would deadlock: it runs in a child process, so that is a failed test, not a hang."""
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import linecache, sys, threading
+        import llava_kv as lk
+        from llava_kv import batch
+        from llava_kv.testing import random_image
 
-    def ticker() -> None:
-        nonlocal ticks
-        while running:
-            ticks += 1
-            time.sleep(0.001)
+        main_thread = threading.get_ident()
+        consumer_waiting = threading.Event()
+        seen = []
 
-    t = threading.Thread(target=ticker)
-    t.start()
-    t0 = time.perf_counter()
-    batch.run(model, [random_image(i) for i in range(6)], PROMPT, max_tokens=24, parallel=2, progress=False)
-    elapsed = time.perf_counter() - t0
-    running = False
-    t.join()
-    # A thread that needs the GIL every millisecond keeps most of its pace during the run.
-    assert ticks > 0.25 * elapsed / 0.001 * 0.5
+        def images():
+            yield random_image(0)
+            consumer_waiting.wait()  # set by the consumer just before it asks for the second record
+            frame = sys._current_frames()[main_thread]  # Python code, run while the consumer waits
+            seen.append((frame.f_code.co_name, linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()))
+            yield random_image(1)
+
+        model = lk.Model.load({str(llava_pair.model_path)!r}, {str(llava_pair.mmproj_path)!r})
+        sys.setswitchinterval(3600)
+        records = batch.iter_run(model, images(), "Describe this image.", max_tokens=4, parallel=2, progress=False)
+        first = next(records)
+        consumer_waiting.set()
+        second = next(records)
+        sys.setswitchinterval(0.005)
+        print("records", first.index, second.index, first.ok, second.ok)
+        (function, line), = seen
+        print("consumer was in", function, "at a native next():", line.endswith("runner.next()"))
+        records.close()
+        model.close()
+        """)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "records 0 1 True True" in proc.stdout, proc.stdout
+    # The loader saw the consumer inside the runner's next(), the only call there that waits.
+    assert "consumer was in iter_run at a native next(): True" in proc.stdout, proc.stdout
 
 
 def test_per_item_context_limit(model):

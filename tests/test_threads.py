@@ -20,6 +20,8 @@ SESSIONS_PER_THREAD = 2
 N_CTX = 1024
 N_BATCH = 64
 JOIN_TIMEOUT = 60.0
+# Calls every worker has made before the model is closed under them.
+PROGRESS_BEFORE_CLOSE = 6
 
 # Images shared by every thread (seeds 0..3) and one pair per session (seeds 100 + ...).
 _SHARED = {i: random_image(i) for i in range(4)}
@@ -158,6 +160,8 @@ def test_model_close_under_running_edits(_threads_pair):
     sessions = [[_session(model) for _ in range(SESSIONS_PER_THREAD)] for _ in range(N_THREADS)]
     barrier = threading.Barrier(N_THREADS + 1)
     progress = [0] * N_THREADS
+    # Set when a worker has made PROGRESS_BEFORE_CLOSE calls, or has stopped (an error, say).
+    ready = [threading.Event() for _ in range(N_THREADS)]
     closed_seen = [False] * N_THREADS
     errors: list[tuple[int, str, BaseException]] = []
     lock = threading.Lock()
@@ -174,6 +178,8 @@ def test_model_close_under_running_edits(_threads_pair):
                 errors.append((t, what, e))
             raise
         progress[t] += 1
+        if progress[t] >= PROGRESS_BEFORE_CLOSE:
+            ready[t].set()
         return True
 
     def worker(t: int) -> None:
@@ -217,17 +223,19 @@ def test_model_close_under_running_edits(_threads_pair):
             with lock:
                 if not any(x[0] == t for x in errors):
                     errors.append((t, "worker", e))
+        finally:
+            ready[t].set()
 
     threads = [threading.Thread(target=worker, args=(t,), name=f"close-worker-{t}", daemon=True)
                for t in range(N_THREADS)]
     for th in threads:
         th.start()
     barrier.wait(timeout=JOIN_TIMEOUT)
-    deadline = time.monotonic() + 20
-    while min(progress) < 6 and time.monotonic() < deadline and not errors:
-        time.sleep(0.005)
+    start = time.monotonic()
+    for event in ready:
+        event.wait(timeout=max(1.0, JOIN_TIMEOUT - (time.monotonic() - start)))
     assert not errors, errors
-    assert min(progress) >= 6, f"workers made too little progress before close: {progress}"
+    assert min(progress) >= PROGRESS_BEFORE_CLOSE, f"workers made too little progress before close: {progress}"
 
     # Close from the main thread while the workers keep editing. A hang here must not block the
     # run forever: faulthandler dumps every thread's stack and exits if close() never returns.

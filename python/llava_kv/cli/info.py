@@ -1,0 +1,56 @@
+"""``llava-kv info``: the build, and with --model the model's metadata and memory, as JSON."""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from .options import add_command, add_model_args, load_model
+
+
+def add_parser(sub: Any) -> None:
+    p = add_command(
+        sub, "info", help="build information, model metadata and memory, as JSON",
+        description="Print JSON: the llava-kv version and build (llama.cpp commit, compiled backends, devices "
+        "seen now); with --model also the model's family (its GGUF architecture, e.g. gemma3, qwen2vl), the "
+        "projector type of --mmproj (e.g. mlp, gemma3, idefics3), the model's metadata (embedding width, "
+        "vocabulary, trained context, vision, chat template) and the memory it holds per component and device "
+        "once loaded.",
+        examples=[
+            "llava-kv info",
+            "llava-kv info --model m.gguf --mmproj p.gguf --n-gpu-layers -1",
+        ])
+    add_model_args(p, test_pair=False)
+    p.set_defaults(func=info)
+
+
+def _template_used(model: Any) -> dict[str, str] | None:
+    """The template ``chat`` renders with when not given one: the model's own or its architecture's."""
+    from llava_kv.chat import choose_chat_template
+    from llava_kv.errors import LlavaKVError
+
+    try:
+        chosen = choose_chat_template(model)
+    except LlavaKVError:
+        return None
+    return {"name": chosen.name, "source": chosen.source}
+
+
+def info(args: argparse.Namespace) -> int:
+    import llava_kv as lk
+
+    from llava_kv.gguf_metadata import architecture, projector_type
+
+    out: dict = {"version": lk.__version__, "build": lk.build_info()}
+    if args.model or args.mmproj:
+        with load_model(args) as model:
+            out["model"] = {"path": model.path, "mmproj": model.mmproj_path,
+                            "family": architecture(model.path),
+                            "projector_type": projector_type(model.mmproj_path) if model.mmproj_path else None,
+                            "description": model.description, "n_embd": model.n_embd,
+                            "n_vocab": model.n_vocab, "n_ctx_train": model.n_ctx_train,
+                            "has_vision": model.has_vision, "uses_mrope": model.uses_mrope,
+                            "chat_template": model.chat_template, "chat_template_used": _template_used(model),
+                            "memory": model.memory()}
+    print(json.dumps(out, indent=1, default=str))
+    return 0
