@@ -98,20 +98,24 @@ def estimate_limit(model: lk.Model, pair: TestModel, images: list[Path], *, para
     return parts
 
 
-def measure(pair: TestModel, *, n_images: int = 16, max_tokens: int = 32, parallel: int = 4, repeats: int = 3,
-            peer: bool = True, peer_python: Path | None = None, workdir: Path | None = None,
-            load_kwargs: dict[str, Any] | None = None, peer_gpu_layers: int = 0) -> dict[str, Any]:
+def measure_ours(*, preset: str, seed: int, folder: str, n_images: int, max_tokens: int, parallel: int,
+                 repeats: int, load_kwargs: dict[str, Any], n_ctx: int) -> dict[str, Any]:
+    """Our side of :func:`measure`, meant to run in a fresh process (JSON in, JSON out)."""
     from llava_kv import batch
 
-    images = write_images(pair, workdir or Path(tempfile.mkdtemp()), n_images)
-    warm = write_images(pair, workdir or Path(tempfile.mkdtemp()), 2, first_seed=4000)
+    from benchmarks import settings
+
+    pair = make_test_model(preset=preset, seed=seed)
+    images = write_images(pair, Path(folder), n_images)
+    warm = write_images(pair, Path(folder), 2, first_seed=4000)
     walls, records = [], []
-    with lk.Model.load(pair.model_path, pair.mmproj_path, **(load_kwargs or {})) as model:
-        same_prompt = {"chat_template": CHAT_TEMPLATE, "system": SYSTEM_MESSAGE}  # the peer's prompt
+    with lk.Model.load(pair.model_path, pair.mmproj_path, **load_kwargs) as model:
+        same_prompt = {"chat_template": CHAT_TEMPLATE, "system": SYSTEM_MESSAGE, "n_ctx": n_ctx,
+                       "n_batch": 512}  # the peer's prompt
         batch.run(model, [str(p) for p in warm], PROMPT, max_tokens=4, parallel=parallel, progress=False,
                   **same_prompt)
         for _ in range(repeats):
-            model._core.clear_cache()  # every image encoded every time, as the peer does
+            model._core.clear_cache()  # every image encoded every time, as the peers do
             t0 = time.perf_counter()
             records = batch.run(model, [str(p) for p in images], PROMPT, max_tokens=max_tokens,
                                 parallel=parallel, progress=False, **same_prompt)
@@ -120,14 +124,37 @@ def measure(pair: TestModel, *, n_images: int = 16, max_tokens: int = 32, parall
         if failed:
             raise RuntimeError(f"batch.run failed on {len(failed)} images: {failed[0]}")
         tokens = statistics.mean(r.tokens for r in records)
+        used = settings.ours(model, None, n_ctx=n_ctx, n_batch=512, n_ubatch=512, parallel=parallel)
+        # after the timed runs: its sessions start the main thread's OpenMP team
         limit = estimate_limit(model, pair, images, parallel=parallel, tokens_per_image=tokens, repeats=repeats)
-    result: dict[str, Any] = {
+    return {
         "images": n_images, "max_tokens": max_tokens, "parallel": parallel, "repeats": repeats,
         "ours_wall_s": walls, "ours_images_per_s": n_images / statistics.median(walls),
         "ours_tokens_per_image": tokens,
         "ours_stage_ms": {k: statistics.median(r.timings[k] for r in records) for k in records[0].timings},
-        "limit": limit, "peer_images_per_s": None,
+        "ours_process": "a fresh process (benchmarks.scenario.in_fresh_process)",
+        "limit": limit, "settings": {"ours": used},
     }
+
+
+def measure(pair: TestModel, *, n_images: int = 16, max_tokens: int = 32, parallel: int = 4, repeats: int = 3,
+            peer: bool = True, peer_python: Path | None = None, workdir: Path | None = None,
+            load_kwargs: dict[str, Any] | None = None, peer_gpu_layers: int = 0, server: Any = None,
+            n_ctx: int = 1024) -> dict[str, Any]:
+    """``server``: a ``server_peer.LlamaServer`` factory (taking ``parallel`` and ``n_ctx``) to caption
+    the same number of images with llama-server's ``--parallel`` slots too. ``n_ctx`` is the context
+    of one image's sequence on both sides (prompt, image, answer)."""
+    from benchmarks.scenario import in_fresh_process
+
+    folder = workdir or Path(tempfile.mkdtemp())
+    folder.mkdir(parents=True, exist_ok=True)
+    images = write_images(pair, folder, n_images)
+    warm = write_images(pair, folder, 2, first_seed=4000)
+    # ours in a process of its own: see scenario.in_fresh_process (OpenMP teams of two threads)
+    result: dict[str, Any] = in_fresh_process("batch_bench", "measure_ours", dict(
+        preset=pair.preset.name, seed=pair.seed, folder=str(folder), n_images=n_images, max_tokens=max_tokens,
+        parallel=parallel, repeats=repeats, load_kwargs=load_kwargs or {}, n_ctx=n_ctx))
+    result.update(peer_images_per_s=None, server_images_per_s=None)
     if peer:
         try:
             out = run_peer(str(HERE / "peer_batch.py"),
@@ -135,8 +162,25 @@ def measure(pair: TestModel, *, n_images: int = 16, max_tokens: int = 32, parall
                             str(peer_gpu_layers), *map(str, images)], python=peer_python)
             result.update(peer_wall_s=out["wall_s"], peer_images_per_s=n_images / statistics.median(out["wall_s"]),
                           peer_tokens_per_image=out["tokens_per_image"])
+            result["settings"]["peer"] = out["settings"]
         except PeerError as e:
             result["peer_error"] = str(e)
+    if server is not None:
+        from benchmarks import server_bench
+
+        # distinct images for every repetition: the server's prompt cache must not serve a repeated one,
+        # as our embedding cache is cleared before each repetition
+        sets = [write_images(pair, folder, n_images, first_seed=20_000 + 1000 * (max_tokens + r))
+                for r in range(repeats)]
+        try:
+            with server(parallel=parallel, n_ctx=n_ctx) as srv:
+                out = server_bench.batch(srv, sets, warm, system=SYSTEM_MESSAGE, prompt=PROMPT,
+                                         max_tokens=max_tokens, parallel=parallel)
+                result["settings"]["server"] = srv.settings_used()
+            result.update(server_wall_s=out["wall_s"], server_images_per_s=out["images_per_s"],
+                          server_tokens_per_image=out["tokens_per_image"], server_metrics=out["metrics"])
+        except Exception as e:  # ServerError, OSError or an openai.APIError: the reason goes in the JSON
+            result["server_error"] = f"{type(e).__name__}: {e}"
     return result
 
 

@@ -4,13 +4,17 @@ and against the floor (decoding only the invalidated suffix), measured side by s
 Usage: python benchmarks/edit_bench.py [--preset realistic] [--repeats 5] [--out result.json]
 
 Scenarios (medians over --repeats):
-- fresh_prefill: a new session fed the whole final timeline, embeddings already cached (decode only);
-  fresh_prefill_with_encode adds encoding its images from an empty cache, as a binding without
-  an embedding cache pays on every change.
-- replace_last_image / replace_middle_image: replace_image() on an open conversation with an image
-  whose embedding is cached; *_new_image: the same with a never-seen image (includes its encode).
-- suffix_floor_*: decoding only the chunks from the edited image on, onto an already-decoded prefix.
+- fresh_prefill_last: a new session fed the whole final timeline, embeddings already cached (decode
+  only); fresh_prefill_with_encode_last adds encoding its images from an empty cache, as a binding
+  without an embedding cache pays on every change.
+- replace_{first,middle,last}_image_new_image (the headline): replace_image() on an open conversation
+  with a never-seen image (its encode included); replace_*_image: the same with an image whose
+  embedding is cached (shown beside it).
+- suffix_floor_*_new_image / suffix_floor_*: decoding only the chunks from the edited image on (the
+  never-seen image's encode included / cached) onto an already-decoded prefix: the limit.
 - readd_image: remove the last image, then append the same pixels again: counts encodes (must be 0).
+- new_conversation: image A in a brand-new chat session whose text before it differs: encodes (0).
+Every timed edit starts from a fork of one decoded conversation (or prefix), untimed.
 """
 from __future__ import annotations
 
@@ -60,6 +64,17 @@ def conversation_images(pair: TestModel) -> list[np.ndarray]:
     return [random_image(100 + i, size) for i in range(4)]
 
 
+POSITIONS = {"first": (0, 1), "middle": (1, 3), "last": (2, 5)}  # image index, its index in the timeline
+CRITIC_SYSTEM = "You are a careful photo critic. Answer briefly."
+CRITIC_TEXT = "Rate this photo."
+
+
+def critic_system(repetition: int) -> str:
+    """The new conversation's system message, different in each repetition: no side's prompt cache may
+    serve a repetition from the one before (the text before the image must be new every time)."""
+    return f"{CRITIC_SYSTEM} Conversation {repetition + 1}."
+
+
 def measure(pair: TestModel, *, repeats: int = 5, filler: int = 0, n_batch: int = 512, n_ctx: int = 4096,
             target_tokens: int = 2048, load_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run every edit scenario on ``pair``; returns the JSON-ready result (see the module doc).
@@ -67,6 +82,8 @@ def measure(pair: TestModel, *, repeats: int = 5, filler: int = 0, n_batch: int 
     ``filler`` is the number of filler sentences per text block; 0 sizes the conversation to about
     ``target_tokens`` tokens.
     """
+    from benchmarks import settings
+
     imgs = conversation_images(pair)
     size = (pair.preset.image_size, pair.preset.image_size)
     fresh_imgs = iter(random_image(1000 + i, size) for i in range(10_000))
@@ -75,6 +92,7 @@ def measure(pair: TestModel, *, repeats: int = 5, filler: int = 0, n_batch: int 
             return model.session(n_ctx=n_ctx, n_batch=n_batch)
 
         with new_session() as probe:
+            used = settings.ours(model, probe)
             if not filler:
                 per = len(probe.tokenize(FILLER))
                 img_tokens = pair.preset.image_tokens
@@ -84,13 +102,9 @@ def measure(pair: TestModel, *, repeats: int = 5, filler: int = 0, n_batch: int 
             n_tokens = probe.n_past - probe.timeline[-1].n_tokens
         base = _timeline(imgs, filler)
 
-        def conversation() -> lk.Session:
-            s = new_session()
-            _feed(s, base)
-            return s
-
-        final_last = base[:5] + [imgs[3], base[6]]
-        final_middle = base[:3] + [imgs[3]] + base[4:]
+        def final(where: str, image: np.ndarray) -> list[Any]:
+            k = POSITIONS[where][1]
+            return base[:k] + [image] + base[k + 1:]
 
         def fresh(items: list[Any]) -> Callable[[], None]:
             def run() -> None:
@@ -105,52 +119,59 @@ def measure(pair: TestModel, *, repeats: int = 5, filler: int = 0, n_batch: int 
                     _feed(s, items)
             return run
 
-        def prefix_session(k: int) -> Callable[[], lk.Session]:
-            def setup() -> lk.Session:
-                s = new_session()
-                _feed(s, base[:k])
-                return s
-            return setup
-
-        def suffix(items: list[Any]) -> Callable[[lk.Session], None]:
-            def run(s: lk.Session) -> None:
-                _feed(s, items)
-                s.close()
-            return run
-
-        def replace(index: int, image_fn: Callable[[], np.ndarray]) -> Callable[[lk.Session], None]:
-            def run(s: lk.Session) -> None:
-                s.replace_image(s.images[index], image_fn())
-            return run
-
         measured: dict[str, tuple[float, list[float]]] = {}
-        measured["fresh_prefill_last"] = _median_time(fresh(final_last), lambda: None, repeats)
-        measured["fresh_prefill_middle"] = _median_time(fresh(final_middle), lambda: None, repeats)
-        measured["fresh_prefill_with_encode_last"] = _median_time(fresh_with_encode(final_last), lambda: None,
-                                                                  repeats)
+        measured["fresh_prefill_last"] = _median_time(fresh(final("last", imgs[3])), lambda: None, repeats)
+        measured["fresh_prefill_with_encode_last"] = _median_time(fresh_with_encode(final("last", imgs[3])),
+                                                                  lambda: None, repeats)
         # warm the cache again after the clears
         with new_session() as s:
-            _feed(s, final_last + [imgs[1], imgs[2]])
-        measured["suffix_floor_last"] = _median_time(suffix([imgs[3], base[6]]), prefix_session(5), repeats)
-        measured["suffix_floor_middle"] = _median_time(suffix([imgs[3]] + base[4:]), prefix_session(3), repeats)
+            _feed(s, final("last", imgs[3]) + [imgs[1], imgs[2]])
 
-        sessions: list[lk.Session] = []
+        # Every timed edit starts from a fork (a copy of the KV state) of one decoded conversation, or of
+        # one decoded prefix for the floors: the same state as a conversation fed from scratch, without
+        # re-prefilling it before each repetition.
+        whole = new_session()
+        _feed(whole, base)
+        prefixes = {}
+        for where, (_, k) in POSITIONS.items():
+            prefixes[where] = new_session()
+            _feed(prefixes[where], base[:k])
 
-        def conv() -> lk.Session:
-            s = conversation()
-            sessions.append(s)
-            return s
+        def timed(start: lk.Session, image_fn: Callable[[], np.ndarray], run: Callable[[lk.Session, np.ndarray], None]
+                  ) -> tuple[float, list[float]]:
+            times = []
+            for _ in range(repeats):
+                s, image = start.fork(), image_fn()  # neither is timed
+                t0 = time.perf_counter()
+                run(s, image)
+                times.append(time.perf_counter() - t0)
+                s.close()
+            return statistics.median(times), times
 
-        measured["replace_last_image"] = _median_time(replace(2, lambda: imgs[3]), conv, repeats)
-        measured["replace_middle_image"] = _median_time(replace(1, lambda: imgs[3]), conv, repeats)
-        measured["replace_last_image_new_image"] = _median_time(replace(2, lambda: next(fresh_imgs)), conv,
-                                                                repeats)
-        # correctness in the same run: the edited conversation equals the fresh one
-        s = conversation()
-        s.replace_image(s.images[2], imgs[3])
-        with new_session() as f:
-            _feed(f, final_last)
-            max_diff = float(np.abs(s.logits() - f.logits()).max())
+        for where, (index, k) in POSITIONS.items():
+            def floor(s: lk.Session, image: np.ndarray, k: int = k) -> None:
+                _feed(s, [image] + base[k + 1:])
+
+            def edit(s: lk.Session, image: np.ndarray, index: int = index) -> None:
+                s.replace_image(s.images[index], image)
+
+            measured[f"suffix_floor_{where}_new_image"] = timed(prefixes[where], lambda: next(fresh_imgs), floor)
+            measured[f"replace_{where}_image_new_image"] = timed(whole, lambda: next(fresh_imgs), edit)
+            measured[f"replace_{where}_image"] = timed(whole, lambda: imgs[3], edit)
+            measured[f"suffix_floor_{where}"] = timed(prefixes[where], lambda: imgs[3], floor)
+        for s in prefixes.values():
+            s.close()
+
+        # correctness in the same run: the edited conversations equal the fresh ones
+        max_diff: dict[str, float] = {}
+        for where in ("first", "last"):
+            s = whole.fork()
+            s.replace_image(s.images[POSITIONS[where][0]], imgs[3])
+            with new_session() as f:
+                _feed(f, final(where, imgs[3]))
+                max_diff[where] = float(np.abs(s.logits() - f.logits()).max())
+            if where == "first":
+                s.close()
         s.remove_image(s.images[2])
         before = s.stats
         t0 = time.perf_counter()
@@ -161,8 +182,20 @@ def measure(pair: TestModel, *, repeats: int = 5, filler: int = 0, n_batch: int 
                  "embed_cache_hits": after["embed_cache_hits"] - before["embed_cache_hits"],
                  "ms": round(readd_ms, 3)}
         s.close()
-        for x in sessions:
-            x.close()
+        whole.close()
+
+        # the same image (A) in a brand-new conversation whose text before the image differs
+        new_conv = []
+        for i in range(repeats):
+            with model.chat_session(n_ctx=n_ctx) as c:
+                t0 = time.perf_counter()
+                r = c.chat([{"role": "system", "content": critic_system(i)},
+                            {"role": "user", "content": [{"type": "image", "image": imgs[0]},
+                                                         {"type": "text", "text": CRITIC_TEXT}]}],
+                           max_tokens=1, chat_template="vicuna")
+                new_conv.append({"ms": round((time.perf_counter() - t0) * 1000, 3),
+                                 "images_encoded": r["llava_kv"]["images_encoded"],
+                                 "prompt_tokens": r["usage"]["prompt_tokens"]})
 
         def ms(key: str) -> float:
             return round(measured[key][0] * 1000, 3)
@@ -172,6 +205,7 @@ def measure(pair: TestModel, *, repeats: int = 5, filler: int = 0, n_batch: int 
             "preset": pair.preset.name,
             "machine": {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
                         "devices": [d["description"] for d in lk.build_info()["devices"]]},
+            "settings": used,
             "conversation_tokens": n_tokens,
             "image_tokens": pair.preset.image_tokens,
             "repeats": repeats,
@@ -179,20 +213,50 @@ def measure(pair: TestModel, *, repeats: int = 5, filler: int = 0, n_batch: int 
             "median_ms": {k: ms(k) for k in measured},
             "all_ms": {k: [round(t * 1000, 3) for t in v[1]] for k, v in measured.items()},
             "ratios": {
+                **{f"replace_{w}_new_image_vs_suffix_floor": round(ms(f"replace_{w}_image_new_image") /
+                                                                   ms(f"suffix_floor_{w}_new_image"), 3)
+                   for w in POSITIONS},
                 "replace_last_speedup_vs_fresh_prefill": round(ms("fresh_prefill_last") / ms("replace_last_image"), 2),
-                "replace_last_vs_suffix_floor": round(ms("replace_last_image") / ms("suffix_floor_last"), 3),
-                "replace_middle_speedup_vs_fresh_prefill": round(ms("fresh_prefill_middle") /
-                                                                 ms("replace_middle_image"), 2),
-                "replace_middle_vs_suffix_floor": round(ms("replace_middle_image") / ms("suffix_floor_middle"), 3),
                 "replace_last_new_image_speedup_vs_fresh_with_encode": round(
                     ms("fresh_prefill_with_encode_last") / ms("replace_last_image_new_image"), 2),
             },
-            "targets": {"replace_last_speedup_vs_fresh_prefill": ">= 5", "replace_last_vs_suffix_floor": "<= 1.2",
-                        "readd_images_encoded": "== 0"},
+            "targets": {"replace_last_speedup_vs_fresh_prefill": ">= 5", "replace_*_vs_suffix_floor": "<= 1.2",
+                        "readd_images_encoded": "== 0", "new_conversation_images_encoded": "== 0"},
             "readd_image": readd,
-            "max_abs_logit_diff_vs_fresh": max_diff,
+            "new_conversation": new_conv,
+            "max_abs_logit_diff_vs_fresh": max(max_diff.values()),
+            "max_abs_logit_diff_vs_fresh_by_edit": max_diff,
         }
     return results
+
+
+def write_peer_spec(pair: TestModel, *, filler: int, repeats: int, folder: Path, n_ctx: int = 4096,
+                    n_gpu_layers: int = 0) -> dict[str, Any]:
+    """The conversation as OpenAI-style chat blocks for the peers: a system message, then three user
+    messages of one image and one text block each (PNG files in ``folder``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pngs = []
+    for i, img in enumerate(conversation_images(pair)):
+        pngs.append(str(folder / f"edit_{'ABCD'[i]}.png"))
+        Image.fromarray(img).save(pngs[-1])
+    text = "\n" + FILLER * filler
+    return {"model": str(pair.model_path), "mmproj": str(pair.mmproj_path), "n_ctx": n_ctx,
+            "n_gpu_layers": n_gpu_layers, "repeats": repeats, "system": "Look at these pictures.",
+            "blocks": [[pngs[0], text], [pngs[1], text], [pngs[2], "\nWhich one has a dog? Describe it."]],
+            "replacement": pngs[3], "critic_system": CRITIC_SYSTEM, "critic_text": CRITIC_TEXT}
+
+
+def never_seen_pngs(pair: TestModel, folder: Path, first_seed: int = 50_000) -> Callable[[], Path]:
+    """A function returning a new, never-seen PNG on each call (for the server's edits)."""
+    size = (pair.preset.image_size, pair.preset.image_size)
+    seeds = iter(range(first_seed, first_seed + 10_000))
+
+    def next_png() -> Path:
+        seed = next(seeds)
+        path = folder / f"never_seen_{seed}.png"
+        Image.fromarray(random_image(seed, size)).save(path)
+        return path
+    return next_png
 
 
 def measure_peer(pair: TestModel, *, filler: int, repeats: int, folder: Path, python: Path | None = None,
@@ -201,16 +265,8 @@ def measure_peer(pair: TestModel, *, filler: int, repeats: int, folder: Path, py
     chat call with the edited conversation, as its chat handler offers no edit."""
     from benchmarks.peer import PeerError, run_peer
 
-    folder.mkdir(parents=True, exist_ok=True)
-    pngs = []
-    for i, img in enumerate(conversation_images(pair)):
-        pngs.append(str(folder / f"edit_{'ABCD'[i]}.png"))
-        Image.fromarray(img).save(pngs[-1])
-    text = "\n" + FILLER * filler
-    spec = {"model": str(pair.model_path), "mmproj": str(pair.mmproj_path), "n_ctx": n_ctx,
-            "n_gpu_layers": n_gpu_layers, "repeats": repeats, "system": "Look at these pictures.",
-            "blocks": [[pngs[0], text], [pngs[1], text], [pngs[2], "\nWhich one has a dog? Describe it."]],
-            "replacement": pngs[3]}
+    spec = write_peer_spec(pair, filler=filler, repeats=repeats, folder=folder, n_ctx=n_ctx,
+                           n_gpu_layers=n_gpu_layers)
     spec_path = folder / "peer_edit.json"
     spec_path.write_text(json.dumps(spec))
     try:

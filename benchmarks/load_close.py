@@ -35,6 +35,14 @@ def drift_mib(series: list[int] | None) -> float | None:
     return round((series[-1] - start) / 2**20, 3)
 
 
+def noise_mib(series: list[int] | None) -> float | None:
+    """The band (max - min) the figure moves in after the settling cycles."""
+    if not series or len(series) <= SETTLE:
+        return None
+    settled = series[SETTLE - 1:]
+    return round((max(settled) - min(settled)) / 2**20, 3)
+
+
 def _ours(args: list[str]) -> dict[str, Any]:
     env = dict(os.environ, LLAVA_KV_BENCH_THREADS=str(threads()))
     result = subprocess.run([sys.executable, str(HERE / "ours_load_close.py"), *args], capture_output=True,
@@ -62,6 +70,8 @@ def measure(pair: TestModel, *, cycles: int = 100, peer: bool = True, peer_pytho
     for who, run in runs.items():
         result[who] = {
             "rss_drift_mib": drift_mib(run["rss_bytes"]),
+            "rss_noise_mib": noise_mib(run["rss_bytes"]),
+            "settings": run.get("settings"),
             "gpu_drift_mib": drift_mib(run["gpu_bytes"]),
             "rss_mib": [round(x / 2**20, 3) for x in run["rss_bytes"]],
             "gpu_mib": [round(x / 2**20, 3) for x in run["gpu_bytes"]] if run["gpu_bytes"] else None,

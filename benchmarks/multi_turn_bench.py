@@ -6,7 +6,10 @@ Usage: python benchmarks/multi_turn_bench.py [--preset realistic] [--turns 5] [-
 
 The floor of a turn is what no runtime can avoid: decoding the new turn's tokens (nothing earlier)
 and generating the answer; it is measured on a copy of the session state before the turn. The
-peer re-encodes the image and re-prefills the whole chat every turn. Both use the prompt of
+llama-cpp-python peer re-encodes the image and re-prefills the whole chat every turn; llama-server
+(the suite passes it in) reuses its slot's cached prefix. Each repetition is a conversation about a
+never-seen image, after one warm-up conversation, so turn 1 (encode, prefill, answer) is the same
+work on every side: the suite's control row. Both use the prompt of
 LLaVA-1.5 (its system message, "USER: ... ASSISTANT:") and greedy decoding.
 """
 from __future__ import annotations
@@ -28,31 +31,39 @@ from llava_kv.testing import TestModel, make_test_model, random_image
 if __package__ in (None, ""):  # run as a script: make the benchmarks package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.peer import CHAT_TEMPLATE, PEER, SYSTEM_MESSAGE, PeerError, run_peer  # noqa: E402
+from benchmarks import settings  # noqa: E402
 from benchmarks.scenario import emit  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
 
-def write_image(pair: TestModel, folder: Path) -> Path:
-    png = folder / "multi_turn.png"
+def write_images(pair: TestModel, folder: Path, n: int) -> list[Path]:
+    """A warm-up image, then one never-seen image per repetition: turn 1 is the same work (encode,
+    prefill, answer) on every side in every repetition, with no cache of any side helping."""
     size = pair.preset.image_size
-    Image.fromarray(random_image(7, (size, size))).save(png)
-    return png
+    paths = []
+    for i in range(n):
+        png = folder / f"multi_turn_{i}.png"
+        Image.fromarray(random_image(7 + i, (size, size))).save(png)
+        paths.append(png)
+    return paths
 
 
-def _conversation(model: lk.Model, png: Path, *, turns: int, max_tokens: int,
-                  n_ctx: int) -> tuple[list[float], list[float | None], list[int], list[int]]:
-    ours: list[float] = []
-    floors: list[float | None] = []
-    reused: list[int] = []
-    encoded: list[int] = []
+def _messages(png: Path | str) -> list[dict[str, Any]]:
+    return [{"role": "system", "content": SYSTEM_MESSAGE},
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(png)}},
+                                         {"type": "text", "text": "What is in this picture?"}]}]
+
+
+def _conversation(model: lk.Model, png: Path, *, turns: int, max_tokens: int, n_ctx: int,
+                  floors: bool = True) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = {"ours": [], "floor": [], "reused": [], "encoded": [], "prompt_tokens": []}
     with model.chat_session(n_ctx=n_ctx) as s:
-        messages: list[dict[str, Any]] = [{"role": "system", "content": SYSTEM_MESSAGE},
-                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(png)}},
-                                                 {"type": "text", "text": "What is in this picture?"}]}]
+        out["settings"] = [settings.ours(model, s)]
+        messages = _messages(png)
         for turn in range(turns):
             floor = None
-            if turn > 0:
+            if turn > 0 and floors:
                 # the floor: on a copy of the state, decode only the new turn's text, then answer
                 items = lk.chat.render_messages(model, messages, chat_template=CHAT_TEMPLATE)
                 start, rest = lk.chat.plan_edit(s.timeline, items)
@@ -65,66 +76,98 @@ def _conversation(model: lk.Model, png: Path, *, turns: int, max_tokens: int,
                     floor = time.perf_counter() - t0
             t0 = time.perf_counter()
             r = s.chat(messages, max_tokens=max_tokens, chat_template=CHAT_TEMPLATE)
-            ours.append(time.perf_counter() - t0)
-            floors.append(floor)
-            reused.append(r["llava_kv"]["reused_tokens"])
-            encoded.append(r["llava_kv"]["images_encoded"])
+            out["ours"].append(time.perf_counter() - t0)
+            out["floor"].append(floor)
+            out["reused"].append(r["llava_kv"]["reused_tokens"])
+            out["encoded"].append(r["llava_kv"]["images_encoded"])
+            out["prompt_tokens"].append(r["usage"]["prompt_tokens"])
             messages += [r["choices"][0]["message"],
                          {"role": "user", "content": f"Tell me more about part {turn + 1} of it."}]
-    return ours, floors, reused, encoded
+    return out
 
 
 def _medians(runs: list[list[float]]) -> list[float]:
     return [round(statistics.median(r[t] for r in runs), 6) for t in range(len(runs[0]))]
 
 
+def _later_median(per_turn: list[float]) -> float:
+    return round(statistics.median(per_turn[1:]), 6)
+
+
 def measure(pair: TestModel, *, turns: int = 5, max_tokens: int = 16, n_ctx: int = 4096, repeats: int = 1,
             peer: bool = True, peer_python: Path | None = None, workdir: Path | None = None,
-            load_kwargs: dict[str, Any] | None = None, peer_gpu_layers: int = 0) -> dict[str, Any]:
-    """Seconds per turn (medians over ``repeats`` whole conversations) for llava-kv, its floor and,
-    with ``peer``, llama-cpp-python; returns the JSON-ready result."""
-    png = write_image(pair, workdir or Path(tempfile.mkdtemp()))
+            load_kwargs: dict[str, Any] | None = None, peer_gpu_layers: int = 0,
+            server: Any = None) -> dict[str, Any]:
+    """Seconds per turn (medians over ``repeats`` whole conversations, each about a never-seen image)
+    for llava-kv, its floor and, with ``peer``, llama-cpp-python, and with ``server`` (a
+    ``server_peer.LlamaServer`` factory taking ``parallel`` and ``n_ctx``) llama-server; returns the
+    JSON-ready result. Turn 1 of each side is the control: the same work everywhere."""
+    folder = workdir or Path(tempfile.mkdtemp())
+    pngs = write_images(pair, folder, repeats + 1)
+    warm, images = pngs[0], pngs[1:]
     runs = []
     with lk.Model.load(pair.model_path, pair.mmproj_path, **(load_kwargs or {})) as model:
-        for _ in range(repeats):
+        _conversation(model, warm, turns=2, max_tokens=max_tokens, n_ctx=n_ctx, floors=False)  # warm-up
+        for png in images:
             runs.append(_conversation(model, png, turns=turns, max_tokens=max_tokens, n_ctx=n_ctx))
-    ours = _medians([r[0] for r in runs])
+    ours = _medians([r["ours"] for r in runs])
     # turn 1 has no floor
-    floors: list[float | None] = [None, *_medians([r[1][1:] for r in runs])]  # type: ignore[misc]
-    reused, encoded = runs[0][2], runs[0][3]
-
-    peer_s, peer_error = None, None
-    if peer:
-        try:
-            out = run_peer(str(HERE / "peer_multi_turn.py"),
-                           [str(pair.model_path), str(pair.mmproj_path), str(png), str(turns), str(max_tokens),
-                            str(n_ctx), str(repeats), str(peer_gpu_layers)], python=peer_python)
-            peer_s = _medians(out["runs"])
-        except PeerError as e:
-            peer_error = str(e)
-
+    floors: list[float | None] = [None, *_medians([r["floor"][1:] for r in runs])]  # type: ignore[misc]
     later = range(1, turns)
     later_floors = [f for f in floors[1:] if f is not None]
     result: dict[str, Any] = {
         "benchmark": "multi_turn",
         "preset": pair.preset.name,
         "machine": {"host": platform.node(), "devices": [d["description"] for d in lk.build_info()["devices"]]},
-        "turns": turns, "max_tokens": max_tokens, "repeats": repeats, "peer": PEER if peer_s else None,
+        "turns": turns, "max_tokens": max_tokens, "repeats": repeats,
         "ours_s": ours,
         "floor_s": floors,
-        "peer_s": peer_s,
-        "all_ours_s": [[round(x, 6) for x in r[0]] for r in runs],
-        "reused_tokens": reused, "images_encoded": encoded,
-        "median_later_turns_s": {"ours": round(statistics.median(ours[i] for i in later), 6),
-                                 "floor": round(statistics.median(later_floors), 6)},
+        "all_ours_s": [[round(x, 6) for x in r["ours"]] for r in runs],
+        "all_turn1_s": {"ours": [round(r["ours"][0], 6) for r in runs]},
+        "reused_tokens": runs[0]["reused"], "images_encoded": runs[0]["encoded"],
+        "prompt_tokens": {"ours": runs[0]["prompt_tokens"]},
+        "settings": {"ours": runs[0]["settings"][0]},
+        "median_later_turns_s": {"ours": _later_median(ours), "floor": round(statistics.median(later_floors), 6)},
+        "turn1_s": {"ours": ours[0]},
         "ratios": {"ours_vs_floor_per_turn": [round(ours[i] / f, 3) for i, f in zip(later, later_floors)]},
         "target": "every later turn within 1.1x of its floor",
+        "peer_s": None, "server_s": None,
     }
-    if peer_error:
-        result["peer_error"] = peer_error
-    if peer_s:
-        result["median_later_turns_s"]["peer"] = round(statistics.median(peer_s[i] for i in later), 6)
-        result["ratios"]["peer_vs_ours_per_turn"] = [round(peer_s[i] / ours[i], 2) for i in later]
+    if peer:
+        try:
+            out = run_peer(str(HERE / "peer_multi_turn.py"),
+                           [str(pair.model_path), str(pair.mmproj_path), str(turns), str(max_tokens), str(n_ctx),
+                            str(peer_gpu_layers), *map(str, pngs)], python=peer_python)
+            peer_s = _medians(out["runs"])
+            result.update(peer=PEER, peer_s=peer_s)
+            result["settings"]["peer"] = out["settings"]
+            result["all_turn1_s"]["peer"] = [round(r[0], 6) for r in out["runs"]]
+            result["median_later_turns_s"]["peer"] = _later_median(peer_s)
+            result["turn1_s"]["peer"] = peer_s[0]
+            result["ratios"]["peer_vs_ours_per_turn"] = [round(peer_s[i] / ours[i], 2) for i in later]
+        except PeerError as e:
+            result["peer_error"] = str(e)
+    if server is not None:
+        from benchmarks import server_bench
+
+        try:
+            # --cache-ram 0: no saved prompt may give turn 1 a head start (its slot's own cache still serves
+            # turns 2..N, which is what this scenario measures)
+            with server(parallel=1, n_ctx=n_ctx, cache_ram_mib=0) as srv:
+                server_bench.multi_turn(srv, warm, system=SYSTEM_MESSAGE, turns=2, max_tokens=max_tokens, repeats=1)
+                outs = [server_bench.multi_turn(srv, png, system=SYSTEM_MESSAGE, turns=turns, max_tokens=max_tokens,
+                                                repeats=1) for png in images]
+                result["settings"]["server"] = srv.settings_used()
+            runs_s, calls = [o["runs"][0] for o in outs], [o["calls"] for o in outs]
+            server_s = _medians(runs_s)
+            result.update(server_s=server_s, server_calls=calls[0],
+                          server_images_encoded=[c["encodes"] for c in calls[0]])
+            result["all_turn1_s"]["server"] = [round(r[0], 6) for r in runs_s]
+            result["median_later_turns_s"]["server"] = _later_median(server_s)
+            result["turn1_s"]["server"] = server_s[0]
+            result["ratios"]["server_vs_ours_per_turn"] = [round(server_s[i] / ours[i], 2) for i in later]
+        except Exception as e:  # ServerError, OSError or an openai.APIError: the reason goes in the JSON
+            result["server_error"] = f"{type(e).__name__}: {e}"
     return result
 
 

@@ -12,14 +12,18 @@ import time
 import llava_kv as lk
 from memory_probe import gpu_used_bytes, rss_bytes  # benchmarks/, this script's folder
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import settings  # noqa: E402
+
 model, mmproj, image, cycles, n_gpu_layers = sys.argv[1:6]
 threads = int(os.environ.get("LLAVA_KV_BENCH_THREADS") or 0) or None  # None: one per core
 baseline = {"rss": rss_bytes(), "gpu": gpu_used_bytes()}
 rss, gpu, seconds = [], [], []
 for _ in range(int(cycles)):
     t0 = time.perf_counter()
-    with lk.Model.load(model, mmproj, n_gpu_layers=int(n_gpu_layers), n_threads=threads) as m, \
+    with lk.Model.load(model, mmproj, n_gpu_layers=int(n_gpu_layers), n_threads=threads, flash_attn="on") as m, \
             m.session(n_ctx=1024) as s:
+        used = settings.ours(m, s)
         s.append_text("USER: ")
         s.append_image(image)
         s.append_text("\nWhat is in this picture?\nASSISTANT:")
@@ -32,4 +36,4 @@ del m, s
 gc.collect()
 print(json.dumps({"baseline": baseline, "rss_bytes": rss, "gpu_bytes": gpu if gpu[0] is not None else None,
                   "seconds": seconds, "native_objects": lk._core.native_objects(),
-                  "native_objects_before_gc": before_gc}))
+                  "native_objects_before_gc": before_gc, "settings": used}))

@@ -4,7 +4,6 @@ chat handler (it has no batch API), REPEATS times; prints the wall seconds of ea
 Usage: peer_batch.py MODEL MMPROJ PROMPT MAX_TOKENS REPEATS N_GPU_LAYERS IMAGE.png..."""
 import base64
 import json
-import os
 import statistics
 import sys
 import time
@@ -12,13 +11,12 @@ import time
 from llama_cpp import Llama
 from llama_cpp.llama_chat_format import Llava15ChatHandler
 
-THREADS = int(os.environ.get("LLAVA_KV_BENCH_THREADS") or os.cpu_count() or 1)  # as llava-kv: one per core
+from peer_settings import llama_kwargs, settings  # benchmarks/, this script's folder: same settings as ours
 
 model, mmproj, prompt, max_tokens, repeats, n_gpu_layers = sys.argv[1:7]
 images = sys.argv[7:]
 llm = Llama(model_path=model, chat_handler=Llava15ChatHandler(clip_model_path=mmproj, verbose=False),
-            n_ctx=2048, n_batch=512, n_gpu_layers=int(n_gpu_layers), n_threads=THREADS,
-            n_threads_batch=THREADS, verbose=False, seed=0)
+            **llama_kwargs(2048, n_gpu_layers))
 
 
 def caption(path):
@@ -37,5 +35,6 @@ for _ in range(int(repeats)):
     t0 = time.perf_counter()
     tokens = [caption(p) for p in images]
     walls.append(time.perf_counter() - t0)
+used = settings(llm)
 llm.close()
-print(json.dumps({"wall_s": walls, "tokens_per_image": statistics.mean(tokens)}))
+print(json.dumps({"wall_s": walls, "tokens_per_image": statistics.mean(tokens), "settings": used}))

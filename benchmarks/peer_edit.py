@@ -9,14 +9,13 @@ SPEC: {"model", "mmproj", "n_ctx", "n_gpu_layers", "repeats", "system": text,
        "blocks": [[image.png, text], ...] (3 blocks: A, B, C), "replacement": image.png (D)}"""
 import base64
 import json
-import os
 import sys
 import time
 
 from llama_cpp import Llama
 from llama_cpp.llama_chat_format import Llava15ChatHandler
 
-THREADS = int(os.environ.get("LLAVA_KV_BENCH_THREADS") or os.cpu_count() or 1)  # as llava-kv: one per core
+from peer_settings import llama_kwargs, settings  # benchmarks/, this script's folder: same settings as ours
 
 spec = json.load(open(sys.argv[1]))
 
@@ -45,24 +44,23 @@ class CountingMtmd:
 handler = Llava15ChatHandler(clip_model_path=spec["mmproj"], verbose=False)
 counter = CountingMtmd(handler._mtmd_cpp)
 handler._mtmd_cpp = counter
-llm = Llama(model_path=spec["model"], chat_handler=handler, n_ctx=spec["n_ctx"], n_batch=512,
-            n_gpu_layers=spec["n_gpu_layers"], n_threads=THREADS, n_threads_batch=THREADS, verbose=False, seed=0)
+llm = Llama(model_path=spec["model"], chat_handler=handler, **llama_kwargs(spec["n_ctx"], spec["n_gpu_layers"]))
 uris = {p: uri(p) for p in [b[0] for b in spec["blocks"]] + [spec["replacement"]]}
 
 
-def messages(blocks):
-    out = [{"role": "system", "content": spec["system"]}]
+def messages(blocks, system=None):
+    out = [{"role": "system", "content": system or spec["system"]}]
     for image, text in blocks:
         out.append({"role": "user", "content": [{"type": "image_url", "image_url": {"url": uris[image]}},
                                                 {"type": "text", "text": text}]})
     return out
 
 
-def call(blocks):
+def call(blocks, system=None):
     """One call showing the conversation ``blocks``: seconds, image encodes, prompt tokens."""
     before = counter.image_evals
     t0 = time.perf_counter()
-    r = llm.create_chat_completion(messages=messages(blocks), max_tokens=1, temperature=0.0, repeat_penalty=1.0)
+    r = llm.create_chat_completion(messages=messages(blocks, system), max_tokens=1, temperature=0.0, repeat_penalty=1.0)
     seconds = time.perf_counter() - t0
     return seconds, counter.image_evals - before, r["usage"]["prompt_tokens"]
 
@@ -71,12 +69,16 @@ blocks = [tuple(b) for b in spec["blocks"]]
 d = (spec["replacement"], None)
 last = blocks[:2] + [(d[0], blocks[2][1])]
 middle = [blocks[0], (d[0], blocks[1][1]), blocks[2]]
+first = [(d[0], blocks[0][1])] + blocks[1:]
 call(blocks)  # warm-up: the conversation before the edits
-out: dict = {"replace_last_image": [], "replace_middle_image": [], "readd_image": [], "encodes": {},
-             "prompt_tokens": {}}
-for _ in range(spec["repeats"]):
-    for key, target in (("replace_last_image", last), ("replace_middle_image", middle)):
-        call(blocks)
+out: dict = {"replace_last_image": [], "replace_middle_image": [], "replace_first_image": [], "readd_image": [],
+             "new_conversation": [],
+             "encodes": {}, "prompt_tokens": {}}
+out["encodes_per_repetition"] = {"new_conversation": []}
+for repetition in range(spec["repeats"]):
+    for key, target in (("replace_last_image", last), ("replace_middle_image", middle),
+                        ("replace_first_image", first)):
+        # no call restores the conversation before the edit: the handler resets the context on every call
         seconds, encodes, tokens = call(target)
         out[key].append(seconds)
         out["encodes"][key], out["prompt_tokens"][key] = encodes, tokens
@@ -84,5 +86,13 @@ for _ in range(spec["repeats"]):
     seconds, encodes, tokens = call(blocks)  # ...and add it again
     out["readd_image"].append(seconds)
     out["encodes"]["readd_image"], out["prompt_tokens"]["readd_image"] = encodes, tokens
+    # image A, seen above, in a brand-new conversation with other text before it
+    # (edit_bench.critic_system: a different system message each repetition)
+    system = f"{spec['critic_system']} Conversation {repetition + 1}."
+    seconds, encodes, tokens = call([(blocks[0][0], spec["critic_text"])], system)
+    out["new_conversation"].append(seconds)
+    out["encodes_per_repetition"]["new_conversation"].append(encodes)
+    out["encodes"]["new_conversation"], out["prompt_tokens"]["new_conversation"] = encodes, tokens
+out["settings"] = settings(llm)
 llm.close()
 print(json.dumps(out))

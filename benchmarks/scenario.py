@@ -3,22 +3,31 @@
 Every entry has the same shape, so that the README table, the plots and the smoke test read them
 alike:
 
-- ``unit``: of ``ours``, ``peer`` and ``limit``; ``better``: "lower" or "higher".
-- ``ours``, ``peer``, ``limit``: the headline figure of llava-kv, of llama-cpp-python, and of the
-  limit (what no runtime can beat: for an edit, decoding only the invalidated suffix; for a
-  repeated image, zero encodes; for memory, zero drift). A figure that could not be measured is
-  null, and ``reasons`` says why under the same key.
+- ``unit``: of ``ours``, ``peer``, ``server`` and ``limit``; ``better``: "lower" or "higher".
+- ``ours``, ``peer``, ``server``, ``limit``: the headline figure of llava-kv, of llama-cpp-python, of
+  llama.cpp's llama-server, and of the limit (what no runtime can beat: for an edit, decoding only the
+  invalidated suffix; for a repeated image, zero encodes; for memory, zero drift). A figure that could
+  not be measured is null, and ``reasons`` says why under the same key.
 - ``limit_means``: the limit in words.
 - ``ratios``: cost ratios, > 1 meaning the first named costs more: ``ours_vs_limit`` (ours / limit
   for times and memory, limit / ours for throughputs; null where the limit is 0, see
-  ``ours_minus_limit``), ``peer_vs_ours`` (peer / ours, or ours / peer for throughputs).
-- ``repetitions``: how many times each figure was measured (headline figures are medians).
+  ``ours_minus_limit``), ``peer_vs_ours`` and ``server_vs_ours`` (peer / ours, or ours / peer for
+  throughputs).
+- ``settings``: what each side ran with (flash attention, threads, n_ctx, n_batch, n_ubatch, KV type,
+  OMP_WAIT_POLICY; benchmarks/settings.py), under ``ours``, ``peer``, ``server``.
+- ``notes``: per side (``peer``, ``server``), why that side costs less where it does (the table shows
+  the note only where that side wins).
+- ``repetitions``: how many times each figure was measured (headline figures are medians; every
+  repetition is in ``details``).
 - ``details``: everything else the scenario measured (all repetitions, per-turn series, counters).
 """
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -42,34 +51,40 @@ def _ratio(a: Optional[float], b: Optional[float], digits: int = 3) -> Optional[
     return round(a / b, digits)
 
 
+FIGURES = ("ours", "peer", "server", "limit")
+
+
 def entry(*, unit: str, repetitions: int, ours: Optional[float], peer: Optional[float], limit: Optional[float],
-          limit_means: str, better: str = "lower", reasons: Optional[dict[str, str]] = None,
-          extra_ratios: Optional[dict[str, Any]] = None, details: Optional[dict[str, Any]] = None,
-          digits: int = 4) -> dict[str, Any]:
+          limit_means: str, server: Optional[float] = None, better: str = "lower",
+          reasons: Optional[dict[str, str]] = None, extra_ratios: Optional[dict[str, Any]] = None,
+          details: Optional[dict[str, Any]] = None, settings: Optional[dict[str, Any]] = None,
+          notes: Optional[dict[str, str]] = None, digits: int = 4) -> dict[str, Any]:
     def rnd(x: Optional[float]) -> Optional[float]:
         return None if x is None else round(float(x), digits)
 
     reasons = dict(reasons or {})
-    for key, value in (("ours", ours), ("peer", peer), ("limit", limit)):
+    for key, value in (("ours", ours), ("peer", peer), ("server", server), ("limit", limit)):
         if value is None and key not in reasons:
             raise ValueError(f"{key} is null without a reason")
     if better == "lower":
-        ratios = {"ours_vs_limit": _ratio(ours, limit), "peer_vs_ours": _ratio(peer, ours)}
+        ratios = {"ours_vs_limit": _ratio(ours, limit), "peer_vs_ours": _ratio(peer, ours),
+                  "server_vs_ours": _ratio(server, ours)}
     else:
-        ratios = {"ours_vs_limit": _ratio(limit, ours), "peer_vs_ours": _ratio(ours, peer)}
+        ratios = {"ours_vs_limit": _ratio(limit, ours), "peer_vs_ours": _ratio(ours, peer),
+                  "server_vs_ours": _ratio(ours, server)}
     if limit == 0 and ours is not None:
         ratios["ours_minus_limit"] = rnd(ours - limit)
     ratios.update(extra_ratios or {})
     return {"unit": unit, "better": better, "repetitions": repetitions, "ours": rnd(ours), "peer": rnd(peer),
-            "limit": rnd(limit), "limit_means": limit_means, "ratios": ratios, "reasons": reasons,
-            "details": details or {}}
+            "server": rnd(server), "limit": rnd(limit), "limit_means": limit_means, "ratios": ratios,
+            "reasons": reasons, "settings": settings or {}, "notes": notes or {}, "details": details or {}}
 
 
 def skipped(*, unit: str, reason: str, limit_means: str, better: str = "lower",
             details: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """An entry for a scenario that was not run (its key stays present, every figure null)."""
     return entry(unit=unit, repetitions=0, ours=None, peer=None, limit=None, limit_means=limit_means,
-                 better=better, reasons={"ours": reason, "peer": reason, "limit": reason}, details=details)
+                 better=better, reasons={k: reason for k in FIGURES}, details=details)
 
 
 def emit(result: Any, out: Optional[str]) -> int:
@@ -79,3 +94,24 @@ def emit(result: Any, out: Optional[str]) -> int:
         Path(out).write_text(text)
     print(text)
     return 0
+
+
+def in_fresh_process(module: str, function: str, kwargs: dict[str, Any], timeout: float = 3600) -> Any:
+    """``benchmarks.<module>.<function>(**kwargs)`` run in a new interpreter; returns its JSON result.
+
+    Why: llama.cpp's CPU backend synchronises its threads with OpenMP barriers, and libgomp keeps one
+    thread team per thread that ever ran a parallel region. Once the main thread has decoded (a session),
+    a second thread's decodes (the batch runner's worker) run beside that idle team: more OpenMP threads
+    than cores, so libgomp stops spinning at barriers and every one of ggml's per-op barriers becomes a
+    sleep and a wake-up. Measured on the realistic preset, 2 cores: the batch runner's C++ loop takes
+    19.3 ms/token in a fresh process and 40-42 ms/token after one session decode in the same process
+    (OMP_WAIT_POLICY=active or a large GOMP_SPINCOUNT do not help). A scenario that measures the batch
+    runner therefore runs it in a process of its own, as a batch job or a server runs."""
+    code = ("import json, sys; from benchmarks import {m}; "
+            "print(json.dumps({m}.{f}(**json.loads(sys.argv[1]))))").format(m=module, f=function)
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], cwd=root, capture_output=True,
+                            text=True, timeout=timeout, env=dict(os.environ))
+    if result.returncode != 0:
+        raise RuntimeError(f"{module}.{function} in a fresh process failed:\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -24,15 +25,18 @@ import llava_kv as lk
 from llava_kv.testing import PRESETS, TestModel, make_test_model
 
 from benchmarks import batch_bench, build_time, edit_bench, load_close, machine, multi_turn_bench, report, \
-    token_overhead
-from benchmarks.peer import PEER, PeerError, peer_build_info, peer_python, threads
+    server_bench, server_peer, settings, token_overhead
+from benchmarks.peer import PEER, SYSTEM_MESSAGE, PeerError, peer_build_info, peer_python, threads
 from benchmarks.scenario import entry, skipped
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
-SCENARIOS = ("multi_turn", "replace_last_image", "replace_middle_image", "readd_image", "batch", "token_overhead",
-             "load_close", "build_time")
+SCENARIOS = ("control", "multi_turn", "replace_first_image", "replace_middle_image", "replace_last_image",
+             "readd_image", "new_conversation", "batch", "token_overhead", "load_close", "build_time")
+# The control row: identical work on every side must agree within this factor, or the suite says which
+# setting differs.
+CONTROL_TOLERANCE = 1.10
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,8 @@ class SuitePreset:
     cycles: int
     build_time: bool
     purpose: str
+    scenarios: tuple[str, ...] = SCENARIOS  # the others are recorded as skipped, with this preset's reason
+    edit_tokens: int = 2048  # length of the edit conversation
 
 
 SUITE_PRESETS = {
@@ -59,11 +65,20 @@ SUITE_PRESETS = {
                              batch_images=8, batch_tokens=32, parallel=8, overhead_tokens=64, cycles=100,
                              build_time=True,
                              purpose="realistic shapes: SmolVLM-256M-like on CPU, LLaVA-1.5-7B-like on a GPU"),
+    # The M-RoPE path (qwen2vl text, Qwen2.5-VL projector) beside the llama one: the chat and edit scenarios.
+    "realistic-qwen25vl": SuitePreset(model="realistic-qwen25vl", gpu_model="realistic-qwen25vl", repeat=2, turns=4,
+                                      answer_tokens=16, batch_images=8, batch_tokens=32, parallel=4,
+                                      overhead_tokens=32, cycles=100, build_time=False,
+                                      edit_tokens=1024,
+                                      purpose="Qwen2.5-VL-3B widths (M-RoPE), fewer layers: chat and edits",
+                                      scenarios=("control", "multi_turn", "replace_first_image",
+                                                 "replace_middle_image", "replace_last_image", "readd_image",
+                                                 "new_conversation")),
 }
 
 
 class Context:
-    """What every scenario needs: the model pair, where to write, the peer (or why there is none)."""
+    """What every scenario needs: the model pair, where to write, the peers (or why there are none)."""
 
     def __init__(self, args: argparse.Namespace, preset: SuitePreset, pair: TestModel, gpu: bool) -> None:
         self.args = args
@@ -73,7 +88,9 @@ class Context:
         self.repeat = args.repeat or preset.repeat
         self.work = Path(tempfile.mkdtemp(prefix="llava-kv-bench-"))
         self.n_gpu_layers = -1 if gpu else 0
-        self.load_kwargs: dict[str, Any] = {"n_gpu_layers": self.n_gpu_layers, "n_threads": threads()}
+        # flash attention on, stated rather than left to "auto", as both peers are started with it
+        self.load_kwargs: dict[str, Any] = {"n_gpu_layers": self.n_gpu_layers, "n_threads": threads(),
+                                            "flash_attn": "on"}
         self.peer_py: Path | None = None
         self.peer_reason: str | None = None
         self.peer_info: dict[str, Any] | None = None
@@ -86,17 +103,50 @@ class Context:
             except (PeerError, OSError, SystemExit) as e:  # SystemExit: the sdist fetch failed
                 lines = str(e).strip().splitlines()
                 self.peer_reason = f"peer unavailable: {lines[-1] if lines else repr(e)}"
+        self.server_bin: Path | None = None
+        self.server_reason: str | None = None
+        self.server_info: dict[str, Any] | None = None
+        if args.no_server:
+            self.server_reason = "skipped: --no-server"
+        elif gpu:
+            self.server_reason = "skipped: the llama-server peer is built for CPU only"
+        else:
+            try:
+                import openai  # noqa: F401  # the client the server is driven with (the bench extra)
+
+                self.server_bin = server_peer.server_binary(build=not args.no_peer_build)
+                self.server_info = server_peer.build_info()
+            except ImportError:
+                self.server_reason = "llama-server unavailable: the openai client is not installed (pip install openai)"
+            except (server_peer.ServerError, OSError) as e:
+                self.server_reason = f"llama-server unavailable: {e}"
 
     @property
     def peer(self) -> bool:
         return self.peer_py is not None
 
+    def server(self, *, parallel: int, n_ctx: int, **kwargs: Any) -> server_peer.LlamaServer:
+        """A llama-server on the same model pair with our settings (start it with ``with``)."""
+        assert self.server_bin is not None
+        return server_peer.LlamaServer(self.server_bin, self.pair.model_path, self.pair.mmproj_path,
+                                       threads=threads(), parallel=parallel, n_ctx=n_ctx,
+                                       log=self.work / f"llama-server-{time.monotonic_ns()}.log", **kwargs)
+
+    @property
+    def server_factory(self) -> Callable[..., server_peer.LlamaServer] | None:
+        return self.server if self.server_bin is not None else None
+
     def peer_reasons(self, result: dict[str, Any]) -> dict[str, str]:
+        reasons = {}
         if self.peer_reason:
-            return {"peer": self.peer_reason}
-        if result.get("peer_error"):
-            return {"peer": "peer run failed: " + result["peer_error"].strip().splitlines()[-1][:300]}
-        return {}
+            reasons["peer"] = self.peer_reason
+        elif result.get("peer_error"):
+            reasons["peer"] = "peer run failed: " + result["peer_error"].strip().splitlines()[-1][:300]
+        if self.server_reason:
+            reasons["server"] = self.server_reason
+        elif result.get("server_error"):
+            reasons["server"] = "llama-server run failed: " + result["server_error"].strip().splitlines()[-1][:300]
+        return reasons
 
 
 def _ms(x: float | None) -> float | None:
@@ -106,115 +156,228 @@ def _ms(x: float | None) -> float | None:
 # --- scenarios -------------------------------------------------------------------------------
 
 
+def _control_verdict(ours: float | None, other: float | None, ours_settings: dict[str, Any] | None,
+                     other_settings: dict[str, Any] | None, name: str) -> dict[str, Any]:
+    """Whether identical work agrees within CONTROL_TOLERANCE, and if not, which setting differs."""
+    if ours is None or other is None:
+        return {"agree": None, "says": f"{name} not measured"}
+    ratio = other / ours
+    differs = settings.differences(ours_settings, other_settings)
+    agree = 1 / CONTROL_TOLERANCE <= ratio <= CONTROL_TOLERANCE
+    if agree:
+        says = f"{name} {ratio:.2f}x of llava-kv: within {CONTROL_TOLERANCE - 1:.0%}"
+    elif differs:
+        says = f"{name} {ratio:.2f}x of llava-kv, outside {CONTROL_TOLERANCE - 1:.0%}; settings that differ: " + \
+               "; ".join(differs)
+    else:
+        says = (f"{name} {ratio:.2f}x of llava-kv, outside {CONTROL_TOLERANCE - 1:.0%}, with every recorded "
+                "setting equal: the gap is the runtime's own work, not a setting")
+    return {"agree": agree, "ratio": round(ratio, 3), "settings_that_differ": differs, "says": says}
+
+
 def run_multi_turn(ctx: Context) -> dict[str, dict[str, Any]]:
     p = ctx.preset
     r = multi_turn_bench.measure(ctx.pair, turns=p.turns, max_tokens=p.answer_tokens, repeats=ctx.repeat,
                                  peer=ctx.peer, peer_python=ctx.peer_py, workdir=ctx.work,
-                                 load_kwargs=ctx.load_kwargs, peer_gpu_layers=ctx.n_gpu_layers)
+                                 load_kwargs=ctx.load_kwargs, peer_gpu_layers=ctx.n_gpu_layers,
+                                 server=ctx.server_factory)
     med = r["median_later_turns_s"]
-    return {"multi_turn": entry(
-        unit="s per turn", repetitions=ctx.repeat, ours=med["ours"], peer=med.get("peer"), limit=med["floor"],
+    reasons = ctx.peer_reasons(r)
+    used = r["settings"]
+    first = r["turn1_s"]
+    verdicts = {"peer": _control_verdict(first["ours"], first.get("peer"), used["ours"], used.get("peer"),
+                                         "llama-cpp-python"),
+                "server": _control_verdict(first["ours"], first.get("server"), used["ours"], used.get("server"),
+                                           "llama-server")}
+    control = entry(
+        unit="s (turn 1)", repetitions=ctx.repeat, ours=first["ours"], peer=first.get("peer"),
+        server=first.get("server"), limit=None, settings=used,
+        limit_means="none: a control row, the same work on every side",
+        reasons={**reasons, "limit": "a control row has no limit: it checks that like-for-like settings give "
+                                     "like-for-like times"}, digits=6,
+        details={"what": "turn 1 of the multi-turn chat: encode a never-seen image, prefill the prompt, "
+                         f"{p.answer_tokens}-token greedy answer; identical work on every side (medians over "
+                         f"{ctx.repeat} conversations, each about a new image)",
+                 "tolerance": CONTROL_TOLERANCE, "all_s": r["all_turn1_s"], "verdict": verdicts,
+                 "prompt_tokens": {"ours": r["prompt_tokens"]["ours"][0],
+                                   "server": (r.get("server_calls") or [{}])[0].get("prompt_tokens")}})
+    multi = entry(
+        unit="s per turn", repetitions=ctx.repeat, ours=med["ours"], peer=med.get("peer"), server=med.get("server"),
+        limit=med["floor"], settings=used,
         limit_means="decode only the new turn's tokens, then generate the answer (measured on a copy of the state)",
-        reasons=ctx.peer_reasons(r), digits=6,
+        reasons=reasons, digits=6,
+        notes={"server": "llama-server reuses its slot's cached prefix (image included) like us; per turn it "
+                         "also pays HTTP, JSON and re-rendering the whole chat"},
         details={"what": f"chat with one image, turns 2..{p.turns} (median over turns of per-turn medians), "
                          f"{p.answer_tokens}-token greedy answers",
                  "turns": p.turns, "ours_s": r["ours_s"], "limit_s": r["floor_s"], "peer_s": r["peer_s"],
+                 "server_s": r["server_s"], "all_ours_s": r["all_ours_s"],
                  "reused_tokens": r["reused_tokens"], "images_encoded": r["images_encoded"],
-                 "per_turn_ratios": r["ratios"]})}
+                 "server_calls": r.get("server_calls"), "server_images_encoded": r.get("server_images_encoded"),
+                 "per_turn_ratios": r["ratios"]})
+    return {"control": control, "multi_turn": multi}
+
+
+def _fewest(result: dict[str, Any], key: str) -> int | None:
+    """A side's image encodes in its best repetition (the one its caches helped most)."""
+    per = (result.get("encodes_per_repetition") or {}).get(key)
+    return min(per) if per else (result.get("encodes") or {}).get(key)
 
 
 def run_edits(ctx: Context) -> dict[str, dict[str, Any]]:
-    r = edit_bench.measure(ctx.pair, repeats=ctx.repeat, load_kwargs=ctx.load_kwargs)
+    r = edit_bench.measure(ctx.pair, repeats=ctx.repeat, load_kwargs=ctx.load_kwargs,
+                           target_tokens=ctx.preset.edit_tokens)
     peer: dict[str, Any] = {}
     if ctx.peer:
         peer = edit_bench.measure_peer(ctx.pair, filler=r["filler"], repeats=ctx.repeat, folder=ctx.work,
                                        python=ctx.peer_py, n_gpu_layers=ctx.n_gpu_layers)
-    reasons = ctx.peer_reasons(peer)
+    server: dict[str, Any] = {}
+    if ctx.server_bin is not None:
+        spec = edit_bench.write_peer_spec(ctx.pair, filler=r["filler"], repeats=ctx.repeat, folder=ctx.work)
+        try:
+            with ctx.server(parallel=1, n_ctx=4096) as srv:
+                server = server_bench.edits(srv, spec, edit_bench.never_seen_pngs(ctx.pair, ctx.work),
+                                            critic_system=edit_bench.critic_system,
+                                            critic_text=edit_bench.CRITIC_TEXT, repeats=ctx.repeat)
+                server["settings"] = srv.settings_used()
+        except Exception as e:  # ServerError, OSError or an openai.APIError: the reason goes in the JSON
+            server = {"server_error": f"{type(e).__name__}: {e}"}
+    reasons = ctx.peer_reasons({**peer, **server})
+    used = {"ours": r["settings"], "peer": peer.get("settings"), "server": server.get("settings")}
     med = r["median_ms"]
 
-    def peer_ms(key: str) -> float | None:
-        return statistics.median(peer[key]) * 1000 if peer.get(key) else None
+    def side_ms(result: dict[str, Any], key: str) -> float | None:
+        return statistics.median(result[key]) * 1000 if result.get(key) else None
 
     common = {"conversation_tokens": r["conversation_tokens"], "image_tokens": r["image_tokens"],
               "max_abs_logit_diff_vs_fresh": r["max_abs_logit_diff_vs_fresh"],
+              "max_abs_logit_diff_vs_fresh_by_edit": r["max_abs_logit_diff_vs_fresh_by_edit"],
               "peer_prompt_tokens": (peer.get("prompt_tokens") or {}),
+              "server_calls": server.get("calls"),
               "peer_does": "a new chat call (max_tokens=1) with the edited conversation: re-encodes every image, "
-                           "re-prefills everything; ours and the limit decode up to the new logits"}
+                           "re-prefills everything; ours and the limit decode up to the new logits",
+              "server_does": "a new chat call (max_tokens=1) with the edited conversation: reuses its cached "
+                             "prefix up to the changed image, then encodes that image and every later one again "
+                             "(no embedding cache) and prefills the rest"}
     out = {}
-    for where in ("last", "middle"):
+    for where in ("first", "middle", "last"):
         key = f"replace_{where}_image"
+        server_reasons = dict(reasons)
+        if where == "middle" and "server" not in server_reasons:
+            server_reasons["server"] = "not run against llama-server: the first and the last image bracket it"
         out[key] = entry(
-            unit="ms", repetitions=ctx.repeat, ours=med[key], peer=peer_ms(key), limit=med[f"suffix_floor_{where}"],
-            limit_means="decode only the invalidated suffix (from the replaced image on) onto the kept prefix",
-            reasons=reasons, digits=3,
-            extra_ratios={"fresh_prefill_vs_ours": round(med[f"fresh_prefill_{where}"] / med[key], 3)},
+            unit="ms", repetitions=ctx.repeat, ours=med[f"{key}_new_image"], peer=side_ms(peer, key),
+            server=side_ms(server, key) if where != "middle" else None,
+            limit=med[f"suffix_floor_{where}_new_image"], settings=used,
+            limit_means="encode the never-seen image and decode only the invalidated suffix (from the replaced "
+                        "image on) onto the kept prefix",
+            reasons=server_reasons, digits=3,
+            extra_ratios={"fresh_prefill_vs_ours": round(med["fresh_prefill_last"] / med[f"{key}_new_image"], 3),
+                          "cached_replacement_vs_its_limit": round(med[key] / med[f"suffix_floor_{where}"], 3)},
             details={"what": f"replace the {where} of 3 images in a {r['conversation_tokens']}-token conversation "
-                             "(replacement's embedding cached)",
-                     "fresh_prefill_ms": med[f"fresh_prefill_{where}"],
-                     **({"fresh_prefill_with_encode_ms": med["fresh_prefill_with_encode_last"],
-                         "replace_with_new_image_ms": med["replace_last_image_new_image"]} if where == "last" else {}),
-                     "ours_all_ms": r["all_ms"][key], "limit_all_ms": r["all_ms"][f"suffix_floor_{where}"],
+                             "with a never-seen image (its encode included); beside it, the same edit with an "
+                             "image whose embedding is cached",
+                     "cached_replacement_ms": med[key], "cached_replacement_limit_ms": med[f"suffix_floor_{where}"],
+                     "fresh_prefill_ms": med["fresh_prefill_last"],
+                     "fresh_prefill_with_encode_ms": med["fresh_prefill_with_encode_last"],
+                     "ours_all_ms": r["all_ms"][f"{key}_new_image"],
+                     "cached_replacement_all_ms": r["all_ms"][key],
+                     "limit_all_ms": r["all_ms"][f"suffix_floor_{where}_new_image"],
                      "peer_all_ms": [x * 1000 for x in peer.get(key, [])],
-                     "peer_encodes": (peer.get("encodes") or {}).get(key), **common})
+                     "server_all_ms": [x * 1000 for x in server.get(key, [])],
+                     "images_encoded": {"ours": 1, "peer": (peer.get("encodes") or {}).get(key),
+                                        "server": (server.get("encodes") or {}).get(key)},
+                     **common})
     readd = r["readd_image"]
     out["readd_image"] = entry(
         unit="image encodes", repetitions=1, ours=readd["images_encoded"],
-        peer=(peer.get("encodes") or {}).get("readd_image"), limit=0,
-        limit_means="zero encodes: the image was seen before", reasons=reasons,
+        peer=(peer.get("encodes") or {}).get("readd_image"), server=None, limit=0, settings=used,
+        limit_means="zero encodes: the image was seen before",
+        reasons={**reasons, **({} if "server" in reasons else {"server": "not run against llama-server: "
+                                                               "new_conversation is its case of a seen image"})},
         details={"what": "remove the last image of the conversation, then add the same pixels again",
                  "ours_ms": readd["ms"], "ours_embed_cache_hits": readd["embed_cache_hits"],
-                 "peer_ms": peer_ms("readd_image"), **common})
+                 "peer_ms": side_ms(peer, "readd_image"), **common})
+    nc = r["new_conversation"]
+    out["new_conversation"] = entry(
+        unit="image encodes", repetitions=ctx.repeat, ours=max(x["images_encoded"] for x in nc),  # ours: the worst
+        peer=_fewest(peer, "new_conversation"), server=_fewest(server, "new_conversation"), limit=0, settings=used,
+        limit_means="zero encodes: the image was seen before (in another conversation)", reasons=reasons,
+        notes={"server": "llama-server's prompt cache is keyed by the token prefix: a seen image after different "
+                         "text is encoded again"},
+        details={"what": "image A of the edit conversation, in a brand-new conversation whose text before the image "
+                         "differs (another system message), 1-token answer; encodes counted per call",
+                 "ours_ms": statistics.median(x["ms"] for x in nc), "ours_calls": nc,
+                 "peer_ms": side_ms(peer, "new_conversation"), "server_ms": side_ms(server, "new_conversation"),
+                 "server_call": (server.get("calls") or {}).get("new_conversation"),
+                 "encodes_per_repetition": {
+                     "ours": [x["images_encoded"] for x in nc],
+                     "peer": (peer.get("encodes_per_repetition") or {}).get("new_conversation"),
+                     "server": (server.get("encodes_per_repetition") or {}).get("new_conversation")},
+                 "peer_prompt_tokens": (peer.get("prompt_tokens") or {}).get("new_conversation")})
     return out
 
 
 def run_batch(ctx: Context) -> dict[str, dict[str, Any]]:
     p = ctx.preset
-    r = batch_bench.measure(ctx.pair, n_images=p.batch_images, max_tokens=p.batch_tokens, parallel=p.parallel,
-                            repeats=ctx.repeat, peer=ctx.peer, peer_python=ctx.peer_py, workdir=ctx.work,
-                            load_kwargs=ctx.load_kwargs, peer_gpu_layers=ctx.n_gpu_layers)
-    # The same with long answers, where generation (batched by us, one token at a time by the peer)
-    # dominates; the issue's GPU targets name both lengths.
-    long_answers = batch_bench.measure(ctx.pair, n_images=p.batch_images, max_tokens=4 * p.batch_tokens,
-                                       parallel=p.parallel, repeats=ctx.repeat, peer=ctx.peer,
-                                       peer_python=ctx.peer_py, workdir=ctx.work, load_kwargs=ctx.load_kwargs,
-                                       peer_gpu_layers=ctx.n_gpu_layers)
+    kwargs = dict(n_images=p.batch_images, parallel=p.parallel, repeats=ctx.repeat, peer=ctx.peer,
+                  peer_python=ctx.peer_py, workdir=ctx.work, load_kwargs=ctx.load_kwargs,
+                  peer_gpu_layers=ctx.n_gpu_layers, server=ctx.server_factory)
+    r = batch_bench.measure(ctx.pair, max_tokens=p.batch_tokens, **kwargs)  # type: ignore[arg-type]
+    # The same with long answers, where generation (batched by us and llama-server, one token at a time
+    # by llama-cpp-python) dominates.
+    long_answers = batch_bench.measure(ctx.pair, max_tokens=4 * p.batch_tokens, **kwargs)  # type: ignore[arg-type]
     return {"batch": entry(
         unit="images/s", better="higher", repetitions=ctx.repeat, ours=r["ours_images_per_s"],
-        peer=r["peer_images_per_s"], limit=r["limit"]["images_per_s"],
+        peer=r["peer_images_per_s"], server=r["server_images_per_s"], limit=r["limit"]["images_per_s"],
+        settings=r["settings"],
         limit_means="estimate: per image, encode + decode its image and prompt tokens + its answer at the "
                     f"per-sequence cost of a {p.parallel}-wide batched step (measured here, no overlap assumed)",
         reasons=ctx.peer_reasons(r),
         details={"what": f"caption {p.batch_images} distinct images, {p.batch_tokens}-token greedy answers; ours: "
-                         f"llava_kv.batch.run(parallel={p.parallel}), peer: a loop over Llava15ChatHandler",
-                 **{k: v for k, v in r.items() if k not in ("ours_images_per_s", "peer_images_per_s")},
+                         f"llava_kv.batch.run(parallel={p.parallel}); llama-server: --parallel {p.parallel} with "
+                         f"continuous batching, {p.parallel} concurrent requests; llama-cpp-python: a loop over "
+                         "Llava15ChatHandler",
+                 **{k: v for k, v in r.items() if k not in ("ours_images_per_s", "peer_images_per_s",
+                                                            "server_images_per_s", "settings")},
                  f"answers_{4 * p.batch_tokens}_tokens": long_answers})}
 
 
 def run_token_overhead(ctx: Context) -> dict[str, dict[str, Any]]:
     p = ctx.preset
-    r = token_overhead.measure(ctx.pair, n_tokens=p.overhead_tokens, repeats=max(ctx.repeat, 5), peer=ctx.peer,
+    repeats = max(ctx.repeat, 5)
+    r = token_overhead.measure(ctx.pair, n_tokens=p.overhead_tokens, repeats=repeats, peer=ctx.peer,
                                peer_python=ctx.peer_py, workdir=ctx.work, load_kwargs=ctx.load_kwargs,
-                               peer_gpu_layers=ctx.n_gpu_layers)
+                               peer_gpu_layers=ctx.n_gpu_layers, server=ctx.server_factory)
     per = r["per_token_s"]
     reasons = ctx.peer_reasons(r)
     # The limit: generation with no facade Python per token. The C++ loop of llava_kv.batch is that by
     # construction; a bare loop over the native step adds only one binding call per token (~1 us). The
-    # cheaper of the two is the best measured estimate of the native cost per token.
+    # cheaper of the two is the best measured estimate of the native cost per token. Every repetition of
+    # both is in details (a median hides nothing here: all are listed).
     candidates = {k: per[k] for k in ("cpp_loop", "native_step") if per.get(k) is not None}
     source = min(candidates, key=lambda k: candidates[k]) if candidates else None
     if source is None:
         reasons["limit"] = "neither the C++ loop nor the native step generated tokens"
     ours, limit = _ms(per["stream"]), _ms(per[source]) if source else None
     return {"token_overhead": entry(
-        unit="ms per token", repetitions=max(ctx.repeat, 5), ours=ours, peer=_ms(r["peer_per_token_s"]),
-        limit=limit, limit_means="no Python per token: the cheaper of the C++ generate loop of llava_kv.batch "
-                                 "(parallel=1) and a bare loop over the native generation step",
+        unit="ms per token", repetitions=repeats, ours=ours, peer=_ms(r["peer_per_token_s"]),
+        server=_ms(r.get("server_per_token_s")), limit=limit, settings=r["settings"],
+        limit_means="no Python per token: the cheaper of the C++ generate loop of llava_kv.batch "
+                    "(parallel=1) and a bare loop over the native generation step",
         reasons=reasons, digits=5,
+        notes={"server": "llama-server's token loop is all C++; ours runs one Python iteration per token "
+                         "(UTF-8 and stop strings): the gap is that Python"},
         extra_ratios={"python_overhead_ms_per_token":
                       None if limit is None or ours is None else round(ours - limit, 5)},
         details={"what": f"{p.overhead_tokens}-token greedy answer to one image prompt; ours: "
-                         "session.generate(stream=True) consumed piece by piece; peer: streaming chat completion",
+                         "session.generate(stream=True) consumed piece by piece; llama-cpp-python and "
+                         "llama-server: streaming chat completion (time between the first and the last chunk)",
                  "limit_source": source, "ms_per_token": {k: _ms(v) for k, v in per.items()},
+                 "all_ms_per_token": {k: [round(x * 1000, 4) for x in v] for k, v in r["all_per_token_s"].items()},
+                 "peer_all_ms_per_token": [round(x * 1000, 4) for x in r.get("peer_all_per_token_s") or []],
+                 "server_all_ms_per_token": [round(x * 1000, 4) for x in r.get("server_all_per_token_s") or []],
+                 "cpp_loop_vs_native_step": r.get("cpp_loop_vs_native_step"),
                  "tokens_generated": r["tokens_generated"], "peer_tokens_generated": r.get("peer_tokens_generated"),
                  "notes": r["reasons"]})}
 
@@ -224,34 +387,55 @@ def run_load_close(ctx: Context) -> dict[str, dict[str, Any]]:
     r = load_close.measure(ctx.pair, cycles=cycles, peer=ctx.peer, peer_python=ctx.peer_py, workdir=ctx.work,
                            n_gpu_layers=ctx.n_gpu_layers)
     peer = r.get("peer") or {}
-    return {"load_close": entry(
+    reasons = ctx.peer_reasons(r)
+    reasons["server"] = reasons.get("server") or ("not applicable: llama-server is a process, its memory goes "
+                                                  "back when it exits")
+    e = entry(
         unit=f"MiB RSS drift (cycle {load_close.SETTLE} to {cycles})", repetitions=1,
         ours=r["ours"]["rss_drift_mib"], peer=peer.get("rss_drift_mib"), limit=0,
-        limit_means="0: every load/close cycle gives back everything it took", reasons=ctx.peer_reasons(r),
+        settings={"ours": r["ours"].get("settings"), "peer": peer.get("settings")},
+        limit_means="0: every load/close cycle gives back everything it took", reasons=reasons,
         digits=3,
+        # Drifts of a few hundred KiB are at the noise of the allocator: no ratio of two of them is shown
+        # (ours_minus_limit is the absolute MiB), and details give each side's noise.
         details={"what": f"{cycles} cycles of load model + projector, one image prompt, close; RSS after "
                          "malloc_trim(0) after each close, each runtime in a fresh process",
+                 "noise_mib": {"ours": r["ours"].get("rss_noise_mib"), "peer": peer.get("rss_noise_mib")},
+                 "noise_means": "the band (max - min) RSS moves in after cycle "
+                                f"{load_close.SETTLE}: a drift inside it is not a leak",
                  "gpu_drift_mib": {"ours": r["ours"]["gpu_drift_mib"], "peer": peer.get("gpu_drift_mib")},
-                 "ours": r["ours"], "peer": peer or None})}
+                 "ours": r["ours"], "peer": peer or None})
+    e["ratios"]["peer_vs_ours"] = None
+    e["ratios"]["no_peer_ratio"] = "two drifts at allocator noise have no meaningful ratio: compare the absolute MiB"
+    return {"load_close": e}
 
 
 def run_build_time(ctx: Context) -> dict[str, dict[str, Any]]:
     enabled = ctx.args.build_time if ctx.args.build_time is not None else ctx.preset.build_time
     limit_means = "building only the llama.cpp libraries we link (llama, ggml, mtmd), which every binding builds"
+    server_build = (ctx.server_info or {}).get("build_seconds")
+    server_details = {"llama_server_build_s": server_build,
+                      "llama_server_build": "only the llama-server target, CPU, GGML_NATIVE=OFF, ccache off, "
+                                            f"{(ctx.server_info or {}).get('jobs')} jobs (benchmarks/server_peer.py)"}
     if not enabled:
-        return {"build_time": skipped(unit="s", limit_means=limit_means,
+        return {"build_time": skipped(unit="s", limit_means=limit_means, details=server_details,
                                       reason="skipped in this run (three native builds; use --build-time)")}
     r = build_time.measure(gpu=ctx.gpu, peer=ctx.peer)
     sec = r["seconds"]
+    reasons = ctx.peer_reasons(r)
+    if server_build is None:
+        reasons.setdefault("server", "llama-server was not built in this run's cache")
     return {"build_time": entry(
-        unit="s", repetitions=1, ours=sec["ours"], peer=sec.get("peer"), limit=sec["limit"], limit_means=limit_means,
-        reasons=ctx.peer_reasons(r), digits=1,
-        details={"what": "wheel from a clean build folder, ccache off, pip wheel --no-build-isolation", **r})}
+        unit="s", repetitions=1, ours=sec["ours"], peer=sec.get("peer"), server=server_build, limit=sec["limit"],
+        limit_means=limit_means, reasons=reasons, digits=1,
+        details={"what": "wheel from a clean build folder, ccache off, pip wheel --no-build-isolation; llama-server: "
+                         "its one target from a clean build folder", **r, **server_details})}
 
 
 RUNNERS: list[tuple[tuple[str, ...], Callable[[Context], dict[str, dict[str, Any]]]]] = [
-    (("multi_turn",), run_multi_turn),
-    (("replace_last_image", "replace_middle_image", "readd_image"), run_edits),
+    (("control", "multi_turn"), run_multi_turn),
+    (("replace_first_image", "replace_middle_image", "replace_last_image", "readd_image", "new_conversation"),
+     run_edits),
     (("batch",), run_batch),
     (("token_overhead",), run_token_overhead),
     (("load_close",), run_load_close),
@@ -271,8 +455,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"comma-separated subset of {','.join(SCENARIOS)} (the others are recorded as skipped)")
     parser.add_argument("--cycles", type=int, default=None, help="load/close cycles (default: 100)")
     parser.add_argument("--no-peer", action="store_true", help="leave llama-cpp-python out (its figures are null)")
+    parser.add_argument("--omp-wait-policy", default="passive", choices=["passive", "active", "unset"],
+                        help="OMP_WAIT_POLICY of every side (read by benchmarks/__main__.py before llama.cpp loads; "
+                             "default passive: on a shared machine a spinning OpenMP barrier loses its core to "
+                             "other processes and stalls; 'unset' leaves libgomp's default)")
+    parser.add_argument("--no-server", action="store_true", help="leave llama-server out (its figures are null)")
     parser.add_argument("--no-peer-build", action="store_true",
-                        help="use the peer venv only if it is already built; never compile it")
+                        help="use the peer venv and llama-server only if already built; never compile them")
     parser.add_argument("--build-time", dest="build_time", action="store_true", default=None,
                         help="measure wheel build times (three native builds; on by default for realistic)")
     parser.add_argument("--no-build-time", dest="build_time", action="store_false")
@@ -286,6 +475,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"unknown scenarios {unknown}; choose from {', '.join(SCENARIOS)}")
         args.scenarios = wanted
     return args
+
+
+def _carry_build_time(results: dict[str, Any], previous: Path) -> None:
+    """A run without --build-time keeps the build times of the published run it replaces (they need
+    three native builds), marked with that run's date, and adds this run's llama-server build time."""
+    try:
+        old = json.loads(previous.read_text())["scenarios"]["build_time"]
+        when = json.loads(previous.read_text())["timestamp"]
+    except (OSError, KeyError, ValueError):
+        return
+    if old.get("ours") is None:
+        return
+    new = results["scenarios"]["build_time"]
+    server_s = new["details"].get("llama_server_build_s")
+    carried = dict(old)
+    carried["server"] = server_s
+    carried["ratios"] = dict(old.get("ratios") or {})
+    carried["ratios"]["server_vs_ours"] = round(server_s / old["ours"], 3) if server_s else None
+    carried["reasons"] = {k: v for k, v in (old.get("reasons") or {}).items() if k != "server"}
+    if server_s is None:
+        carried["reasons"]["server"] = "llama-server was not built in this run's cache"
+    carried["settings"] = old.get("settings") or {}
+    carried["notes"] = {"server": "llama-server's figure builds one target of a newer llama.cpp, not a wheel"}
+    carried["details"] = {**old.get("details", {}), **new["details"],
+                          "carried_from": f"the published run of {when} (this run did not build: no --build-time)"}
+    results["scenarios"]["build_time"] = carried
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -311,8 +526,14 @@ def main(argv: list[str] | None = None) -> int:
             for k in keys:
                 scenarios[k] = skipped(unit="", reason="skipped: not in --scenarios", limit_means="")
             continue
+        if not any(k in preset.scenarios for k in keys):
+            for k in keys:
+                scenarios[k] = skipped(unit="", limit_means="",
+                                       reason=f"skipped: not part of the {args.preset} preset ({preset.purpose})")
+            continue
         t0 = time.perf_counter()
-        print(f"benchmarks: {', '.join(keys)}...", file=sys.stderr)
+        load_before = round(os.getloadavg()[0], 2)  # other jobs on the machine, for the reader
+        print(f"benchmarks: {', '.join(keys)}... (load average {load_before})", file=sys.stderr)
         try:
             scenarios.update(runner(ctx))
         except Exception as e:  # one failed scenario must not lose the others; the entry says what happened
@@ -322,6 +543,7 @@ def main(argv: list[str] | None = None) -> int:
                 scenarios[k] = skipped(unit="", reason=f"error: {type(e).__name__}: {e}"[:500], limit_means="")
         for k in keys:
             scenarios[k]["seconds_to_run"] = round(time.perf_counter() - t0, 1)
+            scenarios[k]["load_average"] = {"before": load_before, "after": round(os.getloadavg()[0], 2)}
     shutil.rmtree(ctx.work, ignore_errors=True)
 
     info = lk.build_info()
@@ -344,9 +566,16 @@ def main(argv: list[str] | None = None) -> int:
         "llama_cpp_commit": info["llama_cpp_commit"],
         "peer_version": PEER if ctx.peer else None,
         "peer": ctx.peer_info if ctx.peer else {"reason": ctx.peer_reason},
+        "server_version": server_peer.SERVER if ctx.server_bin else None,
+        "server": ctx.server_info if ctx.server_bin else {"reason": ctx.server_reason},
+        "settings": {"flash_attn": "on", "threads": threads(), "n_batch": 512, "n_ubatch": 512,
+                     "kv_type": settings.KV_TYPE, "omp_wait_policy": settings.omp_wait_policy(),
+                     "same_on_every_side": True, "recorded_per_scenario": "scenarios.*.settings"},
         "seconds": round(time.perf_counter() - started, 1),
         "scenarios": {k: scenarios[k] for k in SCENARIOS},
     }
+    if args.readme and results["scenarios"]["build_time"]["ours"] is None:
+        _carry_build_time(results, RESULTS / f"{args.preset}-{results['device']}" / "results.json")
     results["plots"] = report.plot_all(results, out)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     print(report.table(results), file=sys.stderr)

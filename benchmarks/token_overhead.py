@@ -11,7 +11,9 @@ On one prompt (text, an image, text), greedy, medians over --repeats, each from 
 - ``cpp_loop``: ``llava_kv.batch.run`` with one image and ``parallel=1``: the C++ batch runner's own
   generate loop (its ``generate_ms`` / tokens), no Python per token.
   The limit (in the suite) is the cheaper of ``cpp_loop`` and ``native_step``.
-- peer: llama-cpp-python's chat completion on the same prompt, (t(n tokens) - t(1 token)) / (n - 1).
+  Its ``generate_ms`` runs from the first sampled token to the last, so it is divided by tokens - 1.
+- peer (llama-cpp-python) and server (llama-server, driven with the openai client): a streaming chat
+  completion on the same prompt, (time of the last chunk - time of the first) / (chunks - 1).
 """
 from __future__ import annotations
 
@@ -31,15 +33,43 @@ from llava_kv.testing import TestModel, make_test_model, random_image
 if __package__ in (None, ""):  # run as a script: make the benchmarks package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.peer import CHAT_TEMPLATE, SYSTEM_MESSAGE, PeerError, run_peer  # noqa: E402
-from benchmarks.scenario import emit  # noqa: E402
+from benchmarks import settings  # noqa: E402
+from benchmarks.scenario import emit, in_fresh_process  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 PROMPT = "Describe this picture in detail."
 
 
+def cpp_loop(model: lk.Model, png: Path | str, n_tokens: int, repeats: int) -> dict[str, Any]:
+    """Seconds per token of the batch runner's C++ loop (parallel=1), each repetition."""
+    from llava_kv import batch
+
+    batch.run(model, [str(png)], PROMPT, max_tokens=4, parallel=1, progress=False, n_ctx=2048,
+              chat_template=CHAT_TEMPLATE, system=SYSTEM_MESSAGE)  # warm-up
+    per, tokens = [], 0
+    for _ in range(repeats):
+        r = batch.run(model, [str(png)], PROMPT, max_tokens=n_tokens, parallel=1, progress=False,
+                      n_ctx=2048, chat_template=CHAT_TEMPLATE, system=SYSTEM_MESSAGE)[0]
+        if not r.ok:
+            raise RuntimeError(f"batch.run failed: {r.error}")
+        if r.tokens > 1:
+            per.append(r.timings["generate_ms"] / 1000 / (r.tokens - 1))
+            tokens = r.tokens
+    return {"per_token_s": per, "tokens": tokens}
+
+
+def cpp_loop_fresh(*, preset: str, seed: int, png: str, n_tokens: int, repeats: int,
+                   load_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """:func:`cpp_loop` in a process whose main thread never decoded (JSON in, JSON out)."""
+    pair = make_test_model(preset=preset, seed=seed)
+    with lk.Model.load(pair.model_path, pair.mmproj_path, **load_kwargs) as model:
+        return cpp_loop(model, png, n_tokens, repeats)
+
+
 def measure(pair: TestModel, *, n_tokens: int = 64, repeats: int = 5, peer: bool = True,
             peer_python: Path | None = None, workdir: Path | None = None,
-            load_kwargs: dict[str, Any] | None = None, peer_gpu_layers: int = 0) -> dict[str, Any]:
+            load_kwargs: dict[str, Any] | None = None, peer_gpu_layers: int = 0,
+            server: Any = None) -> dict[str, Any]:
     folder = workdir or Path(tempfile.mkdtemp())
     folder.mkdir(parents=True, exist_ok=True)
     png = folder / "token_overhead.png"
@@ -49,13 +79,15 @@ def measure(pair: TestModel, *, n_tokens: int = 64, repeats: int = 5, peer: bool
         {"role": "system", "content": SYSTEM_MESSAGE},
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(png)}},
                                      {"type": "text", "text": PROMPT}]}]
-    per_token: dict[str, list[float]] = {"stream": [], "text": [], "native_step": [], "cpp_loop": []}
+    per_token: dict[str, list[float]] = {"stream": [], "text": [], "native_step": [], "cpp_loop": [],
+                                         "cpp_loop_same_process": []}
     tokens: dict[str, int] = {}
     reasons: dict[str, str] = {}
     with lk.Model.load(pair.model_path, pair.mmproj_path, **(load_kwargs or {})) as model, \
             model.chat_session(n_ctx=2048) as s:
         s.chat(messages, max_tokens=0, chat_template=CHAT_TEMPLATE)  # the peer's prompt, decoded once
         base = len(s.timeline)
+        used = {"ours": settings.ours(model, s)}
 
         def timed(key: str, fn: Callable[[], None]) -> None:
             before = s.stats["tokens_generated"]
@@ -86,24 +118,25 @@ def measure(pair: TestModel, *, n_tokens: int = 64, repeats: int = 5, peer: bool
             timed("stream", stream)
             timed("text", lambda: s.generate(n_tokens))
             timed("native_step", native_step)
-        try:
-            from llava_kv import batch
-        except ImportError as e:
-            reasons["cpp_loop"] = f"llava_kv.batch not available ({e})"
-        else:
-            for _ in range(repeats):
-                r = batch.run(model, [str(png)], PROMPT, max_tokens=n_tokens, parallel=1, progress=False,
-                              chat_template=CHAT_TEMPLATE, system=SYSTEM_MESSAGE)[0]
-                if not r.ok:
-                    raise RuntimeError(f"batch.run failed: {r.error}")
-                if r.tokens:
-                    per_token["cpp_loop"].append(r.timings["generate_ms"] / 1000 / r.tokens)
-                    tokens["cpp_loop"] = r.tokens
+        # The runner's context sized like the session's (n_ctx 2048, n_batch = n_ubatch = 512), so the
+        # two loops differ only in who drives them. generate_ms runs from the first sampled token to the
+        # last: tokens - 1 decode steps.
+        # Here, in the process whose main thread has just decoded (sessions), and in a fresh process
+        # (the limit): see scenario.in_fresh_process for why the two differ.
+        per_token["cpp_loop_same_process"] = cpp_loop(model, png, n_tokens, repeats)["per_token_s"]
+        fresh = in_fresh_process("token_overhead", "cpp_loop_fresh", dict(
+            preset=pair.preset.name, seed=pair.seed, png=str(png), n_tokens=n_tokens, repeats=repeats,
+            load_kwargs=load_kwargs or {}))
+        per_token["cpp_loop"], tokens["cpp_loop"] = fresh["per_token_s"], fresh["tokens"]
+        used["ours_cpp_loop"] = settings.ours(model, None, n_ctx=2048, n_batch=512, n_ubatch=512)
     result: dict[str, Any] = {
         "n_tokens": n_tokens, "repeats": repeats, "tokens_generated": tokens,
         "per_token_s": {k: statistics.median(v) if v else None for k, v in per_token.items()},
-        "all_per_token_s": per_token, "reasons": reasons, "peer_per_token_s": None,
+        "all_per_token_s": per_token, "reasons": reasons, "peer_per_token_s": None, "settings": used,
     }
+    if per_token["cpp_loop"] and per_token["native_step"]:
+        result["cpp_loop_vs_native_step"] = round(statistics.median(per_token["cpp_loop"]) /
+                                                  statistics.median(per_token["native_step"]), 3)
     if peer:
         try:
             out = run_peer(str(HERE / "peer_token_overhead.py"),
@@ -111,8 +144,21 @@ def measure(pair: TestModel, *, n_tokens: int = 64, repeats: int = 5, peer: bool
                             str(repeats), str(peer_gpu_layers)], python=peer_python)
             result.update(peer_per_token_s=out["per_token_s"], peer_all_per_token_s=out["all_per_token_s"],
                           peer_tokens_generated=out["tokens"])
+            used["peer"] = out["settings"]
         except PeerError as e:
             result["peer_error"] = str(e)
+    if server is not None:
+        from benchmarks import server_bench
+
+        try:
+            with server(parallel=1, n_ctx=2048) as srv:
+                out = server_bench.token_overhead(srv, png, system=SYSTEM_MESSAGE, prompt=PROMPT, n_tokens=n_tokens,
+                                                  repeats=repeats)
+                used["server"] = srv.settings_used()
+            result.update(server_per_token_s=out["per_token_s"], server_all_per_token_s=out["all_per_token_s"],
+                          server_tokens_generated=out["tokens"], server_own_timings=out["own_timings"])
+        except Exception as e:  # ServerError, OSError or an openai.APIError: the reason goes in the JSON
+            result["server_error"] = f"{type(e).__name__}: {e}"
     return result
 
 

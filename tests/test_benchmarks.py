@@ -1,10 +1,12 @@
 """The benchmark suite's CI smoke run: ``python -m benchmarks --preset tiny`` must produce valid JSON
 with every scenario and the plots. A smoke test, not a timing gate: no figure is compared to a
-target here, only counters that are exact by construction (re-adding a seen image encodes nothing).
+target here, only counters that are exact by construction (re-adding a seen image encodes nothing)
+and the settings every side records.
 
-The peer (llama-cpp-python in its own venv) takes minutes to compile, so the run uses it when its
-venv is already built (``--no-peer-build``) and otherwise records the peer figures as null with the
-reason, and this test says so with a warning. ``LLAVA_KV_BENCH_BUILD_PEER=1`` builds the venv.
+The peers take minutes to compile (llama-cpp-python's venv about 10 minutes on 2 cores, llama-server
+about 9.5 minutes: 570 s measured), so the run uses them when they are already built
+(``--no-peer-build``) and otherwise records their figures as null with the reason, and this test says
+so with a warning. ``LLAVA_KV_BENCH_BUILD_PEER=1`` builds both (once per machine: they are cached).
 """
 from __future__ import annotations
 
@@ -21,8 +23,11 @@ import pytest
 import llava_kv as lk
 
 ROOT = Path(__file__).resolve().parent.parent
-SCENARIOS = ["multi_turn", "replace_last_image", "replace_middle_image", "readd_image", "batch", "token_overhead",
-             "load_close", "build_time"]
+SCENARIOS = ["control", "multi_turn", "replace_first_image", "replace_middle_image", "replace_last_image",
+             "readd_image", "new_conversation", "batch", "token_overhead", "load_close", "build_time"]
+# the scenarios run against llama-server (the others say why not, in reasons["server"])
+SERVER_SCENARIOS = ["control", "multi_turn", "replace_first_image", "replace_last_image", "new_conversation", "batch",
+                    "token_overhead"]
 PLOTS = ["multi_turn.png", "edits.png", "batch.png", "token_overhead.png", "load_close.png"]
 
 
@@ -50,7 +55,7 @@ def test_smoke_run_writes_every_scenario(smoke_run: Path) -> None:
         assert isinstance(e["unit"], str) and e["unit"], name
         assert e["better"] in ("lower", "higher"), name
         assert isinstance(e["repetitions"], int), name
-        for figure in ("ours", "peer", "limit"):
+        for figure in ("ours", "peer", "server", "limit"):
             value = e[figure]
             assert value is None or isinstance(value, Number), (name, figure, value)
             if value is None:
@@ -65,6 +70,32 @@ def test_smoke_run_writes_every_scenario(smoke_run: Path) -> None:
         warnings.warn(f"benchmark smoke run without the peer: {results['peer']['reason']}", stacklevel=1)
     else:
         assert all(results["scenarios"][k]["peer"] is not None for k in SCENARIOS if k != "build_time")
+    if results["server_version"] is None:
+        reason = results["server"]["reason"]
+        assert reason, "llama-server left out without a reason"
+        warnings.warn(f"benchmark smoke run without llama-server: {reason}", stacklevel=1)
+        assert all(reason in results["scenarios"][k]["reasons"]["server"] for k in SERVER_SCENARIOS)
+    else:
+        assert results["server"]["sdist_sha256"] and results["server"]["build_seconds"] > 0
+        assert all(results["scenarios"][k]["server"] is not None for k in SERVER_SCENARIOS)
+
+
+@pytest.mark.slow
+def test_smoke_run_records_the_same_settings_on_every_side(smoke_run: Path) -> None:
+    results = json.loads((smoke_run / "results.json").read_text())
+    assert results["settings"]["flash_attn"] == "on" and results["settings"]["omp_wait_policy"] == "passive"
+    for name in ("control", "multi_turn", "replace_first_image", "batch", "token_overhead"):
+        used = results["scenarios"][name]["settings"]
+        assert used["ours"]["flash_attn"] == "on", name
+        for side in ("peer", "server"):
+            if used.get(side):
+                for key in ("flash_attn", "n_threads", "n_batch", "n_ubatch", "kv_type", "omp_wait_policy"):
+                    assert used[side][key] == used["ours"][key], (name, side, key)
+    control = results["scenarios"]["control"]
+    assert control["limit"] is None and control["reasons"]["limit"]
+    for side in ("peer", "server"):
+        if control[side] is not None:
+            assert control["details"]["verdict"][side]["says"]
 
 
 @pytest.mark.slow
@@ -75,6 +106,16 @@ def test_smoke_run_counts_that_are_exact(smoke_run: Path) -> None:
     assert sc["multi_turn"]["details"]["images_encoded"][1:] == [0] * (len(sc["multi_turn"]["details"]["ours_s"]) - 1)
     assert sc["replace_last_image"]["details"]["max_abs_logit_diff_vs_fresh"] < 1e-3
     assert sc["load_close"]["details"]["ours"]["native_objects_after"]["models"] == 0
+    assert sc["load_close"]["ratios"]["peer_vs_ours"] is None  # no ratio of two noise-level drifts
+    assert sc["new_conversation"]["ours"] == 0 and sc["new_conversation"]["limit"] == 0
+    assert sc["replace_first_image"]["details"]["max_abs_logit_diff_vs_fresh_by_edit"]["first"] < 1e-3
+    assert sc["replace_first_image"]["details"]["images_encoded"]["ours"] == 1
+    if sc["multi_turn"]["server"] is not None:  # llama-server encodes the image once, then reuses its cache
+        assert sc["multi_turn"]["details"]["server_images_encoded"][1:] == [0] * (
+            len(sc["multi_turn"]["details"]["ours_s"]) - 1)
+        assert sc["new_conversation"]["server"] == 1  # its prompt cache is keyed by the token prefix
+    td = sc["token_overhead"]["details"]
+    assert len(td["all_ms_per_token"]["cpp_loop"]) == len(td["all_ms_per_token"]["native_step"]) >= 5
 
 
 @pytest.mark.slow
@@ -97,12 +138,13 @@ def test_readme_block_is_regenerated_in_place(tmp_path: Path) -> None:
     results_dir = tmp_path / "benchmarks" / "results"
     run = results_dir / "tiny-cpu"
     run.mkdir(parents=True)
-    entry = {"unit": "ms", "better": "lower", "repetitions": 3, "ours": 1.0, "peer": None, "limit": 0.5,
-             "limit_means": "x", "ratios": {"ours_vs_limit": 2.0, "peer_vs_ours": None},
-             "reasons": {"peer": "skipped: --no-peer"}, "details": {}}
+    entry = {"unit": "ms", "better": "lower", "repetitions": 3, "ours": 1.0, "peer": None, "server": 0.5,
+             "limit": 0.5, "limit_means": "x",
+             "ratios": {"ours_vs_limit": 2.0, "peer_vs_ours": None, "server_vs_ours": 0.5},
+             "reasons": {"peer": "skipped: --no-peer"}, "notes": {"server": "it is newer"}, "details": {}}
     (run / "results.json").write_text(json.dumps({
         "preset": "tiny", "device": "cpu", "timestamp": "2025-01-01T00:00:00+00:00", "llama_cpp_commit": "0c1e5709",
-        "peer_version": None, "plots": ["edits.png"],
+        "peer_version": None, "server_version": "llama-server (b1)", "plots": ["edits.png"],
         "model": {"preset": "tiny-llava", "description": "d", "dtype": "f32"},
         "machine": {"cpu": "cpu", "cores": 2, "ram_gib": 4, "gpu": None},
         "scenarios": {"replace_last_image": entry}}))
@@ -111,5 +153,6 @@ def test_readme_block_is_regenerated_in_place(tmp_path: Path) -> None:
     report.update_readme(readme, results_dir, tmp_path)
     assert readme.read_text() == once
     assert "old" not in once and once.startswith("# x\n\nbefore") and once.endswith("after\n")
-    assert "| replace the last image (~2k tokens) | ms | 1 | 0.5 | n/a (skipped: --no-peer) | 2.00x | n/a |" in once
+    assert ("| replace the last image, never seen | ms | 1 | 0.5 | n/a (skipped: --no-peer) | 0.5 | 2.00x | n/a | "
+            "0.50x | **llama-server wins** (0.50x): it is newer |") in once
     assert "![edits](benchmarks/results/tiny-cpu/edits.png)" in once
