@@ -93,7 +93,7 @@ void register_batch(py::module_ & m) {
             },
             py::arg("id"), py::arg("pixels"), py::arg("digest"), py::arg("source"), py::arg("error") = "",
             py::arg("load_ms") = 0.0)
-        .def("finish", &BatchRunner::finish, py::call_guard<ReleasedGil>())
+        .def("finish", &BatchRunner::finish, py::call_guard<ReleasedGil>(), "No more jobs will be submitted.")
         .def("next",
              [](BatchRunner & runner) -> py::object {
                  BatchResult r;

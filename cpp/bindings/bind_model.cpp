@@ -40,16 +40,17 @@ void register_model(py::module_ & m) {
             py::arg("model_path"), py::arg("mmproj_path") = "", py::kw_only(), py::arg("n_gpu_layers") = 0,
             py::arg("mmproj_use_gpu") = true, py::arg("n_threads") = 0, py::arg("verbose") = false,
             py::arg("embed_cache_bytes") = size_t(1) << 30, py::arg("flash_attn") = "auto")
-        .def("close", &Model::close, py::call_guard<ReleasedGil>())
-        .def_property_readonly("closed", &Model::closed)
-        .def_property_readonly("path", &Model::path)
-        .def_property_readonly("mmproj_path", &Model::mmproj_path)
-        .def_property_readonly("n_embd", &Model::n_embd)
-        .def_property_readonly("n_vocab", &Model::n_vocab)
-        .def_property_readonly("n_ctx_train", &Model::n_ctx_train)
-        .def_property_readonly("has_vision", &Model::has_vision)
-        .def_property_readonly("has_audio", &Model::has_audio)
-        .def_property_readonly("audio_sample_rate", &Model::audio_sample_rate)
+        .def("close", &Model::close, py::call_guard<ReleasedGil>(),
+             "Close every session and batch runner of the model, then free the projector and the weights.")
+        .def_property_readonly("closed", &Model::closed, "close() has run")
+        .def_property_readonly("path", &Model::path, "the text model GGUF")
+        .def_property_readonly("mmproj_path", &Model::mmproj_path, "the projector GGUF ('' without one)")
+        .def_property_readonly("n_embd", &Model::n_embd, "the text model's width")
+        .def_property_readonly("n_vocab", &Model::n_vocab, "tokens in the vocabulary")
+        .def_property_readonly("n_ctx_train", &Model::n_ctx_train, "the context length the model was trained for")
+        .def_property_readonly("has_vision", &Model::has_vision, "the projector has a vision encoder")
+        .def_property_readonly("has_audio", &Model::has_audio, "the projector has an audio encoder")
+        .def_property_readonly("audio_sample_rate", &Model::audio_sample_rate, "Hz audio samples must have (-1 without audio)")
         .def(
             "decode_audio",
             [](Model & model, const py::bytes & data) {
@@ -65,9 +66,9 @@ void register_model(py::module_ & m) {
                 return out;
             },
             py::arg("data"), "Mono float32 samples at the projector's rate from wav/mp3/flac bytes.")
-        .def_property_readonly("uses_mrope", &Model::uses_mrope)
-        .def_property_readonly("n_threads", &Model::n_threads)
-        .def_property_readonly("description", &Model::description)
+        .def_property_readonly("uses_mrope", &Model::uses_mrope, "media positions are M-RoPE (fewer positions than KV cells)")
+        .def_property_readonly("n_threads", &Model::n_threads, "CPU threads of the model's contexts")
+        .def_property_readonly("description", &Model::description, "llama.cpp's one-line description of the text model")
         .def_property_readonly("flash_attn", [](const Model & model) {
             switch (model.params().flash_attn) {
                 case LLAMA_FLASH_ATTN_TYPE_ENABLED: return "on";
@@ -126,7 +127,8 @@ void register_model(py::module_ & m) {
                                py::cpp_function(&Model::chat_template, py::call_guard<ReleasedGil>()))
         .def("apply_chat_template", &Model::apply_chat_template, py::arg("messages"), py::arg("add_assistant") = true,
              py::arg("template_override") = "", py::call_guard<ReleasedGil>())
-        .def("clear_cache", [](Model & model) { model.embedding_cache().clear(); });
+        .def("clear_cache", [](Model & model) { model.embedding_cache().clear(); },
+             "Drop every embedding of the shared cache (timelines keep theirs).");
 }
 
 }  // namespace llava_kv::bindings

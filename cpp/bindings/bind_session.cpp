@@ -143,8 +143,9 @@ void register_session(py::module_ & m) {
         .def(py::init<std::vector<std::string>>(), py::arg("stops"))
         .def("feed", &StopStrings::feed, py::arg("piece"),
              "Appends bytes; True once the text holds a stop string (it then ends before it).")
-        .def_property_readonly("text", [](const StopStrings & s) { return py::bytes(s.text()); })
-        .def_property_readonly("stopped", &StopStrings::stopped)
+        .def_property_readonly("text", [](const StopStrings & s) { return py::bytes(s.text()); },
+                               "the text so far, cut before a stop string once one is found")
+        .def_property_readonly("stopped", &StopStrings::stopped, "a stop string was found")
         .def_property_readonly("safe_size", &StopStrings::safe_size,
                                "bytes of text that no later piece can turn into a stop string");
 
@@ -167,11 +168,12 @@ void register_session(py::module_ & m) {
         .def_readonly("generated", &ChunkInfo::generated, "tokens the model sampled, not text given to it");
 
     py::class_<Session, std::shared_ptr<Session>>(m, "Session")
-        .def("close", &Session::close, py::call_guard<ReleasedGil>())
-        .def_property_readonly("closed", &Session::closed)
+        .def("close", &Session::close, py::call_guard<ReleasedGil>(),
+             "Free the context; a call in flight stops at its next decode step (ClosedError).")
+        .def_property_readonly("closed", &Session::closed, "close() has run")
         .def_property_readonly("closing", &Session::closing,
                                "close() has begun: a call in flight stops at its next decode step")
-        .def_property_readonly("id", &Session::id)
+        .def_property_readonly("id", &Session::id, "process-unique id (memory reports name sessions by it)")
         .def(
             "splice",
             [](Session & s, size_t begin, size_t end, const py::list & items) {
@@ -189,9 +191,10 @@ void register_session(py::module_ & m) {
                 interruptible(s, [&] { s.remove_chunks(chunk_ids); });
             },
             py::arg("chunk_ids"))
-        .def("index_of", &Session::index_of, py::arg("chunk_id"), py::call_guard<ReleasedGil>())
-        .def("clear", &Session::clear, py::call_guard<ReleasedGil>())
-        .def("cancel", &Session::cancel)
+        .def("index_of", &Session::index_of, py::arg("chunk_id"), py::call_guard<ReleasedGil>(),
+             "Position of the chunk in the timeline; KeyError if it is gone.")
+        .def("clear", &Session::clear, py::call_guard<ReleasedGil>(), "Empty the timeline and the KV cache.")
+        .def("cancel", &Session::cancel, "Stop the call in flight (CancelledError, nothing changes); safe from any thread.")
         .def("timeline",
              [](const Session & s) {
                  std::vector<ChunkInfo> timeline;
@@ -214,9 +217,11 @@ void register_session(py::module_ & m) {
              })
         .def_property_readonly("n_past", py::cpp_function(&Session::n_past, py::call_guard<ReleasedGil>()))
         .def_property_readonly("n_cells", py::cpp_function(&Session::n_cells, py::call_guard<ReleasedGil>()))
-        .def_property_readonly("n_ctx", &Session::n_ctx)
-        .def_property_readonly("n_batch", [](const Session & s) { return s.params().n_batch; })
-        .def_property_readonly("n_ubatch", [](const Session & s) { return s.params().n_ubatch; })
+        .def_property_readonly("n_ctx", &Session::n_ctx, "KV cells edits are checked against (as asked for)")
+        .def_property_readonly("n_batch", [](const Session & s) { return s.params().n_batch; },
+                               "tokens per decode call (as the context really takes them)")
+        .def_property_readonly("n_ubatch", [](const Session & s) { return s.params().n_ubatch; },
+                               "tokens per micro-batch")
         .def_property_readonly("seed", [](const Session & s) { return s.params().seed; },
                                "the seed the session was opened with (model.session(seed=...))")
         .def("tokenize", &Session::tokenize, py::arg("text"), py::arg("add_special") = false,
