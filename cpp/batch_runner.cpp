@@ -502,7 +502,7 @@ void BatchRunner::decode_step(std::vector<Slot> & slots) {
         }
         const float * logits = llama_get_logits_ith(ctx_.get(), slot.batch_index);
         if (logits == nullptr || !all_finite(logits, static_cast<size_t>(model_->n_vocab()))) {
-            fail_slot(slot, "the model produced non-finite logits (NaN or inf): its weights or hyperparameters are broken");
+            fail_slot(slot, kNonFiniteLogits);
             continue;
         }
         const llama_token token = llama_sampler_sample(slot.sampler.get(), ctx_.get(), slot.batch_index);

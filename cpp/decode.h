@@ -44,6 +44,8 @@ void release_decode_pause();
 // Statuses of our own beside llama_process's (0 ok, 1 no KV slot, 2 aborted, < 0 errors).
 constexpr int32_t kDecodeThrew = -100;      // a C++ exception escaped a decode
 constexpr int32_t kDecodeNonFinite = -101;  // the logits hold NaN or inf
+constexpr const char * kNonFiniteLogits =
+    "the model produced non-finite logits (NaN or inf): its weights or hyperparameters are broken";
 
 // Whether all `n` values are finite (a model with broken weights or hyperparameters gives NaN).
 bool all_finite(const float * values, size_t n);

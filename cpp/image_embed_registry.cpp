@@ -72,8 +72,7 @@ std::string ImageEmbedRegistry::failure(int32_t status) const {
         case 2: return "cancelled";
         case -1: return "invalid batch";
         case kDecodeThrew: return "an internal error (" + exception_what_ + ")";
-        case kDecodeNonFinite:
-            return "the model produced non-finite logits (NaN or inf): its weights or hyperparameters are broken";
+        case kDecodeNonFinite: return kNonFiniteLogits;
         default: return "llama_decode failed with status " + std::to_string(status);
     }
 }

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Sequence, Ty
 import numpy as np
 
 from . import _core
-from .arguments import check_sampling
+from .arguments import check_int, check_sampling
 from .native import NativeObject
 from .chat import ChatReply, plan_edit, render_conversation
 from .errors import CancelledError, ContextFullError, LlavaKVError
@@ -375,8 +375,8 @@ class Session(NativeObject):
                 raise LlavaKVError(f"{name!r} declares n_ctx={n_ctx}, more than this model's training context "
                                    f"({model.n_ctx_train}) and more than the {needed} cells its timeline takes; "
                                    f"pass n_ctx= to choose the size")
-        elif not isinstance(n_ctx, int) or isinstance(n_ctx, bool) or not 1 <= n_ctx < 2**31:
-            raise ValueError(f"n_ctx must be an int in [1, 2**31), got {n_ctx!r}")
+        else:
+            n_ctx = check_int("n_ctx", n_ctx)
         if n_ctx < needed:
             raise ContextFullError(f"{name!r} needs {needed} KV cells but n_ctx={n_ctx}; pass n_ctx >= {needed}",
                                    needed=needed, available=n_ctx)
