@@ -22,6 +22,11 @@ TITLES = {
     "token_overhead": "per-token generation cost",
     "load_close": "load/close cycles, memory drift",
     "build_time": "build from scratch",
+    "serve_multi_turn": "server: multi-turn chat over HTTP (turns 2..N)",
+    "serve_replace_first_image": "server: replace the first image, never seen",
+    "serve_new_conversation": "server: a seen image in a new conversation",
+    "serve_concurrency": "server: 16 conversations into 4 slots",
+    "serve_http_overhead": "server: HTTP cost over the in-process call",
 }
 PEERS = (("peer", "llama-cpp-python"), ("server", "llama-server"))
 OURS, LIMIT, PEER, SERVER, OTHER = "#1f77b4", "#2ca02c", "#d62728", "#9467bd", "#7f7f7f"

@@ -25,7 +25,7 @@ import llava_kv as lk
 from llava_kv.testing import PRESETS, TestModel, make_test_model
 
 from benchmarks import batch_bench, build_time, edit_bench, load_close, machine, multi_turn_bench, report, \
-    server_bench, server_peer, settings, token_overhead
+    serve_bench, server_bench, server_peer, settings, token_overhead
 from benchmarks.peer import PEER, SYSTEM_MESSAGE, PeerError, peer_build_info, peer_python, threads
 from benchmarks.scenario import entry, skipped
 
@@ -33,7 +33,10 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
 SCENARIOS = ("control", "multi_turn", "replace_first_image", "replace_middle_image", "replace_last_image",
-             "readd_image", "new_conversation", "batch", "token_overhead", "load_close", "build_time")
+             "readd_image", "new_conversation", "batch", "token_overhead", "load_close", "build_time",
+             "serve_multi_turn", "serve_replace_first_image", "serve_new_conversation", "serve_concurrency",
+             "serve_http_overhead")
+SERVE_SCENARIOS = SCENARIOS[-5:]
 # The control row: identical work on every side must agree within this factor, or the suite says which
 # setting differs.
 CONTROL_TOLERANCE = 1.10
@@ -73,7 +76,7 @@ SUITE_PRESETS = {
                                       purpose="Qwen2.5-VL-3B widths (M-RoPE), fewer layers: chat and edits",
                                       scenarios=("control", "multi_turn", "replace_first_image",
                                                  "replace_middle_image", "replace_last_image", "readd_image",
-                                                 "new_conversation")),
+                                                 "new_conversation", *SERVE_SCENARIOS[:3])),
 }
 
 
@@ -432,6 +435,114 @@ def run_build_time(ctx: Context) -> dict[str, dict[str, Any]]:
                          "its one target from a clean build folder", **r, **server_details})}
 
 
+def run_serve(ctx: Context) -> dict[str, dict[str, Any]]:
+    """The chat workloads over HTTP: ``llava-kv serve`` vs llama-server (serve_bench.py)."""
+    p = ctx.preset
+    pngs = edit_bench.never_seen_pngs(ctx.pair, ctx.work / "serve")
+    spec = edit_bench.write_peer_spec(ctx.pair, filler=0, repeats=ctx.repeat, folder=ctx.work / "serve-edit",
+                                      n_ctx=4096)
+    workloads: dict[str, Callable[[Any], Any]] = {
+        "multi_turn": lambda srv: server_bench.multi_turn(srv, pngs(), system=SYSTEM_MESSAGE, turns=p.turns,
+                                                          max_tokens=p.answer_tokens, repeats=ctx.repeat),
+        "edits": lambda srv: server_bench.edits(srv, spec, pngs, critic_system=edit_bench.critic_system,
+                                                critic_text=edit_bench.CRITIC_TEXT, repeats=ctx.repeat),
+    }
+    wanted = [k for k in SERVE_SCENARIOS if k in p.scenarios]
+    concurrent_pngs = [pngs() for _ in range(serve_bench.CONCURRENT_CONVERSATIONS)]
+    sides: dict[str, dict[str, Any]] = {"ours": {}, "server": {}}
+    for side in ("ours", "server"):
+        if side == "server" and ctx.server_bin is None:
+            continue
+        for name, n_slots in (("single", 1), ("pool", serve_bench.SLOTS)):
+            if name == "pool" and not any(k in wanted for k in ("serve_concurrency", "serve_http_overhead")):
+                continue
+            try:
+                if side == "ours":
+                    srv = serve_bench.OursServer(ctx.pair.model_path, ctx.pair.mmproj_path, threads=threads(),
+                                                 parallel=n_slots, n_ctx=4096)
+                else:
+                    srv = ctx.server(parallel=n_slots, n_ctx=4096, cache_ram_mib=0)
+                with srv:
+                    out = sides[side]
+                    out.setdefault("settings", srv.settings_used())
+                    if name == "single":
+                        out["multi_turn"] = workloads["multi_turn"](srv)
+                        out["edits"] = workloads["edits"](srv)
+                    else:
+                        out["concurrency"] = serve_bench.concurrency(srv, concurrent_pngs, system=SYSTEM_MESSAGE,
+                                                                     max_tokens=p.answer_tokens)
+                        if side == "ours" and "serve_http_overhead" in wanted:
+                            with lk.Model.load(ctx.pair.model_path, ctx.pair.mmproj_path, **ctx.load_kwargs) as m:
+                                out["http_overhead"] = serve_bench.http_overhead(srv, m, pngs(), system=SYSTEM_MESSAGE,
+                                                                                 repeats=ctx.repeat)
+            except Exception as e:  # one side failing must not lose the other; the reason goes in the JSON
+                sides[side][f"{name}_error"] = f"{type(e).__name__}: {e}"
+                if side == "ours":
+                    raise
+    ours, server = sides["ours"], sides["server"]
+    reasons = {"peer": "llama-cpp-python's server is not in the peer venv (it needs its [server] extra: fastapi, "
+                       "sse-starlette, pydantic-settings, none of which the peer build installs)"}
+    if ctx.server_reason:
+        reasons["server"] = ctx.server_reason
+    elif any(k.endswith("_error") for k in server):
+        reasons["server"] = "llama-server run failed: " + "; ".join(v for k, v in server.items() if k.endswith("_error"))[:300]
+    used = {"ours": ours.get("settings"), "server": server.get("settings")}
+
+    def med(side: dict[str, Any], *path: str) -> float | None:
+        x: Any = side
+        for key in path:
+            x = (x or {}).get(key)
+        return statistics.median(x) if x else None
+
+    def later_turns(side: dict[str, Any]) -> float | None:
+        runs = (side.get("multi_turn") or {}).get("runs")
+        return statistics.median(statistics.median(r[1:]) for r in runs) if runs else None
+
+    out: dict[str, dict[str, Any]] = {}
+    out["serve_multi_turn"] = entry(
+        unit="s per turn", repetitions=ctx.repeat, ours=later_turns(ours), peer=None, server=later_turns(server),
+        limit=None, settings=used, reasons={**reasons, "limit": "no in-process floor here: see multi_turn"}, digits=4,
+        details={"what": f"one-image chat over HTTP, turns 2..{p.turns}, {p.answer_tokens}-token greedy answers",
+                 "ours": ours.get("multi_turn"), "server": server.get("multi_turn")})
+    edits_ours, edits_server = ours.get("edits") or {}, server.get("edits") or {}
+    out["serve_replace_first_image"] = entry(
+        unit="ms", repetitions=ctx.repeat, ours=_ms(med(edits_ours, "replace_first_image")), peer=None,
+        server=_ms(med(edits_server, "replace_first_image")), limit=None, settings=used,
+        reasons={**reasons, "limit": "see replace_first_image for the in-process floor"}, digits=3,
+        details={"what": "the 3-image conversation with its first image replaced by a never-seen one, over HTTP "
+                         "(max_tokens=1)", "encodes": {"ours": (edits_ours.get("encodes") or {}).get("replace_first_image"),
+                                                       "server": (edits_server.get("encodes") or {}).get("replace_first_image")},
+                 "ours_calls": edits_ours.get("calls"), "server_calls": edits_server.get("calls")})
+    out["serve_new_conversation"] = entry(
+        unit="image encodes", repetitions=ctx.repeat, ours=_fewest(edits_ours, "new_conversation"), peer=None,
+        server=_fewest(edits_server, "new_conversation"), limit=0, settings=used, reasons=reasons, digits=0,
+        limit_means="0: the image's embedding was computed before",
+        details={"what": "an image seen before in a brand-new conversation (other system message), over HTTP",
+                 "ms": {"ours": _ms(med(edits_ours, "new_conversation")),
+                        "server": _ms(med(edits_server, "new_conversation"))}})
+    conc_ours, conc_server = ours.get("concurrency") or {}, server.get("concurrency") or {}
+    out["serve_concurrency"] = entry(
+        unit="requests/s", better="higher", repetitions=1, ours=conc_ours.get("requests_per_s"), peer=None,
+        server=conc_server.get("requests_per_s"), limit=None, settings=used,
+        reasons={**reasons, "limit": "none: a throughput figure"}, digits=4,
+        details={"what": f"{serve_bench.CONCURRENT_CONVERSATIONS} one-image conversations x "
+                         f"{serve_bench.CONCURRENT_TURNS} turns from as many client threads into "
+                         f"{serve_bench.SLOTS} slots, {p.answer_tokens}-token answers",
+                 "p50_s": {"ours": conc_ours.get("p50_s"), "server": conc_server.get("p50_s")},
+                 "p95_s": {"ours": conc_ours.get("p95_s"), "server": conc_server.get("p95_s")},
+                 "ours": conc_ours, "server": conc_server})
+    ho = ours.get("http_overhead") or {}
+    out["serve_http_overhead"] = entry(
+        unit="ms per request", repetitions=ctx.repeat * 5, ours=ho.get("overhead_ms"), peer=None, server=None,
+        limit=5.0, settings=used, limit_means="the issue's target: under 5 ms over the in-process call",
+        reasons={**reasons, "server": "not applicable: llama-server has no in-process call to compare with"},
+        digits=3, details={"what": "a one-token request on a conversation already in its slot: HTTP minus "
+                                   "Session.chat in-process (same messages, image as a data: URI on both)", **ho})
+    return {k: v for k, v in out.items() if k in wanted} | {
+        k: skipped(unit="", reason="skipped: not in this preset's scenarios", limit_means="")
+        for k in SERVE_SCENARIOS if k not in wanted}
+
+
 RUNNERS: list[tuple[tuple[str, ...], Callable[[Context], dict[str, dict[str, Any]]]]] = [
     (("control", "multi_turn"), run_multi_turn),
     (("replace_first_image", "replace_middle_image", "replace_last_image", "readd_image", "new_conversation"),
@@ -440,6 +551,7 @@ RUNNERS: list[tuple[tuple[str, ...], Callable[[Context], dict[str, dict[str, Any
     (("token_overhead",), run_token_overhead),
     (("load_close",), run_load_close),
     (("build_time",), run_build_time),
+    (SERVE_SCENARIOS, run_serve),
 ]
 
 
@@ -475,6 +587,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"unknown scenarios {unknown}; choose from {', '.join(SCENARIOS)}")
         args.scenarios = wanted
     return args
+
+
+def _carry_unrun(results: dict[str, Any], previous: Path, ran: list[str]) -> None:
+    """A ``--scenarios`` run with ``--readme`` keeps the published entries of the scenarios it did not
+    run, each marked with the run it comes from, so the published table stays whole."""
+    try:
+        old = json.loads(previous.read_text())
+    except (OSError, ValueError):
+        return
+    for key, e in (old.get("scenarios") or {}).items():
+        if key in ran or key not in results["scenarios"] or key == "build_time":
+            continue
+        carried = dict(e)
+        carried["details"] = {**(e.get("details") or {}), "carried_from": f"the published run of {old.get('timestamp')} "
+                              f"(this run: --scenarios {','.join(ran)})"}
+        results["scenarios"][key] = carried
 
 
 def _carry_build_time(results: dict[str, Any], previous: Path) -> None:
@@ -574,6 +702,8 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.perf_counter() - started, 1),
         "scenarios": {k: scenarios[k] for k in SCENARIOS},
     }
+    if args.readme and args.scenarios:
+        _carry_unrun(results, RESULTS / f"{args.preset}-{results['device']}" / "results.json", args.scenarios)
     if args.readme and results["scenarios"]["build_time"]["ours"] is None:
         _carry_build_time(results, RESULTS / f"{args.preset}-{results['device']}" / "results.json")
     results["plots"] = report.plot_all(results, out)

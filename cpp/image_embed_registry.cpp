@@ -52,10 +52,11 @@ bool last_text_token(const Chunk & chunk, llama_token bos, llama_token & out) {
 
 }  // namespace
 
-ImageEmbedRegistry::ImageEmbedRegistry(llama_context * ctx, mtmd_context * projector, const llama_vocab * vocab,
-                                       int32_t n_ctx, int32_t n_batch, int32_t n_ubatch, CancelState & cancel,
+ImageEmbedRegistry::ImageEmbedRegistry(llama_context * ctx, llama_seq_id seq, mtmd_context * projector,
+                                       const llama_vocab * vocab, int32_t n_ctx, int32_t n_batch, int32_t n_ubatch, CancelState & cancel,
                                        RegistryCounters & counters)
     : ctx_(ctx),
+      seq_(seq),
       projector_(projector),
       vocab_(vocab),
       n_batch_(n_batch),
@@ -295,10 +296,10 @@ void ImageEmbedRegistry::remove_shift(size_t index) {
     next.insert(next.end(), timeline_.begin() + index + 1, timeline_.end());
     layout(next, add_bos_, index);
 
-    if (!llama_memory_seq_rm(mem, 0, p0, p1)) {
+    if (!llama_memory_seq_rm(mem, seq_, p0, p1)) {
         throw Error("mode='shift' is not available: this model's KV memory refused to remove a span; use mode='exact'");
     }
-    llama_memory_seq_add(mem, 0, p1, -1, -(p1 - p0));
+    llama_memory_seq_add(mem, seq_, p1, -1, -(p1 - p0));
     counters_.kv_cells_removed += static_cast<uint64_t>(gone.n_cells);
     counters_.shift_edits += 1;
 
@@ -311,7 +312,7 @@ void ImageEmbedRegistry::remove_shift(size_t index) {
     has_logits_ = false;
     if (last_text_token(last, bos_, token)) {
         const llama_pos pos = last.pos1 - 1;
-        if (!llama_memory_seq_rm(mem, 0, pos, -1)) {
+        if (!llama_memory_seq_rm(mem, seq_, pos, -1)) {
             status = -1;
         } else {
             counters_.kv_cells_removed += 1;
@@ -332,7 +333,7 @@ void ImageEmbedRegistry::remove_shift(size_t index) {
     timeline_ = std::move(next);
 }
 
-void ImageEmbedRegistry::append_generated(llama_token token, const std::string & piece) {
+llama_pos ImageEmbedRegistry::next_generated_pos() const {
     if (timeline_.empty()) {
         throw Error("nothing to continue: the session is empty");
     }
@@ -342,7 +343,11 @@ void ImageEmbedRegistry::append_generated(llama_token token, const std::string &
                                "generation needs " + std::to_string(needed) + " KV cells but the context holds " +
                                    std::to_string(n_ctx_) + "; open the session with a larger n_ctx");
     }
-    const llama_pos pos = n_past();
+    return n_past();
+}
+
+void ImageEmbedRegistry::append_generated(llama_token token, const std::string & piece) {
+    const llama_pos pos = next_generated_pos();
     const std::vector<float> old_logits = logits_;
     int32_t status = 0;
     try {
@@ -362,6 +367,20 @@ void ImageEmbedRegistry::append_generated(llama_token token, const std::string &
         }
         throw Error("decoding failed: " + failure(status) + "; the session is as it was before the call");
     }
+    push_generated(token, piece);
+}
+
+void ImageEmbedRegistry::accept_generated(llama_token token, const std::string & piece, const float * logits) {
+    const size_t n_vocab = static_cast<size_t>(llama_vocab_n_tokens(vocab_));
+    logits_.assign(logits, logits + n_vocab);
+    has_logits_ = true;
+    counters_.decode_calls += 1;
+    counters_.tokens_decoded += 1;
+    counters_.text_tokens_decoded += 1;
+    push_generated(token, piece);
+}
+
+void ImageEmbedRegistry::push_generated(llama_token token, const std::string & piece) {
     if (!timeline_.back().generated) {
         Chunk c;
         c.id = next_id_++;
@@ -417,11 +436,17 @@ void ImageEmbedRegistry::clear() {
 }
 
 bool ImageEmbedRegistry::remove_kv_from(llama_pos pos0) {
-    return llama_memory_seq_rm(llama_get_memory(ctx_), 0, pos0, -1);
+    return llama_memory_seq_rm(llama_get_memory(ctx_), seq_, pos0, -1);
 }
 
 void ImageEmbedRegistry::reset_kv() {
-    llama_memory_clear(llama_get_memory(ctx_), true);
+    // A context of its own is emptied whole, so the next decode lays its cells out as a fresh run's;
+    // a sequence of a shared context removes just its own cells.
+    if (llama_n_seq_max(ctx_) == 1) {
+        llama_memory_clear(llama_get_memory(ctx_), true);
+    } else {
+        llama_memory_seq_rm(llama_get_memory(ctx_), seq_, -1, -1);
+    }
 }
 
 int32_t ImageEmbedRegistry::decode_from(const std::vector<Chunk> & timeline, size_t from) {
@@ -447,7 +472,7 @@ int32_t ImageEmbedRegistry::decode_text(const llama_token * tokens, size_t n, ll
         return status;
     }
     DecodeCounts counts;
-    const int32_t status = llava_kv::decode_text(ctx_, tokens, n, pos, 0, n_batch_, logits_last, counts);
+    const int32_t status = llava_kv::decode_text(ctx_, tokens, n, pos, seq_, n_batch_, logits_last, counts);
     return record(counts, status);
 }
 
@@ -509,7 +534,7 @@ int32_t ImageEmbedRegistry::decode_chunk(const Chunk & chunk, bool logits_last) 
     }
     DecodeCounts counts;
     const int32_t status =
-        record(counts, decode_image(projector_, ctx_, *chunk.image, pos, 0, n_batch_, logits_last, counts));
+        record(counts, decode_image(projector_, ctx_, *chunk.image, pos, seq_, n_batch_, logits_last, counts));
     if (status != 0) {
         return status;
     }

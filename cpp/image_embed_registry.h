@@ -62,8 +62,11 @@ class ImageEmbedRegistry {
     // `n_ctx` is the capacity edits are checked against (what the user asked for, not llama.cpp's
     // padded size); `n_batch`/`n_ubatch` are the context's own. `cancel` is the owner's: a rollback
     // holds off cancel() while it restores, and after close() the state is dropped, not restored.
-    ImageEmbedRegistry(llama_context * ctx, mtmd_context * projector, const llama_vocab * vocab, int32_t n_ctx,
-                       int32_t n_batch, int32_t n_ubatch, CancelState & cancel, RegistryCounters & counters);
+    // `seq` is the sequence of `ctx` this timeline owns (0 for a context of its own; a slot's in a
+    // shared one): every decode and removal touches that sequence only.
+    ImageEmbedRegistry(llama_context * ctx, llama_seq_id seq, mtmd_context * projector, const llama_vocab * vocab,
+                       int32_t n_ctx, int32_t n_batch, int32_t n_ubatch, CancelState & cancel,
+                       RegistryCounters & counters);
 
     const std::vector<Chunk> & timeline() const { return timeline_; }
     llama_pos n_past() const { return timeline_.empty() ? 0 : timeline_.back().pos1; }
@@ -89,6 +92,14 @@ class ImageEmbedRegistry {
     // Decodes one sampled token after the timeline and records it in the trailing generated chunk
     // (a new one if the last chunk is not generated). On failure nothing has changed.
     void append_generated(llama_token token, const std::string & piece);
+
+    // For a batched step that decodes the next token of several sequences in one call (SessionPool):
+    // where this sequence's next token goes (throws if there is no room or nothing to continue), and
+    // recording a token the step decoded there with its logits. The step removes the cells of
+    // every sequence again if the decode fails, so nothing is recorded then.
+    llama_pos next_generated_pos() const;
+    void accept_generated(llama_token token, const std::string & piece, const float * logits);
+    llama_seq_id seq() const { return seq_; }
 
     // The timeline, ids and logits (not the KV cache), and putting them back after the KV cache
     // was restored to match. restore() checks sizes and embedding widths against this context.
@@ -124,7 +135,10 @@ class ImageEmbedRegistry {
     bool remove_kv_from(llama_pos pos0);
     void reset_kv();
 
+    void push_generated(llama_token token, const std::string & piece);
+
     llama_context * ctx_;
+    llama_seq_id seq_;
     mtmd_context * projector_;
     const llama_vocab * vocab_;
     int32_t n_batch_;

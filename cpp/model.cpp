@@ -173,12 +173,23 @@ void Model::track_runner(const std::shared_ptr<BatchRunner> & runner) {
 std::shared_ptr<Session> Model::open_session(const SessionParams & params) {
     auto lock = hold();
     auto session = std::make_shared<Session>(shared_from_this(), params);
+    track_sessions({session});
+    return session;
+}
+
+std::vector<std::shared_ptr<Session>> Model::open_pool(const SessionParams & params, int32_t n_slots) {
+    auto lock = hold();
+    auto slots = open_session_pool(shared_from_this(), params, n_slots);
+    track_sessions(slots);
+    return slots;
+}
+
+void Model::track_sessions(const std::vector<std::shared_ptr<Session>> & sessions) {
     std::lock_guard<std::mutex> guard(sessions_mutex_);
     sessions_.erase(std::remove_if(sessions_.begin(), sessions_.end(),
                                    [](const std::weak_ptr<Session> & w) { return w.expired(); }),
                     sessions_.end());
-    sessions_.push_back(session);
-    return session;
+    sessions_.insert(sessions_.end(), sessions.begin(), sessions.end());
 }
 
 std::vector<std::shared_ptr<Session>> Model::live_sessions() const {

@@ -70,6 +70,8 @@ class Model : public std::enable_shared_from_this<Model> {
     std::shared_lock<std::shared_mutex> try_hold() const;
 
     std::shared_ptr<Session> open_session(const SessionParams & params);
+    // `n_slots` sessions sharing one context, a sequence each (see open_session_pool in session.h).
+    std::vector<std::shared_ptr<Session>> open_pool(const SessionParams & params, int32_t n_slots);
     std::vector<std::shared_ptr<Session>> live_sessions() const;
     // A batch runner to stop and free when the model closes.
     void track_runner(const std::shared_ptr<BatchRunner> & runner);
@@ -138,6 +140,8 @@ class Model : public std::enable_shared_from_this<Model> {
     bool uses_mrope_ = false;
     std::string description_;
     std::vector<MemoryEntry> projector_memory_;
+
+    void track_sessions(const std::vector<std::shared_ptr<Session>> & sessions);
 
     mutable std::mutex sessions_mutex_;
     std::vector<std::weak_ptr<Session>> sessions_;

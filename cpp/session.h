@@ -60,11 +60,39 @@ struct SessionStats {
     RegistryCounters registry;
     EncodeCounters encode;
     uint64_t tokens_generated = 0;
+    uint64_t batched_steps = 0;  // generated tokens decoded in a step shared with other slots (SessionPool)
 };
+
+// The llama_context sessions decode into: a session's own (one sequence), or one shared by the slots
+// of a pool, a sequence and a KV stream of its own each (kv_unified off, so a slot's cells are laid
+// out as in a context of its own and its prefill gives the same logits). One call at a time runs on
+// it; the abort callback stops it when a session the call works for is cancelled or closing.
+struct SharedContext {
+    llama_context_ptr ctx;
+    std::mutex mutex;
+    int32_t n_seq = 1;
+    std::vector<bool> open;  // slots not yet closed (under mutex)
+    // The cancel states of the call in flight, set under mutex by the caller (Active below). A
+    // batched step is stopped only by closing: one slot's cancel() must not fail the others' step.
+    std::vector<const CancelState *> active;
+    bool step = false;
+
+    static bool abort_requested(void * self);
+};
+
+class Session;
+
+// Opens `n_slots` sessions sharing one context (sequence i in slot i), each holding up to
+// `params.n_ctx` cells of its own. The context is freed when the last slot is closed, or with the model.
+std::vector<std::shared_ptr<Session>> open_session_pool(const std::shared_ptr<Model> & model,
+                                                        const SessionParams & params, int32_t n_slots);
 
 class Session {
   public:
     Session(std::shared_ptr<Model> model, const SessionParams & params);
+    // Slot `seq` of a shared context (open_session_pool()).
+    Session(std::shared_ptr<Model> model, const SessionParams & params, std::shared_ptr<SharedContext> shared,
+            llama_seq_id seq);
     ~Session();
     Session(const Session &) = delete;
     Session & operator=(const Session &) = delete;
@@ -106,6 +134,17 @@ class Session {
     std::string flush_generation();
     std::string detokenize(const std::vector<llama_token> & tokens) const;
 
+    // One generation step for several slots of one pool in ONE batched decode: each samples from its
+    // own logits with its own sampler (begin_generation() first), and every token that does not end
+    // generation is decoded in a single call, one sequence each. All or nothing: if the decode fails,
+    // every session is as before the call. A session that ends generation gets end_of_generation.
+    static std::vector<GenerationStep> step_together(const std::vector<std::shared_ptr<Session>> & sessions);
+
+    // The slot this session is in (0 for a session with a context of its own) and how many slots
+    // share its context (1 for its own).
+    llama_seq_id slot() const { return seq_; }
+    int32_t n_slots() const { return shared_->n_seq; }
+
     // The whole state as bytes (timeline, embeddings, logits, KV cache), and putting it into this
     // session, which must be empty. On failure the session stays empty.
     std::string save_state() const;
@@ -123,14 +162,20 @@ class Session {
 
   private:
     std::vector<llama_token> tokenize_locked(const std::string & text) const;
-    void free_native();
+    // Frees the sampler and timeline; a slot removes its cells from the shared context, which is
+    // freed with the last slot or when `drop_context` (the model is closing).
+    void free_native(bool drop_context);
+    void open_context();
+    llama_context * ctx() const { return shared_->ctx.get(); }
+    // Samples the next token from the current logits (nothing is decoded yet).
+    GenerationStep sample_locked();
+    // Records a sampled token that was decoded into this session's sequence.
+    void accept_locked(GenerationStep & step, const float * logits);
     void check_open() const;
     // Runs one state-changing call: holds the model, locks the session, checks it is open, clears
     // an earlier cancel, and puts the counters back if `edit` throws (the registry restores the rest).
     template <typename Edit>
     auto run_edit(Edit && edit) -> decltype(edit());
-
-    static bool abort_requested(void * self);
 
     LiveObject live_{LiveKind::Session};
     std::shared_ptr<Model> model_;
@@ -138,9 +183,8 @@ class Session {
     uint64_t id_;
     std::atomic<bool> closed_{false};
     CancelState cancel_;
-    mutable std::mutex mutex_;
-
-    llama_context_ptr ctx_;
+    std::shared_ptr<SharedContext> shared_;
+    llama_seq_id seq_ = 0;
     llama_sampler_ptr sampler_;
     std::string pending_utf8_;
     SessionStats stats_;

@@ -91,6 +91,23 @@ void register_model(py::module_ & m) {
             },
             py::kw_only(), py::arg("n_ctx") = 4096, py::arg("n_batch") = 512, py::arg("n_ubatch") = 0,
             py::arg("seed") = 0, py::arg("n_threads") = 0)
+        .def(
+            "session_pool",
+            [](Model & model, int32_t n_slots, int32_t n_ctx, int32_t n_batch, int32_t n_ubatch, uint32_t seed,
+               int32_t n_threads) {
+                SessionParams params;
+                params.n_ctx = n_ctx;
+                params.n_batch = n_batch;
+                params.n_ubatch = n_ubatch;
+                params.seed = seed;
+                params.n_threads = n_threads;
+                ReleasedGil release;
+                return model.open_pool(params, n_slots);
+            },
+            py::arg("n_slots"), py::kw_only(), py::arg("n_ctx") = 4096, py::arg("n_batch") = 512,
+            py::arg("n_ubatch") = 0, py::arg("seed") = 0, py::arg("n_threads") = 0,
+            "n_slots sessions sharing one context, a sequence and n_ctx KV cells each; their generation steps "
+            "can run together in one batched decode (step_sessions).")
         .def("n_open_sessions", [](const Model & model) { return model.live_sessions().size(); },
              py::call_guard<ReleasedGil>())
         .def(

@@ -132,6 +132,23 @@ void register_session(py::module_ & m) {
         "_seal_state",
         [](const py::bytes & blob) { return py::bytes(reseal_state(std::string(blob))); }, py::arg("blob"),
         "Test hook: recomputes a state blob's size and checksum after a test changed it on purpose.");
+    m.def(
+        "step_sessions",
+        [](const std::vector<std::shared_ptr<Session>> & sessions) {
+            std::vector<GenerationStep> steps;
+            {
+                ReleasedGil release;
+                steps = Session::step_together(sessions);
+            }
+            py::list out;
+            for (const auto & step : steps) {
+                out.append(py::make_tuple(step.token, py::bytes(step.text), step.end_of_generation));
+            }
+            return out;
+        },
+        py::arg("sessions"),
+        "One generation step for slots of one pool in one batched decode: a (token, text bytes, "
+        "end_of_generation) tuple per session, in order. All or nothing on failure.");
     m.def("_wait_decode_paused", &wait_decode_paused, py::arg("timeout_s"), py::call_guard<ReleasedGil>(),
           "Test hook: waits until a decode armed with 'pause' is paused; False on timeout.");
     m.def("_release_decode_pause", &release_decode_pause, py::call_guard<ReleasedGil>(),
@@ -222,6 +239,8 @@ void register_session(py::module_ & m) {
                                "tokens per decode call (as the context really takes them)")
         .def_property_readonly("n_ubatch", [](const Session & s) { return s.params().n_ubatch; },
                                "tokens per micro-batch")
+        .def_property_readonly("slot", &Session::slot, "this session's sequence in its pool's context (0 alone)")
+        .def_property_readonly("n_slots", &Session::n_slots, "sessions sharing this session's context (1 alone)")
         .def_property_readonly("seed", [](const Session & s) { return s.params().seed; },
                                "the seed the session was opened with (model.session(seed=...))")
         .def("tokenize", &Session::tokenize, py::arg("text"), py::arg("add_special") = false,
@@ -297,6 +316,7 @@ void register_session(py::module_ & m) {
             d["decode_calls"] = st.registry.decode_calls;
             d["full_redecodes"] = st.registry.full_redecodes;
             d["shift_edits"] = st.registry.shift_edits;
+            d["batched_steps"] = st.batched_steps;
             return d;
         });
 }

@@ -207,6 +207,23 @@ class Model(NativeObject):
                                   n_threads=n_threads or 0)
         return Session(self, core)
 
+    def session_pool(self, slots: int, *, n_ctx: int = 4096, n_batch: int = 512, n_ubatch: int | None = None,
+                     seed: int = 0, n_threads: int | None = None) -> "SessionPool":
+        """``slots`` sessions sharing one context, ``n_ctx`` KV cells each: every slot is a full
+        :class:`Session`, and their generation steps can run as one batched decode
+        (:class:`llava_kv.pool.SessionPool`). Slot ``i`` is seeded ``seed + i``."""
+        from .pool import SessionPool
+
+        check_int("slots", slots, 1, 256)
+        check_int("n_ctx", n_ctx)
+        check_int("n_batch", n_batch, slots)
+        check_int("n_ubatch", n_ubatch, allow_none=True)
+        check_int("seed", seed, 0, UINT32_MAX - slots)
+        check_int("n_threads", n_threads, allow_none=True)
+        cores = self._core.session_pool(slots, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch or 0, seed=seed,
+                                        n_threads=n_threads or 0)
+        return SessionPool(self, cores)
+
     def chat_session(self, *, n_ctx: int = 4096, n_batch: int = 512, seed: int = 0,
                      n_threads: int | None = None) -> Session:
         """A session for :meth:`Session.chat` (the same object: chat keeps its conversation in the timeline)."""

@@ -43,6 +43,7 @@ class SessionStats(TypedDict):
     decode_calls: int
     full_redecodes: int  # edits where the memory refused a partial removal
     shift_edits: int
+    batched_steps: int  # generated tokens decoded in a step shared with other slots (session pools)
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,42 @@ def _core_item(x: Any) -> Any:
     if isinstance(x, str):
         return x
     return (x.samples if isinstance(x, LoadedAudio) else x.pixels, x.digest, x.source)
+
+
+class TextStream:
+    """The text of one generation as it grows: raw bytes in, whole characters out, cut at the first
+    stop string (native, the batch runner's logic); text that may be the start of a stop string
+    is held back until it is known not to be."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._matcher = _core.StopStrings(list(stops))
+        self._sent = 0
+
+    def stopped_by(self, raw: bytes) -> bool:
+        """Add a token's bytes; True if the text now holds a stop string (generation must end)."""
+        return bool(self._matcher.feed(raw))
+
+    def take(self) -> str:
+        """The text that became final since the last call."""
+        safe = self._matcher.safe_size
+        if safe <= self._sent:
+            return ""
+        piece = self._matcher.text[self._sent:safe].decode("utf-8", errors="replace")
+        self._sent = safe
+        return piece
+
+    def finish(self, held_back: bytes = b"") -> str:
+        """The rest once generation has ended (``held_back``: the bytes of an incomplete character)."""
+        if not self._matcher.stopped and held_back:
+            self._matcher.feed(held_back)
+        rest = self._matcher.text[self._sent:]
+        self._sent = len(self._matcher.text)
+        return rest.decode("utf-8", errors="replace")
+
+    @property
+    def text(self) -> str:
+        """Everything final so far, up to (not including) a stop string."""
+        return self._matcher.text[:self._sent].decode("utf-8", errors="replace")
 
 
 class Session(NativeObject):
@@ -440,9 +477,7 @@ class Session(NativeObject):
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if any(not isinstance(x, str) or not x for x in stops):
             raise ValueError("stop strings must be non-empty str")
-        if seed is None:
-            seed = (self._core.seed * 1_000_003 + self._generations * 7919 + 17) & 0xFFFFFFFF
-        self._generations += 1
+        seed = self._seed_for_next_generation(seed)
         self._core.begin_generation(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                     repeat_penalty=repeat_penalty, seed=seed)
         self._cancel_requested = False
@@ -450,33 +485,47 @@ class Session(NativeObject):
         return pieces if stream else "".join(pieces)
 
     def _pieces(self, max_tokens: int, stops: list[str]) -> Iterator[str]:
-        # The batch runner's stop-string logic (native): it cuts at the first stop string and says
-        # how much text is final (not the start of one still to come, not inside a character).
-        matcher = _core.StopStrings(stops)
-        sent = 0
+        text = TextStream(stops)
         self.last_finish_reason = "length"
         try:
             for _ in range(max_tokens):
                 if self._cancel_requested:
                     raise CancelledError("generation was cancelled; the tokens generated so far stay in the session")
                 _, raw, end = self._core.generate_step()
-                if end:
+                if end or text.stopped_by(raw):
                     self.last_finish_reason = "stop"
                     break
-                if matcher.feed(raw):
-                    self.last_finish_reason = "stop"
-                    break
-                safe = matcher.safe_size
-                if safe > sent:
-                    yield matcher.text[sent:safe].decode("utf-8", errors="replace")
-                    sent = safe
-            if not matcher.stopped:
-                matcher.feed(self._core.flush_generation())
-            rest = matcher.text[sent:]
+                piece = text.take()
+                if piece:
+                    yield piece
+            rest = text.finish(self._core.flush_generation())
             if rest:
-                yield rest.decode("utf-8", errors="replace")
+                yield rest
         finally:
             self._core.flush_generation()
+
+    def _seed_for_next_generation(self, seed: int | None) -> int:
+        if seed is None:
+            seed = (self._core.seed * 1_000_003 + self._generations * 7919 + 17) & 0xFFFFFFFF
+        self._generations += 1
+        return seed
+
+    def _prepare_chat(self, items: Sequence[Any], template: Any) -> tuple[int, dict[str, Any]]:
+        """Bring the timeline to a rendered conversation (``render_conversation``) by one exact edit
+        from the first difference; returns the prompt's token count and what it cost (tokens reused
+        and decoded, images encoded and taken from the cache, the template)."""
+        timeline = self.timeline
+        first, rest = plan_edit(timeline, items)
+        before = self._core.stats()
+        self._splice(first, len(timeline), [_core_item(x) for x in rest])
+        reused = timeline[first].pos0 if first < len(timeline) else (timeline[-1].pos1 if timeline else 0)
+        after = self._core.stats()
+        meta = {"reused_tokens": reused,
+                "decoded_tokens": after["tokens_decoded"] - before["tokens_decoded"],
+                "images_encoded": after["images_encoded"] - before["images_encoded"],
+                "embed_cache_hits": after["embed_cache_hits"] - before["embed_cache_hits"],
+                "chat_template": template.name, "chat_template_source": template.source}
+        return self._core.n_past, meta
 
     @overload
     def chat(self, messages: Sequence[dict[str, Any]], *, max_tokens: int = 256, temperature: float = 0.0,
@@ -510,18 +559,8 @@ class Session(NativeObject):
         """
         check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
                        seed=seed, max_tokens=max_tokens)  # before the conversation is decoded
-        items, template = render_conversation(self._model, messages, chat_template=chat_template)
-        timeline = self.timeline
-        first, rest = plan_edit(timeline, items)
-        before = self._core.stats()
-        self._splice(first, len(timeline), [_core_item(x) for x in rest])
-        prompt_tokens = self._core.n_past
-        reused = timeline[first].pos0 if first < len(timeline) else (timeline[-1].pos1 if timeline else 0)
-        after = self._core.stats()
-        meta = {"reused_tokens": reused,
-                "decoded_tokens": after["tokens_decoded"] - before["tokens_decoded"],
-                "images_encoded": after["images_encoded"] - before["images_encoded"],
-                "chat_template": template.name, "chat_template_source": template.source}
+        prompt_tokens, meta = self._prepare_chat(*render_conversation(self._model, messages,
+                                                                      chat_template=chat_template))
         pieces = self.generate(max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                repeat_penalty=repeat_penalty, seed=seed, stop=stop, stream=True)
         reply = ChatReply(self._model.path, lambda: self.last_finish_reason)

@@ -1,4 +1,4 @@
-"""The ``llava-kv`` command line: run, chat, batch, info, demo, make-test-model.
+"""The ``llava-kv`` command line: run, chat, batch, serve, info, demo, make-test-model.
 
 One module per command, each with ``add_parser(subparsers)`` and the function the command runs;
 the chat loop is :mod:`.chat_repl`, and what the commands share (option groups, the model pair,
@@ -14,13 +14,13 @@ import argparse
 import sys
 from typing import Sequence
 
-from . import batch, chat, demo, info, make_test_model, run
+from . import batch, chat, demo, info, make_test_model, run, serve
 from .batch import expand_paths
 from .options import HelpFormatter, UsageError, describe, err
 
 __all__ = ["build_parser", "expand_paths", "main"]
 
-COMMANDS = (run, chat, batch, info, demo, make_test_model)
+COMMANDS = (run, chat, batch, serve, info, demo, make_test_model)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,121 @@
+"""Several conversations on one context: a pool of sessions ("slots") whose generation steps run
+together, one batched decode for all of them.
+
+Each slot is a full :class:`~llava_kv.Session` (timeline, edits, chat, save/load) with its own
+sequence and ``n_ctx`` KV cells of one shared llama_context; its KV stream is laid out as in a
+context of its own, so a slot's prefill and edits give a lone session's logits. What the pool adds
+is :meth:`SessionPool.step`: the next token of every listed slot sampled from that slot's logits and
+decoded in ONE call (continuous batching: slots join and leave between steps). A slot's saved state
+loads into any slot of a pool with the same number of slots.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+from . import _core
+from .arguments import check_int, check_sampling
+from .session import Session, TextStream
+
+if TYPE_CHECKING:
+    from .model import Model
+
+
+class SessionPool:
+    """``n_slots`` sessions sharing one context (``model.session_pool(...)``); ``close()`` frees it."""
+
+    def __init__(self, model: "Model", cores: Sequence[_core.Session]) -> None:
+        self._model = model
+        self.sessions: list[Session] = [Session(model, c) for c in cores]
+
+    def __len__(self) -> int:
+        return len(self.sessions)
+
+    def __getitem__(self, index: int) -> Session:
+        return self.sessions[index]
+
+    def __iter__(self) -> Iterator[Session]:
+        return iter(self.sessions)
+
+    def __repr__(self) -> str:
+        return f"<llava_kv.SessionPool slots={len(self.sessions)} closed={self.closed}>"
+
+    @property
+    def closed(self) -> bool:
+        return all(s.closed for s in self.sessions)
+
+    def close(self) -> None:
+        """Close every slot; the shared context is freed with the last one. Idempotent."""
+        for s in self.sessions:
+            s.close()
+
+    def __enter__(self) -> "SessionPool":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def step(self, generations: Sequence["Generation"]) -> list[str | None]:
+        """One token for each of ``generations`` (of this pool's slots, each at most once) in one
+        batched decode. Returns per generation the text that became final (possibly ""; the rest of
+        the text when it ends), or None for one that had already ended; ``Generation.done`` and
+        ``finish_reason`` say which ended. All or nothing: on failure every slot is as before."""
+        live = [g for g in generations if not g.done]
+        if not live:
+            return [None for _ in generations]
+        for g in live:
+            if g.session not in self.sessions:
+                raise ValueError("step(): a generation is on a session of another pool")
+        results = _core.step_sessions([g.session._core for g in live])
+        out_of: dict[int, str | None] = {}
+        for g, (_, raw, end) in zip(live, results):
+            out_of[id(g)] = g._advance(raw, end)
+        return [out_of.get(id(g)) for g in generations]
+
+
+class Generation:
+    """One reply being generated on a slot, step by step, by :meth:`SessionPool.step` (what
+    ``Session.generate`` does alone): sampling set up from the session's seed like ``generate``,
+    stop strings cut the text, ``max_tokens`` ends it."""
+
+    def __init__(self, session: Session, max_tokens: int = 64, *, temperature: float = 0.0, top_k: int = 40,
+                 top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0, seed: int | None = None,
+                 stop: str | Sequence[str] | None = None) -> None:
+        check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+                       seed=seed, max_tokens=max_tokens)
+        check_int("max_tokens", max_tokens, 0)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if any(not isinstance(x, str) or not x for x in stops):
+            raise ValueError("stop strings must be non-empty str")
+        self.session = session
+        self.max_tokens = max_tokens
+        self.n_tokens = 0
+        self.finish_reason: str | None = None
+        self._text = TextStream(stops)
+        session._core.begin_generation(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                       repeat_penalty=repeat_penalty,
+                                       seed=session._seed_for_next_generation(seed))
+        session._core.flush_generation()
+        if max_tokens == 0:
+            self.finish_reason = "length"
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def text(self) -> str:
+        return self._text.text
+
+    def _advance(self, raw: bytes, end: bool) -> str | None:
+        if end or self._text.stopped_by(raw):
+            return self._end("stop")
+        self.n_tokens += 1
+        piece = self._text.take()
+        if self.n_tokens >= self.max_tokens:
+            return piece + (self._end("length") or "")
+        return piece
+
+    def _end(self, reason: str) -> str:
+        self.finish_reason = reason
+        self.session.last_finish_reason = reason
+        return self._text.finish(self.session._core.flush_generation())

@@ -1,0 +1,273 @@
+"""The HTTP side: an ASGI app (Starlette) with OpenAI's chat completions API over the engine.
+
+Starlette rather than FastAPI: the API is five routes whose request bodies are checked by hand (so
+every malformed field gets an OpenAI-style error naming it, never a framework's), and Starlette is
+what FastAPI is built on, without pydantic. uvicorn serves it.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from typing import Any, AsyncIterator, Optional
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ..arguments import UINT32_MAX
+from .engine import Engine, Job
+from .media import RequestError, vet_messages
+
+MAX_BODY_BYTES = 64 * 1024 * 1024
+
+
+def error_response(e: RequestError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+def _number(body: dict[str, Any], name: str, default: Any, lo: float, hi: float, integer: bool = False) -> Any:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        raise RequestError(400, f"'{name}' must be {'an integer' if integer else 'a number'}", param=name)
+    if not lo <= value <= hi:
+        raise RequestError(400, f"'{name}' must be in [{lo}, {hi}], got {value}", param=name)
+    return value
+
+
+def parse_request(body: Any, engine: Engine) -> dict[str, Any]:
+    """The chat completion request's fields, checked; RequestError names the first bad one."""
+    if not isinstance(body, dict):
+        raise RequestError(400, "the request body must be a JSON object")
+    model = body.get("model")
+    if model is not None and model != engine.model_id:
+        raise RequestError(404, f"the model {model!r} does not exist; this server serves {engine.model_id!r}",
+                           param="model", code="model_not_found")
+    n = _number(body, "n", 1, 1, 1, integer=True)
+    del n
+    stop = body.get("stop")
+    if stop is None:
+        stops: list[str] = []
+    elif isinstance(stop, str):
+        stops = [stop]
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        stops = list(stop)
+    else:
+        raise RequestError(400, "'stop' must be a string or an array of strings", param="stop")
+    if any(not s for s in stops):
+        raise RequestError(400, "'stop' strings must not be empty", param="stop")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None:
+        max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", None, 0, 2**31 - 1, integer=True)
+    sampling = {"temperature": float(_number(body, "temperature", 1.0, 0.0, 2.0)),
+                "top_p": float(_number(body, "top_p", 1.0, 0.0, 1.0)),
+                "top_k": int(_number(body, "top_k", 40, 0, 2**31 - 1, integer=True)),
+                "min_p": float(_number(body, "min_p", 0.05, 0.0, 1.0)),
+                "repeat_penalty": float(_number(body, "repeat_penalty", 1.0, 0.0, 100.0)),
+                "seed": _number(body, "seed", None, 0, UINT32_MAX, integer=True)}
+    stream_options = body.get("stream_options") or {}
+    if not isinstance(stream_options, dict):
+        raise RequestError(400, "'stream_options' must be an object", param="stream_options")
+    return {"messages": vet_messages(body.get("messages"), engine.config.policy), "stop": stops,
+            "max_tokens": max_tokens, "sampling": sampling, "stream": bool(body.get("stream", False)),
+            "include_usage": bool(stream_options.get("include_usage", False))}
+
+
+class Api:
+    def __init__(self, engine: Engine, api_key: Optional[str], max_body_bytes: int = MAX_BODY_BYTES) -> None:
+        self.engine = engine
+        self.api_key = api_key
+        self.max_body_bytes = max_body_bytes
+
+    def _authorized(self, request: Request) -> bool:
+        if not self.api_key:
+            return True
+        given = request.headers.get("authorization", "")
+        return hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode())
+
+    def _check_auth(self, request: Request) -> None:
+        if not self._authorized(request):
+            raise RequestError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                               type="authentication_error", code="invalid_api_key")
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok", "slots": self.engine.config.slots})
+
+    async def models(self, request: Request) -> Response:
+        try:
+            self._check_auth(request)
+        except RequestError as e:
+            return error_response(e)
+        return JSONResponse({"object": "list", "data": [
+            {"id": self.engine.model_id, "object": "model", "created": self.engine.created, "owned_by": "llava-kv"}]})
+
+    async def metrics(self, request: Request) -> Response:
+        try:
+            self._check_auth(request)
+        except RequestError as e:
+            return error_response(e)
+        return PlainTextResponse(self.engine.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    async def _body(self, request: Request) -> Any:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise RequestError(413, f"the request body is {declared} bytes, more than this server's limit of "
+                                    f"{self.max_body_bytes}", code="payload_too_large")
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > self.max_body_bytes:
+                raise RequestError(413, f"the request body is more than this server's limit of {self.max_body_bytes} "
+                                        "bytes", code="payload_too_large")
+        try:
+            return json.loads(bytes(data))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise RequestError(400, f"the request body is not valid JSON: {e}") from None
+
+    async def chat_completions(self, request: Request) -> Response:
+        started = time.perf_counter()
+        status = 200
+        try:
+            self._check_auth(request)
+            req = parse_request(await self._body(request), self.engine)
+            loop = asyncio.get_running_loop()
+            # Images are decoded and the template applied off the event loop (and off the engine thread).
+            items, template = await loop.run_in_executor(None, self.engine.render, req["messages"])
+            job = Job(items, template, req["sampling"], req["max_tokens"], req["stop"], loop, asyncio.Queue())
+            self.engine.submit(job)
+        except RequestError as e:
+            status = e.status
+            self._count(status, started)
+            return error_response(e)
+        except Exception as e:  # noqa: BLE001 - rendering errors are the request's
+            from .engine import _request_error
+
+            err = _request_error(e)
+            self._count(err.status, started)
+            return error_response(err)
+        completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        if req["stream"]:
+            return StreamingResponse(self._stream(request, job, completion_id, created, req["include_usage"],
+                                                  started), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        parts: list[str] = []
+        try:
+            while True:
+                kind, payload = await self._next(request, job)
+                if kind == "delta":
+                    parts.append(payload)
+                elif kind == "error":
+                    status = payload.status
+                    return error_response(payload)
+                elif kind == "cancelled":
+                    status = 499
+                    return Response(status_code=499)
+                elif kind == "done":
+                    reason, usage = payload
+                    return JSONResponse({
+                        "id": completion_id, "object": "chat.completion", "created": created,
+                        "model": self.engine.model_id,
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
+                                     "finish_reason": reason, "logprobs": None}],
+                        "usage": usage})
+        finally:
+            self._count(status, started)
+
+    async def _next(self, request: Request, job: Job) -> tuple[str, Any]:
+        """The engine's next event for ``job``; cancels it when the client has gone (checked at
+        least every 0.2 s, also while events keep coming)."""
+        while True:
+            now = time.monotonic()
+            if now - job.checked > 0.2:
+                job.checked = now
+                if await request.is_disconnected():
+                    self.engine.cancel(job)
+                    return "cancelled", None
+            try:
+                return await asyncio.wait_for(job.queue.get(), timeout=0.2)
+            except asyncio.TimeoutError:
+                continue
+
+    async def _stream(self, request: Request, job: Job, completion_id: str, created: int, include_usage: bool,
+                      started: float) -> AsyncIterator[bytes]:
+        def chunk(delta: dict[str, Any], finish: Optional[str], usage: Any = None) -> bytes:
+            body: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                                    "model": self.engine.model_id,
+                                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
+                                                 "logprobs": None}]}
+            if include_usage:
+                body["usage"] = usage
+            return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+        status = 200
+        finished = False
+        try:
+            first = True
+            while True:
+                kind, payload = await self._next(request, job)
+                if kind == "start":
+                    continue
+                if first and kind in ("delta", "done"):
+                    first = False
+                    yield chunk({"role": "assistant", "content": ""}, None)
+                if kind == "delta":
+                    yield chunk({"content": payload}, None)
+                elif kind == "done":
+                    reason, usage = payload
+                    yield chunk({}, reason)
+                    if include_usage:
+                        yield (b"data: " + json.dumps({"id": completion_id, "object": "chat.completion.chunk",
+                                                       "created": created, "model": self.engine.model_id,
+                                                       "choices": [], "usage": usage}).encode() + b"\n\n")
+                    yield b"data: [DONE]\n\n"
+                    finished = True
+                    return
+                elif kind == "error":
+                    status = payload.status
+                    yield b"data: " + json.dumps(payload.body()).encode() + b"\n\n"
+                    finished = True
+                    return
+                elif kind == "cancelled":
+                    status = 499
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.engine.cancel(job)  # the client went away (the stream was closed under us)
+                status = 499
+            self._count(status, started)
+
+    def _count(self, status: int, started: float) -> None:
+        self.engine.metrics.inc("requests_total", code=str(status))
+        self.engine.metrics.observe_latency(time.perf_counter() - started)
+
+
+def create_app(engine: Engine, *, api_key: Optional[str] = None, max_body_bytes: int = MAX_BODY_BYTES) -> Starlette:
+    api = Api(engine, api_key, max_body_bytes)
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return error_response(RequestError(404, f"no route {request.method} {request.url.path}",
+                                           code="not_found"))
+
+    async def method_not_allowed(request: Request, exc: Exception) -> Response:
+        return error_response(RequestError(405, f"{request.method} is not allowed on {request.url.path}",
+                                           code="method_not_allowed"))
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        return error_response(RequestError(500, f"{type(exc).__name__}: {exc}", type="server_error",
+                                           code="internal_error"))
+
+    routes = [
+        Route("/health", api.health, methods=["GET"]),
+        Route("/v1/models", api.models, methods=["GET"]),
+        Route("/metrics", api.metrics, methods=["GET"]),
+        Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
+    ]
+    return Starlette(routes=routes, exception_handlers={404: not_found, 405: method_not_allowed,
+                                                         500: server_error, Exception: server_error})

@@ -1,0 +1,484 @@
+"""The server's engine: one model, a pool of slots on one context, and one thread that does all the
+native work, so requests on different slots generate together in one batched decode per step.
+
+A request is rendered (chat template, media vetted and loaded) on the event loop's side; the engine
+thread then gives it the slot whose conversation shares the longest prefix with it (text tokens and
+media digests), brings that slot to the request's conversation with one exact edit from the first
+difference (media after it come from the embedding cache), and adds it to the generation loop.
+Between two decode steps new requests join and finished ones leave (continuous batching).
+
+A conversation leaving its slot for another is saved (the slot's whole state) in host memory and,
+with ``--state-dir``, on disk; when it comes back its state is restored instead of decoded again.
+With a state dir every finished reply's conversation is written there too (a new file, then a
+rename), so a server killed mid-stream restarts with every conversation as of its last reply.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Optional, Sequence
+
+from ..chat import ChatTemplate, plan_edit, render_conversation
+from ..errors import ContextFullError, ImageError, LlavaKVError
+from ..model import Model
+from ..pool import Generation, SessionPool
+from .media import MediaPolicy, RequestError
+from .metrics import Metrics
+
+STATE_FORMAT = "llava-kv-server-conversation"
+STATE_VERSION = 1
+
+
+@dataclass
+class ServerConfig:
+    model: str
+    mmproj: Optional[str] = None
+    slots: int = 4
+    n_ctx: int = 4096  # per slot
+    n_batch: int = 512
+    n_threads: Optional[int] = None
+    n_gpu_layers: int = 0
+    flash_attn: str = "auto"
+    chat_template: Optional[str] = None
+    model_alias: Optional[str] = None
+    state_dir: Optional[str] = None
+    cache_ram_mib: int = 2048  # host memory for conversations evicted from their slots
+    queue_size: int = 64  # requests waiting for a slot; one more is answered 503
+    default_max_tokens: int = 512
+    seed: int = 0
+    policy: MediaPolicy = field(default_factory=MediaPolicy)
+
+
+# -- conversations out of their slots -----------------------------------------------------------
+
+
+def signature(timeline: Sequence[Any]) -> list[list[Any]]:
+    """What prefix matching needs of a timeline: per chunk its cells and text (or media digest)."""
+    out: list[list[Any]] = []
+    for c in timeline:
+        if c.media is not None:
+            out.append(["m", c.n_tokens, c.media.digest])
+        else:
+            out.append(["t", c.n_tokens, c.text or "", bool(c.generated)])
+    return out
+
+
+def _as_chunks(sig: Sequence[Sequence[Any]]) -> list[Any]:
+    chunks = []
+    for entry in sig:
+        if entry[0] == "m":
+            chunks.append(SimpleNamespace(n_tokens=entry[1], media=SimpleNamespace(digest=entry[2]), text=None,
+                                          generated=False))
+        else:
+            chunks.append(SimpleNamespace(n_tokens=entry[1], media=None, text=entry[2], generated=entry[3]))
+    return chunks
+
+
+def reusable_cells(chunks: Sequence[Any], items: Sequence[Any]) -> int:
+    """KV cells of ``chunks`` a conversation rendered as ``items`` keeps (its common prefix)."""
+    first, _ = plan_edit(chunks, items)
+    return sum(c.n_tokens for c in chunks[:first])
+
+
+@dataclass
+class Stored:
+    """A conversation saved out of its slot: in host memory (``blob``), on disk (``path``), or both."""
+    key: str
+    sig: list[list[Any]]
+    n_cells: int
+    blob: Optional[bytes] = None
+    path: Optional[Path] = None
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class ConversationStore:
+    """Saved slot states by conversation key: host memory up to a byte budget (least recently used
+    leave first), mirrored to ``state_dir`` when there is one. Files: ``<key>.state`` (the native
+    state) and ``<key>.json`` (what matching needs), each written to a new file and renamed, the
+    JSON last: a key whose JSON exists has a whole state file."""
+
+    def __init__(self, model: Model, slots: int, n_ctx: int, budget_bytes: int, state_dir: Optional[str]) -> None:
+        self._model = model
+        self._slots = slots
+        self._n_ctx = n_ctx
+        self._budget = budget_bytes
+        self._entries: dict[str, Stored] = {}
+        self._lock = threading.Lock()
+        self.dir = Path(state_dir) if state_dir else None
+        if self.dir is not None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._scan()
+
+    def _meta(self, sig: list[list[Any]], n_cells: int) -> dict[str, Any]:
+        return {"format": STATE_FORMAT, "version": STATE_VERSION, "model_fingerprint": self._model.fingerprint,
+                "projector_id": self._model.projector_id, "slots": self._slots, "n_ctx": self._n_ctx,
+                "n_cells": n_cells, "signature": sig}
+
+    def _scan(self) -> None:
+        assert self.dir is not None
+        want = self._meta([], 0)
+        for meta_path in sorted(self.dir.glob("*.json")):
+            key = meta_path.stem
+            state = self.dir / f"{key}.state"
+            try:
+                meta = json.loads(meta_path.read_text())
+            except (OSError, ValueError):
+                continue
+            if not isinstance(meta, dict) or not state.is_file() or any(
+                    meta.get(k) != want[k] for k in ("format", "version", "model_fingerprint", "projector_id",
+                                                      "slots", "n_ctx")):
+                continue  # another model's, another pool shape's, or a state file never finished
+            sig = meta.get("signature")
+            if not isinstance(sig, list) or not isinstance(meta.get("n_cells"), int):
+                continue
+            self._entries[key] = Stored(key, sig, meta["n_cells"], None, state, 0.0)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def host_bytes(self) -> int:
+        with self._lock:
+            return sum(len(e.blob) for e in self._entries.values() if e.blob is not None)
+
+    def best(self, items: Sequence[Any], exclude: set[str]) -> tuple[Optional[Stored], int]:
+        with self._lock:
+            entries = [e for k, e in self._entries.items() if k not in exclude]
+        best, cells = None, 0
+        for e in entries:
+            n = reusable_cells(_as_chunks(e.sig), items)
+            if n > cells:
+                best, cells = e, n
+        return best, cells
+
+    def put(self, key: str, sig: list[list[Any]], n_cells: int, blob: bytes, *, to_disk: bool) -> None:
+        path = None
+        if to_disk and self.dir is not None:
+            path = self._write(key, sig, n_cells, blob)
+        with self._lock:
+            old = self._entries.get(key)
+            self._entries[key] = Stored(key, sig, n_cells, blob, path or (old.path if old else None))
+            self._trim_locked()
+
+    def persist(self, key: str, sig: list[list[Any]], n_cells: int, blob: bytes) -> None:
+        """Write a conversation still in its slot to disk (its host copy, if any, is now stale)."""
+        if self.dir is None:
+            return
+        path = self._write(key, sig, n_cells, blob)
+        with self._lock:
+            self._entries[key] = Stored(key, sig, n_cells, None, path)
+
+    def _write(self, key: str, sig: list[list[Any]], n_cells: int, blob: bytes) -> Path:
+        assert self.dir is not None
+        state = self.dir / f"{key}.state"
+        meta = self.dir / f"{key}.json"
+        for target, data in ((state, blob), (meta, json.dumps(self._meta(sig, n_cells)).encode())):
+            tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        return state
+
+    def take(self, key: str) -> tuple[bytes, str]:
+        """The saved state and where it came from ("memory" or "disk"); the entry stays (on disk)."""
+        with self._lock:
+            e = self._entries[key]
+            e.last_used = time.monotonic()
+            blob, path = e.blob, e.path
+        if blob is not None:
+            return blob, "memory"
+        assert path is not None
+        return path.read_bytes(), "disk"
+
+    def forget(self, key: str) -> None:
+        """Drop the host copy of a conversation back in a slot (its file, if any, stays until replaced)."""
+        with self._lock:
+            e = self._entries.get(key)
+            if e is None:
+                return
+            if e.path is None:
+                del self._entries[key]
+            else:
+                e.blob = None
+
+    def _trim_locked(self) -> None:
+        used = sum(len(e.blob) for e in self._entries.values() if e.blob is not None)
+        for e in sorted(self._entries.values(), key=lambda e: e.last_used):
+            if used <= self._budget:
+                break
+            if e.blob is None:
+                continue
+            used -= len(e.blob)
+            e.blob = None
+            if e.path is None:
+                del self._entries[e.key]
+
+
+# -- requests -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """One chat completion on its way through the engine; events go to ``queue`` on ``loop``."""
+    items: list[Any]
+    template: ChatTemplate
+    sampling: dict[str, Any]
+    max_tokens: Optional[int]
+    stop: list[str]
+    loop: asyncio.AbstractEventLoop
+    queue: "asyncio.Queue[tuple[str, Any]]"
+    arrived: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+    checked: float = 0.0  # when the HTTP side last checked that the client is still there
+    # Filled in by the engine:
+    slot: int = -1
+    generation: Optional[Generation] = None
+    prompt_tokens: int = 0
+    usage_extra: dict[str, Any] = field(default_factory=dict)
+
+    def emit(self, kind: str, payload: Any = None) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, payload))
+        except RuntimeError:
+            pass  # the event loop is gone: the server is stopping
+
+
+class Engine:
+    """Owns the model and the pool; ``submit()`` from the event loop, everything native on one thread."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.model = Model.load(config.model, config.mmproj, n_gpu_layers=config.n_gpu_layers,
+                                n_threads=config.n_threads, flash_attn=config.flash_attn)
+        try:
+            self.pool: SessionPool = self.model.session_pool(config.slots, n_ctx=config.n_ctx,
+                                                             n_batch=max(config.n_batch, config.slots),
+                                                             seed=config.seed, n_threads=config.n_threads)
+            self.store = ConversationStore(self.model, config.slots, config.n_ctx,
+                                           config.cache_ram_mib * 1024 * 1024, config.state_dir)
+        except BaseException:
+            self.model.close()
+            raise
+        self.model_id = config.model_alias or os.path.basename(config.model)
+        self.created = int(time.time())
+        # Per slot: the conversation key it holds, and when it was last used.
+        self._keys: list[Optional[str]] = [None] * config.slots
+        self._used: list[float] = [0.0] * config.slots
+        self._active: dict[int, Job] = {}
+        self._pending: collections.deque[Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self.metrics = Metrics({
+            "slots": ("slots in the pool", lambda: float(config.slots)),
+            "slots_busy": ("slots generating a reply now", lambda: float(len(self._active))),
+            "queue_depth": ("requests waiting for a slot", lambda: float(len(self._pending))),
+            "stored_conversations": ("conversations saved out of their slots (host memory or disk)",
+                                     lambda: float(len(self.store))),
+            "stored_host_bytes": ("host memory held by saved conversations", lambda: float(self.store.host_bytes())),
+        })
+        self._thread = threading.Thread(target=self._run, name="llava-kv-engine", daemon=True)
+        self._thread.start()
+
+    # -- event-loop side ----------------------------------------------------------------------
+
+    def render(self, messages: list[dict[str, Any]]) -> tuple[list[Any], ChatTemplate]:
+        return render_conversation(self.model, messages, chat_template=self.config.chat_template)
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if self._stopping:
+                raise RequestError(503, "the server is shutting down", type="server_error", code="unavailable")
+            if len(self._pending) >= self.config.queue_size:
+                self.metrics.inc("rejected_total")
+                raise RequestError(503, f"the server is busy: {len(self._pending)} requests are waiting for one of "
+                                        f"{self.config.slots} slots; retry shortly",
+                                   type="server_error", code="queue_full", headers={"Retry-After": "1"})
+            self._pending.append(job)
+            self._cond.notify()
+
+    def cancel(self, job: Job) -> None:
+        with self._cond:
+            job.cancelled = True
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout=30)
+        self.model.close()
+
+    # -- engine thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not self._pending and not self._active:
+                    self._cond.wait()
+                if self._stopping:
+                    jobs = list(self._pending) + list(self._active.values())
+                    self._pending.clear()
+                    self._active.clear()
+                    break
+                admits = []
+                while self._pending and len(self._active) + len(admits) < self.config.slots:
+                    admits.append(self._pending.popleft())
+            for job in admits:
+                self._admit(job, busy={j.slot for j in self._active.values()})
+            self._step()
+        for job in jobs:
+            job.emit("error", RequestError(503, "the server is shutting down", type="server_error",
+                                           code="unavailable"))
+
+    def _admit(self, job: Job, busy: set[int]) -> None:
+        if job.cancelled:
+            self.metrics.inc("cancelled_total")
+            job.emit("cancelled")
+            return
+        try:
+            slot, restored = self._choose_slot(job, busy)
+            session = self.pool[slot]
+            prompt_tokens, meta = session._prepare_chat(job.items, job.template)
+            max_tokens = job.max_tokens if job.max_tokens is not None else self.config.default_max_tokens
+            job.generation = Generation(session, max_tokens, stop=job.stop, **job.sampling)
+        except Exception as e:  # noqa: BLE001 - every failure is this request's, never the server's
+            job.emit("error", _request_error(e))
+            return
+        self._used[slot] = time.monotonic()
+        job.slot = slot
+        job.prompt_tokens = prompt_tokens
+        job.usage_extra = {"tokens_reused": meta["reused_tokens"], "tokens_decoded": meta["decoded_tokens"],
+                           "images_encoded": meta["images_encoded"], "embed_cache_hits": meta["embed_cache_hits"],
+                           "slot": slot, "restored_from": restored}
+        m = self.metrics
+        m.inc("prompt_tokens_total", prompt_tokens)
+        m.inc("tokens_reused_total", meta["reused_tokens"])
+        m.inc("tokens_decoded_total", meta["decoded_tokens"])
+        m.inc("images_encoded_total", meta["images_encoded"])
+        m.inc("embed_cache_hits_total", meta["embed_cache_hits"])
+        self._active[slot] = job
+        job.emit("start")
+
+    def _choose_slot(self, job: Job, busy: set[int]) -> tuple[int, Optional[str]]:
+        """The free slot for ``job``: the one whose conversation shares the longest prefix, unless a
+        saved conversation shares more (then it is restored into the least useful free slot)."""
+        free = [i for i in range(self.config.slots) if i not in busy]
+        scored = []
+        for i in free:
+            timeline = self.pool[i].timeline
+            scored.append((reusable_cells(timeline, job.items), -self._used[i] if timeline else float("inf"), i))
+        best_cells, _, best = max(scored)
+        stored, stored_cells = self.store.best(job.items, exclude={k for k in self._keys if k})
+        restored = None
+        if stored is not None and stored_cells > best_cells:
+            # Into an empty slot if there is one, else the least recently used.
+            best = min(free, key=lambda i: (bool(self.pool[i].timeline), self._used[i]))
+            self._evict(best)
+            blob, restored = self.store.take(stored.key)
+            session = self.pool[best]
+            session.clear()
+            try:
+                session._core.load_state(blob)
+            except LlavaKVError:
+                self.store.forget(stored.key)  # unusable (e.g. another pool shape): decode instead
+                restored = None
+            else:
+                self.metrics.inc("restores_total", source=restored)
+                self._keys[best] = stored.key
+                self.store.forget(stored.key)
+                return best, restored
+        session = self.pool[best]
+        timeline = session.timeline
+        kept = reusable_cells(timeline, job.items)
+        if timeline and kept * 2 < sum(c.n_tokens for c in timeline):
+            # Another conversation (or most of this one) is about to be overwritten: keep a copy; the
+            # slot keeps its cells, and the edit below reuses the common prefix.
+            self._evict(best, clear=False)
+        if self._keys[best] is None:
+            self._keys[best] = uuid.uuid4().hex
+        return best, restored
+
+    def _evict(self, slot: int, clear: bool = True) -> None:
+        session = self.pool[slot]
+        timeline = session.timeline
+        key = self._keys[slot]
+        self._keys[slot] = None
+        if not timeline or key is None:
+            return
+        blob = session._core.save_state()
+        self.store.put(key, signature(timeline), session._core.n_cells, blob, to_disk=self.store.dir is not None)
+        self.metrics.inc("evictions_total", to="disk" if self.store.dir is not None else "memory")
+        if clear:
+            session.clear()
+
+    def _step(self) -> None:
+        jobs = []
+        for slot, job in list(self._active.items()):
+            if job.cancelled:
+                self.metrics.inc("cancelled_total")
+                self._finish(job, "cancelled")
+            elif self.pool[slot]._core.n_cells >= self.pool[slot].n_ctx:
+                job.generation.finish_reason = "length"  # type: ignore[union-attr]
+                self._finish(job, "length")
+            else:
+                jobs.append(job)
+        if not jobs:
+            return
+        generations = [j.generation for j in jobs]
+        try:
+            pieces = self.pool.step(generations)  # type: ignore[arg-type]
+        except Exception as e:  # noqa: BLE001 - the step failed for all: each request gets the error
+            for job in jobs:
+                del self._active[job.slot]
+                job.emit("error", _request_error(e))
+            return
+        self.metrics.inc("batched_steps_total")
+        self.metrics.inc("batched_step_sequences_total", len(jobs))
+        for job, piece in zip(jobs, pieces):
+            if piece:
+                job.emit("delta", piece)
+            if job.generation.done:  # type: ignore[union-attr]
+                self._finish(job, job.generation.finish_reason)  # type: ignore[union-attr]
+
+    def _finish(self, job: Job, reason: Optional[str]) -> None:
+        del self._active[job.slot]
+        session = self.pool[job.slot]
+        gen = job.generation
+        assert gen is not None
+        session._core.flush_generation()
+        self.metrics.inc("tokens_generated_total", gen.n_tokens)
+        usage = {"prompt_tokens": job.prompt_tokens, "completion_tokens": gen.n_tokens,
+                 "total_tokens": job.prompt_tokens + gen.n_tokens, **job.usage_extra}
+        if reason == "cancelled":
+            job.emit("cancelled")
+        else:
+            job.emit("done", (reason, usage))
+        key = self._keys[job.slot]
+        if self.store.dir is not None and key is not None:
+            try:
+                self.store.persist(key, signature(session.timeline), session._core.n_cells,
+                                   session._core.save_state())
+            except OSError:
+                pass  # a full disk loses the copy, not the conversation (it is still in its slot)
+
+
+def _request_error(e: BaseException) -> RequestError:
+    if isinstance(e, RequestError):
+        return e
+    if isinstance(e, ContextFullError):
+        return RequestError(400, str(e), code="context_length_exceeded")
+    if isinstance(e, ImageError):
+        return RequestError(400, str(e), code="invalid_image")
+    if isinstance(e, (ValueError, TypeError, KeyError)):
+        return RequestError(400, str(e))
+    return RequestError(500, f"{type(e).__name__}: {e}", type="server_error", code="internal_error")
