@@ -121,3 +121,40 @@ def http_overhead(srv: OursServer, model: Any, png: Path, *, system: str, repeat
     return {"http_s": statistics.median(http), "in_process_s": statistics.median(local),
             "overhead_ms": (statistics.median(http) - statistics.median(local)) * 1000,
             "all_http_s": http, "all_in_process_s": local}
+
+
+def restore_vs_prefill(srv: OursServer, pngs: list[Path], *, system: str, turns: int, max_tokens: int,
+                       repeats: int) -> dict[str, Any]:
+    """One slot: conversation A (``turns`` turns), then B takes the slot (A is saved to host memory),
+    then A's next turn (A restored) against the same request under another system message (nothing
+    to restore or reuse: every token prefilled, the images from the embedding cache on both)."""
+    call = server_bench._Caller(srv)
+
+    def conversation(sys_text: str) -> list[dict[str, Any]]:
+        history: list[dict[str, Any]] = [{"role": "system", "content": sys_text},
+                                         server_bench._user(server_bench.data_uri(pngs[0]), "Describe it.")]
+        for turn in range(turns):
+            history += [{"role": "assistant", "content": f"Answer {turn}."},
+                        {"role": "user", "content": f"Tell me more about part {turn + 1}."}]
+        return history
+
+    other = [{"role": "system", "content": "Another conversation."},
+             server_bench._user(server_bench.data_uri(pngs[1]), "Describe it.")]
+    restore, prefill, calls = [], [], {}
+    for k in range(repeats):
+        a = conversation(system)
+        call(a[:-2], 1)  # A is in the slot
+        call(other, 1)  # B takes it: A goes to host memory
+        before = srv.metrics()
+        r = call(a, max_tokens)  # A comes back: restored
+        after = srv.metrics()
+        restore.append(r["seconds"])
+        calls["restore"] = {**{k2: v for k2, v in r.items() if k2 != "text"},
+                            "restores": sum(after.get(n, 0) - before.get(n, 0) for n in after
+                                            if n.startswith("llava_kv_restores_total"))}
+        call(other, 1)
+        r = call(conversation(f"{system} Variant {k}."), max_tokens)  # the same length, nothing to reuse
+        prefill.append(r["seconds"])
+        calls["prefill"] = {k2: v for k2, v in r.items() if k2 != "text"}
+    return {"restore_s": statistics.median(restore), "prefill_s": statistics.median(prefill),
+            "all_restore_s": restore, "all_prefill_s": prefill, "calls": calls}

@@ -35,8 +35,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 SCENARIOS = ("control", "multi_turn", "replace_first_image", "replace_middle_image", "replace_last_image",
              "readd_image", "new_conversation", "batch", "token_overhead", "load_close", "build_time",
              "serve_multi_turn", "serve_replace_first_image", "serve_new_conversation", "serve_concurrency",
-             "serve_http_overhead")
-SERVE_SCENARIOS = SCENARIOS[-5:]
+             "serve_http_overhead", "serve_restore")
+SERVE_SCENARIOS = SCENARIOS[-6:]
 # The control row: identical work on every side must agree within this factor, or the suite says which
 # setting differs.
 CONTROL_TOLERANCE = 1.10
@@ -438,6 +438,7 @@ def run_build_time(ctx: Context) -> dict[str, dict[str, Any]]:
 def run_serve(ctx: Context) -> dict[str, dict[str, Any]]:
     """The chat workloads over HTTP: ``llava-kv serve`` vs llama-server (serve_bench.py)."""
     p = ctx.preset
+    (ctx.work / "serve").mkdir(parents=True, exist_ok=True)
     pngs = edit_bench.never_seen_pngs(ctx.pair, ctx.work / "serve")
     spec = edit_bench.write_peer_spec(ctx.pair, filler=0, repeats=ctx.repeat, folder=ctx.work / "serve-edit",
                                       n_ctx=4096)
@@ -468,6 +469,10 @@ def run_serve(ctx: Context) -> dict[str, dict[str, Any]]:
                     if name == "single":
                         out["multi_turn"] = workloads["multi_turn"](srv)
                         out["edits"] = workloads["edits"](srv)
+                        if side == "ours" and "serve_restore" in wanted:
+                            out["restore"] = serve_bench.restore_vs_prefill(
+                                srv, [pngs(), pngs()], system=SYSTEM_MESSAGE, turns=p.turns,
+                                max_tokens=p.answer_tokens, repeats=ctx.repeat)
                     else:
                         out["concurrency"] = serve_bench.concurrency(srv, concurrent_pngs, system=SYSTEM_MESSAGE,
                                                                      max_tokens=p.answer_tokens)
@@ -480,8 +485,8 @@ def run_serve(ctx: Context) -> dict[str, dict[str, Any]]:
                 if side == "ours":
                     raise
     ours, server = sides["ours"], sides["server"]
-    reasons = {"peer": "llama-cpp-python's server is not in the peer venv (it needs its [server] extra: fastapi, "
-                       "sse-starlette, pydantic-settings, none of which the peer build installs)"}
+    reasons = {"peer": "not run: llama-cpp-python's server needs its [server] extra (fastapi, "
+                       "sse-starlette, pydantic-settings), which the peer venv does not install"}
     if ctx.server_reason:
         reasons["server"] = ctx.server_reason
     elif any(k.endswith("_error") for k in server):
@@ -502,6 +507,7 @@ def run_serve(ctx: Context) -> dict[str, dict[str, Any]]:
     out["serve_multi_turn"] = entry(
         unit="s per turn", repetitions=ctx.repeat, ours=later_turns(ours), peer=None, server=later_turns(server),
         limit=None, settings=used, reasons={**reasons, "limit": "no in-process floor here: see multi_turn"}, digits=4,
+        limit_means="none over HTTP (multi_turn has the in-process floor)",
         details={"what": f"one-image chat over HTTP, turns 2..{p.turns}, {p.answer_tokens}-token greedy answers",
                  "ours": ours.get("multi_turn"), "server": server.get("multi_turn")})
     edits_ours, edits_server = ours.get("edits") or {}, server.get("edits") or {}
@@ -509,6 +515,7 @@ def run_serve(ctx: Context) -> dict[str, dict[str, Any]]:
         unit="ms", repetitions=ctx.repeat, ours=_ms(med(edits_ours, "replace_first_image")), peer=None,
         server=_ms(med(edits_server, "replace_first_image")), limit=None, settings=used,
         reasons={**reasons, "limit": "see replace_first_image for the in-process floor"}, digits=3,
+        limit_means="none over HTTP (replace_first_image has the in-process floor)",
         details={"what": "the 3-image conversation with its first image replaced by a never-seen one, over HTTP "
                          "(max_tokens=1)", "encodes": {"ours": (edits_ours.get("encodes") or {}).get("replace_first_image"),
                                                        "server": (edits_server.get("encodes") or {}).get("replace_first_image")},
@@ -525,6 +532,7 @@ def run_serve(ctx: Context) -> dict[str, dict[str, Any]]:
         unit="requests/s", better="higher", repetitions=1, ours=conc_ours.get("requests_per_s"), peer=None,
         server=conc_server.get("requests_per_s"), limit=None, settings=used,
         reasons={**reasons, "limit": "none: a throughput figure"}, digits=4,
+        limit_means="none: a throughput figure",
         details={"what": f"{serve_bench.CONCURRENT_CONVERSATIONS} one-image conversations x "
                          f"{serve_bench.CONCURRENT_TURNS} turns from as many client threads into "
                          f"{serve_bench.SLOTS} slots, {p.answer_tokens}-token answers",
@@ -538,6 +546,17 @@ def run_serve(ctx: Context) -> dict[str, dict[str, Any]]:
         reasons={**reasons, "server": "not applicable: llama-server has no in-process call to compare with"},
         digits=3, details={"what": "a one-token request on a conversation already in its slot: HTTP minus "
                                    "Session.chat in-process (same messages, image as a data: URI on both)", **ho})
+    rs = ours.get("restore") or {}
+    out["serve_restore"] = entry(
+        unit="ms", repetitions=ctx.repeat, ours=_ms(rs.get("restore_s")), peer=None, server=None,
+        limit=_ms(rs.get("prefill_s")), settings=used,
+        limit_means="the same request prefilled from nothing (every token decoded, images from the embedding "
+                    "cache): a restore must beat it",
+        reasons={**reasons, "server": "not measured: llama-server runs these scenarios with --cache-ram 0 (its "
+                                      "host-memory prompt cache off)"},
+        digits=3, details={"what": f"one slot; a {p.turns}-turn conversation moved out by another, then its next "
+                                   "turn (restored from host memory) vs the same turn under another system message",
+                           **rs})
     return {k: v for k, v in out.items() if k in wanted} | {
         k: skipped(unit="", reason="skipped: not in this preset's scenarios", limit_means="")
         for k in SERVE_SCENARIOS if k not in wanted}

@@ -26,14 +26,14 @@ ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ["control", "multi_turn", "replace_first_image", "replace_middle_image", "replace_last_image",
              "readd_image", "new_conversation", "batch", "token_overhead", "load_close", "build_time",
              "serve_multi_turn", "serve_replace_first_image", "serve_new_conversation", "serve_concurrency",
-             "serve_http_overhead"]
+             "serve_http_overhead", "serve_restore"]
 # the scenarios run against llama-server (the others say why not, in reasons["server"])
 SERVER_SCENARIOS = ["control", "multi_turn", "replace_first_image", "replace_last_image", "new_conversation", "batch",
                     "token_overhead", "serve_multi_turn", "serve_replace_first_image", "serve_new_conversation",
                     "serve_concurrency"]
 # no llama-cpp-python figure: its server is not in the peer venv (reasons["peer"] says so)
 NO_PEER = {"build_time", "serve_multi_turn", "serve_replace_first_image", "serve_new_conversation",
-           "serve_concurrency", "serve_http_overhead"}
+           "serve_concurrency", "serve_http_overhead", "serve_restore"}
 PLOTS = ["multi_turn.png", "edits.png", "batch.png", "token_overhead.png", "load_close.png"]
 
 

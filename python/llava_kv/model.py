@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 from . import _core
 
 if TYPE_CHECKING:
+    from .pool import SessionPool
     import numpy as np
 from .arguments import UINT32_MAX, check_int
 from .native import NativeObject

@@ -330,7 +330,7 @@ class Engine:
                     self._pending.clear()
                     self._active.clear()
                     break
-                admits = []
+                admits: list[Job] = []
                 while self._pending and len(self._active) + len(admits) < self.config.slots:
                     admits.append(self._pending.popleft())
             for job in admits:
