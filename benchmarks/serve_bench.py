@@ -108,13 +108,11 @@ def http_overhead(srv: OursServer, model: Any, png: Path, *, system: str, repeat
                 server_bench._user(server_bench.data_uri(png), "What is in this picture?")]
     call = server_bench._Caller(srv)
     call(messages, 1)
-    http = []
-    for _ in range(repeats * 5):
-        http.append(call(messages, 1)["seconds"])
-    local = []
+    http, local = [], []
     with model.session(n_ctx=4096) as s:
         s.chat(messages, max_tokens=1, chat_template="vicuna")
-        for _ in range(repeats * 5):
+        for _ in range(repeats * 5):  # alternated, so that a change in the machine's load hits both sides
+            http.append(call(messages, 1)["seconds"])
             t0 = time.perf_counter()
             s.chat(messages, max_tokens=1, chat_template="vicuna")
             local.append(time.perf_counter() - t0)

@@ -361,6 +361,10 @@ def test_size_limits_answer_413(guarded):
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": -1}, 400, "max_tokens"),
     ({"messages": [{"role": "user", "content": "x"}], "stop": [1]}, 400, "stop"),
     ({"messages": [{"role": "user", "content": "x"}], "model": "gpt-9"}, 404, "model"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, 400, "tools"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}, 400,
+     "response_format"),
     ({"messages": [{"role": "user", "content": "x" * 20000}]}, 400, None),  # longer than the slot's n_ctx
 ])
 def test_malformed_requests_get_openai_errors_and_change_nothing(guarded, body, status, param):

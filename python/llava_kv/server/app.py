@@ -48,8 +48,14 @@ def parse_request(body: Any, engine: Engine) -> dict[str, Any]:
     if model is not None and model != engine.model_id:
         raise RequestError(404, f"the model {model!r} does not exist; this server serves {engine.model_id!r}",
                            param="model", code="model_not_found")
-    n = _number(body, "n", 1, 1, 1, integer=True)
-    del n
+    _number(body, "n", 1, 1, 1, integer=True)
+    for name in ("tools", "functions", "logprobs", "top_logprobs"):
+        if body.get(name):
+            raise RequestError(400, f"'{name}' is not supported by this server", param=name)
+    fmt = body.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        raise RequestError(400, "'response_format' other than {'type': 'text'} is not supported by this server",
+                           param="response_format")
     stop = body.get("stop")
     if stop is None:
         stops: list[str] = []

@@ -333,9 +333,14 @@ class Engine:
                 admits: list[Job] = []
                 while self._pending and len(self._active) + len(admits) < self.config.slots:
                     admits.append(self._pending.popleft())
-            for job in admits:
-                self._admit(job, busy={j.slot for j in self._active.values()})
-            self._step()
+            try:
+                for job in admits:
+                    self._admit(job, busy={j.slot for j in self._active.values()})
+                self._step()
+            except Exception as e:  # noqa: BLE001 - a bug must fail the requests in flight, not the server
+                for job in list(self._active.values()):
+                    job.emit("error", _request_error(e))
+                self._active.clear()
         for job in jobs:
             job.emit("error", RequestError(503, "the server is shutting down", type="server_error",
                                            code="unavailable"))
@@ -427,8 +432,10 @@ class Engine:
             if job.cancelled:
                 self.metrics.inc("cancelled_total")
                 self._finish(job, "cancelled")
-            elif self.pool[slot]._core.n_cells >= self.pool[slot].n_ctx:
-                job.generation.finish_reason = "length"  # type: ignore[union-attr]
+            elif self.pool[slot]._core.n_cells >= self.pool[slot].n_ctx:  # the slot is full: the reply ends
+                rest = job.generation._end("length")  # type: ignore[union-attr]
+                if rest:
+                    job.emit("delta", rest)
                 self._finish(job, "length")
             else:
                 jobs.append(job)
