@@ -455,7 +455,10 @@ def run_serve(ctx: Context) -> dict[str, dict[str, Any]]:
         if side == "server" and ctx.server_bin is None:
             continue
         for name, n_slots in (("single", 1), ("pool", serve_bench.SLOTS)):
-            if name == "pool" and not any(k in wanted for k in ("serve_concurrency", "serve_http_overhead")):
+            needs = (("serve_multi_turn", "serve_replace_first_image", "serve_new_conversation", "serve_restore")
+                     if name == "single" else
+                     ("serve_concurrency", "serve_http_overhead") if side == "ours" else ("serve_concurrency",))
+            if not any(k in wanted for k in needs):
                 continue
             try:
                 if side == "ours":
@@ -467,19 +470,21 @@ def run_serve(ctx: Context) -> dict[str, dict[str, Any]]:
                     out = sides[side]
                     out.setdefault("settings", srv.settings_used())
                     if name == "single":
-                        out["multi_turn"] = workloads["multi_turn"](srv)
-                        out["edits"] = workloads["edits"](srv)
+                        if "serve_multi_turn" in wanted:
+                            out["multi_turn"] = workloads["multi_turn"](srv)
+                        if any(k in wanted for k in ("serve_replace_first_image", "serve_new_conversation")):
+                            out["edits"] = workloads["edits"](srv)
                         if side == "ours" and "serve_restore" in wanted:
                             out["restore"] = serve_bench.restore_vs_prefill(
                                 srv, [pngs(), pngs()], system=SYSTEM_MESSAGE, turns=p.turns,
                                 max_tokens=p.answer_tokens, repeats=ctx.repeat)
-                    else:
+                    elif "serve_concurrency" in wanted:
                         out["concurrency"] = serve_bench.concurrency(srv, concurrent_pngs, system=SYSTEM_MESSAGE,
                                                                      max_tokens=p.answer_tokens)
-                        if side == "ours" and "serve_http_overhead" in wanted:
-                            with lk.Model.load(ctx.pair.model_path, ctx.pair.mmproj_path, **ctx.load_kwargs) as m:
-                                out["http_overhead"] = serve_bench.http_overhead(srv, m, pngs(), system=SYSTEM_MESSAGE,
-                                                                                 repeats=ctx.repeat)
+                    if name == "pool" and side == "ours" and "serve_http_overhead" in wanted:
+                        with lk.Model.load(ctx.pair.model_path, ctx.pair.mmproj_path, **ctx.load_kwargs) as m:
+                            out["http_overhead"] = serve_bench.http_overhead(srv, m, pngs(), system=SYSTEM_MESSAGE,
+                                                                             repeats=ctx.repeat)
             except Exception as e:  # one side failing must not lose the other; the reason goes in the JSON
                 sides[side][f"{name}_error"] = f"{type(e).__name__}: {e}"
                 if side == "ours":
@@ -544,8 +549,10 @@ def run_serve(ctx: Context) -> dict[str, dict[str, Any]]:
         unit="ms per request", repetitions=ctx.repeat * 5, ours=ho.get("overhead_ms"), peer=None, server=None,
         limit=5.0, settings=used, limit_means="the issue's target: under 5 ms over the in-process call",
         reasons={**reasons, "server": "not applicable: llama-server has no in-process call to compare with"},
-        digits=3, details={"what": "a one-token request on a conversation already in its slot: HTTP minus "
-                                   "Session.chat in-process (same messages, image as a data: URI on both)", **ho})
+        digits=3, details={"what": "a one-token request on a conversation already in its slot: a plain HTTP POST "
+                                   "(urllib, the JSON body prepared) minus Session.chat in-process (same messages, "
+                                   "image as a data: URI on both); with the openai client (its request building and "
+                                   "response models) in overhead_with_openai_client_ms", **ho})
     rs = ours.get("restore") or {}
     out["serve_restore"] = entry(
         unit="ms", repetitions=ctx.repeat, ours=_ms(rs.get("restore_s")), peer=None, server=None,

@@ -380,3 +380,4 @@ def test_malformed_requests_get_openai_errors_and_change_nothing(guarded, body, 
     for key in ("llava_kv_tokens_generated_total", "llava_kv_images_encoded_total", "llava_kv_slots_busy"):
         assert after[key] == before[key]
     assert srv.get("/health")[0] == 200  # and the server is still up
+

@@ -144,7 +144,8 @@ class Api:
             loop = asyncio.get_running_loop()
             # Images are decoded and the template applied off the event loop (and off the engine thread).
             items, template = await loop.run_in_executor(None, self.engine.render, req["messages"])
-            job = Job(items, template, req["sampling"], req["max_tokens"], req["stop"], loop, asyncio.Queue())
+            job = Job(items, template, req["sampling"], req["max_tokens"], req["stop"], loop, asyncio.Queue(),
+                      checked=time.monotonic())
             self.engine.submit(job)
         except RequestError as e:
             status = e.status
