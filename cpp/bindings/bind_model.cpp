@@ -11,6 +11,19 @@
 namespace py = pybind11;
 
 namespace llava_kv::bindings {
+namespace {
+
+SessionParams session_params(int32_t n_ctx, int32_t n_batch, int32_t n_ubatch, uint32_t seed, int32_t n_threads) {
+    SessionParams params;
+    params.n_ctx = n_ctx;
+    params.n_batch = n_batch;
+    params.n_ubatch = n_ubatch;
+    params.seed = seed;
+    params.n_threads = n_threads;
+    return params;
+}
+
+}  // namespace
 
 void register_model(py::module_ & m) {
     py::class_<Model, std::shared_ptr<Model>>(m, "Model")
@@ -80,12 +93,7 @@ void register_model(py::module_ & m) {
         .def(
             "session",
             [](Model & model, int32_t n_ctx, int32_t n_batch, int32_t n_ubatch, uint32_t seed, int32_t n_threads) {
-                SessionParams params;
-                params.n_ctx = n_ctx;
-                params.n_batch = n_batch;
-                params.n_ubatch = n_ubatch;
-                params.seed = seed;
-                params.n_threads = n_threads;
+                const SessionParams params = session_params(n_ctx, n_batch, n_ubatch, seed, n_threads);
                 ReleasedGil release;
                 return model.open_session(params);
             },
@@ -95,12 +103,7 @@ void register_model(py::module_ & m) {
             "session_pool",
             [](Model & model, int32_t n_slots, int32_t n_ctx, int32_t n_batch, int32_t n_ubatch, uint32_t seed,
                int32_t n_threads) {
-                SessionParams params;
-                params.n_ctx = n_ctx;
-                params.n_batch = n_batch;
-                params.n_ubatch = n_ubatch;
-                params.seed = seed;
-                params.n_threads = n_threads;
+                const SessionParams params = session_params(n_ctx, n_batch, n_ubatch, seed, n_threads);
                 ReleasedGil release;
                 return model.open_pool(params, n_slots);
             },

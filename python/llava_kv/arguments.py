@@ -70,3 +70,11 @@ def check_sampling(*, temperature: Any, top_k: Any, top_p: Any, min_p: Any, repe
     check_float("min_p", min_p, 0.0, 1.0)
     check_float("repeat_penalty", repeat_penalty, 0.0, lo_open=True)
     check_int("seed", seed, 0, UINT32_MAX, allow_none=seed_optional)
+
+
+def check_stops(stop: Any) -> list[str]:
+    """``stop`` (None, a string or a sequence of strings) as a list of non-empty strings."""
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if any(not isinstance(x, str) or not x for x in stops):
+        raise ValueError("stop strings must be non-empty str")
+    return stops

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from . import _core
-from .arguments import check_int, check_sampling
+from .arguments import check_sampling, check_stops
 from .session import Session, TextStream
 
 if TYPE_CHECKING:
@@ -82,10 +82,7 @@ class Generation:
                  stop: str | Sequence[str] | None = None) -> None:
         check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
                        seed=seed, max_tokens=max_tokens)
-        check_int("max_tokens", max_tokens, 0)
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if any(not isinstance(x, str) or not x for x in stops):
-            raise ValueError("stop strings must be non-empty str")
+        stops = check_stops(stop)
         self.session = session
         self.max_tokens = max_tokens
         self.n_tokens = 0

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Sequence, Ty
 import numpy as np
 
 from . import _core
-from .arguments import check_int, check_sampling
+from .arguments import check_int, check_sampling, check_stops
 from .native import NativeObject
 from .chat import ChatReply, plan_edit, render_conversation
 from .errors import CancelledError, ContextFullError, LlavaKVError
@@ -474,9 +474,7 @@ class Session(NativeObject):
         """
         check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
                        seed=seed, max_tokens=max_tokens)
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if any(not isinstance(x, str) or not x for x in stops):
-            raise ValueError("stop strings must be non-empty str")
+        stops = check_stops(stop)
         seed = self._seed_for_next_generation(seed)
         self._core.begin_generation(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                     repeat_penalty=repeat_penalty, seed=seed)

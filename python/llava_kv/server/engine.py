@@ -378,22 +378,21 @@ class Engine:
         """The free slot for ``job``: the one whose conversation shares the longest prefix, unless a
         saved conversation shares more (then it is restored into the least useful free slot)."""
         free = [i for i in range(self.config.slots) if i not in busy]
-        scored = []
-        for i in free:
-            timeline = self.pool[i].timeline
-            scored.append((reusable_cells(timeline, job.items), -self._used[i] if timeline else float("inf"), i))
-        best_cells, _, best = max(scored)
+        timelines = {i: self.pool[i].timeline for i in free}
+        cells = {i: reusable_cells(timelines[i], job.items) for i in free}
+        # The most cells kept; among equals an empty slot, then the least recently used.
+        best = max(free, key=lambda i: (cells[i], -self._used[i] if timelines[i] else float("inf"), i))
         stored, stored_cells = self.store.best(job.items, exclude={k for k in self._keys if k})
         restored = None
-        if stored is not None and stored_cells > best_cells:
+        if stored is not None and stored_cells > cells[best]:
             # Into an empty slot if there is one, else the least recently used.
-            best = min(free, key=lambda i: (bool(self.pool[i].timeline), self._used[i]))
-            self._evict(best)
+            best = min(free, key=lambda i: (bool(timelines[i]), self._used[i]))
+            self._evict(best, timelines[best])
+            timelines[best], cells[best] = [], 0
             blob, restored = self.store.take(stored.key)
-            session = self.pool[best]
-            session.clear()
+            self.pool[best].clear()  # load_state needs an empty session
             try:
-                session._core.load_state(blob)
+                self.pool[best]._core.load_state(blob)
             except LlavaKVError:
                 self.store.forget(stored.key)  # unusable (e.g. another pool shape): decode instead
                 restored = None
@@ -402,20 +401,19 @@ class Engine:
                 self._keys[best] = stored.key
                 self.store.forget(stored.key)
                 return best, restored
-        session = self.pool[best]
-        timeline = session.timeline
-        kept = reusable_cells(timeline, job.items)
-        if timeline and kept * 2 < sum(c.n_tokens for c in timeline):
+        timeline = timelines[best]
+        if timeline and cells[best] * 2 < sum(c.n_tokens for c in timeline):
             # Another conversation (or most of this one) is about to be overwritten: keep a copy; the
             # slot keeps its cells, and the edit below reuses the common prefix.
-            self._evict(best, clear=False)
+            self._evict(best, timeline, clear=False)
         if self._keys[best] is None:
             self._keys[best] = uuid.uuid4().hex
         return best, restored
 
-    def _evict(self, slot: int, clear: bool = True) -> None:
+    def _evict(self, slot: int, timeline: list[Any], clear: bool = True) -> None:
+        """Save the conversation in ``slot`` (whose timeline is ``timeline``) to the store; empty the
+        slot unless ``clear`` is False."""
         session = self.pool[slot]
-        timeline = session.timeline
         key = self._keys[slot]
         self._keys[slot] = None
         if not timeline or key is None:

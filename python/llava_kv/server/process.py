@@ -1,5 +1,6 @@
 """``llava-kv serve`` as a child process on 127.0.0.1 (tests, benchmarks, scripts that want one):
-``with ServerProcess(model, mmproj, slots=4) as srv: srv.client()``."""
+``with ServerProcess(model, mmproj, args=["--slots", "4"]) as srv: srv.client()``; :class:`ChildServer`
+is the process handling it shares with the benchmarks' llama-server peer."""
 from __future__ import annotations
 
 import contextlib
@@ -22,8 +23,77 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class ServerProcess:
-    """One server process in its own process group; ``kill()`` is SIGKILL (no cleanup at all)."""
+class ChildServer:
+    """An HTTP server run as a child process in its own process group, healthy once ``GET /health``
+    answers 200: ``start()`` waits for that, ``stop()`` is SIGTERM then SIGKILL, ``kill()`` SIGKILL
+    at once (no cleanup at all). Subclasses set ``cmd``, ``base`` and ``log`` in their constructor."""
+
+    name = "server"
+    error: type[Exception] = RuntimeError  # what start() raises
+    stop_timeout = 20.0
+    cmd: list[str]
+    base: str
+    log: Path
+    start_timeout: float = 120
+    env: Optional[dict[str, str]] = None
+    proc: Optional[subprocess.Popen[bytes]] = None
+
+    def __enter__(self) -> "ChildServer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def log_excerpt(self) -> str:
+        """What start()'s error quotes of the log."""
+        try:
+            return self.log.read_text(errors="replace")[-3000:]
+        except OSError:
+            return ""
+
+    def start(self) -> None:
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env=self.env, start_new_session=True)  # own group: stop() ends all of it
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise self.error(f"{self.name} exited with {self.proc.returncode} while loading: {self.log_excerpt()}")
+            try:
+                with urllib.request.urlopen(self.base + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise self.error(f"{self.name} did not become healthy within {self.start_timeout} s: {self.log_excerpt()}")
+
+    def stop(self, timeout: Optional[float] = None) -> Optional[int]:
+        """SIGTERM (a clean shutdown), SIGKILL after ``timeout``; the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(self.stop_timeout if timeout is None else timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+class ServerProcess(ChildServer):
+    """``llava-kv serve`` on 127.0.0.1 with a free port."""
+
+    name = "llava-kv serve"
 
     def __init__(self, model: str | os.PathLike[str], mmproj: str | os.PathLike[str] | None = None, *,
                  args: Optional[list[str]] = None, api_key: Optional[str] = None, start_timeout: float = 120,
@@ -41,51 +111,10 @@ class ServerProcess:
         self.env = dict(os.environ, **(env or {}))
         self.log = Path(tempfile.mkstemp(prefix="llava-kv-serve-", suffix=".log")[1])
         self.start_timeout = start_timeout
-        self.proc: Optional[subprocess.Popen[bytes]] = None
 
     def __enter__(self) -> "ServerProcess":
         self.start()
         return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
-
-    def start(self) -> None:
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=self.env, start_new_session=True)
-        deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llava-kv serve exited with {self.proc.returncode}: {self.log_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(self.base + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"llava-kv serve did not become healthy in {self.start_timeout} s: {self.log_text()[-3000:]}")
-
-    def stop(self, timeout: float = 20) -> Optional[int]:
-        """SIGTERM (a clean shutdown), SIGKILL after ``timeout``; the exit code."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
