@@ -136,6 +136,28 @@ def test_failed_step_then_same_tokens(llava_pair, images):
             assert texts == [expected, expected]
 
 
+def test_a_full_slot_ends_alone(llava_pair, images):
+    """A slot whose KV cells are all used ends its reply ("length"); the other slot goes on to the
+    reply a lone session gives."""
+    with lk.Model.load(llava_pair.model_path, llava_pair.mmproj_path) as model:
+        with model.session(n_ctx=512) as lone:
+            _prompt(lone, images[1], "y")
+            expected = lone.generate(24)
+        with model.session_pool(2, n_ctx=512) as pool:
+            _prompt(pool[0], images[0], "x")
+            per_pad = len(pool[0]._core.tokenize(" pad" * 8, False)) // 8
+            pool[0].append_text(" pad" * ((512 - pool[0]._core.n_cells - 6) // per_pad))
+            room = 512 - pool[0]._core.n_cells
+            assert 0 < room < 24
+            _prompt(pool[1], images[1], "y")
+            gens = [Generation(pool[0], 24), Generation(pool[1], 24)]
+            texts = _run_together(pool, gens)
+            assert gens[0].finish_reason == "length" and pool[0].last_finish_reason == "length"
+            assert pool[0]._core.n_cells == 512
+            assert gens[0].n_tokens == room  # every free cell used, then the end
+            assert texts[1] == expected and gens[1].n_tokens == 24
+
+
 def test_step_arguments_are_checked(llava_pair, images):
     with lk.Model.load(llava_pair.model_path, llava_pair.mmproj_path) as model, \
             model.session_pool(2, n_ctx=512) as a, model.session_pool(2, n_ctx=512) as b, \

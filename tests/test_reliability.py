@@ -284,6 +284,51 @@ def test_exit_with_a_running_batch_iterator(llava_pair: testing.TestModel, endin
         assert proc.stderr.rstrip().endswith("RuntimeError: boom")
 
 
+@pytest.mark.parametrize("where", ["session", "pool"])
+def test_exit_while_daemon_threads_generate(llava_pair: testing.TestModel, where: str) -> None:
+    """sys.exit while daemon threads are inside native generation calls. Exit closes every model,
+    which cancels those calls: the cancellation's exception must not meet the thread's end at
+    shutdown (that was std::terminate, SIGABRT, in about one run of three). Several runs, the
+    exit at a different moment in each."""
+    loop = {"session": """
+        def work():
+            s = model.session(n_ctx=4096)
+            s.append_text("USER: ")
+            s.append_image(random_image(0))
+            s.append_text(" what?")
+            while True:
+                for _ in s.generate(3000, stream=True):
+                    pass
+                s.clear()
+                s.append_text("again")
+""", "pool": """
+        from llava_kv.pool import Generation
+        def work():
+            pool = model.session_pool(2, n_ctx=4096)
+            while True:
+                for slot in pool:
+                    slot.clear()
+                    slot.append_text("USER: hello")
+                gens = [Generation(slot, 3000) for slot in pool]
+                while not all(g.done for g in gens):
+                    pool.step(gens)
+"""}[where]
+    for run in range(6):
+        proc = _run_in_subprocess(f"""
+            import sys, threading, time
+            import llava_kv as lk
+            from llava_kv.testing import random_image
+            model = lk.Model.load({str(llava_pair.model_path)!r}, {str(llava_pair.mmproj_path)!r})
+            {textwrap.indent(textwrap.dedent(loop), "            ").strip()}
+            for _ in range(2):
+                threading.Thread(target=work, daemon=True).start()
+            time.sleep({0.2 + 0.13 * run})
+            sys.exit(3)
+        """, timeout=60)
+        assert proc.returncode == 3, (run, proc.returncode, proc.stderr[-3000:])
+        assert "terminate" not in proc.stderr, (run, proc.stderr[-3000:])
+
+
 def test_worker_failure_reaches_the_consumer(model: lk.Model) -> None:
     _core._arm_decode_fault(1, "exception")
     with pytest.raises(lk.LlavaKVError, match="batch runner failed"):

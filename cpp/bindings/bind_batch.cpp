@@ -55,8 +55,7 @@ void register_batch(py::module_ & m) {
                 p.stop = std::move(stop);
                 p.queue_size = queue_size;
                 p.encode_ahead = encode_ahead;
-                ReleasedGil release;
-                return BatchRunner::start(std::move(model), p);
+                return without_gil([&] { return BatchRunner::start(std::move(model), p); });
             },
             py::arg("model"), py::kw_only(), py::arg("prefix"), py::arg("suffix"), py::arg("n_parallel") = 4,
             py::arg("max_tokens") = 64, py::arg("n_ctx") = 0, py::arg("n_batch") = 512, py::arg("n_threads") = 0,
@@ -88,26 +87,21 @@ void register_batch(py::module_ & m) {
                     job.pixels.resize(static_cast<size_t>(a.size()));
                     std::memcpy(job.pixels.data(), a.data(), job.pixels.size());
                 }
-                ReleasedGil release;
-                runner.submit(std::move(job));
+                without_gil([&] { runner.submit(std::move(job)); });
             },
             py::arg("id"), py::arg("pixels"), py::arg("digest"), py::arg("source"), py::arg("error") = "",
             py::arg("load_ms") = 0.0)
-        .def("finish", &BatchRunner::finish, py::call_guard<ReleasedGil>(), "No more jobs will be submitted.")
+        .def("finish", released(&BatchRunner::finish), "No more jobs will be submitted.")
         .def("next",
              [](BatchRunner & runner) -> py::object {
                  BatchResult r;
-                 bool got = false;
-                 {
-                     ReleasedGil release;
-                     got = runner.next(r);
-                 }
+                 bool got = without_gil([&] { return runner.next(r); });
                  if (!got) {
                      return py::none();
                  }
                  return py::cast(std::move(r));
              })
-        .def("close", &BatchRunner::close, py::call_guard<ReleasedGil>())
+        .def("close", released(&BatchRunner::close))
         .def_property_readonly("closed", &BatchRunner::closed)
         .def("stats", [](const BatchRunner & runner) {
             const BatchStats s = runner.stats();

@@ -47,13 +47,12 @@ void register_model(py::module_ & m) {
                 params.n_threads = n_threads;
                 params.verbose = verbose;
                 params.embed_cache_bytes = embed_cache_bytes;
-                ReleasedGil release;
-                return Model::load(model_path, mmproj_path, params);
+                return without_gil([&] { return Model::load(model_path, mmproj_path, params); });
             },
             py::arg("model_path"), py::arg("mmproj_path") = "", py::kw_only(), py::arg("n_gpu_layers") = 0,
             py::arg("mmproj_use_gpu") = true, py::arg("n_threads") = 0, py::arg("verbose") = false,
             py::arg("embed_cache_bytes") = size_t(1) << 30, py::arg("flash_attn") = "auto")
-        .def("close", &Model::close, py::call_guard<ReleasedGil>(),
+        .def("close", released(&Model::close),
              "Close every session and batch runner of the model, then free the projector and the weights.")
         .def_property_readonly("closed", &Model::closed, "close() has run")
         .def_property_readonly("path", &Model::path, "the text model GGUF")
@@ -68,12 +67,10 @@ void register_model(py::module_ & m) {
             "decode_audio",
             [](Model & model, const py::bytes & data) {
                 const std::string bytes = data;
-                std::vector<float> samples;
-                {
-                    ReleasedGil release;
+                const std::vector<float> samples = without_gil([&] {
                     auto hold = model.hold();
-                    samples = decode_audio(model, bytes);
-                }
+                    return decode_audio(model, bytes);
+                });
                 py::array_t<float> out(static_cast<py::ssize_t>(samples.size()));
                 std::copy(samples.begin(), samples.end(), out.mutable_data());
                 return out;
@@ -94,8 +91,7 @@ void register_model(py::module_ & m) {
             "session",
             [](Model & model, int32_t n_ctx, int32_t n_batch, int32_t n_ubatch, uint32_t seed, int32_t n_threads) {
                 const SessionParams params = session_params(n_ctx, n_batch, n_ubatch, seed, n_threads);
-                ReleasedGil release;
-                return model.open_session(params);
+                return without_gil([&] { return model.open_session(params); });
             },
             py::kw_only(), py::arg("n_ctx") = 4096, py::arg("n_batch") = 512, py::arg("n_ubatch") = 0,
             py::arg("seed") = 0, py::arg("n_threads") = 0)
@@ -104,23 +100,18 @@ void register_model(py::module_ & m) {
             [](Model & model, int32_t n_slots, int32_t n_ctx, int32_t n_batch, int32_t n_ubatch, uint32_t seed,
                int32_t n_threads) {
                 const SessionParams params = session_params(n_ctx, n_batch, n_ubatch, seed, n_threads);
-                ReleasedGil release;
-                return model.open_pool(params, n_slots);
+                return without_gil([&] { return model.open_pool(params, n_slots); });
             },
             py::arg("n_slots"), py::kw_only(), py::arg("n_ctx") = 4096, py::arg("n_batch") = 512,
             py::arg("n_ubatch") = 0, py::arg("seed") = 0, py::arg("n_threads") = 0,
             "n_slots sessions sharing one context, a sequence and n_ctx KV cells each; their generation steps "
             "can run together in one batched decode (step_sessions).")
-        .def("n_open_sessions", [](const Model & model) { return model.live_sessions().size(); },
-             py::call_guard<ReleasedGil>())
+        .def("n_open_sessions",
+             [](const Model & model) { return without_gil([&] { return model.live_sessions().size(); }); })
         .def(
             "memory",
             [](const Model & model) {
-                MemoryReport report;
-                {
-                    ReleasedGil release;
-                    report = model.memory();
-                }
+                MemoryReport report = without_gil([&] { return model.memory(); });
                 py::list entries;
                 for (const auto & e : report.entries) {
                     entries.append(py::make_tuple(e.component, e.device, e.bytes, e.session_id));
@@ -143,10 +134,9 @@ void register_model(py::module_ & m) {
                  out["capacity_bytes"] = s.capacity_bytes;
                  return out;
              })
-        .def_property_readonly("chat_template",
-                               py::cpp_function(&Model::chat_template, py::call_guard<ReleasedGil>()))
-        .def("apply_chat_template", &Model::apply_chat_template, py::arg("messages"), py::arg("add_assistant") = true,
-             py::arg("template_override") = "", py::call_guard<ReleasedGil>())
+        .def_property_readonly("chat_template", py::cpp_function(released(&Model::chat_template)))
+        .def("apply_chat_template", released(&Model::apply_chat_template), py::arg("messages"),
+             py::arg("add_assistant") = true, py::arg("template_override") = "")
         .def("clear_cache", [](Model & model) { model.embedding_cache().clear(); },
              "Drop every embedding of the shared cache (timelines keep theirs).");
 }

@@ -76,11 +76,7 @@ void register_session(py::module_ & m) {
             for (const auto & c : inputs.chunks) {
                 pixels.push_back(c.image);
             }
-            ReferenceResult r;
-            {
-                ReleasedGil release;
-                r = reference_eval(model, prompt, pixels, n_ctx, n_batch);
-            }
+            ReferenceResult r = without_gil([&] { return reference_eval(model, prompt, pixels, n_ctx, n_batch); });
             py::array_t<float> logits(static_cast<py::ssize_t>(r.logits.size()));
             std::copy(r.logits.begin(), r.logits.end(), logits.mutable_data());
             return py::make_tuple(r.tokens, r.n_past, logits);
@@ -91,12 +87,11 @@ void register_session(py::module_ & m) {
         "inspect_state",
         [](const Model & model, const py::bytes & blob) {
             const std::string data = blob;
-            StateHeader h;
-            {
-                ReleasedGil release;
-                h = inspect_state(data);
-                check_state_fits(h, model);
-            }
+            const StateHeader h = without_gil([&] {
+                StateHeader header = inspect_state(data);
+                check_state_fits(header, model);
+                return header;
+            });
             py::dict d;
             d["n_ctx"] = h.n_ctx;
             d["n_batch"] = h.n_batch;
@@ -135,11 +130,7 @@ void register_session(py::module_ & m) {
     m.def(
         "step_sessions",
         [](const std::vector<std::shared_ptr<Session>> & sessions) {
-            std::vector<GenerationStep> steps;
-            {
-                ReleasedGil release;
-                steps = Session::step_together(sessions);
-            }
+            std::vector<GenerationStep> steps = without_gil([&] { return Session::step_together(sessions); });
             py::list out;
             for (const auto & step : steps) {
                 out.append(py::make_tuple(step.token, py::bytes(step.text), step.end_of_generation));
@@ -149,9 +140,9 @@ void register_session(py::module_ & m) {
         py::arg("sessions"),
         "One generation step for slots of one pool in one batched decode: a (token, text bytes, "
         "end_of_generation) tuple per session, in order. All or nothing on failure.");
-    m.def("_wait_decode_paused", &wait_decode_paused, py::arg("timeout_s"), py::call_guard<ReleasedGil>(),
+    m.def("_wait_decode_paused", released(&wait_decode_paused), py::arg("timeout_s"),
           "Test hook: waits until a decode armed with 'pause' is paused; False on timeout.");
-    m.def("_release_decode_pause", &release_decode_pause, py::call_guard<ReleasedGil>(),
+    m.def("_release_decode_pause", released(&release_decode_pause),
           "Test hook: lets the paused decode go on.");
 
     py::class_<StopStrings>(m, "StopStrings",
@@ -185,7 +176,7 @@ void register_session(py::module_ & m) {
         .def_readonly("generated", &ChunkInfo::generated, "tokens the model sampled, not text given to it");
 
     py::class_<Session, std::shared_ptr<Session>>(m, "Session")
-        .def("close", &Session::close, py::call_guard<ReleasedGil>(),
+        .def("close", released(&Session::close),
              "Free the context; a call in flight stops at its next decode step (ClosedError).")
         .def_property_readonly("closed", &Session::closed, "close() has run")
         .def_property_readonly("closing", &Session::closing,
@@ -208,32 +199,24 @@ void register_session(py::module_ & m) {
                 interruptible(s, [&] { s.remove_chunks(chunk_ids); });
             },
             py::arg("chunk_ids"))
-        .def("index_of", &Session::index_of, py::arg("chunk_id"), py::call_guard<ReleasedGil>(),
+        .def("index_of", released(&Session::index_of), py::arg("chunk_id"),
              "Position of the chunk in the timeline; KeyError if it is gone.")
-        .def("clear", &Session::clear, py::call_guard<ReleasedGil>(), "Empty the timeline and the KV cache.")
+        .def("clear", released(&Session::clear), "Empty the timeline and the KV cache.")
         .def("cancel", &Session::cancel, "Stop the call in flight (CancelledError, nothing changes); safe from any thread.")
         .def("timeline",
              [](const Session & s) {
-                 std::vector<ChunkInfo> timeline;
-                 {
-                     ReleasedGil release;
-                     timeline = s.timeline();
-                 }
+                 std::vector<ChunkInfo> timeline = without_gil([&] { return s.timeline(); });
                  return timeline;
              })
         .def("logits",
              [](const Session & s) {
-                 std::vector<float> logits;
-                 {
-                     ReleasedGil release;
-                     logits = s.logits();
-                 }
+                 std::vector<float> logits = without_gil([&] { return s.logits(); });
                  py::array_t<float> out(static_cast<py::ssize_t>(logits.size()));
                  std::copy(logits.begin(), logits.end(), out.mutable_data());
                  return out;
              })
-        .def_property_readonly("n_past", py::cpp_function(&Session::n_past, py::call_guard<ReleasedGil>()))
-        .def_property_readonly("n_cells", py::cpp_function(&Session::n_cells, py::call_guard<ReleasedGil>()))
+        .def_property_readonly("n_past", py::cpp_function(released(&Session::n_past)))
+        .def_property_readonly("n_cells", py::cpp_function(released(&Session::n_cells)))
         .def_property_readonly("n_ctx", &Session::n_ctx, "KV cells edits are checked against (as asked for)")
         .def_property_readonly("n_batch", [](const Session & s) { return s.params().n_batch; },
                                "tokens per decode call (as the context really takes them)")
@@ -243,16 +226,14 @@ void register_session(py::module_ & m) {
         .def_property_readonly("n_slots", &Session::n_slots, "sessions sharing this session's context (1 alone)")
         .def_property_readonly("seed", [](const Session & s) { return s.params().seed; },
                                "the seed the session was opened with (model.session(seed=...))")
-        .def("tokenize", &Session::tokenize, py::arg("text"), py::arg("add_special") = false,
-             py::call_guard<ReleasedGil>())
+        .def("tokenize", released(&Session::tokenize), py::arg("text"), py::arg("add_special") = false)
         .def(
             "begin_generation",
             [](Session & s, float temperature, int32_t top_k, float top_p, float min_p, float repeat_penalty,
                int32_t repeat_last_n, uint32_t seed) {
                 const SamplingParams p =
                     sampling_params(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed);
-                ReleasedGil release;
-                s.begin_generation(p);
+                without_gil([&] { s.begin_generation(p); });
             },
             py::kw_only(), py::arg("temperature") = 0.0f, py::arg("top_k") = 40, py::arg("top_p") = 0.95f,
             py::arg("min_p") = 0.05f, py::arg("repeat_penalty") = 1.0f, py::arg("repeat_last_n") = 64,
@@ -264,11 +245,7 @@ void register_session(py::module_ & m) {
              })
         .def("save_state",
              [](const Session & s) {
-                 std::string blob;
-                 {
-                     ReleasedGil release;
-                     blob = s.save_state();
-                 }
+                 std::string blob = without_gil([&] { return s.save_state(); });
                  return py::bytes(blob);
              })
         .def("load_state",
@@ -279,29 +256,17 @@ void register_session(py::module_ & m) {
              py::arg("blob"))
         .def("flush_generation",
              [](Session & s) {
-                 std::string rest;
-                 {
-                     ReleasedGil release;
-                     rest = s.flush_generation();
-                 }
+                 std::string rest = without_gil([&] { return s.flush_generation(); });
                  return py::bytes(rest);
              })
         .def("detokenize",
              [](const Session & s, const std::vector<llama_token> & tokens) {
-                 std::string text;
-                 {
-                     ReleasedGil release;
-                     text = s.detokenize(tokens);
-                 }
+                 std::string text = without_gil([&] { return s.detokenize(tokens); });
                  return py::bytes(text);
              },
              py::arg("tokens"))
         .def("stats", [](const Session & s) {
-            SessionStats st;
-            {
-                ReleasedGil release;
-                st = s.stats();
-            }
+            SessionStats st = without_gil([&] { return s.stats(); });
             py::dict d;
             d["tokens_decoded"] = st.registry.tokens_decoded;
             d["text_tokens_decoded"] = st.registry.text_tokens_decoded;

@@ -5,7 +5,15 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <exception>
+#include <optional>
 #include <string>
+#include <type_traits>
+#include <utility>
+
+#if defined(__GLIBCXX__)
+#include <cxxabi.h>
+#endif
 
 #include "sampling.h"
 
@@ -25,6 +33,69 @@ class ReleasedGil {
   private:
     PyThreadState * state_;
 };
+
+// Runs `call` with the GIL released; its result (or its exception) comes back with the GIL held.
+// An exception is caught while the GIL is still released and rethrown once it is held again, never
+// carried through ~ReleasedGil: at interpreter shutdown the GIL's return can be pthread_exit (see
+// above), and a forced unwind that meets an exception in flight is std::terminate. (atexit closes
+// every model, which cancels a generation running in a daemon thread: exactly that case.)
+template <typename Call>
+auto without_gil(Call && call) -> std::decay_t<decltype(call())> {
+    using Result = std::decay_t<decltype(call())>;
+    std::exception_ptr error;
+    if constexpr (std::is_void_v<Result>) {
+        {
+            ReleasedGil release;
+            try {
+                call();
+#if defined(__GLIBCXX__)
+            } catch (abi::__forced_unwind &) {
+                throw;
+#endif
+            } catch (...) {
+                error = std::current_exception();
+            }
+        }
+        if (error) {
+            std::rethrow_exception(error);
+        }
+    } else {
+        std::optional<Result> result;
+        {
+            ReleasedGil release;
+            try {
+                result.emplace(call());
+#if defined(__GLIBCXX__)
+            } catch (abi::__forced_unwind &) {
+                throw;
+#endif
+            } catch (...) {
+                error = std::current_exception();
+            }
+        }
+        if (error) {
+            std::rethrow_exception(error);
+        }
+        return std::move(*result);
+    }
+}
+
+// A member function bound to run without the GIL (what py::call_guard<ReleasedGil> would do, with
+// without_gil's care for exceptions).
+template <typename R, typename C, typename... A>
+auto released(R (C::*f)(A...)) {
+    return [f](C & self, A... args) { return without_gil([&]() -> R { return (self.*f)(std::forward<A>(args)...); }); };
+}
+template <typename R, typename C, typename... A>
+auto released(R (C::*f)(A...) const) {
+    return [f](const C & self, A... args) {
+        return without_gil([&]() -> R { return (self.*f)(std::forward<A>(args)...); });
+    };
+}
+template <typename R, typename... A>
+auto released(R (*f)(A...)) {
+    return [f](A... args) { return without_gil([&]() -> R { return f(std::forward<A>(args)...); }); };
+}
 
 // Ctrl-C during a long native call made on the main thread. Python's SIGINT handler only notes the
 // signal for the interpreter to act on once the call returns; for the length of the scope a handler
@@ -52,8 +123,11 @@ template <typename Target, typename Call>
 auto interruptible(Target & target, Call && call) -> decltype(call()) {
     InterruptScope scope([](void * t) { static_cast<Target *>(t)->cancel(); }, &target);
     try {
-        ReleasedGil release;
-        return call();
+        return without_gil(std::forward<Call>(call));
+#if defined(__GLIBCXX__)
+    } catch (abi::__forced_unwind &) {
+        throw;  // this thread is ending (interpreter shutdown): no Python to raise into
+#endif
     } catch (...) {
         scope.raise_if_interrupted();
         throw;

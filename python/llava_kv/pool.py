@@ -58,15 +58,19 @@ class SessionPool:
         """One token for each of ``generations`` (of this pool's slots, each at most once) in one
         batched decode. Returns per generation the text that became final (possibly ""; the rest of
         the text when it ends), or None for one that had already ended; ``Generation.done`` and
-        ``finish_reason`` say which ended. All or nothing: on failure every slot is as before."""
+        ``finish_reason`` say which ended. A generation whose slot has no free KV cell left ends
+        ("length") without taking part; the others go on. All or nothing: on failure every slot is
+        as before."""
         live = [g for g in generations if not g.done]
-        if not live:
-            return [None for _ in generations]
         for g in live:
             if g.session not in self.sessions:
                 raise ValueError("step(): a generation is on a session of another pool")
-        results = _core.step_sessions([g.session._core for g in live])
         out_of: dict[int, str | None] = {}
+        full = [g for g in live if g.session._core.n_cells >= g.session.n_ctx]
+        for g in full:
+            out_of[id(g)] = g._end("length")
+        live = [g for g in live if id(g) not in out_of]
+        results = _core.step_sessions([g.session._core for g in live]) if live else []
         for g, (_, raw, end) in zip(live, results):
             out_of[id(g)] = g._advance(raw, end)
         return [out_of.get(id(g)) for g in generations]

@@ -430,11 +430,6 @@ class Engine:
             if job.cancelled:
                 self.metrics.inc("cancelled_total")
                 self._finish(job, "cancelled")
-            elif self.pool[slot]._core.n_cells >= self.pool[slot].n_ctx:  # the slot is full: the reply ends
-                rest = job.generation._end("length")  # type: ignore[union-attr]
-                if rest:
-                    job.emit("delta", rest)
-                self._finish(job, "length")
             else:
                 jobs.append(job)
         if not jobs:
