@@ -546,13 +546,17 @@ def run_serve(ctx: Context) -> dict[str, dict[str, Any]]:
                  "ours": conc_ours, "server": conc_server})
     ho = ours.get("http_overhead") or {}
     out["serve_http_overhead"] = entry(
-        unit="ms per request", repetitions=ctx.repeat * 5, ours=ho.get("overhead_ms"), peer=None, server=None,
+        unit="ms per request", repetitions=ctx.repeat * 20, ours=ho.get("overhead_ms"), peer=None, server=None,
         limit=5.0, settings=used, limit_means="the issue's target: under 5 ms over the in-process call",
         reasons={**reasons, "server": "not applicable: llama-server has no in-process call to compare with"},
-        digits=3, details={"what": "a one-token request on a conversation already in its slot: a plain HTTP POST "
-                                   "(urllib, the JSON body prepared) minus Session.chat in-process (same messages, "
-                                   "image as a data: URI on both); with the openai client (its request building and "
-                                   "response models) in overhead_with_openai_client_ms", **ho})
+        digits=3, details={"what": "a request with max_tokens 0 on a conversation already in its slot (nothing "
+                                   "decoded on either side): an HTTP POST on a kept-alive connection (the JSON body "
+                                   "prepared) minus Session.chat in-process (same messages, image as a data: URI on "
+                                   "both); on a new connection per request in overhead_new_connection_ms, with the "
+                                   "openai client (its request building and response models) in "
+                                   "overhead_with_openai_client_ms; the same for a one-token request in "
+                                   "one_token_overhead_ms (its decode's spread, one_token_in_process_iqr_ms, is "
+                                   "larger than the HTTP layer's cost)", **ho})
     rs = ours.get("restore") or {}
     out["serve_restore"] = entry(
         unit="ms", repetitions=ctx.repeat, ours=_ms(rs.get("restore_s")), peer=None, server=None,

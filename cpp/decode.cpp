@@ -96,6 +96,32 @@ int32_t decode_text(llama_context * ctx, const llama_token * tokens, size_t n, l
     return 0;
 }
 
+int32_t decode_embeddings(llama_context * ctx, const float * embd, size_t n_embd, size_t n, llama_pos pos,
+                          llama_seq_id seq, int32_t n_batch, DecodeCounts & counts) {
+    llama_batch_ext_ptr batch(llama_batch_ext_init(ctx));
+    size_t i = 0;
+    while (i < n) {
+        llama_batch_ext_clear(batch.get());
+        int32_t added = 0;
+        for (; i < n && added < n_batch; ++i, ++added) {
+            const int32_t idx = llama_batch_ext_add_embd(batch.get(), seq, llama_embd{embd + i * n_embd, 1, n_embd});
+            if (idx < 0) {
+                return -1;
+            }
+            llama_pos p = pos++;
+            llama_batch_ext_set_pos(batch.get(), idx, &p);
+        }
+        const int32_t status = llama_process(ctx, LLAMA_PROCESS_TYPE_DECODE, batch.get());
+        if (status != 0) {
+            return status;
+        }
+        counts.calls += 1;
+        counts.image_tokens += static_cast<uint64_t>(added);
+        counts.logits = false;
+    }
+    return 0;
+}
+
 int32_t decode_image(mtmd_context * projector, llama_context * ctx, const ImageEmbedding & image, llama_pos & pos,
                      llama_seq_id seq, int32_t n_batch, bool logits_last, DecodeCounts & counts) {
     for (size_t j = 0; j < image.chunks.size(); ++j) {

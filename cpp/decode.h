@@ -64,6 +64,12 @@ struct DecodeCounts {
 int32_t decode_text(llama_context * ctx, const llama_token * tokens, size_t n, llama_pos pos, llama_seq_id seq,
                     int32_t n_batch, bool logits_last, DecodeCounts & counts);
 
+// Decodes `n` rows of an image chunk's embeddings (`n_embd` floats each) at positions pos, pos+1, ...
+// into `seq`, n_batch rows at a time: the first tokens of an image a blend edit recomputes. Single-axis
+// positions only (not M-RoPE) and causal attention only (the caller checks both). No logits.
+int32_t decode_embeddings(llama_context * ctx, const float * embd, size_t n_embd, size_t n, llama_pos pos,
+                          llama_seq_id seq, int32_t n_batch, DecodeCounts & counts);
+
 // Decodes an encoded image (its marker text and image chunks) into `seq` from `pos`, which ends after
 // it. With `logits_last`, the logits of a trailing text chunk (an end-of-image marker) are requested.
 int32_t decode_image(mtmd_context * projector, llama_context * ctx, const ImageEmbedding & image, llama_pos & pos,

@@ -52,11 +52,13 @@ bool last_text_token(const Chunk & chunk, llama_token bos, llama_token & out) {
 
 }  // namespace
 
-ImageEmbedRegistry::ImageEmbedRegistry(llama_context * ctx, llama_seq_id seq, mtmd_context * projector,
-                                       const llama_vocab * vocab, int32_t n_ctx, int32_t n_batch, int32_t n_ubatch, CancelState & cancel,
+ImageEmbedRegistry::ImageEmbedRegistry(llama_context * ctx, llama_seq_id seq, llama_seq_id parking,
+                                       mtmd_context * projector, const llama_vocab * vocab, int32_t n_ctx,
+                                       int32_t n_batch, int32_t n_ubatch, CancelState & cancel,
                                        RegistryCounters & counters)
     : ctx_(ctx),
       seq_(seq),
+      parking_(parking),
       projector_(projector),
       vocab_(vocab),
       n_batch_(n_batch),
@@ -260,26 +262,19 @@ void ImageEmbedRegistry::commit(std::vector<Chunk> next, size_t begin) {
         roll_back(status, first, old_logits, old_has_logits);
     }
     timeline_ = std::move(next);
+    if (static_cast<int64_t>(first) <= approx_from_) {
+        approx_from_ = -1;  // everything from before the first approximate chunk was decoded again
+    }
 }
 
 void ImageEmbedRegistry::remove_shift(size_t index) {
     if (index >= timeline_.size()) {
         throw std::out_of_range("chunk index " + std::to_string(index) + " is outside the timeline");
     }
-    if (projector_ && mtmd_decode_use_mrope(projector_)) {
-        throw Error("mode='shift' is not available for M-RoPE models (positions are not a single axis); "
-                    "use mode='exact'");
+    if (const std::string problem = shift_problem(); !problem.empty()) {
+        throw Error("mode='shift' is not available: " + problem + "; use mode='exact'");
     }
     llama_memory_t mem = llama_get_memory(ctx_);
-    // Sliding-window models: llama.cpp reports that their cache can shift, but applying the shift
-    // to the windowed cache aborts the process at the pinned commit. Refuse rather than crash.
-    if (llama_model_n_swa(llama_get_model(ctx_)) > 0) {
-        throw Error("mode='shift' is not available for sliding-window attention models (this llama.cpp cannot "
-                    "shift their windowed KV cache safely); use mode='exact'");
-    }
-    if (!llama_memory_can_shift(mem)) {
-        throw Error("mode='shift' is not available: this model's KV memory cannot shift positions; use mode='exact'");
-    }
     if (index == 0 && timeline_[0].bos) {
         throw Error("mode='shift' cannot remove the first chunk, which carries the BOS token; use mode='exact'");
     }
@@ -331,6 +326,243 @@ void ImageEmbedRegistry::remove_shift(size_t index) {
         roll_back(status, 0, old_logits, old_has_logits);
     }
     timeline_ = std::move(next);
+    mark_approximate(index);
+}
+
+std::string ImageEmbedRegistry::shift_problem() const {
+    if (projector_ && mtmd_decode_use_mrope(projector_)) {
+        return "M-RoPE positions are not a single axis";
+    }
+    // Sliding-window models: llama.cpp reports that their cache can shift, but applying the shift
+    // to the windowed cache aborts the process at the pinned commit. Refuse rather than crash.
+    if (llama_model_n_swa(llama_get_model(ctx_)) > 0) {
+        return "this llama.cpp cannot shift the windowed KV cache of sliding-window attention models safely";
+    }
+    if (!llama_memory_can_shift(llama_get_memory(ctx_))) {
+        return "this model's KV memory cannot shift positions";
+    }
+    return {};
+}
+
+void ImageEmbedRegistry::mark_approximate(size_t from) {
+    const auto index = static_cast<int64_t>(from);
+    approx_from_ = approx_from_ < 0 ? index : std::min(approx_from_, index);
+}
+
+void ImageEmbedRegistry::put_back(const std::vector<uint8_t> & saved, int32_t status,
+                                  const std::vector<float> & old_logits, bool old_has_logits) {
+    {
+        Restoring restoring(cancel_);
+        llama_memory_seq_rm(llama_get_memory(ctx_), seq_, -1, -1);
+        if (cancel_.closing.load() || llama_state_seq_set_data(ctx_, saved.data(), saved.size(), seq_) != saved.size()) {
+            reset_kv();
+            timeline_.clear();
+            has_logits_ = false;
+            approx_from_ = -1;
+            if (cancel_.closing.load()) {
+                throw ClosedError("the session was closed while the call was running");
+            }
+            throw Error("decoding failed (" + failure(status) +
+                        ") and the previous KV cache could not be put back; the session was reset to empty");
+        }
+    }
+    logits_ = old_logits;
+    has_logits_ = old_has_logits;
+    cells_restored_ = true;
+    if (status == 2) {
+        throw CancelledError("the call was cancelled; the session is as it was before the call");
+    }
+    throw Error("decoding failed: " + failure(status) + "; the session is as it was before the call");
+}
+
+std::vector<uint8_t> ImageEmbedRegistry::copy_kv() const {
+    std::vector<uint8_t> saved(llama_state_seq_get_size(ctx_, seq_));
+    if (llama_state_seq_get_data(ctx_, saved.data(), saved.size(), seq_) != saved.size()) {
+        throw Error("could not keep a copy of the KV cache to roll back to");
+    }
+    return saved;
+}
+
+std::vector<uint64_t> ImageEmbedRegistry::splice_blend(size_t begin, size_t end, std::vector<ChunkSpec> inserted,
+                                                       int32_t k, BlendReport & report) {
+    if (k < 0) {
+        throw std::invalid_argument("k (the leading tokens recomputed of each later image) must be >= 0");
+    }
+    if (begin > end || end > timeline_.size()) {
+        throw std::out_of_range("chunk range [" + std::to_string(begin) + ", " + std::to_string(end) +
+                                ") is outside the timeline of " + std::to_string(timeline_.size()) + " chunks");
+    }
+    if (parking_ < 0) {
+        throw Error("mode='blend' is not available on a slot of a session pool (its context has no sequence to "
+                    "park the kept KV cells in); use mode='exact', or a session of its own");
+    }
+    for (const auto & spec : inserted) {
+        if (spec.kind != ChunkKind::Image) {
+            continue;
+        }
+        if (const std::string problem = image_batch_problem(projector_, *spec.image, std::min(n_batch_, n_ubatch_));
+            !problem.empty()) {
+            throw Error(problem);
+        }
+    }
+    report = BlendReport{};
+    report.k = k;
+    const bool mrope = projector_ && mtmd_decode_use_mrope(projector_);
+    report.k_applied = mrope ? 0 : k;
+
+    std::vector<uint64_t> ids;
+    std::vector<Chunk> next = build(begin, end, inserted, ids);
+    const size_t tail = begin + ids.size();  // the first later chunk in `next`
+    for (size_t i = begin; i < next.size(); ++i) {
+        report.exact_tokens += next[i].n_cells;
+    }
+    if (end == timeline_.size() || tail == next.size()) {
+        // Nothing after the edit: the exact splice is all there is to do.
+        const uint64_t before = counters_.tokens_decoded;
+        commit(std::move(next), begin);
+        next_id_ += ids.size();
+        report.tokens_decoded = static_cast<int32_t>(counters_.tokens_decoded - before);
+        return ids;
+    }
+    check_fits(next);
+    const llama_pos cut = timeline_[begin].pos0;
+    const llama_pos old_tail = timeline_[end].pos0;
+    const llama_pos delta = next[tail].pos0 - old_tail;
+    if (delta != 0) {
+        if (const std::string problem = shift_problem(); !problem.empty()) {
+            throw Error("mode='blend' here moves what follows by " + std::to_string(delta) + " positions, and " +
+                        problem + ": replace with media of the same token count, or use mode='exact'");
+        }
+    }
+
+    llama_memory_t mem = llama_get_memory(ctx_);
+    // An approximate state cannot be decoded back: keep this sequence's cells to put back on failure.
+    const std::vector<uint8_t> saved = exact() ? std::vector<uint8_t>() : copy_kv();
+    if (cut < old_tail && !llama_memory_seq_rm(mem, seq_, cut, old_tail)) {
+        throw Error("mode='blend' is not available: this model's KV memory cannot remove a span from the middle; "
+                    "use mode='exact'");
+    }
+    const std::vector<float> old_logits = logits_;
+    const bool old_has_logits = has_logits_;
+    const uint64_t decoded_before = counters_.tokens_decoded;
+    int32_t removed = 0;
+    for (size_t i = begin; i < end; ++i) {
+        removed += timeline_[i].n_cells;
+    }
+    if (delta != 0) {
+        llama_memory_seq_add(mem, seq_, old_tail, -1, delta);
+    }
+    // Everything after the edit waits in the parking sequence (the same cells, no copy): llama.cpp
+    // decodes a sequence only at its end, and the kept cells come back chunk by chunk in order.
+    llama_memory_seq_cp(mem, seq_, parking_, next[tail].pos0, -1);
+    llama_memory_seq_rm(mem, seq_, next[tail].pos0, -1);
+    has_logits_ = false;
+    int32_t status = 0;
+    int32_t kept = 0;
+    for (size_t i = begin; i < next.size() && status == 0; ++i) {
+        const bool last = i + 1 == next.size();
+        try {
+            status = i < tail ? decode_chunk(next[i], last) : blend_chunk(next[i], report.k_applied, last, kept);
+        } catch (const std::exception & e) {
+            exception_what_ = e.what();
+            status = kDecodeThrew;
+        }
+    }
+    llama_memory_seq_rm(mem, parking_, -1, -1);  // what is left there was decoded again (or the call failed)
+    if (status != 0) {
+        if (saved.empty()) {
+            // The state before was exact: decode it again from the edit on (what an exact edit's rollback does).
+            roll_back(status, begin, old_logits, old_has_logits);
+        }
+        put_back(saved, status, old_logits, old_has_logits);
+    }
+    counters_.kv_cells_removed += static_cast<uint64_t>(removed);
+    counters_.blend_edits += 1;
+    counters_.blend_tokens_kept += static_cast<uint64_t>(kept);
+    timeline_ = std::move(next);
+    next_id_ += ids.size();
+    mark_approximate(begin);
+    report.tokens_decoded = static_cast<int32_t>(counters_.tokens_decoded - decoded_before);
+    report.tokens_kept = kept;
+    return ids;
+}
+
+int32_t ImageEmbedRegistry::blend_chunk(const Chunk & chunk, int32_t k, bool logits_last, int32_t & kept) {
+    llama_memory_t mem = llama_get_memory(ctx_);
+    if (chunk.kind == ChunkKind::Text) {
+        llama_memory_seq_rm(mem, parking_, chunk.pos0, chunk.pos1);
+        return decode_chunk(chunk, logits_last);
+    }
+    llama_pos pos = chunk.pos0;
+    const auto & image = *chunk.image;
+    for (size_t j = 0; j < image.chunks.size(); ++j) {
+        const mtmd_input_chunk * sub = image.chunks[j].get();
+        const auto n = static_cast<int32_t>(mtmd_input_chunk_get_n_tokens(sub));
+        const llama_pos n_pos = mtmd_input_chunk_get_n_pos(sub);
+        if (mtmd_input_chunk_get_type(sub) == MTMD_INPUT_CHUNK_TYPE_TEXT) {
+            size_t n_text = 0;
+            const llama_token * tokens = mtmd_input_chunk_get_tokens_text(sub, &n_text);
+            llama_memory_seq_rm(mem, parking_, pos, pos + n_pos);
+            if (const int32_t status = decode_text(tokens, n_text, pos, logits_last && j + 1 == image.chunks.size())) {
+                return status;
+            }
+            pos += n_pos;
+            continue;
+        }
+        // k is 0 under M-RoPE (splice_blend): there all of an image's cells share one position.
+        const int32_t redo = std::min(k, n);
+        if (redo > 0) {
+            llama_memory_seq_rm(mem, parking_, pos, pos + redo);
+            if (const int32_t status = fault_point()) {
+                return status;
+            }
+            DecodeCounts counts;
+            const size_t n_embd = image.embeddings[j].size() / static_cast<size_t>(n);
+            // As the image was decoded: a projector's non-causal attention within the image stays.
+            const bool non_causal = mtmd_decode_use_non_causal(projector_, sub);
+            if (non_causal) {
+                llama_set_causal_attn(ctx_, false);
+            }
+            const int32_t decoded = llava_kv::decode_embeddings(ctx_, image.embeddings[j].data(), n_embd,
+                                                                static_cast<size_t>(redo), pos, seq_, n_batch_, counts);
+            if (non_causal) {
+                llama_set_causal_attn(ctx_, true);
+            }
+            if (const int32_t status = record(counts, decoded)) {
+                return status;
+            }
+        }
+        // The rest of the image's cells come back as they were.
+        llama_memory_seq_cp(mem, parking_, seq_, pos + redo, pos + n_pos);
+        llama_memory_seq_rm(mem, parking_, pos + redo, pos + n_pos);
+        kept += n - redo;
+        pos += n_pos;
+    }
+    return 0;
+}
+
+int32_t ImageEmbedRegistry::recompute() {
+    if (exact()) {
+        return 0;
+    }
+    const auto first = static_cast<size_t>(approx_from_);
+    const std::vector<uint8_t> saved = copy_kv();
+    const std::vector<float> old_logits = logits_;
+    const bool old_has_logits = has_logits_;
+    const uint64_t before = counters_.tokens_decoded;
+    size_t from = first;
+    if (cells_restored_ || !remove_kv_from(timeline_[first].pos0)) {
+        reset_kv();
+        from = 0;
+        counters_.full_redecodes += 1;
+    }
+    const int32_t status = decode_from(timeline_, from);
+    if (status != 0) {
+        put_back(saved, status, old_logits, old_has_logits);
+    }
+    approx_from_ = -1;
+    cells_restored_ = false;
+    return static_cast<int32_t>(counters_.tokens_decoded - before);
 }
 
 llama_pos ImageEmbedRegistry::next_generated_pos() const {
@@ -400,6 +632,7 @@ RegistrySnapshot ImageEmbedRegistry::snapshot() const {
     snap.next_id = next_id_;
     snap.logits = logits_;
     snap.has_logits = has_logits_;
+    snap.approx_from = approx_from_;
     return snap;
 }
 
@@ -425,6 +658,8 @@ void ImageEmbedRegistry::restore(RegistrySnapshot snap, int32_t n_embd_inp) {
     next_id_ = snap.next_id;
     logits_ = std::move(snap.logits);
     has_logits_ = snap.has_logits;
+    approx_from_ = snap.approx_from < static_cast<int64_t>(timeline_.size()) ? snap.approx_from : -1;
+    cells_restored_ = true;
 }
 
 void ImageEmbedRegistry::clear() {
@@ -433,6 +668,8 @@ void ImageEmbedRegistry::clear() {
     timeline_.clear();
     logits_.clear();
     has_logits_ = false;
+    approx_from_ = -1;
+    cells_restored_ = false;
 }
 
 bool ImageEmbedRegistry::remove_kv_from(llama_pos pos0) {
@@ -442,7 +679,7 @@ bool ImageEmbedRegistry::remove_kv_from(llama_pos pos0) {
 void ImageEmbedRegistry::reset_kv() {
     // A context of its own is emptied whole, so the next decode lays its cells out as a fresh run's;
     // a sequence of a shared context removes just its own cells.
-    if (llama_n_seq_max(ctx_) == 1) {
+    if (parking_ >= 0) {
         llama_memory_clear(llama_get_memory(ctx_), true);
     } else {
         llama_memory_seq_rm(llama_get_memory(ctx_), seq_, -1, -1);

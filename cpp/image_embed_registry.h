@@ -51,6 +51,18 @@ struct RegistryCounters {
     uint64_t decode_calls = 0;
     uint64_t full_redecodes = 0;        // edits where the memory refused a partial removal
     uint64_t shift_edits = 0;
+    uint64_t blend_edits = 0;
+    uint64_t blend_tokens_kept = 0;     // KV cells of later chunks blend edits kept instead of decoding
+};
+
+// What one blend edit did: tokens decoded, KV cells of later chunks kept as they were, what the exact
+// edit would have decoded, and how many leading tokens of each later image were recomputed.
+struct BlendReport {
+    int32_t tokens_decoded = 0;
+    int32_t tokens_kept = 0;
+    int32_t exact_tokens = 0;
+    int32_t k = 0;          // asked for
+    int32_t k_applied = 0;  // what the cache allows: 0 under M-RoPE (an image's cells share one position)
 };
 
 struct CancelState;       // decode.h
@@ -63,10 +75,12 @@ class ImageEmbedRegistry {
     // padded size); `n_batch`/`n_ubatch` are the context's own. `cancel` is the owner's: a rollback
     // holds off cancel() while it restores, and after close() the state is dropped, not restored.
     // `seq` is the sequence of `ctx` this timeline owns (0 for a context of its own; a slot's in a
-    // shared one): every decode and removal touches that sequence only.
-    ImageEmbedRegistry(llama_context * ctx, llama_seq_id seq, mtmd_context * projector, const llama_vocab * vocab,
-                       int32_t n_ctx, int32_t n_batch, int32_t n_ubatch, CancelState & cancel,
-                       RegistryCounters & counters);
+    // shared one): every decode and removal touches that sequence only. `parking` (a context of its
+    // own: 1; a pool slot: -1) is an empty sequence of the same cell buffer where a blend edit parks
+    // the cells it keeps while it decodes what comes before them.
+    ImageEmbedRegistry(llama_context * ctx, llama_seq_id seq, llama_seq_id parking, mtmd_context * projector,
+                       const llama_vocab * vocab, int32_t n_ctx, int32_t n_batch, int32_t n_ubatch,
+                       CancelState & cancel, RegistryCounters & counters);
 
     const std::vector<Chunk> & timeline() const { return timeline_; }
     llama_pos n_past() const { return timeline_.empty() ? 0 : timeline_.back().pos1; }
@@ -88,6 +102,24 @@ class ImageEmbedRegistry {
     // Removes one chunk by deleting its KV span and shifting later positions down, without
     // re-decoding (approximate). Throws Error where the memory cannot shift or positions are M-RoPE.
     void remove_shift(size_t index);
+
+    // The approximate splice (mode='blend'): the inserted chunks are decoded after the exact prefix;
+    // of every later chunk the text (and each image's marker tokens) is decoded again, and of each
+    // image only its first `k` tokens, the rest keeping the KV cells computed before the edit. Later
+    // positions move (a KV shift) only where the memory can shift: else the edit must keep the token
+    // count. llama.cpp decodes a sequence only at its end, so the kept cells wait in the parking
+    // sequence and return chunk by chunk; a pool slot has none (refused). On failure nothing has changed.
+    std::vector<uint64_t> splice_blend(size_t begin, size_t end, std::vector<ChunkSpec> inserted, int32_t k,
+                                       BlendReport & report);
+
+    // Whether every KV cell is what a fresh run computes (false after a blend or shift edit, until an
+    // exact edit from before the first approximate chunk, recompute() or clear()).
+    bool exact() const { return approx_from_ < 0; }
+    // Index of the first chunk whose KV is approximate (-1 when exact).
+    int64_t approx_from() const { return approx_from_; }
+    // Re-decodes from the first approximate chunk, after which logits equal a fresh run's. Returns
+    // the tokens decoded (0 when already exact). On failure nothing has changed.
+    int32_t recompute();
 
     // Decodes one sampled token after the timeline and records it in the trailing generated chunk
     // (a new one if the last chunk is not generated). On failure nothing has changed.
@@ -136,9 +168,22 @@ class ImageEmbedRegistry {
     void reset_kv();
 
     void push_generated(llama_token token, const std::string & piece);
+    // Why positions after an edit cannot move in this memory (empty if they can).
+    std::string shift_problem() const;
+    // A later chunk of a blend edit: its text decoded again, of a media chunk the first `k` tokens
+    // of each image part, the rest of its cells brought back from the parking sequence; `kept` adds
+    // those.
+    int32_t blend_chunk(const Chunk & chunk, int32_t k, bool logits_last, int32_t & kept);
+    void mark_approximate(size_t from);
+    // This sequence's KV cells, and putting them back after a failed approximate edit (then throws
+    // the error the call ends with, as roll_back does).
+    std::vector<uint8_t> copy_kv() const;
+    [[noreturn]] void put_back(const std::vector<uint8_t> & saved, int32_t status, const std::vector<float> & old_logits,
+                               bool old_has_logits);
 
     llama_context * ctx_;
     llama_seq_id seq_;
+    llama_seq_id parking_;
     mtmd_context * projector_;
     const llama_vocab * vocab_;
     int32_t n_batch_;
@@ -154,6 +199,10 @@ class ImageEmbedRegistry {
     uint64_t next_id_ = 1;
     std::vector<float> logits_;
     bool has_logits_ = false;
+    int64_t approx_from_ = -1;
+    // The cells were put back from a copy (a failed approximate edit, a loaded state): their layout
+    // in the cache may differ from a fresh run's, so recompute() decodes from the start.
+    bool cells_restored_ = false;
 };
 
 }  // namespace llava_kv

@@ -81,8 +81,10 @@ std::shared_ptr<SharedContext> make_shared_context(const Model & model, SessionP
     cparams.n_ctx = static_cast<uint32_t>(cells);
     cparams.n_batch = static_cast<uint32_t>(params.n_batch);
     cparams.n_ubatch = static_cast<uint32_t>(params.n_ubatch);
-    cparams.n_seq_max = static_cast<uint32_t>(n_seq);
-    cparams.kv_unified = false;
+    // A context of its own also gets a second sequence in the same cell buffer (kv_unified), empty
+    // except during a blend edit, which parks the KV cells it keeps there (ImageEmbedRegistry).
+    cparams.n_seq_max = static_cast<uint32_t>(n_seq == 1 ? 2 : n_seq);
+    cparams.kv_unified = n_seq == 1;
     cparams.abort_callback = &SharedContext::abort_requested;
     cparams.abort_callback_data = shared.get();
     take_logged_errors();
@@ -116,8 +118,10 @@ Session::Session(std::shared_ptr<Model> model, const SessionParams & params, std
 
 void Session::open_context() {
     // Edits are checked against the n_ctx asked for (llama.cpp may allocate a few more cells).
-    registry_ = std::make_unique<ImageEmbedRegistry>(ctx(), seq_, model_->projector(), model_->vocab(), params_.n_ctx,
-                                                     params_.n_batch, params_.n_ubatch, cancel_, stats_.registry);
+    const llama_seq_id parking = shared_->n_seq == 1 ? 1 : -1;
+    registry_ = std::make_unique<ImageEmbedRegistry>(ctx(), seq_, parking, model_->projector(), model_->vocab(),
+                                                     params_.n_ctx, params_.n_batch, params_.n_ubatch, cancel_,
+                                                     stats_.registry);
 }
 
 std::vector<std::shared_ptr<Session>> open_session_pool(const std::shared_ptr<Model> & model,
@@ -221,35 +225,53 @@ std::vector<llama_token> Session::tokenize(const std::string & text, bool add_sp
     return tokens;
 }
 
+std::vector<ChunkSpec> Session::specs_locked(const std::vector<ChunkInput> & inputs) {
+    std::vector<const MediaInput *> pixels;
+    for (const auto & input : inputs) {
+        if (input.kind == ChunkKind::Image) {
+            pixels.push_back(&input.image);
+        }
+    }
+    const auto embeddings = embed_media(*model_, pixels, stats_.encode);
+    std::vector<ChunkSpec> specs;
+    specs.reserve(inputs.size());
+    size_t next_image = 0;
+    for (const auto & input : inputs) {
+        ChunkSpec spec;
+        spec.kind = input.kind;
+        if (input.kind == ChunkKind::Text) {
+            spec.tokens = tokenize_locked(input.text);
+            spec.source = input.text;
+            if (spec.tokens.empty()) {
+                continue;
+            }
+        } else {
+            spec.image = embeddings[next_image++];
+            spec.source = input.image.source;
+        }
+        specs.push_back(std::move(spec));
+    }
+    return specs;
+}
+
 std::vector<uint64_t> Session::splice(size_t begin, size_t end, const std::vector<ChunkInput> & inputs) {
-    return run_edit([&] {
-        std::vector<const MediaInput *> pixels;
-        for (const auto & input : inputs) {
-            if (input.kind == ChunkKind::Image) {
-                pixels.push_back(&input.image);
-            }
-        }
-        const auto embeddings = embed_media(*model_, pixels, stats_.encode);
-        std::vector<ChunkSpec> specs;
-        specs.reserve(inputs.size());
-        size_t next_image = 0;
-        for (const auto & input : inputs) {
-            ChunkSpec spec;
-            spec.kind = input.kind;
-            if (input.kind == ChunkKind::Text) {
-                spec.tokens = tokenize_locked(input.text);
-                spec.source = input.text;
-                if (spec.tokens.empty()) {
-                    continue;
-                }
-            } else {
-                spec.image = embeddings[next_image++];
-                spec.source = input.image.source;
-            }
-            specs.push_back(std::move(spec));
-        }
-        return registry_->splice(begin, end, std::move(specs));
-    });
+    return run_edit([&] { return registry_->splice(begin, end, specs_locked(inputs)); });
+}
+
+std::vector<uint64_t> Session::splice_blend(size_t begin, size_t end, const std::vector<ChunkInput> & inputs,
+                                            int32_t k, BlendReport & report) {
+    return run_edit([&] { return registry_->splice_blend(begin, end, specs_locked(inputs), k, report); });
+}
+
+bool Session::exact() const {
+    auto hold = model_->hold();
+    std::lock_guard<std::mutex> lock(shared_->mutex);
+    check_open();
+    return registry_->exact();
+}
+
+int32_t Session::recompute() {
+    return run_edit([&] { return registry_->recompute(); });
 }
 
 void Session::remove_shift(uint64_t chunk_id) {

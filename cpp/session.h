@@ -110,6 +110,12 @@ class Session {
     // makes no chunk). On any failure the session is exactly as before the call.
     std::vector<uint64_t> splice(size_t begin, size_t end, const std::vector<ChunkInput> & inputs);
     void remove_shift(uint64_t chunk_id);
+    // The approximate splice (mode='blend', ImageEmbedRegistry::splice_blend): fills `report`.
+    std::vector<uint64_t> splice_blend(size_t begin, size_t end, const std::vector<ChunkInput> & inputs, int32_t k,
+                                       BlendReport & report);
+    // Whether the KV cache is what a fresh run computes, and making it so (returns tokens decoded).
+    bool exact() const;
+    int32_t recompute();
     // Removes these chunks in one exact edit. Throws NotFoundError (nothing changed) for an unknown id.
     void remove_chunks(const std::vector<uint64_t> & chunk_ids);
     size_t index_of(uint64_t chunk_id) const;
@@ -162,6 +168,8 @@ class Session {
 
   private:
     std::vector<llama_token> tokenize_locked(const std::string & text) const;
+    // What an edit inserts: text tokenized, media encoded (or taken from the embedding cache).
+    std::vector<ChunkSpec> specs_locked(const std::vector<ChunkInput> & inputs);
     // Frees the sampler and timeline; a slot removes its cells from the shared context, which is
     // freed with the last slot or when `drop_context` (the model is closing).
     void free_native(bool drop_context);

@@ -7,7 +7,14 @@
 namespace llava_kv {
 namespace {
 
-constexpr char kMagic[8] = {'L', 'L', 'K', 'V', 'S', 'T', '0', '2'};
+// Version 03 adds the first approximate chunk (blend edits); 02 (always exact) is still read.
+constexpr char kMagic[8] = {'L', 'L', 'K', 'V', 'S', 'T', '0', '3'};
+constexpr char kPreviousVersion[2] = {'0', '2'};
+
+bool is_previous_version(const std::string & blob) {
+    return blob.size() >= sizeof(kMagic) && std::memcmp(blob.data() + 6, kPreviousVersion, 2) == 0;
+}
+
 constexpr size_t kPreamble = sizeof(kMagic) + 2 * sizeof(uint64_t);  // magic, payload size, checksum
 
 // An integrity check against corrupted files (not an authenticity check): every step is a
@@ -142,6 +149,7 @@ std::string serialize_state(const StateHeader & header, const RegistrySnapshot &
     }
     w.pod<uint8_t>(snap.has_logits ? 1 : 0);
     w.vec(snap.logits);
+    w.pod<int64_t>(snap.approx_from);
     w.str(kv_state);
     return reseal_state(std::move(w.out));
 }
@@ -161,7 +169,7 @@ StateHeader inspect_state(const std::string & blob) {
     if (blob.size() < sizeof(kMagic) || std::memcmp(blob.data(), kMagic, 6) != 0) {
         throw Error("not a llava-kv session state (bad magic)");
     }
-    if (std::memcmp(blob.data(), kMagic, sizeof(kMagic)) != 0) {
+    if (std::memcmp(blob.data(), kMagic, sizeof(kMagic)) != 0 && !is_previous_version(blob)) {
         throw Error("session state format version '" + blob.substr(6, 2) + "' is not the one this llava-kv reads (" +
                     std::string(kMagic + 6, 2) + "); save the session again with this version");
     }
@@ -232,6 +240,10 @@ RegistrySnapshot deserialize_state(const std::string & blob, StateHeader & heade
     }
     snap.has_logits = r.pod<uint8_t>() != 0;
     snap.logits = r.vec<float>();
+    snap.approx_from = is_previous_version(blob) ? -1 : r.pod<int64_t>();
+    if (snap.approx_from < -1 || snap.approx_from >= static_cast<int64_t>(snap.timeline.size())) {
+        throw Error("corrupt session state: approximate-chunk index");
+    }
     kv_state = r.str();
     if (!r.done()) {
         throw Error("corrupt session state: trailing bytes");

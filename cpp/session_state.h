@@ -15,6 +15,7 @@ struct RegistrySnapshot {
     uint64_t next_id = 1;
     std::vector<float> logits;
     bool has_logits = false;
+    int64_t approx_from = -1;  // first chunk with approximate KV (blend/shift edits); -1: exact
 };
 
 // What a state blob says about itself, covered by its checksum: enough to size the context that

@@ -58,7 +58,7 @@ def session_state(s: lk.Session) -> tuple:
         logits = s.logits().tobytes()
     except lk.LlavaKVError:
         logits = None
-    return (tuple(s.timeline), s.n_past, logits, tuple(sorted(s.stats.items())))
+    return (tuple(s.timeline), s.n_past, logits, tuple(sorted(s.stats.items())), s.exact)
 
 
 def feed_timeline(s: lk.Session, timeline: list, media: dict) -> None:

@@ -381,3 +381,41 @@ def test_malformed_requests_get_openai_errors_and_change_nothing(guarded, body, 
         assert after[key] == before[key]
     assert srv.get("/health")[0] == 200  # and the server is still up
 
+
+
+def test_input_audio_parts_on_an_audio_model(models_dir):
+    """input_audio parts (base64 WAV) where the model has audio: the reply equals session.chat's, the
+    next turn reuses the clip's KV (no encode), and a clip that is not audio gets a 400 naming it."""
+    from llava_kv.testing import make_test_model, random_audio, wav_bytes
+
+    apair = make_test_model(models_dir, "tiny-qwen2a")
+    with lk.Model.load(apair.model_path, apair.mmproj_path, n_threads=1) as m:
+        rate = m.audio_sample_rate
+        clip = {"type": "input_audio", "input_audio": {
+            "data": base64.b64encode(wav_bytes(random_audio(7, seconds=0.5), rate)).decode(), "format": "wav"}}
+        first = [{"role": "user", "content": [clip, {"type": "text", "text": "What is it?"}]}]
+        want = reference(m, [first], max_tokens=4)[0]
+        second = first + [{"role": "assistant", "content": want}, user("And then?")]
+        want2 = reference(m, [first, second], max_tokens=4)[1]
+    with ServerProcess(apair.model_path, apair.mmproj_path, args=["--slots", "1", "--n-ctx", "2048",
+                                                                  "--threads", "1"]) as srv:
+        client = srv.client()
+        client._llava_model = os.path.basename(apair.model_path)
+        reply = ask(client, first, max_tokens=4)
+        assert reply.choices[0].message.content == want
+        assert reply.usage.model_extra["images_encoded"] == 1
+        reply2 = ask(client, second, max_tokens=4)
+        assert reply2.choices[0].message.content == want2
+        assert reply2.usage.model_extra["images_encoded"] == 0
+        assert reply2.usage.model_extra["tokens_reused"] >= reply.usage.prompt_tokens - 1
+        bad = [{"role": "user", "content": [{"type": "input_audio", "input_audio": {
+            "data": base64.b64encode(b"not a wav file at all").decode(), "format": "wav"}}]}]
+        status, _, raw = srv.post("/v1/chat/completions", {"messages": bad, "max_tokens": 2})
+        assert status == 400, raw
+        err = json.loads(raw)["error"]
+        assert err["code"] == "invalid_audio" and err["message"].startswith("messages[0].content[0]: "), err
+        bad[0]["content"][0]["input_audio"]["format"] = "ogg"
+        status, _, raw = srv.post("/v1/chat/completions", {"messages": bad, "max_tokens": 2})
+        assert status == 400 and "'ogg' is not supported" in json.loads(raw)["error"]["message"], raw
+        generated = reply.usage.completion_tokens + reply2.usage.completion_tokens
+        assert srv.metrics()["llava_kv_tokens_generated_total"] == generated  # the two good replies only

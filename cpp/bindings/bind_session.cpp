@@ -190,6 +190,28 @@ void register_session(py::module_ & m) {
             },
             py::arg("begin"), py::arg("end"), py::arg("items"))
         .def(
+            "splice_blend",
+            [](Session & s, size_t begin, size_t end, const py::list & items, int32_t k) {
+                Inputs inputs = convert(items);
+                BlendReport report;
+                std::vector<uint64_t> ids =
+                    interruptible(s, [&] { return s.splice_blend(begin, end, inputs.chunks, k, report); });
+                py::dict r;
+                r["tokens_decoded"] = report.tokens_decoded;
+                r["tokens_kept"] = report.tokens_kept;
+                r["exact_tokens"] = report.exact_tokens;
+                r["k"] = report.k;
+                r["k_applied"] = report.k_applied;
+                return py::make_tuple(ids, r);
+            },
+            py::arg("begin"), py::arg("end"), py::arg("items"), py::arg("k"),
+            "The approximate splice (mode='blend'): (new chunk ids, what it decoded and kept).")
+        .def_property_readonly("exact", py::cpp_function(released(&Session::exact)),
+                               "whether every KV cell is what a fresh run computes")
+        .def(
+            "recompute", [](Session & s) { return interruptible(s, [&] { return s.recompute(); }); },
+            "Decode again from the first approximate chunk (exact afterwards); returns the tokens decoded.")
+        .def(
             "remove_shift",
             [](Session & s, uint64_t chunk_id) { interruptible(s, [&] { s.remove_shift(chunk_id); }); },
             py::arg("chunk_id"))
@@ -281,6 +303,8 @@ void register_session(py::module_ & m) {
             d["decode_calls"] = st.registry.decode_calls;
             d["full_redecodes"] = st.registry.full_redecodes;
             d["shift_edits"] = st.registry.shift_edits;
+            d["blend_edits"] = st.registry.blend_edits;
+            d["blend_tokens_kept"] = st.registry.blend_tokens_kept;
             d["batched_steps"] = st.batched_steps;
             return d;
         });

@@ -23,7 +23,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Session", "SessionStats", "ImageRef", "Chunk", "ImageList"]  # ImageList also serves Session.media
 
-EDIT_MODES = ("exact", "shift")
+EDIT_MODES = ("exact", "shift", "blend")
+# mode="blend": the leading tokens of each later image decoded again (the rest keep their KV cells).
+DEFAULT_BLEND_K = 32
 MEDIA_KINDS = ("image", "audio")
 
 
@@ -43,6 +45,8 @@ class SessionStats(TypedDict):
     decode_calls: int
     full_redecodes: int  # edits where the memory refused a partial removal
     shift_edits: int
+    blend_edits: int  # approximate edits (mode="blend")
+    blend_tokens_kept: int  # KV cells of later chunks those kept instead of decoding
     batched_steps: int  # generated tokens decoded in a step shared with other slots (session pools)
 
 
@@ -152,6 +156,9 @@ class Session(NativeObject):
         self._cancel_requested = False
         self._generations = 0  # generate() calls so far: with the session seed, the next call's seed
         self.last_finish_reason: str | None = None
+        # What the last blend edit did: tokens decoded and kept, what the exact edit would have
+        # decoded, k asked for and applied (None before the first).
+        self.last_blend: dict[str, int] | None = None
 
     # -- lifetime ---------------------------------------------------------------------------
 
@@ -256,19 +263,58 @@ class Session(NativeObject):
         (chunk_id,) = self._splice(index, index, [self._media(kind, x)])
         return self._ref(chunk_id)
 
-    def _replace_media(self, kind: str, ref: ImageRef, x: Any) -> ImageRef:
-        index = self._index(ref, kind)
-        (chunk_id,) = self._splice(index, index + 1, [self._media(kind, x)])
+    def _edit(self, begin: int, end: int, items: list[Any], mode: str, k: int | None,
+              modes: tuple[str, ...] = ("exact", "blend")) -> list[int]:
+        """Replace chunks [begin, end) with ``items`` in ``mode`` ("exact" or "blend")."""
+        if mode not in modes:
+            raise ValueError(f"mode must be one of {modes}, not {mode!r}")
+        if k is not None and mode != "blend":
+            raise ValueError("k applies to mode='blend' only")
+        if mode == "exact":
+            return self._splice(begin, end, items)
+        if k is None:
+            k = DEFAULT_BLEND_K
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"k must be an integer >= 0, not {k!r}")
+        ids, report = self._core.splice_blend(begin, end, items, k)
+        self.last_blend = dict(report)
+        return list(ids)
+
+    def _insert_media(self, kind: str, index: int, x: Any, mode: str = "exact", k: int | None = None) -> ImageRef:
+        n = len(self._core.timeline())
+        if not 0 <= index <= n:
+            raise IndexError(f"chunk index {index} is outside 0..{n}")
+        (chunk_id,) = self._edit(index, index, [self._media(kind, x)], mode, k)
         return self._ref(chunk_id)
 
-    def _remove_media(self, kind: str, ref: ImageRef, mode: str) -> None:
+    def _replace_media(self, kind: str, ref: ImageRef, x: Any, mode: str = "exact", k: int | None = None) -> ImageRef:
+        index = self._index(ref, kind)
+        (chunk_id,) = self._edit(index, index + 1, [self._media(kind, x)], mode, k)
+        return self._ref(chunk_id)
+
+    def _remove_media(self, kind: str, ref: ImageRef, mode: str, k: int | None = None) -> None:
         if mode not in EDIT_MODES:
             raise ValueError(f"mode must be one of {EDIT_MODES}, not {mode!r}")
         index = self._index(ref, kind)
         if mode == "shift":
             self._core.remove_shift(self._core.timeline()[index].id)
         else:
-            self._splice(index, index + 1, [])
+            self._edit(index, index + 1, [], mode, k)
+
+    # -- approximate edits ------------------------------------------------------------------
+
+    @property
+    def exact(self) -> bool:
+        """Whether every KV cell is what a fresh run computes: False after a ``mode="blend"`` or
+        ``mode="shift"`` edit, until :meth:`recompute`, an exact edit at or before the first
+        approximate chunk, or :meth:`clear`. Saved, loaded and forked with the session."""
+        return bool(self._core.exact)
+
+    def recompute(self) -> int:
+        """Make the session exact again: decode from the first approximate chunk on (nothing when
+        already exact). Logits then equal a fresh run's bit for bit. Returns the tokens decoded; on
+        failure or cancel the session is as before the call."""
+        return int(self._core.recompute())
 
     def append_text(self, text: str) -> None:
         """Append text (special tokens in it are parsed; BOS is added before the first chunk)."""
@@ -280,9 +326,10 @@ class Session(NativeObject):
         """Append an image (path, bytes, PIL image or HxWx3 uint8 array); returns its ref."""
         return self._append_media("image", image)
 
-    def insert_image(self, index: int, image: ImageInput) -> ImageRef:
-        """Insert an image before the ``index``-th chunk of the timeline (``len(timeline)`` appends)."""
-        return self._insert_media("image", index, image)
+    def insert_image(self, index: int, image: ImageInput, mode: str = "exact", k: int | None = None) -> ImageRef:
+        """Insert an image before the ``index``-th chunk of the timeline (``len(timeline)`` appends);
+        ``mode`` as for :meth:`replace_image`."""
+        return self._insert_media("image", index, image, mode, k)
 
     def insert_text(self, index: int, text: str) -> None:
         """Insert text before the ``index``-th chunk of the timeline."""
@@ -291,36 +338,50 @@ class Session(NativeObject):
             raise IndexError(f"chunk index {index} is outside 0..{n}")
         self._splice(index, index, [text])
 
-    def replace_image(self, ref: ImageRef, image: ImageInput) -> ImageRef:
-        """Replace the image ``ref`` with ``image``; only the timeline from that image on is recomputed."""
-        return self._replace_media("image", ref, image)
+    def replace_image(self, ref: ImageRef, image: ImageInput, mode: str = "exact", k: int | None = None) -> ImageRef:
+        """Replace the image ``ref`` with ``image``; only the timeline from that image on is recomputed.
 
-    def remove_image(self, ref: ImageRef, mode: str = "exact") -> None:
+        ``mode="exact"`` (default): everything after it is decoded again; the result equals a fresh
+        run. ``mode="blend"`` (approximate, opt-in): the new image is decoded after the exact prefix,
+        every later text token and the first ``k`` tokens (default 32) of each later image again,
+        and the rest of each later image keeps its KV cells. :attr:`exact` is then False and
+        :attr:`last_blend` says what was decoded and kept; :meth:`recompute` makes it exact. Where
+        later positions would move (a different token count) the model's cache must be able to
+        shift them (not M-RoPE, not sliding-window); under M-RoPE ``k`` counts as 0 (an image's
+        cells share one position). Refused for projectors that decode images non-causally (Gemma 3)."""
+        return self._replace_media("image", ref, image, mode, k)
+
+    def remove_image(self, ref: ImageRef, mode: str = "exact", k: int | None = None) -> None:
         """Remove the image ``ref``.
 
         ``mode="exact"`` (default) re-decodes what followed it, so the result equals a fresh run.
         ``mode="shift"`` deletes its KV span and shifts later positions without re-decoding: fast
         but approximate (later tokens keep having attended to the image); refused with LlavaKVError
-        for M-RoPE models and memories that cannot shift.
+        for M-RoPE models and memories that cannot shift. ``mode="blend"`` (approximate) also
+        shifts them, then decodes every later text token and the first ``k`` tokens of each later
+        image again (see :meth:`replace_image`; same refusals as ``"shift"``). Both leave
+        :attr:`exact` False.
         """
-        self._remove_media("image", ref, mode)
+        self._remove_media("image", ref, mode, k)
 
     def append_audio(self, audio: AudioInput) -> ImageRef:
         """Append an audio clip: a wav/mp3/flac path or bytes, or a 1-D float32 array of mono samples at
         ``model.audio_sample_rate``. Same registry as images: cached by content, edited like them."""
         return self._append_media("audio", audio)
 
-    def insert_audio(self, index: int, audio: AudioInput) -> ImageRef:
-        """Insert an audio clip before the ``index``-th chunk of the timeline."""
-        return self._insert_media("audio", index, audio)
+    def insert_audio(self, index: int, audio: AudioInput, mode: str = "exact", k: int | None = None) -> ImageRef:
+        """Insert an audio clip before the ``index``-th chunk of the timeline (``mode`` as for
+        :meth:`replace_image`)."""
+        return self._insert_media("audio", index, audio, mode, k)
 
-    def replace_audio(self, ref: ImageRef, audio: AudioInput) -> ImageRef:
-        """Replace the audio clip ``ref``; only the timeline from it on is recomputed."""
-        return self._replace_media("audio", ref, audio)
+    def replace_audio(self, ref: ImageRef, audio: AudioInput, mode: str = "exact", k: int | None = None) -> ImageRef:
+        """Replace the audio clip ``ref``; only the timeline from it on is recomputed (``mode`` as
+        for :meth:`replace_image`)."""
+        return self._replace_media("audio", ref, audio, mode, k)
 
-    def remove_audio(self, ref: ImageRef, mode: str = "exact") -> None:
+    def remove_audio(self, ref: ImageRef, mode: str = "exact", k: int | None = None) -> None:
         """Remove the audio clip ``ref`` (``mode`` as for :meth:`remove_image`)."""
-        self._remove_media("audio", ref, mode)
+        self._remove_media("audio", ref, mode, k)
 
     def truncate(self, n_chunks: int) -> None:
         """Keep the first ``n_chunks`` chunks of the timeline and drop the rest."""

@@ -75,6 +75,14 @@ def _b64(payload: str, where: str, policy: MediaPolicy) -> bytes:
     return data
 
 
+# The first bytes of each audio format the decoder reads (an MP3 without ID3 tag starts with a frame sync).
+_AUDIO_MAGIC = {
+    "wav": lambda d: d[:4] == b"RIFF" and d[8:12] == b"WAVE",
+    "flac": lambda d: d[:4] == b"fLaC",
+    "mp3": lambda d: d[:3] == b"ID3" or (len(d) > 1 and d[0] == 0xFF and d[1] & 0xE0 == 0xE0),
+}
+
+
 def _local_file(url: str, where: str, policy: MediaPolicy) -> str:
     if policy.allow_local_files is None:
         raise RequestError(400, f"{where}: this server does not read local files ({url!r}); send the image as a "
@@ -116,7 +124,13 @@ def _vet_part(part: Any, where: str, policy: MediaPolicy) -> Any:
         if not isinstance(spec, dict) or not isinstance(spec.get("data"), str):
             raise RequestError(400, f"{where}: an input_audio part needs input_audio={{'data': <base64>, "
                                     "'format': 'wav'}}", param="messages")
-        _b64(spec["data"], where, policy)  # size check; chat.py decodes it
+        fmt = spec.get("format", "wav")
+        if fmt not in _AUDIO_MAGIC:
+            raise RequestError(400, f"{where}: input_audio format {fmt!r} is not supported (wav, mp3, flac)",
+                               param="messages", code="invalid_audio")
+        data = _b64(spec["data"], where, policy)  # chat.py decodes the samples
+        if not _AUDIO_MAGIC[fmt](data):
+            raise RequestError(400, f"{where}: the input_audio data is not a {fmt} file", code="invalid_audio")
         return part
     if kind != "image_url":
         raise RequestError(400, f"{where}: unknown content part type {kind!r} (text, image_url, input_audio)",
