@@ -28,6 +28,7 @@ TITLES = {
     "serve_concurrency": "server: 16 conversations into 4 slots",
     "serve_http_overhead": "server: HTTP cost over the in-process call",
     "serve_restore": "server: restore an evicted conversation (limit: prefill it)",
+    "blend": "replace the first image, mode='blend' k=32 (limit: the exact edit)",
 }
 PEERS = (("peer", "llama-cpp-python"), ("server", "llama-server"))
 OURS, LIMIT, PEER, SERVER, OTHER = "#1f77b4", "#2ca02c", "#d62728", "#9467bd", "#7f7f7f"

@@ -24,8 +24,8 @@ from typing import Any, Callable
 import llava_kv as lk
 from llava_kv.testing import PRESETS, TestModel, make_test_model
 
-from benchmarks import batch_bench, build_time, edit_bench, load_close, machine, multi_turn_bench, report, \
-    serve_bench, server_bench, server_peer, settings, token_overhead
+from benchmarks import batch_bench, blend_bench, build_time, edit_bench, load_close, machine, multi_turn_bench, \
+    report, serve_bench, server_bench, server_peer, settings, token_overhead
 from benchmarks.peer import PEER, SYSTEM_MESSAGE, PeerError, peer_build_info, peer_python, threads
 from benchmarks.scenario import entry, skipped
 
@@ -35,8 +35,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 SCENARIOS = ("control", "multi_turn", "replace_first_image", "replace_middle_image", "replace_last_image",
              "readd_image", "new_conversation", "batch", "token_overhead", "load_close", "build_time",
              "serve_multi_turn", "serve_replace_first_image", "serve_new_conversation", "serve_concurrency",
-             "serve_http_overhead", "serve_restore")
-SERVE_SCENARIOS = SCENARIOS[-6:]
+             "serve_http_overhead", "serve_restore", "blend")
+SERVE_SCENARIOS = SCENARIOS[11:17]
 # The control row: identical work on every side must agree within this factor, or the suite says which
 # setting differs.
 CONTROL_TOLERANCE = 1.10
@@ -573,6 +573,62 @@ def run_serve(ctx: Context) -> dict[str, dict[str, Any]]:
         for k in SERVE_SCENARIOS if k not in wanted}
 
 
+def run_blend(ctx: Context) -> dict[str, dict[str, Any]]:
+    """Replace the first of three images: mode="blend" (per k) against the exact edit and llama-server,
+    with each blend's drift from the exact edit; on the realistic preset also on real Gemma 3 weights."""
+    r = blend_bench.measure_pair(ctx.pair, repeats=ctx.repeat, load_kwargs=ctx.load_kwargs,
+                                 target_tokens=ctx.preset.edit_tokens)
+    # Beside it, the same edit where images are most of the conversation (one filler sentence per block).
+    heavy = blend_bench.measure_pair(ctx.pair, repeats=ctx.repeat, load_kwargs=ctx.load_kwargs, target_tokens=0)
+    server: dict[str, Any] = {}
+    server_heavy: dict[str, Any] = {}
+    if ctx.server_bin is not None:
+        try:
+            with ctx.server(parallel=1, n_ctx=4096) as srv:
+                for result, filler, seed in ((server, r["filler"], 80_000), (server_heavy, heavy["filler"], 90_000)):
+                    spec = edit_bench.write_peer_spec(ctx.pair, filler=filler, repeats=ctx.repeat, folder=ctx.work)
+                    result.update(server_bench.edits(srv, spec, edit_bench.never_seen_pngs(ctx.pair, ctx.work, seed),
+                                                     critic_system=edit_bench.critic_system,
+                                                     critic_text=edit_bench.CRITIC_TEXT, repeats=ctx.repeat))
+                server["settings"] = srv.settings_used()
+        except Exception as e:  # ServerError, OSError or an openai.APIError: the reason goes in the JSON
+            server = {"server_error": f"{type(e).__name__}: {e}"}
+    reasons = ctx.peer_reasons(server)
+    reasons["peer"] = "not run: llama-cpp-python has no edit that keeps later KV (it re-prefills the chat)"
+    real: dict[str, Any]
+    if ctx.args.preset == "realistic" and not ctx.gpu:
+        try:
+            real = blend_bench.measure_real_gemma(repeats=ctx.repeat, load_kwargs=ctx.load_kwargs,
+                                                  target_tokens=ctx.preset.edit_tokens)
+        except ImportError as e:
+            real = {"reason": f"not run: {e}"}
+    else:
+        real = {"reason": "not run: the realistic CPU preset runs it"}
+    default = str(lk.session.DEFAULT_BLEND_K)
+    server_ms = _median_ms(server.get("replace_first_image"))
+    blend_ms = r["blend"][default]["ms"]
+    return {"blend": entry(
+        unit="ms", repetitions=ctx.repeat, ours=blend_ms, peer=None, server=server_ms, limit=r["exact_ms"],
+        settings={"ours": {"mode": "blend", "k": int(default), **ctx.load_kwargs}, "server": server.get("settings")},
+        limit_means="the exact edit of the same image (replace_image's default): decodes the whole suffix",
+        reasons=reasons, digits=3,
+        extra_ratios={f"exact_vs_blend_k{k}": round(r["exact_ms"] / v["ms"], 3) for k, v in r["blend"].items()},
+        details={"what": f"replace the first of 3 images in a {r['conversation_tokens']}-token conversation with a "
+                         f"never-seen image (its encode included on every side); ours with mode='blend' and "
+                         f"k={default} (the headline), other k beside it, and the exact edit as the limit; drift "
+                         f"of each blend against the exact edit of the same image",
+                 "server_does": "a new chat call (max_tokens=1) with the edited conversation: reuses its cached "
+                                "prefix before the image, encodes all three images and prefills the rest",
+                 "server_all_ms": [x * 1000 for x in server.get("replace_first_image", [])],
+                 **r, "image_heavy": {**heavy, "server_ms": _median_ms(server_heavy.get("replace_first_image")),
+                                      "server_all_ms": [x * 1000 for x in server_heavy.get("replace_first_image", [])]},
+                 "real_gemma": real})}
+
+
+def _median_ms(seconds: list[float] | None) -> float | None:
+    return statistics.median(seconds) * 1000 if seconds else None
+
+
 RUNNERS: list[tuple[tuple[str, ...], Callable[[Context], dict[str, dict[str, Any]]]]] = [
     (("control", "multi_turn"), run_multi_turn),
     (("replace_first_image", "replace_middle_image", "replace_last_image", "readd_image", "new_conversation"),
@@ -582,6 +638,7 @@ RUNNERS: list[tuple[tuple[str, ...], Callable[[Context], dict[str, dict[str, Any
     (("load_close",), run_load_close),
     (("build_time",), run_build_time),
     (SERVE_SCENARIOS, run_serve),
+    (("blend",), run_blend),
 ]
 
 

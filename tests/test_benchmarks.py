@@ -26,14 +26,14 @@ ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ["control", "multi_turn", "replace_first_image", "replace_middle_image", "replace_last_image",
              "readd_image", "new_conversation", "batch", "token_overhead", "load_close", "build_time",
              "serve_multi_turn", "serve_replace_first_image", "serve_new_conversation", "serve_concurrency",
-             "serve_http_overhead", "serve_restore"]
+             "serve_http_overhead", "serve_restore", "blend"]
 # the scenarios run against llama-server (the others say why not, in reasons["server"])
 SERVER_SCENARIOS = ["control", "multi_turn", "replace_first_image", "replace_last_image", "new_conversation", "batch",
                     "token_overhead", "serve_multi_turn", "serve_replace_first_image", "serve_new_conversation",
-                    "serve_concurrency"]
+                    "serve_concurrency", "blend"]
 # no llama-cpp-python figure: its server is not in the peer venv (reasons["peer"] says so)
 NO_PEER = {"build_time", "serve_multi_turn", "serve_replace_first_image", "serve_new_conversation",
-           "serve_concurrency", "serve_http_overhead", "serve_restore"}
+           "serve_concurrency", "serve_http_overhead", "serve_restore", "blend"}
 PLOTS = ["multi_turn.png", "edits.png", "batch.png", "token_overhead.png", "load_close.png"]
 
 
@@ -162,3 +162,17 @@ def test_readme_block_is_regenerated_in_place(tmp_path: Path) -> None:
     assert ("| replace the last image, never seen | ms | 1 | 0.5 | n/a (skipped: --no-peer) | 0.5 | 2.00x | n/a | "
             "0.50x | **llama-server wins** (0.50x): it is newer |") in once
     assert "![edits](benchmarks/results/tiny-cpu/edits.png)" in once
+
+
+@pytest.mark.slow
+def test_smoke_run_blend_reports_cost_and_drift(smoke_run: Path) -> None:
+    b = json.loads((smoke_run / "results.json").read_text())["scenarios"]["blend"]
+    d = b["details"]
+    assert set(d["blend"]) == {"0", "8", "32", "64"} and d["exact_tokens_decoded"] > 0
+    for k, v in d["blend"].items():
+        report, drift = v["report"], v["drift"]
+        assert report["k"] == int(k) and report["tokens_decoded"] <= report["exact_tokens"] == d["exact_tokens_decoded"]
+        assert 0 <= drift["top1_agreement"] <= 1 and drift["kl_median"] >= 0 and drift["max_abs_logit_diff"] >= 0
+        assert 0 <= drift["greedy_leading_median"] <= drift["greedy_tokens"] == 32
+    assert b["ours"] == d["blend"]["32"]["ms"] or abs(b["ours"] - d["blend"]["32"]["ms"]) < 1e-3
+    assert b["limit"] == round(d["exact_ms"], 3) and "reason" in d["real_gemma"]  # the tiny preset: not run

@@ -256,18 +256,10 @@ class Session(NativeObject):
         (chunk_id,) = self._splice(n, n, [self._media(kind, x)])
         return self._ref(chunk_id)
 
-    def _insert_media(self, kind: str, index: int, x: Any) -> ImageRef:
-        n = len(self._core.timeline())
-        if not 0 <= index <= n:
-            raise IndexError(f"chunk index {index} is outside 0..{n}")
-        (chunk_id,) = self._splice(index, index, [self._media(kind, x)])
-        return self._ref(chunk_id)
-
-    def _edit(self, begin: int, end: int, items: list[Any], mode: str, k: int | None,
-              modes: tuple[str, ...] = ("exact", "blend")) -> list[int]:
+    def _edit(self, begin: int, end: int, items: list[Any], mode: str, k: int | None) -> list[int]:
         """Replace chunks [begin, end) with ``items`` in ``mode`` ("exact" or "blend")."""
-        if mode not in modes:
-            raise ValueError(f"mode must be one of {modes}, not {mode!r}")
+        if mode not in ("exact", "blend"):
+            raise ValueError(f"mode must be 'exact' or 'blend' here, not {mode!r}")
         if k is not None and mode != "blend":
             raise ValueError("k applies to mode='blend' only")
         if mode == "exact":
