@@ -59,6 +59,7 @@ ImageEmbedRegistry::ImageEmbedRegistry(llama_context * ctx, llama_seq_id seq, ll
     : ctx_(ctx),
       seq_(seq),
       parking_(parking),
+      n_swa_(llama_model_n_swa(llama_get_model(ctx))),
       projector_(projector),
       vocab_(vocab),
       n_batch_(n_batch),
@@ -248,8 +249,9 @@ void ImageEmbedRegistry::commit(std::vector<Chunk> next, size_t begin) {
 
     const std::vector<float> old_logits = logits_;
     const bool old_has_logits = has_logits_;
-    if (!remove_kv_from(cut)) {
-        // Some memories (recurrent, hybrid) cannot drop a suffix: rebuild from the start instead.
+    if (cells_missing_from(cut - n_swa_) || !remove_kv_from(cut)) {
+        // Some memories (recurrent, hybrid) cannot drop a suffix, and a loaded sliding-window state
+        // lacks the cells before the cut the window would read: rebuild from the start instead.
         reset_kv();
         removed = n_cells();
         first = 0;
@@ -416,8 +418,12 @@ std::vector<uint64_t> ImageEmbedRegistry::splice_blend(size_t begin, size_t end,
     for (size_t i = begin; i < next.size(); ++i) {
         report.exact_tokens += next[i].n_cells;
     }
-    if (end == timeline_.size() || tail == next.size()) {
-        // Nothing after the edit: the exact splice is all there is to do.
+    const llama_pos first_kept = end < timeline_.size() ? timeline_[end].pos0 : n_past();
+    if (end == timeline_.size() || tail == next.size() || cells_missing_from(timeline_[begin].pos0 - n_swa_) ||
+        cells_missing_from(first_kept)) {
+        // Nothing after the edit, or a loaded sliding-window state without the cells to keep (llama.cpp
+        // saves only each window's): the exact splice is all there is to do.
+        report.exact_fallback = end < timeline_.size() && tail < next.size();
         const uint64_t before = counters_.tokens_decoded;
         commit(std::move(next), begin);
         next_id_ += ids.size();
@@ -454,8 +460,7 @@ std::vector<uint64_t> ImageEmbedRegistry::splice_blend(size_t begin, size_t end,
     }
     // Everything after the edit waits in the parking sequence (the same cells, no copy): llama.cpp
     // decodes a sequence only at its end, and the kept cells come back chunk by chunk in order.
-    llama_memory_seq_cp(mem, seq_, parking_, next[tail].pos0, -1);
-    llama_memory_seq_rm(mem, seq_, next[tail].pos0, -1);
+    park(next[tail].pos0, -1);
     has_logits_ = false;
     int32_t status = 0;
     int32_t kept = 0;
@@ -468,7 +473,7 @@ std::vector<uint64_t> ImageEmbedRegistry::splice_blend(size_t begin, size_t end,
             status = kDecodeThrew;
         }
     }
-    llama_memory_seq_rm(mem, parking_, -1, -1);  // what is left there was decoded again (or the call failed)
+    unpark(-1, -1, false);  // what is left there was decoded again (or the call failed)
     if (status != 0) {
         if (saved.empty()) {
             // The state before was exact: decode it again from the edit on (what an exact edit's rollback does).
@@ -487,10 +492,35 @@ std::vector<uint64_t> ImageEmbedRegistry::splice_blend(size_t begin, size_t end,
     return ids;
 }
 
+void ImageEmbedRegistry::park(llama_pos p0, llama_pos p1) {
+    // In two sequences, not one: a sliding-window cache may reuse a cell of a single sequence that
+    // lies outside that sequence's window, and a parked cell is far behind the parking sequence's end.
+    llama_memory_t mem = llama_get_memory(ctx_);
+    llama_memory_seq_cp(mem, seq_, parking_, p0, p1);
+    llama_memory_seq_cp(mem, seq_, parking_ + 1, p0, p1);
+    llama_memory_seq_rm(mem, seq_, p0, p1);
+}
+
+void ImageEmbedRegistry::unpark(llama_pos p0, llama_pos p1, bool back) {
+    llama_memory_t mem = llama_get_memory(ctx_);
+    if (back) {
+        llama_memory_seq_cp(mem, parking_, seq_, p0, p1);
+    }
+    llama_memory_seq_rm(mem, parking_, p0, p1);
+    llama_memory_seq_rm(mem, parking_ + 1, p0, p1);
+}
+
+bool ImageEmbedRegistry::cells_missing_from(llama_pos pos) const {
+    if (n_swa_ <= 0 || timeline_.empty()) {
+        return false;
+    }
+    return llama_memory_seq_pos_min(llama_get_memory(ctx_), seq_) > std::max<llama_pos>(0, pos);
+}
+
 int32_t ImageEmbedRegistry::blend_chunk(const Chunk & chunk, int32_t k, bool logits_last, int32_t & kept) {
     llama_memory_t mem = llama_get_memory(ctx_);
     if (chunk.kind == ChunkKind::Text) {
-        llama_memory_seq_rm(mem, parking_, chunk.pos0, chunk.pos1);
+        unpark(chunk.pos0, chunk.pos1, false);
         return decode_chunk(chunk, logits_last);
     }
     llama_pos pos = chunk.pos0;
@@ -502,7 +532,7 @@ int32_t ImageEmbedRegistry::blend_chunk(const Chunk & chunk, int32_t k, bool log
         if (mtmd_input_chunk_get_type(sub) == MTMD_INPUT_CHUNK_TYPE_TEXT) {
             size_t n_text = 0;
             const llama_token * tokens = mtmd_input_chunk_get_tokens_text(sub, &n_text);
-            llama_memory_seq_rm(mem, parking_, pos, pos + n_pos);
+            unpark(pos, pos + n_pos, false);
             if (const int32_t status = decode_text(tokens, n_text, pos, logits_last && j + 1 == image.chunks.size())) {
                 return status;
             }
@@ -512,7 +542,7 @@ int32_t ImageEmbedRegistry::blend_chunk(const Chunk & chunk, int32_t k, bool log
         // k is 0 under M-RoPE (splice_blend): there all of an image's cells share one position.
         const int32_t redo = std::min(k, n);
         if (redo > 0) {
-            llama_memory_seq_rm(mem, parking_, pos, pos + redo);
+            unpark(pos, pos + redo, false);
             if (const int32_t status = fault_point()) {
                 return status;
             }
@@ -533,8 +563,7 @@ int32_t ImageEmbedRegistry::blend_chunk(const Chunk & chunk, int32_t k, bool log
             }
         }
         // The rest of the image's cells come back as they were.
-        llama_memory_seq_cp(mem, parking_, seq_, pos + redo, pos + n_pos);
-        llama_memory_seq_rm(mem, parking_, pos + redo, pos + n_pos);
+        unpark(pos + redo, pos + n_pos, true);
         kept += n - redo;
         pos += n_pos;
     }

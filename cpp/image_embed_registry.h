@@ -63,6 +63,7 @@ struct BlendReport {
     int32_t exact_tokens = 0;
     int32_t k = 0;          // asked for
     int32_t k_applied = 0;  // what the cache allows: 0 under M-RoPE (an image's cells share one position)
+    bool exact_fallback = false;  // done as an exact edit: a loaded sliding-window state lacks the cells to keep
 };
 
 struct CancelState;       // decode.h
@@ -76,8 +77,8 @@ class ImageEmbedRegistry {
     // holds off cancel() while it restores, and after close() the state is dropped, not restored.
     // `seq` is the sequence of `ctx` this timeline owns (0 for a context of its own; a slot's in a
     // shared one): every decode and removal touches that sequence only. `parking` (a context of its
-    // own: 1; a pool slot: -1) is an empty sequence of the same cell buffer where a blend edit parks
-    // the cells it keeps while it decodes what comes before them.
+    // own: 1; a pool slot: -1) and the one after it are empty sequences of the same cell buffer where
+    // a blend edit parks the cells it keeps while it decodes what comes before them.
     ImageEmbedRegistry(llama_context * ctx, llama_seq_id seq, llama_seq_id parking, mtmd_context * projector,
                        const llama_vocab * vocab, int32_t n_ctx, int32_t n_batch, int32_t n_ubatch,
                        CancelState & cancel, RegistryCounters & counters);
@@ -175,6 +176,14 @@ class ImageEmbedRegistry {
     // those.
     int32_t blend_chunk(const Chunk & chunk, int32_t k, bool logits_last, int32_t & kept);
     void mark_approximate(size_t from);
+    // Moving cells at positions [p0, p1) of this sequence into the parking sequences, and out of them
+    // (back into this sequence, or dropped).
+    void park(llama_pos p0, llama_pos p1);
+    void unpark(llama_pos p0, llama_pos p1, bool back);
+    // Whether a sliding-window cache lacks cells at positions >= `pos`: a loaded state holds only the
+    // cells of each window (llama.cpp saves no others), so an edit that reads further back than that,
+    // or keeps cells from there, must decode from the start.
+    bool cells_missing_from(llama_pos pos) const;
     // This sequence's KV cells, and putting them back after a failed approximate edit (then throws
     // the error the call ends with, as roll_back does).
     std::vector<uint8_t> copy_kv() const;
@@ -184,6 +193,7 @@ class ImageEmbedRegistry {
     llama_context * ctx_;
     llama_seq_id seq_;
     llama_seq_id parking_;
+    int32_t n_swa_;  // the sliding window (0: none)
     mtmd_context * projector_;
     const llama_vocab * vocab_;
     int32_t n_batch_;

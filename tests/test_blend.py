@@ -87,7 +87,7 @@ def test_blend_decodes_less_than_half_of_exact(llava):
         assert blend == n_img + text + 2 * 2  # the new image, every later text token, 2 tokens per later image
         report = bl.last_blend
         assert report == {"tokens_decoded": blend, "tokens_kept": 2 * (n_img - 2), "exact_tokens": exact, "k": 2,
-                          "k_applied": 2}
+                          "k_applied": 2, "exact_fallback": False}
         assert bl.stats["blend_edits"] == 1 and bl.stats["blend_tokens_kept"] == 2 * (n_img - 2)
         got = bl.stats["images_encoded"] + bl.stats["embed_cache_hits"]
         assert got == ex.stats["images_encoded"] + ex.stats["embed_cache_hits"] == 4  # 3 + the new one, no more
@@ -287,3 +287,30 @@ def test_drift_figures(model):
         with pytest.raises(ValueError):
             logit_drift(ex.logits(), ex.logits()[:-1])
         assert len(ex.timeline) == len(bl.timeline)  # the forks left both sessions as they were
+
+
+def test_sliding_window_state_after_fork_edits_exactly(family_models):
+    """llama.cpp saves only each window's cells of a sliding-window cache, so a forked (or loaded)
+    Gemma 3 session lacks the cells an edit further back would read: the exact edit decodes from
+    the start (it used to read the missing cells as absent: logits off by several units), and a
+    blend falls back to that exact edit, saying so."""
+    model = family_models["tiny-gemma3"]  # a 64-token window; the conversation is several times longer
+    images = [random_image(i) for i in range(3)]
+    new = random_image(80)
+    want = _fresh_logits(model, [new, *images[1:]], words=40)
+    with model.session(n_ctx=2048) as s:
+        _chat(s, images, words=40)
+        assert s.n_past > 2 * 64
+        with s.fork() as f:
+            before = f.stats["full_redecodes"]
+            f.replace_image(f.images[0], new)
+            assert f.stats["full_redecodes"] == before + 1
+            assert np.array_equal(f.logits(), want)
+        with s.fork() as f:
+            f.replace_image(f.images[0], new, mode="blend", k=2)
+            assert f.last_blend["exact_fallback"] and f.exact
+            assert np.array_equal(f.logits(), want)
+        s.replace_image(s.images[0], new, mode="blend", k=2)  # the open session has every cell: a real blend
+        assert not s.last_blend["exact_fallback"] and not s.exact
+        s.recompute()
+        assert np.array_equal(s.logits(), want)

@@ -202,6 +202,7 @@ void register_session(py::module_ & m) {
                 r["exact_tokens"] = report.exact_tokens;
                 r["k"] = report.k;
                 r["k_applied"] = report.k_applied;
+                r["exact_fallback"] = report.exact_fallback;
                 return py::make_tuple(ids, r);
             },
             py::arg("begin"), py::arg("end"), py::arg("items"), py::arg("k"),
