@@ -386,13 +386,18 @@ std::vector<uint8_t> ImageEmbedRegistry::copy_kv() const {
 }
 
 std::vector<uint64_t> ImageEmbedRegistry::splice_blend(size_t begin, size_t end, std::vector<ChunkSpec> inserted,
-                                                       int32_t k, BlendReport & report) {
+                                                       int32_t k, bool allow_drift, BlendReport & report) {
     if (k < 0) {
         throw std::invalid_argument("k (the leading tokens recomputed of each later image) must be >= 0");
     }
     if (begin > end || end > timeline_.size()) {
         throw std::out_of_range("chunk range [" + std::to_string(begin) + ", " + std::to_string(end) +
                                 ") is outside the timeline of " + std::to_string(timeline_.size()) + " chunks");
+    }
+    if (n_swa_ > 0 && !allow_drift) {
+        throw Error("mode='blend' is refused for sliding-window models (Gemma 3): on real Gemma 3 270M weights its "
+                    "drift from the exact edit was too large to be useful (top-1 agreement 2 of 3, greedy tokens "
+                    "apart after the first; see the README); use mode='exact', or pass allow_drift=True");
     }
     if (parking_ < 0) {
         throw Error("mode='blend' is not available on a slot of a session pool (its context has no sequence to "

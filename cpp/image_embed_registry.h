@@ -110,8 +110,9 @@ class ImageEmbedRegistry {
     // positions move (a KV shift) only where the memory can shift: else the edit must keep the token
     // count. llama.cpp decodes a sequence only at its end, so the kept cells wait in the parking
     // sequence and return chunk by chunk; a pool slot has none (refused). On failure nothing has changed.
+    // Sliding-window models are refused unless `allow_drift` (see README: measured drift too large).
     std::vector<uint64_t> splice_blend(size_t begin, size_t end, std::vector<ChunkSpec> inserted, int32_t k,
-                                       BlendReport & report);
+                                       bool allow_drift, BlendReport & report);
 
     // Whether every KV cell is what a fresh run computes (false after a blend or shift edit, until an
     // exact edit from before the first approximate chunk, recompute() or clear()).

@@ -259,8 +259,8 @@ std::vector<uint64_t> Session::splice(size_t begin, size_t end, const std::vecto
 }
 
 std::vector<uint64_t> Session::splice_blend(size_t begin, size_t end, const std::vector<ChunkInput> & inputs,
-                                            int32_t k, BlendReport & report) {
-    return run_edit([&] { return registry_->splice_blend(begin, end, specs_locked(inputs), k, report); });
+                                            int32_t k, bool allow_drift, BlendReport & report) {
+    return run_edit([&] { return registry_->splice_blend(begin, end, specs_locked(inputs), k, allow_drift, report); });
 }
 
 bool Session::exact() const {

@@ -112,7 +112,7 @@ class Session {
     void remove_shift(uint64_t chunk_id);
     // The approximate splice (mode='blend', ImageEmbedRegistry::splice_blend): fills `report`.
     std::vector<uint64_t> splice_blend(size_t begin, size_t end, const std::vector<ChunkInput> & inputs, int32_t k,
-                                       BlendReport & report);
+                                       bool allow_drift, BlendReport & report);
     // Whether the KV cache is what a fresh run computes, and making it so (returns tokens decoded).
     bool exact() const;
     int32_t recompute();

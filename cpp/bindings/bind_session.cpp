@@ -191,11 +191,11 @@ void register_session(py::module_ & m) {
             py::arg("begin"), py::arg("end"), py::arg("items"))
         .def(
             "splice_blend",
-            [](Session & s, size_t begin, size_t end, const py::list & items, int32_t k) {
+            [](Session & s, size_t begin, size_t end, const py::list & items, int32_t k, bool allow_drift) {
                 Inputs inputs = convert(items);
                 BlendReport report;
-                std::vector<uint64_t> ids =
-                    interruptible(s, [&] { return s.splice_blend(begin, end, inputs.chunks, k, report); });
+                std::vector<uint64_t> ids = interruptible(
+                    s, [&] { return s.splice_blend(begin, end, inputs.chunks, k, allow_drift, report); });
                 py::dict r;
                 r["tokens_decoded"] = report.tokens_decoded;
                 r["tokens_kept"] = report.tokens_kept;
@@ -205,7 +205,7 @@ void register_session(py::module_ & m) {
                 r["exact_fallback"] = report.exact_fallback;
                 return py::make_tuple(ids, r);
             },
-            py::arg("begin"), py::arg("end"), py::arg("items"), py::arg("k"),
+            py::arg("begin"), py::arg("end"), py::arg("items"), py::arg("k"), py::arg("allow_drift") = false,
             "The approximate splice (mode='blend'): (new chunk ids, what it decoded and kept).")
         .def_property_readonly("exact", py::cpp_function(released(&Session::exact)),
                                "whether every KV cell is what a fresh run computes")

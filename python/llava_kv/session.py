@@ -256,42 +256,48 @@ class Session(NativeObject):
         (chunk_id,) = self._splice(n, n, [self._media(kind, x)])
         return self._ref(chunk_id)
 
-    def _edit(self, begin: int, end: int, items: list[Any], mode: str, k: int | None) -> list[int]:
+    def _edit(self, begin: int, end: int, items: list[Any], mode: str, k: int | None,
+              allow_drift: bool = False) -> list[int]:
         """Replace chunks [begin, end) with ``items`` in ``mode`` ("exact" or "blend")."""
         if mode not in ("exact", "blend"):
             raise ValueError(f"mode must be 'exact' or 'blend' here, not {mode!r}")
-        if k is not None and mode != "blend":
-            raise ValueError("k applies to mode='blend' only")
+        if (k is not None or allow_drift) and mode != "blend":
+            raise ValueError("k and allow_drift apply to mode='blend' only")
         if mode == "exact":
             return self._splice(begin, end, items)
         if k is None:
             k = DEFAULT_BLEND_K
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise ValueError(f"k must be an integer >= 0, not {k!r}")
-        ids, report = self._core.splice_blend(begin, end, items, k)
+        ids, report = self._core.splice_blend(begin, end, items, k, bool(allow_drift))
         self.last_blend = dict(report)
         return list(ids)
 
-    def _insert_media(self, kind: str, index: int, x: Any, mode: str = "exact", k: int | None = None) -> ImageRef:
+    def _insert_media(self, kind: str, index: int, x: Any, mode: str = "exact", k: int | None = None,
+                      allow_drift: bool = False) -> ImageRef:
         n = len(self._core.timeline())
         if not 0 <= index <= n:
             raise IndexError(f"chunk index {index} is outside 0..{n}")
-        (chunk_id,) = self._edit(index, index, [self._media(kind, x)], mode, k)
+        (chunk_id,) = self._edit(index, index, [self._media(kind, x)], mode, k, allow_drift)
         return self._ref(chunk_id)
 
-    def _replace_media(self, kind: str, ref: ImageRef, x: Any, mode: str = "exact", k: int | None = None) -> ImageRef:
+    def _replace_media(self, kind: str, ref: ImageRef, x: Any, mode: str = "exact", k: int | None = None,
+                       allow_drift: bool = False) -> ImageRef:
         index = self._index(ref, kind)
-        (chunk_id,) = self._edit(index, index + 1, [self._media(kind, x)], mode, k)
+        (chunk_id,) = self._edit(index, index + 1, [self._media(kind, x)], mode, k, allow_drift)
         return self._ref(chunk_id)
 
-    def _remove_media(self, kind: str, ref: ImageRef, mode: str, k: int | None = None) -> None:
+    def _remove_media(self, kind: str, ref: ImageRef, mode: str, k: int | None = None,
+                      allow_drift: bool = False) -> None:
         if mode not in EDIT_MODES:
             raise ValueError(f"mode must be one of {EDIT_MODES}, not {mode!r}")
         index = self._index(ref, kind)
         if mode == "shift":
+            if k is not None or allow_drift:
+                raise ValueError("k and allow_drift apply to mode='blend' only")
             self._core.remove_shift(self._core.timeline()[index].id)
         else:
-            self._edit(index, index + 1, [], mode, k)
+            self._edit(index, index + 1, [], mode, k, allow_drift)
 
     # -- approximate edits ------------------------------------------------------------------
 
@@ -318,10 +324,11 @@ class Session(NativeObject):
         """Append an image (path, bytes, PIL image or HxWx3 uint8 array); returns its ref."""
         return self._append_media("image", image)
 
-    def insert_image(self, index: int, image: ImageInput, mode: str = "exact", k: int | None = None) -> ImageRef:
+    def insert_image(self, index: int, image: ImageInput, mode: str = "exact", k: int | None = None, *,
+                     allow_drift: bool = False) -> ImageRef:
         """Insert an image before the ``index``-th chunk of the timeline (``len(timeline)`` appends);
         ``mode`` as for :meth:`replace_image`."""
-        return self._insert_media("image", index, image, mode, k)
+        return self._insert_media("image", index, image, mode, k, allow_drift)
 
     def insert_text(self, index: int, text: str) -> None:
         """Insert text before the ``index``-th chunk of the timeline."""
@@ -330,7 +337,8 @@ class Session(NativeObject):
             raise IndexError(f"chunk index {index} is outside 0..{n}")
         self._splice(index, index, [text])
 
-    def replace_image(self, ref: ImageRef, image: ImageInput, mode: str = "exact", k: int | None = None) -> ImageRef:
+    def replace_image(self, ref: ImageRef, image: ImageInput, mode: str = "exact", k: int | None = None, *,
+                      allow_drift: bool = False) -> ImageRef:
         """Replace the image ``ref`` with ``image``; only the timeline from that image on is recomputed.
 
         ``mode="exact"`` (default): everything after it is decoded again; the result equals a fresh
@@ -340,10 +348,12 @@ class Session(NativeObject):
         :attr:`last_blend` says what was decoded and kept; :meth:`recompute` makes it exact. Where
         later positions would move (a different token count) the model's cache must be able to
         shift them (not M-RoPE, not sliding-window); under M-RoPE ``k`` counts as 0 (an image's
-        cells share one position). Refused for projectors that decode images non-causally (Gemma 3)."""
-        return self._replace_media("image", ref, image, mode, k)
+        cells share one position). Refused for sliding-window models (Gemma 3), where its drift
+        measured on real weights was too large to be useful, unless ``allow_drift=True``."""
+        return self._replace_media("image", ref, image, mode, k, allow_drift)
 
-    def remove_image(self, ref: ImageRef, mode: str = "exact", k: int | None = None) -> None:
+    def remove_image(self, ref: ImageRef, mode: str = "exact", k: int | None = None, *,
+                     allow_drift: bool = False) -> None:
         """Remove the image ``ref``.
 
         ``mode="exact"`` (default) re-decodes what followed it, so the result equals a fresh run.
@@ -354,26 +364,29 @@ class Session(NativeObject):
         image again (see :meth:`replace_image`; same refusals as ``"shift"``). Both leave
         :attr:`exact` False.
         """
-        self._remove_media("image", ref, mode, k)
+        self._remove_media("image", ref, mode, k, allow_drift)
 
     def append_audio(self, audio: AudioInput) -> ImageRef:
         """Append an audio clip: a wav/mp3/flac path or bytes, or a 1-D float32 array of mono samples at
         ``model.audio_sample_rate``. Same registry as images: cached by content, edited like them."""
         return self._append_media("audio", audio)
 
-    def insert_audio(self, index: int, audio: AudioInput, mode: str = "exact", k: int | None = None) -> ImageRef:
+    def insert_audio(self, index: int, audio: AudioInput, mode: str = "exact", k: int | None = None, *,
+                     allow_drift: bool = False) -> ImageRef:
         """Insert an audio clip before the ``index``-th chunk of the timeline (``mode`` as for
         :meth:`replace_image`)."""
-        return self._insert_media("audio", index, audio, mode, k)
+        return self._insert_media("audio", index, audio, mode, k, allow_drift)
 
-    def replace_audio(self, ref: ImageRef, audio: AudioInput, mode: str = "exact", k: int | None = None) -> ImageRef:
+    def replace_audio(self, ref: ImageRef, audio: AudioInput, mode: str = "exact", k: int | None = None, *,
+                      allow_drift: bool = False) -> ImageRef:
         """Replace the audio clip ``ref``; only the timeline from it on is recomputed (``mode`` as
         for :meth:`replace_image`)."""
-        return self._replace_media("audio", ref, audio, mode, k)
+        return self._replace_media("audio", ref, audio, mode, k, allow_drift)
 
-    def remove_audio(self, ref: ImageRef, mode: str = "exact", k: int | None = None) -> None:
+    def remove_audio(self, ref: ImageRef, mode: str = "exact", k: int | None = None, *,
+                     allow_drift: bool = False) -> None:
         """Remove the audio clip ``ref`` (``mode`` as for :meth:`remove_image`)."""
-        self._remove_media("audio", ref, mode, k)
+        self._remove_media("audio", ref, mode, k, allow_drift)
 
     def truncate(self, n_chunks: int) -> None:
         """Keep the first ``n_chunks`` chunks of the timeline and drop the rest."""
