@@ -600,7 +600,8 @@ def _check_vocab(g: GGUFFile, a: str) -> int:
         raise g.fail(f"{key} has {n} tokens (must be in [1, {MAX_VOCAB}])")
     seen: dict[bytes, int] = {}
     for i, tok in enumerate(tokens):
-        text = tok or f"[EMPTY_{i}]".encode()  # llama.cpp renames empty tokens so
+        # As llama.cpp reads each token: a C string (up to its first NUL byte), an empty one renamed.
+        text = tok.split(b"\0", 1)[0] or f"[EMPTY_{i}]".encode()
         j = seen.setdefault(text, i)
         if j != i:
             raise g.fail(f"{key}: token {i} {text.decode('utf-8', 'replace')!r} duplicates token {j}")
