@@ -228,6 +228,11 @@ def test_malformed_structure(tiny: testing.TestModel, text_header: gv.GGUFFile, 
     by_len: dict[int, int] = {}
     dup = next((by_len[len(tok)], i) for i, tok in enumerate(tokens) if by_len.setdefault(len(tok), i) != i)
     dup_offset, _ = token_span(t, dup[1])
+    # a token equal to a shorter one up to a NUL byte: llama.cpp reads tokens as C strings (a fuzz finding)
+    longer = max(range(len(tokens)), key=lambda i: len(tokens[i]))
+    shorter = next(i for i, tok in enumerate(tokens) if 0 < len(tok) < len(tokens[longer]))
+    nul_offset, _ = token_span(t, longer)
+    nul_token = tokens[shorter] + b"\0" * (len(tokens[longer]) - len(tokens[shorter]))
     n = len(tokens)
     cases: list[tuple[str, Path, Path, str, str]] = [
         ("arch-garbage", patch(m, tmp_path / "arch.gguf", [set_value(t, "general.architecture", "lxmxa")]), p,
@@ -235,6 +240,8 @@ def test_malformed_structure(tiny: testing.TestModel, text_header: gv.GGUFFile, 
         ("arch-clip", p, p, "general.architecture", "clip"),
         ("vocab-duplicate", patch(m, tmp_path / "dup.gguf", [(dup_offset, tokens[dup[0]])]), p,
          "tokenizer.ggml.tokens", f"duplicates token {dup[0]}"),
+        ("vocab-duplicate-up-to-nul", patch(m, tmp_path / "dupnul.gguf", [(nul_offset, nul_token)]), p,
+         "tokenizer.ggml.tokens", f"duplicates token {min(shorter, longer)}"),
         ("vocab-type", patch(m, tmp_path / "tokmodel.gguf", [set_value(t, "tokenizer.ggml.model", "xxxxx")]), p,
          "tokenizer.ggml.model", "xxxxx"),
         ("block_count-type", patch(m, tmp_path / "bc-type.gguf", [set_type(t, "llama.block_count", gv.T_F32)]), p,
