@@ -30,8 +30,7 @@ def conversation(model: lk.Model, image_tokens: int, image_size: int, target_tok
     to about ``target_tokens``, and its filler sentences per text block."""
     images = [random_image(100 + i, (image_size, image_size)) for i in range(3)]
     with model.session(n_ctx=64) as probe:
-        per = len(probe.tokenize(edit_bench.FILLER))
-    filler = max(1, int((target_tokens - 3 * image_tokens - 40) / (2 * per)))  # target 0: one sentence
+        filler = edit_bench.filler_for(len(probe.tokenize(edit_bench.FILLER)), image_tokens, target_tokens)
     return edit_bench._timeline(images, filler), filler
 
 

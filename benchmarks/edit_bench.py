@@ -43,6 +43,11 @@ def _timeline(images: list[np.ndarray], filler_repeats: int) -> list[Any]:
             "\nWhich one has a dog? Describe it.\nASSISTANT:"]
 
 
+def filler_for(sentence_tokens: int, image_tokens: int, target_tokens: int) -> int:
+    """Filler sentences per text block for a conversation of about ``target_tokens`` (at least one)."""
+    return max(1, int((target_tokens - 3 * image_tokens - 40) / (2 * sentence_tokens)))
+
+
 def _feed(s: lk.Session, items: list[Any]) -> None:
     for x in items:
         s.append_text(x) if isinstance(x, str) else s.append_image(x)
@@ -94,9 +99,7 @@ def measure(pair: TestModel, *, repeats: int = 5, filler: int = 0, n_batch: int 
         with new_session() as probe:
             used = settings.ours(model, probe)
             if not filler:
-                per = len(probe.tokenize(FILLER))
-                img_tokens = pair.preset.image_tokens
-                filler = max(1, int((target_tokens - 3 * img_tokens - 40) / (2 * per)))
+                filler = filler_for(len(probe.tokenize(FILLER)), pair.preset.image_tokens, target_tokens)
             _feed(probe, _timeline(imgs, filler))  # warms the cache with A, B, C
             probe.append_image(imgs[3])  # and D
             n_tokens = probe.n_past - probe.timeline[-1].n_tokens

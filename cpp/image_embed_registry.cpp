@@ -85,10 +85,7 @@ void ImageEmbedRegistry::roll_back(int32_t status, size_t first, const std::vect
                                    bool old_has_logits) {
     if (cancel_.closing.load()) {
         // The session is being closed and its state freed: restoring it would only delay close().
-        reset_kv();
-        timeline_.clear();
-        has_logits_ = false;
-        throw ClosedError("the session was closed while the call was running");
+        drop_state({});
     }
     int32_t restored = -1;
     {
@@ -101,16 +98,25 @@ void ImageEmbedRegistry::roll_back(int32_t status, size_t first, const std::vect
         }
     }
     if (restored != 0) {
-        const std::string why = failure(restored);
-        reset_kv();
-        timeline_.clear();
-        has_logits_ = false;
-        if (cancel_.closing.load()) {
-            throw ClosedError("the session was closed while the call was running");
-        }
-        throw Error("decoding failed (" + failure(status) + ") and the previous state could not be rebuilt (" +
-                    why + "); the session was reset to empty");
+        drop_state("decoding failed (" + failure(status) + ") and the previous state could not be rebuilt (" +
+                   failure(restored) + "); the session was reset to empty");
     }
+    restored_state(status, old_logits, old_has_logits);
+}
+
+void ImageEmbedRegistry::drop_state(const std::string & why) {
+    reset_kv();
+    timeline_.clear();
+    has_logits_ = false;
+    approx_from_ = -1;
+    cells_restored_ = false;
+    if (cancel_.closing.load()) {
+        throw ClosedError("the session was closed while the call was running");
+    }
+    throw Error(why);
+}
+
+void ImageEmbedRegistry::restored_state(int32_t status, const std::vector<float> & old_logits, bool old_has_logits) {
     logits_ = old_logits;
     has_logits_ = old_has_logits;
     if (status == 2) {
@@ -337,7 +343,7 @@ std::string ImageEmbedRegistry::shift_problem() const {
     }
     // Sliding-window models: llama.cpp reports that their cache can shift, but applying the shift
     // to the windowed cache aborts the process at the pinned commit. Refuse rather than crash.
-    if (llama_model_n_swa(llama_get_model(ctx_)) > 0) {
+    if (n_swa_ > 0) {
         return "this llama.cpp cannot shift the windowed KV cache of sliding-window attention models safely";
     }
     if (!llama_memory_can_shift(llama_get_memory(ctx_))) {
@@ -357,24 +363,12 @@ void ImageEmbedRegistry::put_back(const std::vector<uint8_t> & saved, int32_t st
         Restoring restoring(cancel_);
         llama_memory_seq_rm(llama_get_memory(ctx_), seq_, -1, -1);
         if (cancel_.closing.load() || llama_state_seq_set_data(ctx_, saved.data(), saved.size(), seq_) != saved.size()) {
-            reset_kv();
-            timeline_.clear();
-            has_logits_ = false;
-            approx_from_ = -1;
-            if (cancel_.closing.load()) {
-                throw ClosedError("the session was closed while the call was running");
-            }
-            throw Error("decoding failed (" + failure(status) +
-                        ") and the previous KV cache could not be put back; the session was reset to empty");
+            drop_state("decoding failed (" + failure(status) +
+                       ") and the previous KV cache could not be put back; the session was reset to empty");
         }
     }
-    logits_ = old_logits;
-    has_logits_ = old_has_logits;
     cells_restored_ = true;
-    if (status == 2) {
-        throw CancelledError("the call was cancelled; the session is as it was before the call");
-    }
-    throw Error("decoding failed: " + failure(status) + "; the session is as it was before the call");
+    restored_state(status, old_logits, old_has_logits);
 }
 
 std::vector<uint8_t> ImageEmbedRegistry::copy_kv() const {
@@ -523,7 +517,6 @@ bool ImageEmbedRegistry::cells_missing_from(llama_pos pos) const {
 }
 
 int32_t ImageEmbedRegistry::blend_chunk(const Chunk & chunk, int32_t k, bool logits_last, int32_t & kept) {
-    llama_memory_t mem = llama_get_memory(ctx_);
     if (chunk.kind == ChunkKind::Text) {
         unpark(chunk.pos0, chunk.pos1, false);
         return decode_chunk(chunk, logits_last);

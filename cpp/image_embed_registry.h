@@ -158,6 +158,11 @@ class ImageEmbedRegistry {
     // `first` on) and throws the error the call ends with. Never returns.
     [[noreturn]] void roll_back(int32_t status, size_t first, const std::vector<float> & old_logits,
                                 bool old_has_logits);
+    // After a failed call: the state could not be put back (or the session is closing), so it is
+    // dropped and the session left empty (ClosedError when closing, else Error(why)); or it is back,
+    // and so are its logits (CancelledError or Error naming `status`).
+    [[noreturn]] void drop_state(const std::string & why);
+    [[noreturn]] void restored_state(int32_t status, const std::vector<float> & old_logits, bool old_has_logits);
     std::string failure(int32_t status) const;
     int32_t decode_text(const llama_token * tokens, size_t n, llama_pos pos0, bool logits_last);
     int32_t decode_chunk(const Chunk & chunk, bool logits_last);

@@ -42,25 +42,14 @@ class ReleasedGil {
 template <typename Call>
 auto without_gil(Call && call) -> std::decay_t<decltype(call())> {
     using Result = std::decay_t<decltype(call())>;
-    std::exception_ptr error;
     if constexpr (std::is_void_v<Result>) {
-        {
-            ReleasedGil release;
-            try {
-                call();
-#if defined(__GLIBCXX__)
-            } catch (abi::__forced_unwind &) {
-                throw;
-#endif
-            } catch (...) {
-                error = std::current_exception();
-            }
-        }
-        if (error) {
-            std::rethrow_exception(error);
-        }
+        without_gil([&] {
+            call();
+            return true;
+        });
     } else {
         std::optional<Result> result;
+        std::exception_ptr error;
         {
             ReleasedGil release;
             try {

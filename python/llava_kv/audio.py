@@ -35,6 +35,19 @@ class LoadedAudio:
     source: str  # the path as given, or a short description of the object
 
 
+def audio_format(data: bytes) -> str | None:
+    """"wav", "flac" or "mp3" for bytes that start like one of those files (the check mtmd's helper
+    makes; an MP3 without an ID3 tag starts with a frame sync), else None."""
+    head = bytes(data[:12])
+    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+        return "wav"
+    if head[:4] == b"fLaC":
+        return "flac"
+    if head[:3] == b"ID3" or (len(head) > 1 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0):
+        return "mp3"
+    return None
+
+
 def looks_like_audio(x: Any) -> bool:
     """Whether ``x`` is meant as audio: a 1-D float array, a .wav/.mp3/.flac path, or bytes that
     start like one of those files (the check mtmd's helper makes)."""
@@ -43,9 +56,7 @@ def looks_like_audio(x: Any) -> bool:
     if isinstance(x, (str, os.PathLike)):
         return Path(x).suffix.lower() in _AUDIO_SUFFIXES
     if isinstance(x, (bytes, bytearray, memoryview)):
-        head = bytes(x[:12])
-        return ((head[:4] == b"RIFF" and head[8:12] == b"WAVE") or head[:4] == b"fLaC" or head[:3] == b"ID3"
-                or (len(head) > 1 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0))
+        return audio_format(bytes(x[:12])) is not None
     return False
 
 

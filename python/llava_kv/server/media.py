@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import Any, Optional
 from urllib.parse import unquote, urlparse
 
+from ..audio import audio_format
+
 
 class RequestError(Exception):
     """A request the server refuses: ``status`` (4xx/5xx), an OpenAI-style ``type`` and ``code``."""
@@ -75,12 +77,7 @@ def _b64(payload: str, where: str, policy: MediaPolicy) -> bytes:
     return data
 
 
-# The first bytes of each audio format the decoder reads (an MP3 without ID3 tag starts with a frame sync).
-_AUDIO_MAGIC = {
-    "wav": lambda d: d[:4] == b"RIFF" and d[8:12] == b"WAVE",
-    "flac": lambda d: d[:4] == b"fLaC",
-    "mp3": lambda d: d[:3] == b"ID3" or (len(d) > 1 and d[0] == 0xFF and d[1] & 0xE0 == 0xE0),
-}
+AUDIO_FORMATS = ("wav", "mp3", "flac")
 
 
 def _local_file(url: str, where: str, policy: MediaPolicy) -> str:
@@ -125,11 +122,11 @@ def _vet_part(part: Any, where: str, policy: MediaPolicy) -> Any:
             raise RequestError(400, f"{where}: an input_audio part needs input_audio={{'data': <base64>, "
                                     "'format': 'wav'}}", param="messages")
         fmt = spec.get("format", "wav")
-        if fmt not in _AUDIO_MAGIC:
+        if fmt not in AUDIO_FORMATS:
             raise RequestError(400, f"{where}: input_audio format {fmt!r} is not supported (wav, mp3, flac)",
                                param="messages", code="invalid_audio")
         data = _b64(spec["data"], where, policy)  # chat.py decodes the samples
-        if not _AUDIO_MAGIC[fmt](data):
+        if audio_format(data) != fmt:
             raise RequestError(400, f"{where}: the input_audio data is not a {fmt} file", code="invalid_audio")
         return part
     if kind != "image_url":
