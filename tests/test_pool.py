@@ -158,6 +158,35 @@ def test_a_full_slot_ends_alone(llava_pair, images):
             assert texts[1] == expected and gens[1].n_tokens == 24
 
 
+def test_generation_logprobs_are_the_lone_sessions(llava_pair, images):
+    with lk.Model.load(llava_pair.model_path, llava_pair.mmproj_path) as model, \
+            model.session_pool(2, n_ctx=1024) as pool, model.session(n_ctx=1024) as lone:
+        _prompt(lone, images[0], "which?")
+        lone._core.begin_generation(temperature=0.0, seed=0)
+        ids, logits = [], []
+        for _ in range(10):
+            logits.append(lone.logits().astype(np.float64))
+            token, _, end = lone._core.generate_step()
+            if end:
+                break
+            ids.append(token)
+        _prompt(pool[0], images[0], "which?")
+        _prompt(pool[1], images[1], "other")
+        listed, plain = Generation(pool[0], 10, logprobs=2), Generation(pool[1], 10)
+        _run_together(pool, [listed, plain])
+        assert plain.logprobs is None
+        assert [e["id"] for e in listed.logprobs] == ids and listed.n_tokens == len(ids)
+        for e, lg in zip(listed.logprobs, logits):
+            logp = lg - (lg.max() + np.log(np.exp(lg - lg.max()).sum()))
+            assert e["logprob"] == pytest.approx(logp[e["id"]], abs=1e-3)  # batched: not bitwise
+            assert e["bytes"] == list(lone._core.detokenize([e["id"]]))
+            assert [t["id"] for t in e["top_logprobs"]] == list(np.argsort(-lg, kind="stable")[:2])
+            assert e["top_logprobs"][0]["logprob"] >= e["top_logprobs"][1]["logprob"]
+        for bad in (21, -1, True, 1.5):
+            with pytest.raises(ValueError, match="logprobs"):
+                Generation(pool[0], 4, logprobs=bad)
+
+
 def test_step_arguments_are_checked(llava_pair, images):
     with lk.Model.load(llava_pair.model_path, llava_pair.mmproj_path) as model, \
             model.session_pool(2, n_ctx=512) as a, model.session_pool(2, n_ctx=512) as b, \

@@ -12,12 +12,38 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
+import numpy as np
+
 from . import _core
 from .arguments import check_sampling, check_stops
 from .session import Session, TextStream
 
 if TYPE_CHECKING:
     from .model import Model
+
+
+MAX_TOP_LOGPROBS = 20  # as OpenAI's API
+
+
+def _token_entry(core: _core.Session, token: int, logprob: float) -> dict[str, Any]:
+    piece = core.detokenize([token])
+    return {"token": piece.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(piece), "id": token}
+
+
+def token_logprobs(core: _core.Session, logits: np.ndarray, token: int, top: int) -> dict[str, Any]:
+    """OpenAI's log-probability entry for ``token`` sampled from ``logits``, with the ``top``
+    likeliest tokens there (likeliest first; ties by token id)."""
+    x = logits.astype(np.float64)
+    m = float(x.max())
+    logz = m + float(np.log(np.exp(x - m).sum()))
+    entry = _token_entry(core, token, float(x[token] - logz))
+    if top:
+        candidates = np.argpartition(-x, top - 1)[:top] if top < x.size else np.arange(x.size)
+        best = sorted(candidates.tolist(), key=lambda t: (-x[t], t))
+        entry["top_logprobs"] = [_token_entry(core, t, float(x[t] - logz)) for t in best]
+    else:
+        entry["top_logprobs"] = []
+    return entry
 
 
 class SessionPool:
@@ -70,27 +96,39 @@ class SessionPool:
         for g in full:
             out_of[id(g)] = g._end("length")
         live = [g for g in live if id(g) not in out_of]
+        # The logits each token is sampled from, for the generations that report log-probabilities.
+        logits = {id(g): g.session._core.logits() for g in live if g.logprobs is not None}
         results = _core.step_sessions([g.session._core for g in live]) if live else []
-        for g, (_, raw, end) in zip(live, results):
-            out_of[id(g)] = g._advance(raw, end)
+        for g, (token, raw, end) in zip(live, results):
+            out_of[id(g)] = g._advance(token, raw, end, logits.get(id(g)))
         return [out_of.get(id(g)) for g in generations]
 
 
 class Generation:
     """One reply being generated on a slot, step by step, by :meth:`SessionPool.step` (what
     ``Session.generate`` does alone): sampling set up from the session's seed like ``generate``,
-    stop strings cut the text, ``max_tokens`` ends it."""
+    stop strings cut the text, ``max_tokens`` ends it.
+
+    With ``logprobs`` (0 to 20) each token of the reply is listed in :attr:`logprobs` with its
+    log-probability under the model (the log-softmax of the logits it was sampled from, before
+    temperature and the samplers) and the ``logprobs`` likeliest tokens at its place: OpenAI's
+    ``logprobs.content`` entries, plus the token ``id``."""
 
     def __init__(self, session: Session, max_tokens: int = 64, *, temperature: float = 0.0, top_k: int = 40,
                  top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0, seed: int | None = None,
-                 stop: str | Sequence[str] | None = None) -> None:
+                 stop: str | Sequence[str] | None = None, logprobs: int | None = None) -> None:
         check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
                        seed=seed, max_tokens=max_tokens)
         stops = check_stops(stop)
+        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
+                                     or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
+            raise ValueError(f"logprobs must be None or an integer in [0, {MAX_TOP_LOGPROBS}], got {logprobs!r}")
         self.session = session
         self.max_tokens = max_tokens
         self.n_tokens = 0
         self.finish_reason: str | None = None
+        self._top = logprobs
+        self.logprobs: list[dict[str, Any]] | None = None if logprobs is None else []
         self._text = TextStream(stops)
         session._core.begin_generation(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                        repeat_penalty=repeat_penalty,
@@ -107,10 +145,12 @@ class Generation:
     def text(self) -> str:
         return self._text.text
 
-    def _advance(self, raw: bytes, end: bool) -> str | None:
+    def _advance(self, token: int, raw: bytes, end: bool, logits: np.ndarray | None = None) -> str | None:
         if end or self._text.stopped_by(raw):
             return self._end("stop")
         self.n_tokens += 1
+        if self.logprobs is not None and logits is not None:
+            self.logprobs.append(token_logprobs(self.session._core, logits, token, self._top or 0))
         piece = self._text.take()
         if self.n_tokens >= self.max_tokens:
             return piece + (self._end("length") or "")

@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from ..arguments import UINT32_MAX
+from ..pool import MAX_TOP_LOGPROBS
 from .engine import Engine, Job
 from .media import RequestError, vet_messages
 
@@ -49,9 +50,17 @@ def parse_request(body: Any, engine: Engine) -> dict[str, Any]:
         raise RequestError(404, f"the model {model!r} does not exist; this server serves {engine.model_id!r}",
                            param="model", code="model_not_found")
     _number(body, "n", 1, 1, 1, integer=True)
-    for name in ("tools", "functions", "logprobs", "top_logprobs"):
+    for name in ("tools", "functions"):
         if body.get(name):
             raise RequestError(400, f"'{name}' is not supported by this server", param=name)
+    logprobs = body.get("logprobs", False)
+    if logprobs is None:
+        logprobs = False
+    if not isinstance(logprobs, bool):
+        raise RequestError(400, "'logprobs' must be a boolean", param="logprobs")
+    top_logprobs = _number(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS, integer=True)
+    if top_logprobs is not None and not logprobs:
+        raise RequestError(400, "'top_logprobs' needs 'logprobs' set to true", param="top_logprobs")
     fmt = body.get("response_format")
     if fmt is not None and fmt != {"type": "text"}:
         raise RequestError(400, "'response_format' other than {'type': 'text'} is not supported by this server",
@@ -81,6 +90,7 @@ def parse_request(body: Any, engine: Engine) -> dict[str, Any]:
         raise RequestError(400, "'stream_options' must be an object", param="stream_options")
     return {"messages": vet_messages(body.get("messages"), engine.config.policy), "stop": stops,
             "max_tokens": max_tokens, "sampling": sampling, "stream": bool(body.get("stream", False)),
+            "logprobs": (top_logprobs or 0) if logprobs else None,
             "include_usage": bool(stream_options.get("include_usage", False))}
 
 
@@ -145,7 +155,7 @@ class Api:
             # Images are decoded and the template applied off the event loop (and off the engine thread).
             items, template = await loop.run_in_executor(None, self.engine.render, req["messages"])
             job = Job(items, template, req["sampling"], req["max_tokens"], req["stop"], loop, asyncio.Queue(),
-                      checked=time.monotonic())
+                      logprobs=req["logprobs"], checked=time.monotonic())
             self.engine.submit(job)
         except RequestError as e:
             status = e.status
@@ -164,11 +174,13 @@ class Api:
                                                   started), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         parts: list[str] = []
+        entries: list[dict[str, Any]] = []
         try:
             while True:
                 kind, payload = await self._next(request, job)
                 if kind == "delta":
-                    parts.append(payload)
+                    parts.append(payload[0])
+                    entries += payload[1]
                 elif kind == "error":
                     status = payload.status
                     return error_response(payload)
@@ -181,7 +193,7 @@ class Api:
                         "id": completion_id, "object": "chat.completion", "created": created,
                         "model": self.engine.model_id,
                         "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
-                                     "finish_reason": reason, "logprobs": None}],
+                                     "finish_reason": reason, "logprobs": _logprobs(job, entries)}],
                         "usage": usage})
         finally:
             self._count(status, started)
@@ -203,11 +215,12 @@ class Api:
 
     async def _stream(self, request: Request, job: Job, completion_id: str, created: int, include_usage: bool,
                       started: float) -> AsyncIterator[bytes]:
-        def chunk(delta: dict[str, Any], finish: Optional[str], usage: Any = None) -> bytes:
+        def chunk(delta: dict[str, Any], finish: Optional[str], usage: Any = None,
+                  entries: Optional[list[dict[str, Any]]] = None) -> bytes:
             body: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
                                     "model": self.engine.model_id,
                                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
-                                                 "logprobs": None}]}
+                                                 "logprobs": _logprobs(job, entries) if entries else None}]}
             if include_usage:
                 body["usage"] = usage
             return b"data: " + json.dumps(body).encode() + b"\n\n"
@@ -224,7 +237,7 @@ class Api:
                     first = False
                     yield chunk({"role": "assistant", "content": ""}, None)
                 if kind == "delta":
-                    yield chunk({"content": payload}, None)
+                    yield chunk({"content": payload[0]}, None, entries=payload[1])
                 elif kind == "done":
                     reason, usage = payload
                     yield chunk({}, reason)
@@ -253,6 +266,11 @@ class Api:
     def _count(self, status: int, started: float) -> None:
         self.engine.metrics.inc("requests_total", code=str(status))
         self.engine.metrics.observe_latency(time.perf_counter() - started)
+
+
+def _logprobs(job: Job, entries: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """A choice's ``logprobs`` object: None unless the request asked for them."""
+    return None if job.logprobs is None else {"content": entries, "refusal": None}
 
 
 def create_app(engine: Engine, *, api_key: Optional[str] = None, max_body_bytes: int = MAX_BODY_BYTES) -> Starlette:

@@ -238,6 +238,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     queue: "asyncio.Queue[tuple[str, Any]]"
     arrived: float = field(default_factory=time.perf_counter)
+    logprobs: Optional[int] = None  # top alternatives per token when the reply lists log-probabilities
     cancelled: bool = False
     checked: float = 0.0  # when the HTTP side last checked that the client is still there
     # Filled in by the engine:
@@ -245,6 +246,7 @@ class Job:
     generation: Optional[Generation] = None
     prompt_tokens: int = 0
     usage_extra: dict[str, Any] = field(default_factory=dict)
+    logprobs_sent: int = 0
 
     def emit(self, kind: str, payload: Any = None) -> None:
         try:
@@ -355,7 +357,7 @@ class Engine:
             session = self.pool[slot]
             prompt_tokens, meta = session._prepare_chat(job.items, job.template)
             max_tokens = job.max_tokens if job.max_tokens is not None else self.config.default_max_tokens
-            job.generation = Generation(session, max_tokens, stop=job.stop, **job.sampling)
+            job.generation = Generation(session, max_tokens, stop=job.stop, logprobs=job.logprobs, **job.sampling)
         except Exception as e:  # noqa: BLE001 - every failure is this request's, never the server's
             job.emit("error", _request_error(e))
             return
@@ -445,10 +447,16 @@ class Engine:
         self.metrics.inc("batched_steps_total")
         self.metrics.inc("batched_step_sequences_total", len(jobs))
         for job, piece in zip(jobs, pieces):
-            if piece:
-                job.emit("delta", piece)
-            if job.generation.done:  # type: ignore[union-attr]
-                self._finish(job, job.generation.finish_reason)  # type: ignore[union-attr]
+            gen = job.generation
+            assert gen is not None
+            # Log-probabilities go with the text they produced (a token whose bytes are held back,
+            # an incomplete character or a possible stop string, waits for it), the rest at the end.
+            entries = gen.logprobs[job.logprobs_sent:] if gen.logprobs is not None else []
+            if piece or (entries and gen.done):
+                job.logprobs_sent += len(entries)
+                job.emit("delta", (piece or "", entries))
+            if gen.done:
+                self._finish(job, gen.finish_reason)
 
     def _finish(self, job: Job, reason: Optional[str]) -> None:
         del self._active[job.slot]
