@@ -13,7 +13,14 @@ import numpy as np
 if TYPE_CHECKING:
     from .session import Session
 
-__all__ = ["logit_drift", "greedy_agreement"]
+__all__ = ["logit_drift", "greedy_agreement", "log_softmax"]
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Log-probabilities (float64) of the next-token distribution ``logits`` define."""
+    x = np.asarray(logits, dtype=np.float64)
+    x = x - x.max()
+    return x - np.log(np.exp(x).sum())
 
 
 def logit_drift(reference: np.ndarray, other: np.ndarray) -> dict[str, Any]:
@@ -23,10 +30,7 @@ def logit_drift(reference: np.ndarray, other: np.ndarray) -> dict[str, Any]:
     oth = np.asarray(other, dtype=np.float64)
     if ref.shape != oth.shape or ref.ndim != 1:
         raise ValueError(f"logit_drift needs two vectors of one vocabulary, got {ref.shape} and {oth.shape}")
-    log_p = ref - ref.max()
-    log_p -= np.log(np.exp(log_p).sum())
-    log_q = oth - oth.max()
-    log_q -= np.log(np.exp(log_q).sum())
+    log_p, log_q = log_softmax(ref), log_softmax(oth)
     kl = float(np.sum(np.exp(log_p) * (log_p - log_q)))
     return {"max_abs": float(np.abs(ref - oth).max()), "top1_agree": bool(ref.argmax() == oth.argmax()),
             "kl": max(kl, 0.0)}

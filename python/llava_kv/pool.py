@@ -16,6 +16,7 @@ import numpy as np
 
 from . import _core
 from .arguments import check_sampling, check_stops
+from .drift import log_softmax
 from .session import Session, TextStream
 
 if TYPE_CHECKING:
@@ -33,16 +34,13 @@ def _token_entry(core: _core.Session, token: int, logprob: float) -> dict[str, A
 def token_logprobs(core: _core.Session, logits: np.ndarray, token: int, top: int) -> dict[str, Any]:
     """OpenAI's log-probability entry for ``token`` sampled from ``logits``, with the ``top``
     likeliest tokens there (likeliest first; ties by token id)."""
-    x = logits.astype(np.float64)
-    m = float(x.max())
-    logz = m + float(np.log(np.exp(x - m).sum()))
-    entry = _token_entry(core, token, float(x[token] - logz))
+    lp = log_softmax(logits)
+    entry = _token_entry(core, token, float(lp[token]))
+    best: list[int] = []
     if top:
-        candidates = np.argpartition(-x, top - 1)[:top] if top < x.size else np.arange(x.size)
-        best = sorted(candidates.tolist(), key=lambda t: (-x[t], t))
-        entry["top_logprobs"] = [_token_entry(core, t, float(x[t] - logz)) for t in best]
-    else:
-        entry["top_logprobs"] = []
+        candidates = np.argpartition(-lp, top - 1)[:top] if top < lp.size else np.arange(lp.size)
+        best = sorted(candidates.tolist(), key=lambda t: (-lp[t], t))
+    entry["top_logprobs"] = [_token_entry(core, t, float(lp[t])) for t in best]
     return entry
 
 

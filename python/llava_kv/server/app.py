@@ -53,10 +53,8 @@ def parse_request(body: Any, engine: Engine) -> dict[str, Any]:
     for name in ("tools", "functions"):
         if body.get(name):
             raise RequestError(400, f"'{name}' is not supported by this server", param=name)
-    logprobs = body.get("logprobs", False)
-    if logprobs is None:
-        logprobs = False
-    if not isinstance(logprobs, bool):
+    logprobs = body.get("logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
         raise RequestError(400, "'logprobs' must be a boolean", param="logprobs")
     top_logprobs = _number(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS, integer=True)
     if top_logprobs is not None and not logprobs:
