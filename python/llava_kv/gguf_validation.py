@@ -778,6 +778,8 @@ def _check_tower(g: GGUFFile, m: str, proj: str) -> None:
     if proj == "mlp":  # the llava projector: two linear layers, the tower's width in, the text width out
         first, second = _tensor(g, "mm.0.weight"), _tensor(g, "mm.2.weight")
         assert first is not None and second is not None
+        _tensor(g, "mm.0.bias")  # clip's graph adds both biases unconditionally (a missing one segfaulted: fuzz)
+        _tensor(g, "mm.2.bias")
         if len(first.shape) != 2 or len(second.shape) != 2 or first.shape[0] != n_embd or \
                 second.shape[0] != first.shape[1]:
             raise g.fail(f"tensors 'mm.0.weight' {list(first.shape)} and 'mm.2.weight' {list(second.shape)} do not "
