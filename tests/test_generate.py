@@ -268,6 +268,42 @@ def test_template_whitespace_before_a_reply_does_not_force_a_redecode(llava_pair
         assert r["llava_kv"]["reused_tokens"] == n_before
 
 
+def test_nul_characters_in_messages_are_rendered_not_cut(llava_pair):
+    # llama.cpp's template engine reads C strings: a content used to end at its first NUL, silently
+    with lk.Model.load(llava_pair.model_path, llava_pair.mmproj_path) as m:
+        rendered = m.render_chat([("user", "a\0b"), ("assistant", "c\0"), ("user", "\0d")], template="chatml")
+        assert rendered == ("<|im_start|>user\na\0b<|im_end|>\n<|im_start|>assistant\nc\0<|im_end|>\n"
+                            "<|im_start|>user\n\0d<|im_end|>\n<|im_start|>assistant\n")
+        with m.chat_session(n_ctx=1024) as s:
+            s.chat([{"role": "user", "content": "x\0 tail"}], max_tokens=1, chat_template="chatml")
+            assert "x\0 tail" in "".join(c.text or "" for c in s.timeline)
+            before = session_state(s)
+            with pytest.raises(ValueError, match="NUL"):
+                s.chat([{"role": "us\0er", "content": "hi"}], max_tokens=1)
+            with pytest.raises(ValueError, match="NUL"):
+                s.chat([{"role": "user", "content": "hi"}], max_tokens=1, chat_template="chat\0ml")
+            assert session_state(s) == before
+
+
+def test_a_reply_holding_a_nul_is_reused_on_the_next_turn(llava_pair):
+    # the random model generates NUL now and then; such a reply, sent back as history, must match
+    # the generated tokens still in the KV cache (it rendered cut at the NUL, so the turn was decoded
+    # again from the start of the reply's chunk, or of the image before it, re-tokenized)
+    with lk.Model.load(llava_pair.model_path, llava_pair.mmproj_path) as m, m.chat_session(n_ctx=2048) as s:
+        for k in range(64):
+            messages = [{"role": "user", "content": f"Client {k} turn 0."}]
+            r = s.chat(messages, max_tokens=48, chat_template="chatml")
+            if "\0" in r["choices"][0]["message"]["content"]:
+                break
+        else:
+            pytest.fail("no greedy reply of 64 held a NUL: pick other prompts")
+        n_before = s.n_past
+        messages += [r["choices"][0]["message"], {"role": "user", "content": "And then?"}]
+        r = s.chat(messages, max_tokens=4, chat_template="chatml")
+        assert r["llava_kv"]["reused_tokens"] == n_before  # the whole previous turn, NUL and all
+        assert r["llava_kv"]["decoded_tokens"] == r["usage"]["prompt_tokens"] - n_before
+
+
 def test_session_seed_makes_sampling_reproducible(model, images):
     """model.session(seed=...) is real: the same calls on sessions of one seed give the same text,
     consecutive calls differ, another seed differs, and a fork samples on as its source would."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import itertools
 import os
 import weakref
 from pathlib import Path
@@ -153,8 +154,24 @@ class Model(NativeObject):
                     template: str = "") -> str:
         """``(role, content)`` pairs rendered by llama.cpp's template engine with ``template`` (a
         built-in name or a template string; "" for the model's own). See :mod:`llava_kv.chat` for
-        choosing the template."""
-        return self._core.apply_chat_template(list(messages), add_assistant, template)
+        choosing the template.
+
+        Contents may hold NUL characters (a model can generate one, and its reply comes back as the
+        next turn's history): the engine reads C strings and would end a content at the first NUL,
+        so a stand-in found in no content takes each NUL's place while it renders. Roles and
+        templates must not hold one."""
+        messages = list(messages)
+        for role, _ in messages:
+            if "\0" in role:
+                raise ValueError(f"a message role must not contain a NUL character: {role!r}")
+        if "\0" in template:
+            raise ValueError("the chat template must not contain a NUL character")
+        if not any("\0" in content for _, content in messages):
+            return self._core.apply_chat_template(messages, add_assistant, template)
+        taken = template + "".join(role + content for role, content in messages)
+        stand_in = next(s for s in (f"\ue000nul{n}\ue001" for n in itertools.count()) if s not in taken)
+        safe = [(role, content.replace("\0", stand_in)) for role, content in messages]
+        return self._core.apply_chat_template(safe, add_assistant, template).replace(stand_in, "\0")
 
     def _start_batch_runner(self, **params: Any) -> Any:
         """The native runner behind :func:`llava_kv.batch.iter_run` (private to that module)."""
