@@ -8,17 +8,26 @@ several minutes on a small machine; the venv lives in the user's cache dir
 (``~/.cache/llava-kv/peer-venv``, ``peer-venv-gpu`` for a GPU build; ``LLAVA_KV_PEER_VENV`` overrides
 it), so later runs and CI on a fresh clone reuse it. ``run_peer(script, args)`` runs a script there
 and returns the JSON object it prints last.
+
+``PeerServer`` runs llama-cpp-python's own OpenAI-compatible server (``python -m llama_cpp.server``)
+from that venv, for the ``serve`` scenario; ``server_extra()`` first installs what its ``[server]``
+extra requires (uvicorn, FastAPI, ...), read from the installed package's metadata.
 """
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 import venv
 from pathlib import Path
 from types import ModuleType
+from typing import Any
+
+from llava_kv.server.process import ChildServer, free_port
 
 PEER = "llama-cpp-python==0.3.36"
 HERE = Path(__file__).resolve().parent
@@ -75,6 +84,7 @@ def peer_python(*, gpu: bool = False, build: bool = True) -> Path:
     result = subprocess.run([str(py), "-m", "pip", "install", "-q", "numpy", "pillow", str(sdist)], env=env)
     if result.returncode != 0 or not _works(py, gpu):
         raise PeerError(f"building {PEER} in {env_dir} failed (pip exit status {result.returncode})")
+    server_extra(py)
     (env_dir / _STAMP).write_text(json.dumps({"peer": PEER, "sdist_sha256": fetch.SDIST_SHA256,
                                               "cmake_args": cmake_args}))
     return py
@@ -107,3 +117,78 @@ def run_peer(script: str, args: list[str], timeout: float = 3600, *, python: Pat
     if result.returncode != 0:
         raise PeerError(f"peer run {Path(script).name} failed:\n{result.stderr[-4000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def server_extra(py: Path, *, build: bool = True) -> None:
+    """Make ``llama_cpp.server`` importable in the peer venv: pip installs the requirements of the
+    package's ``[server]`` extra, as its metadata lists them (pure-Python packages, seconds)."""
+    check = [str(py), "-c", "import llama_cpp.server.app"]
+    if subprocess.run(check, capture_output=True).returncode == 0:
+        return
+    if not build:
+        raise PeerError(f"llama-cpp-python's server is not installed in {py.parent.parent} (its [server] extra; "
+                        "run without --no-peer-build)")
+    listing = subprocess.run([str(py), "-c", "import importlib.metadata as m; print('\\n'.join(r.split(';')[0].strip() "
+                              "for r in m.requires('llama_cpp_python') or [] if 'extra == \"server\"' in r))"],
+                             capture_output=True, text=True)
+    wanted = listing.stdout.split()
+    if listing.returncode != 0 or not wanted:
+        raise PeerError(f"could not read the [server] extra of {PEER}: {listing.stderr.strip()[-300:]}")
+    result = subprocess.run([str(py), "-m", "pip", "install", "-q", *wanted], capture_output=True, text=True)
+    if result.returncode != 0 or subprocess.run(check, capture_output=True).returncode != 0:
+        raise PeerError(f"installing {PEER}'s [server] extra failed: {result.stderr.strip()[-300:]}")
+
+
+class PeerServer(ChildServer):
+    """llama-cpp-python's server on 127.0.0.1 with the settings of the other peer runs (flash attention
+    on, one thread per core, the llava-1-5 chat handler: the "vicuna" prompt). It has one ``Llama``
+    and answers one request at a time; every request resets the context and evaluates the whole
+    prompt again, images included. It runs with ``--verbose true``, so that mtmd logs each image it
+    encodes (its API has no counter)."""
+
+    name = "llama-cpp-python server"
+    error = PeerError
+    stop_timeout = 10.0
+    health_path = "/v1/models"  # it has no /health
+
+    def __init__(self, py: Path, model: Path, mmproj: Path, *, threads: int, n_ctx: int = 4096, n_batch: int = 512,
+                 n_gpu_layers: int = 0, start_timeout: float = 300) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.settings = {"threads": threads, "n_ctx": n_ctx, "n_batch": n_batch}
+        self.cmd = [str(py), "-m", "llama_cpp.server", "--model", str(model), "--clip_model_path", str(mmproj),
+                    "--chat_format", "llava-1-5", "--host", "127.0.0.1", "--port", str(self.port),
+                    "--n_ctx", str(n_ctx), "--n_batch", str(n_batch), "--n_ubatch", str(n_batch),
+                    "--n_threads", str(threads), "--n_threads_batch", str(threads), "--flash_attn", "true",
+                    "--n_gpu_layers", str(n_gpu_layers), "--seed", "0", "--verbose", "true"]
+        self.env = dict(os.environ, LLAVA_KV_BENCH_THREADS=str(threads))
+        self.log = Path(tempfile.mkstemp(prefix="llama-cpp-python-server-", suffix=".log")[1])
+        self.start_timeout = start_timeout
+
+    @property
+    def client(self) -> Any:
+        import openai
+
+        return openai.OpenAI(base_url=self.base + "/v1", api_key="none", timeout=3600, max_retries=0)
+
+    def image_encodes(self) -> int:
+        """Image encodes so far: mtmd's helper logs "encoding image slice..." before each one."""
+        return self.log.read_text(errors="replace").count("encoding image slice...")
+
+    def settings_used(self) -> dict[str, Any]:
+        """The compared settings (benchmarks/settings.py), read back from the context's load log
+        where it prints them (n_ctx, n_batch, n_ubatch, flash_attn), else from the command line."""
+        text = self.log.read_text(errors="replace")
+
+        def logged(key: str) -> str | None:
+            m = re.search(rf"^llama_context: {key} += (\S+)", text, re.M)
+            return m.group(1) if m else None
+
+        flash = logged("flash_attn") or "not in its log"
+        return {"flash_attn": {"enabled": "on", "disabled": "off"}.get(flash, flash),
+                "n_threads": self.settings["threads"], "n_threads_batch": self.settings["threads"],
+                "n_ctx": int(logged("n_ctx") or self.settings["n_ctx"]),
+                "n_batch": int(logged("n_batch") or self.settings["n_batch"]),
+                "n_ubatch": int(logged("n_ubatch") or self.settings["n_batch"]), "kv_type": "f16/f16",
+                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or "unset", "parallel": 1,
+                "cont_batching": False, "cache_prompt": False, "command": " ".join(self.cmd[1:])}

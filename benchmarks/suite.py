@@ -26,7 +26,8 @@ from llava_kv.testing import PRESETS, TestModel, make_test_model
 
 from benchmarks import batch_bench, blend_bench, build_time, edit_bench, load_close, machine, multi_turn_bench, \
     report, serve_bench, server_bench, server_peer, settings, token_overhead
-from benchmarks.peer import PEER, SYSTEM_MESSAGE, PeerError, peer_build_info, peer_python, threads
+from benchmarks.peer import (PEER, SYSTEM_MESSAGE, PeerError, PeerServer, peer_build_info, peer_python, server_extra,
+                             threads)
 from benchmarks.scenario import entry, skipped
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -436,7 +437,8 @@ def run_build_time(ctx: Context) -> dict[str, dict[str, Any]]:
 
 
 def run_serve(ctx: Context) -> dict[str, dict[str, Any]]:
-    """The chat workloads over HTTP: ``llava-kv serve`` vs llama-server (serve_bench.py)."""
+    """The chat workloads over HTTP: ``llava-kv serve`` vs llama-cpp-python's server (the peer) and
+    llama-server (serve_bench.py)."""
     p = ctx.preset
     (ctx.work / "serve").mkdir(parents=True, exist_ok=True)
     pngs = edit_bench.never_seen_pngs(ctx.pair, ctx.work / "serve")
@@ -450,9 +452,15 @@ def run_serve(ctx: Context) -> dict[str, dict[str, Any]]:
     }
     wanted = [k for k in SERVE_SCENARIOS if k in p.scenarios]
     concurrent_pngs = [pngs() for _ in range(serve_bench.CONCURRENT_CONVERSATIONS)]
-    sides: dict[str, dict[str, Any]] = {"ours": {}, "server": {}}
-    for side in ("ours", "server"):
-        if side == "server" and ctx.server_bin is None:
+    sides: dict[str, dict[str, Any]] = {"ours": {}, "peer": {}, "server": {}}
+    peer_reason = ctx.peer_reason
+    if ctx.peer_py is not None:
+        try:
+            server_extra(ctx.peer_py, build=not ctx.args.no_peer_build)
+        except PeerError as e:
+            peer_reason = f"llama-cpp-python's server unavailable: {e}"
+    for side in ("ours", "peer", "server"):
+        if (side == "server" and ctx.server_bin is None) or (side == "peer" and peer_reason):
             continue
         for name, n_slots in (("single", 1), ("pool", serve_bench.SLOTS)):
             needs = (("serve_multi_turn", "serve_replace_first_image", "serve_new_conversation", "serve_restore")
@@ -464,6 +472,10 @@ def run_serve(ctx: Context) -> dict[str, dict[str, Any]]:
                 if side == "ours":
                     srv = serve_bench.OursServer(ctx.pair.model_path, ctx.pair.mmproj_path, threads=threads(),
                                                  parallel=n_slots, n_ctx=4096)
+                elif side == "peer":  # one Llama, one request at a time: the same server for both
+                    assert ctx.peer_py is not None
+                    srv = PeerServer(ctx.peer_py, ctx.pair.model_path, ctx.pair.mmproj_path, threads=threads(),
+                                     n_ctx=4096, n_gpu_layers=ctx.n_gpu_layers)
                 else:
                     srv = ctx.server(parallel=n_slots, n_ctx=4096, cache_ram_mib=0)
                 with srv:
@@ -485,18 +497,22 @@ def run_serve(ctx: Context) -> dict[str, dict[str, Any]]:
                         with lk.Model.load(ctx.pair.model_path, ctx.pair.mmproj_path, **ctx.load_kwargs) as m:
                             out["http_overhead"] = serve_bench.http_overhead(srv, m, pngs(), system=SYSTEM_MESSAGE,
                                                                              repeats=ctx.repeat)
-            except Exception as e:  # one side failing must not lose the other; the reason goes in the JSON
+            except Exception as e:  # one side failing must not lose the others; the reason goes in the JSON
                 sides[side][f"{name}_error"] = f"{type(e).__name__}: {e}"
                 if side == "ours":
                     raise
-    ours, server = sides["ours"], sides["server"]
-    reasons = {"peer": "not run: llama-cpp-python's server needs its [server] extra (fastapi, "
-                       "sse-starlette, pydantic-settings), which the peer venv does not install"}
+    ours, peer, server = sides["ours"], sides["peer"], sides["server"]
+    reasons = {}
+    if peer_reason:
+        reasons["peer"] = peer_reason
+    elif any(k.endswith("_error") for k in peer):
+        reasons["peer"] = ("llama-cpp-python server run failed: " +
+                           "; ".join(v for k, v in peer.items() if k.endswith("_error"))[:300])
     if ctx.server_reason:
         reasons["server"] = ctx.server_reason
     elif any(k.endswith("_error") for k in server):
         reasons["server"] = "llama-server run failed: " + "; ".join(v for k, v in server.items() if k.endswith("_error"))[:300]
-    used = {"ours": ours.get("settings"), "server": server.get("settings")}
+    used = {"ours": ours.get("settings"), "peer": peer.get("settings"), "server": server.get("settings")}
 
     def med(side: dict[str, Any], *path: str) -> float | None:
         x: Any = side
@@ -510,45 +526,55 @@ def run_serve(ctx: Context) -> dict[str, dict[str, Any]]:
 
     out: dict[str, dict[str, Any]] = {}
     out["serve_multi_turn"] = entry(
-        unit="s per turn", repetitions=ctx.repeat, ours=later_turns(ours), peer=None, server=later_turns(server),
+        unit="s per turn", repetitions=ctx.repeat, ours=later_turns(ours), peer=later_turns(peer),
+        server=later_turns(server),
         limit=None, settings=used, reasons={**reasons, "limit": "no in-process floor here: see multi_turn"}, digits=4,
         limit_means="none over HTTP (multi_turn has the in-process floor)",
         details={"what": f"one-image chat over HTTP, turns 2..{p.turns}, {p.answer_tokens}-token greedy answers",
-                 "ours": ours.get("multi_turn"), "server": server.get("multi_turn")})
-    edits_ours, edits_server = ours.get("edits") or {}, server.get("edits") or {}
+                 "ours": ours.get("multi_turn"), "peer": peer.get("multi_turn"), "server": server.get("multi_turn")})
+    edits_ours, edits_peer, edits_server = ours.get("edits") or {}, peer.get("edits") or {}, server.get("edits") or {}
     out["serve_replace_first_image"] = entry(
-        unit="ms", repetitions=ctx.repeat, ours=_ms(med(edits_ours, "replace_first_image")), peer=None,
+        unit="ms", repetitions=ctx.repeat, ours=_ms(med(edits_ours, "replace_first_image")),
+        peer=_ms(med(edits_peer, "replace_first_image")),
         server=_ms(med(edits_server, "replace_first_image")), limit=None, settings=used,
         reasons={**reasons, "limit": "see replace_first_image for the in-process floor"}, digits=3,
         limit_means="none over HTTP (replace_first_image has the in-process floor)",
         details={"what": "the 3-image conversation with its first image replaced by a never-seen one, over HTTP "
-                         "(max_tokens=1)", "encodes": {"ours": (edits_ours.get("encodes") or {}).get("replace_first_image"),
-                                                       "server": (edits_server.get("encodes") or {}).get("replace_first_image")},
-                 "ours_calls": edits_ours.get("calls"), "server_calls": edits_server.get("calls")})
+                         "(max_tokens=1)",
+                 "encodes": {side: (e.get("encodes") or {}).get("replace_first_image")
+                             for side, e in (("ours", edits_ours), ("peer", edits_peer), ("server", edits_server))},
+                 "ours_calls": edits_ours.get("calls"), "peer_calls": edits_peer.get("calls"),
+                 "server_calls": edits_server.get("calls")})
     out["serve_new_conversation"] = entry(
-        unit="image encodes", repetitions=ctx.repeat, ours=_fewest(edits_ours, "new_conversation"), peer=None,
+        unit="image encodes", repetitions=ctx.repeat, ours=_fewest(edits_ours, "new_conversation"),
+        peer=_fewest(edits_peer, "new_conversation"),
         server=_fewest(edits_server, "new_conversation"), limit=0, settings=used, reasons=reasons, digits=0,
         limit_means="0: the image's embedding was computed before",
         details={"what": "an image seen before in a brand-new conversation (other system message), over HTTP",
-                 "ms": {"ours": _ms(med(edits_ours, "new_conversation")),
-                        "server": _ms(med(edits_server, "new_conversation"))}})
-    conc_ours, conc_server = ours.get("concurrency") or {}, server.get("concurrency") or {}
+                 "ms": {side: _ms(med(e, "new_conversation"))
+                        for side, e in (("ours", edits_ours), ("peer", edits_peer), ("server", edits_server))}})
+    conc_ours, conc_peer, conc_server = (ours.get("concurrency") or {}, peer.get("concurrency") or {},
+                                         server.get("concurrency") or {})
     out["serve_concurrency"] = entry(
-        unit="requests/s", better="higher", repetitions=1, ours=conc_ours.get("requests_per_s"), peer=None,
+        unit="requests/s", better="higher", repetitions=1, ours=conc_ours.get("requests_per_s"),
+        peer=conc_peer.get("requests_per_s"),
         server=conc_server.get("requests_per_s"), limit=None, settings=used,
         reasons={**reasons, "limit": "none: a throughput figure"}, digits=4,
         limit_means="none: a throughput figure",
         details={"what": f"{serve_bench.CONCURRENT_CONVERSATIONS} one-image conversations x "
                          f"{serve_bench.CONCURRENT_TURNS} turns from as many client threads into "
                          f"{serve_bench.SLOTS} slots, {p.answer_tokens}-token answers",
-                 "p50_s": {"ours": conc_ours.get("p50_s"), "server": conc_server.get("p50_s")},
-                 "p95_s": {"ours": conc_ours.get("p95_s"), "server": conc_server.get("p95_s")},
-                 "ours": conc_ours, "server": conc_server})
+                 "p50_s": {"ours": conc_ours.get("p50_s"), "peer": conc_peer.get("p50_s"),
+                           "server": conc_server.get("p50_s")},
+                 "p95_s": {"ours": conc_ours.get("p95_s"), "peer": conc_peer.get("p95_s"),
+                           "server": conc_server.get("p95_s")},
+                 "ours": conc_ours, "peer": conc_peer, "server": conc_server})
     ho = ours.get("http_overhead") or {}
     out["serve_http_overhead"] = entry(
         unit="ms per request", repetitions=ctx.repeat * 20, ours=ho.get("overhead_ms"), peer=None, server=None,
         limit=5.0, settings=used, limit_means="the issue's target: under 5 ms over the in-process call",
-        reasons={**reasons, "server": "not applicable: llama-server has no in-process call to compare with"},
+        reasons={**reasons, "peer": "not applicable: measures our HTTP layer against our in-process call",
+                 "server": "not applicable: llama-server has no in-process call to compare with"},
         digits=3, details={"what": "a request with max_tokens 0 on a conversation already in its slot (nothing "
                                    "decoded on either side): an HTTP POST on a kept-alive connection (the JSON body "
                                    "prepared) minus Session.chat in-process (same messages, image as a data: URI on "
@@ -563,8 +589,10 @@ def run_serve(ctx: Context) -> dict[str, dict[str, Any]]:
         limit=_ms(rs.get("prefill_s")), settings=used,
         limit_means="the same request prefilled from nothing (every token decoded, images from the embedding "
                     "cache): a restore must beat it",
-        reasons={**reasons, "server": "not measured: llama-server runs these scenarios with --cache-ram 0 (its "
-                                      "host-memory prompt cache off)"},
+        reasons={**reasons, "peer": "not applicable: llama-cpp-python's server saves no conversation out of its "
+                                    "context (every request evaluates the whole prompt)",
+                 "server": "not measured: llama-server runs these scenarios with --cache-ram 0 (its "
+                           "host-memory prompt cache off)"},
         digits=3, details={"what": f"one slot; a {p.turns}-turn conversation moved out by another, then its next "
                                    "turn (restored from host memory) vs the same turn under another system message",
                            **rs})

@@ -31,9 +31,10 @@ SCENARIOS = ["control", "multi_turn", "replace_first_image", "replace_middle_ima
 SERVER_SCENARIOS = ["control", "multi_turn", "replace_first_image", "replace_last_image", "new_conversation", "batch",
                     "token_overhead", "serve_multi_turn", "serve_replace_first_image", "serve_new_conversation",
                     "serve_concurrency", "blend"]
-# no llama-cpp-python figure: its server is not in the peer venv (reasons["peer"] says so)
-NO_PEER = {"build_time", "serve_multi_turn", "serve_replace_first_image", "serve_new_conversation",
-           "serve_concurrency", "serve_http_overhead", "serve_restore", "blend"}
+# no llama-cpp-python figure (reasons["peer"] says why: not applicable, or not measured)
+NO_PEER = {"build_time", "serve_http_overhead", "serve_restore", "blend"}
+# llama-cpp-python's own server (its [server] extra, installed into the peer venv when the peers may be built)
+SERVE_PEER = {"serve_multi_turn", "serve_replace_first_image", "serve_new_conversation", "serve_concurrency"}
 PLOTS = ["multi_turn.png", "edits.png", "batch.png", "token_overhead.png", "load_close.png"]
 
 
@@ -75,7 +76,13 @@ def test_smoke_run_writes_every_scenario(smoke_run: Path) -> None:
     if results["peer_version"] is None:
         warnings.warn(f"benchmark smoke run without the peer: {results['peer']['reason']}", stacklevel=1)
     else:
-        assert all(results["scenarios"][k]["peer"] is not None for k in SCENARIOS if k not in NO_PEER)
+        assert all(results["scenarios"][k]["peer"] is not None for k in SCENARIOS if k not in NO_PEER | SERVE_PEER)
+        serve_reason = results["scenarios"]["serve_multi_turn"]["reasons"].get("peer")
+        if serve_reason and os.environ.get("LLAVA_KV_BENCH_BUILD_PEER") != "1":
+            assert "server unavailable" in serve_reason, serve_reason
+            warnings.warn(f"benchmark smoke run without llama-cpp-python's server: {serve_reason}", stacklevel=1)
+        else:
+            assert all(results["scenarios"][k]["peer"] is not None for k in SERVE_PEER), serve_reason
     if results["server_version"] is None:
         reason = results["server"]["reason"]
         assert reason, "llama-server left out without a reason"
@@ -120,6 +127,13 @@ def test_smoke_run_counts_that_are_exact(smoke_run: Path) -> None:
         assert sc["multi_turn"]["details"]["server_images_encoded"][1:] == [0] * (
             len(sc["multi_turn"]["details"]["ours_s"]) - 1)
         assert sc["new_conversation"]["server"] == 1  # its prompt cache is keyed by the token prefix
+    if sc["serve_new_conversation"]["peer"] is not None:  # llama-cpp-python's server: every image, every request
+        assert sc["serve_new_conversation"]["peer"] == 1
+        assert sc["serve_replace_first_image"]["details"]["encodes"]["peer"] == 3
+        assert sc["serve_multi_turn"]["details"]["peer"]["encodes_per_turn"] == [1] * len(
+            sc["serve_multi_turn"]["details"]["peer"]["encodes_per_turn"])
+    assert sc["serve_new_conversation"]["ours"] == 0
+    assert sc["serve_replace_first_image"]["details"]["encodes"]["ours"] == 1
     td = sc["token_overhead"]["details"]
     assert len(td["all_ms_per_token"]["cpp_loop"]) == len(td["all_ms_per_token"]["native_step"]) >= 5
 

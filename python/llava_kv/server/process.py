@@ -24,9 +24,10 @@ def free_port() -> int:
 
 
 class ChildServer:
-    """An HTTP server run as a child process in its own process group, healthy once ``GET /health``
-    answers 200: ``start()`` waits for that, ``stop()`` is SIGTERM then SIGKILL, ``kill()`` SIGKILL
-    at once (no cleanup at all). Subclasses set ``cmd``, ``base`` and ``log`` in their constructor."""
+    """An HTTP server run as a child process in its own process group, healthy once ``GET
+    health_path`` answers 200: ``start()`` waits for that, ``stop()`` is SIGTERM then SIGKILL,
+    ``kill()`` SIGKILL at once (no cleanup at all). Subclasses set ``cmd``, ``base`` and ``log`` in
+    their constructor."""
 
     name = "server"
     error: type[Exception] = RuntimeError  # what start() raises
@@ -35,6 +36,7 @@ class ChildServer:
     base: str
     log: Path
     start_timeout: float = 120
+    health_path = "/health"
     env: Optional[dict[str, str]] = None
     proc: Optional[subprocess.Popen[bytes]] = None
 
@@ -61,7 +63,7 @@ class ChildServer:
             if self.proc.poll() is not None:
                 raise self.error(f"{self.name} exited with {self.proc.returncode} while loading: {self.log_excerpt()}")
             try:
-                with urllib.request.urlopen(self.base + "/health", timeout=2) as r:
+                with urllib.request.urlopen(self.base + self.health_path, timeout=2) as r:
                     if r.status == 200:
                         return
             except OSError:
