@@ -29,6 +29,8 @@ from typing import Any
 
 from llava_kv.server.process import ChildServer, free_port
 
+from benchmarks.server_peer import LlamaServer
+
 PEER = "llama-cpp-python==0.3.36"
 HERE = Path(__file__).resolve().parent
 CPU_CMAKE_ARGS = "-DGGML_NATIVE=OFF"  # as our own build: portable, no -march=native
@@ -165,11 +167,7 @@ class PeerServer(ChildServer):
         self.log = Path(tempfile.mkstemp(prefix="llama-cpp-python-server-", suffix=".log")[1])
         self.start_timeout = start_timeout
 
-    @property
-    def client(self) -> Any:
-        import openai
-
-        return openai.OpenAI(base_url=self.base + "/v1", api_key="none", timeout=3600, max_retries=0)
+    client = LlamaServer.client  # the same openai client (no retries, long timeout)
 
     def image_encodes(self) -> int:
         """Image encodes so far: mtmd's helper logs "encoding image slice..." before each one."""

@@ -501,18 +501,19 @@ def run_serve(ctx: Context) -> dict[str, dict[str, Any]]:
                 sides[side][f"{name}_error"] = f"{type(e).__name__}: {e}"
                 if side == "ours":
                     raise
-    ours, peer, server = sides["ours"], sides["peer"], sides["server"]
+    ours = sides["ours"]
+
+    def each(value: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
+        """``value`` of every side's results, by side."""
+        return {name: value(side) for name, side in sides.items()}
+
     reasons = {}
-    if peer_reason:
-        reasons["peer"] = peer_reason
-    elif any(k.endswith("_error") for k in peer):
-        reasons["peer"] = ("llama-cpp-python server run failed: " +
-                           "; ".join(v for k, v in peer.items() if k.endswith("_error"))[:300])
-    if ctx.server_reason:
-        reasons["server"] = ctx.server_reason
-    elif any(k.endswith("_error") for k in server):
-        reasons["server"] = "llama-server run failed: " + "; ".join(v for k, v in server.items() if k.endswith("_error"))[:300]
-    used = {"ours": ours.get("settings"), "peer": peer.get("settings"), "server": server.get("settings")}
+    for name, unavailable, who in (("peer", peer_reason, "llama-cpp-python server"),
+                                   ("server", ctx.server_reason, "llama-server")):
+        errors = "; ".join(v for k, v in sides[name].items() if k.endswith("_error"))
+        if unavailable or errors:
+            reasons[name] = unavailable or f"{who} run failed: " + errors[:300]
+    used = each(lambda side: side.get("settings"))
 
     def med(side: dict[str, Any], *path: str) -> float | None:
         x: Any = side
@@ -526,49 +527,38 @@ def run_serve(ctx: Context) -> dict[str, dict[str, Any]]:
 
     out: dict[str, dict[str, Any]] = {}
     out["serve_multi_turn"] = entry(
-        unit="s per turn", repetitions=ctx.repeat, ours=later_turns(ours), peer=later_turns(peer),
-        server=later_turns(server),
+        unit="s per turn", repetitions=ctx.repeat, **each(later_turns),
         limit=None, settings=used, reasons={**reasons, "limit": "no in-process floor here: see multi_turn"}, digits=4,
         limit_means="none over HTTP (multi_turn has the in-process floor)",
         details={"what": f"one-image chat over HTTP, turns 2..{p.turns}, {p.answer_tokens}-token greedy answers",
-                 "ours": ours.get("multi_turn"), "peer": peer.get("multi_turn"), "server": server.get("multi_turn")})
-    edits_ours, edits_peer, edits_server = ours.get("edits") or {}, peer.get("edits") or {}, server.get("edits") or {}
+                 **each(lambda side: side.get("multi_turn"))})
+    edits = each(lambda side: side.get("edits") or {})
     out["serve_replace_first_image"] = entry(
-        unit="ms", repetitions=ctx.repeat, ours=_ms(med(edits_ours, "replace_first_image")),
-        peer=_ms(med(edits_peer, "replace_first_image")),
-        server=_ms(med(edits_server, "replace_first_image")), limit=None, settings=used,
+        unit="ms", repetitions=ctx.repeat, **{name: _ms(med(e, "replace_first_image")) for name, e in edits.items()},
+        limit=None, settings=used,
         reasons={**reasons, "limit": "see replace_first_image for the in-process floor"}, digits=3,
         limit_means="none over HTTP (replace_first_image has the in-process floor)",
         details={"what": "the 3-image conversation with its first image replaced by a never-seen one, over HTTP "
                          "(max_tokens=1)",
-                 "encodes": {side: (e.get("encodes") or {}).get("replace_first_image")
-                             for side, e in (("ours", edits_ours), ("peer", edits_peer), ("server", edits_server))},
-                 "ours_calls": edits_ours.get("calls"), "peer_calls": edits_peer.get("calls"),
-                 "server_calls": edits_server.get("calls")})
+                 "encodes": {name: (e.get("encodes") or {}).get("replace_first_image") for name, e in edits.items()},
+                 **{f"{name}_calls": e.get("calls") for name, e in edits.items()}})
     out["serve_new_conversation"] = entry(
-        unit="image encodes", repetitions=ctx.repeat, ours=_fewest(edits_ours, "new_conversation"),
-        peer=_fewest(edits_peer, "new_conversation"),
-        server=_fewest(edits_server, "new_conversation"), limit=0, settings=used, reasons=reasons, digits=0,
+        unit="image encodes", repetitions=ctx.repeat,
+        **{name: _fewest(e, "new_conversation") for name, e in edits.items()}, limit=0, settings=used, reasons=reasons, digits=0,
         limit_means="0: the image's embedding was computed before",
         details={"what": "an image seen before in a brand-new conversation (other system message), over HTTP",
-                 "ms": {side: _ms(med(e, "new_conversation"))
-                        for side, e in (("ours", edits_ours), ("peer", edits_peer), ("server", edits_server))}})
-    conc_ours, conc_peer, conc_server = (ours.get("concurrency") or {}, peer.get("concurrency") or {},
-                                         server.get("concurrency") or {})
+                 "ms": {name: _ms(med(e, "new_conversation")) for name, e in edits.items()}})
+    conc = each(lambda side: side.get("concurrency") or {})
     out["serve_concurrency"] = entry(
-        unit="requests/s", better="higher", repetitions=1, ours=conc_ours.get("requests_per_s"),
-        peer=conc_peer.get("requests_per_s"),
-        server=conc_server.get("requests_per_s"), limit=None, settings=used,
+        unit="requests/s", better="higher", repetitions=1,
+        **{name: c.get("requests_per_s") for name, c in conc.items()}, limit=None, settings=used,
         reasons={**reasons, "limit": "none: a throughput figure"}, digits=4,
         limit_means="none: a throughput figure",
         details={"what": f"{serve_bench.CONCURRENT_CONVERSATIONS} one-image conversations x "
                          f"{serve_bench.CONCURRENT_TURNS} turns from as many client threads into "
                          f"{serve_bench.SLOTS} slots, {p.answer_tokens}-token answers",
-                 "p50_s": {"ours": conc_ours.get("p50_s"), "peer": conc_peer.get("p50_s"),
-                           "server": conc_server.get("p50_s")},
-                 "p95_s": {"ours": conc_ours.get("p95_s"), "peer": conc_peer.get("p95_s"),
-                           "server": conc_server.get("p95_s")},
-                 "ours": conc_ours, "peer": conc_peer, "server": conc_server})
+                 "p50_s": {name: c.get("p50_s") for name, c in conc.items()},
+                 "p95_s": {name: c.get("p95_s") for name, c in conc.items()}, **conc})
     ho = ours.get("http_overhead") or {}
     out["serve_http_overhead"] = entry(
         unit="ms per request", repetitions=ctx.repeat * 20, ours=ho.get("overhead_ms"), peer=None, server=None,
