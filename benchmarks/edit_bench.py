@@ -207,7 +207,7 @@ def measure(pair: TestModel, *, repeats: int = 5, filler: int = 0, n_batch: int 
             "benchmark": "edit_bench",
             "preset": pair.preset.name,
             "machine": {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
-                        "devices": [d["description"] for d in lk.build_info()["devices"]]},
+                        "devices": [d.description for d in lk.build_info()["devices"]]},
             "settings": used,
             "conversation_tokens": n_tokens,
             "image_tokens": pair.preset.image_tokens,

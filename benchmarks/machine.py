@@ -39,12 +39,12 @@ def gpu_build() -> bool:
     """Whether llava-kv was built with a GPU backend and sees a GPU device."""
     info = lk.build_info()
     return any(b in GPU_BACKENDS for b in info["backends"]) and any(
-        d["type"] in ("gpu", "igpu") for d in info["devices"])
+        d.type in ("gpu", "igpu") for d in info["devices"])
 
 
 def describe() -> dict[str, Any]:
     info = lk.build_info()
-    gpus = [d for d in info["devices"] if d["type"] in ("gpu", "igpu")]
+    gpus = [d for d in info["devices"] if d.type in ("gpu", "igpu")]
     ram = _ram_bytes()
     return {
         "host": platform.node(),
@@ -54,9 +54,9 @@ def describe() -> dict[str, Any]:
         "os": f"{platform.system()} {platform.release()}",
         "python": sys.version.split()[0],
         "backends": info["backends"],
-        "devices": [d["description"] for d in info["devices"]],
-        "gpu": gpu_name() or (gpus[0]["description"] if gpus else None),
-        "gpu_memory_gib": round(gpus[0]["memory_total"] / 2**30, 1) if gpus else None,
+        "devices": [d.description for d in info["devices"]],
+        "gpu": gpu_name() or (gpus[0].description if gpus else None),
+        "gpu_memory_gib": round(gpus[0].total / 2**30, 1) if gpus else None,
     }
 
 

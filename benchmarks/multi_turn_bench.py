@@ -118,7 +118,7 @@ def measure(pair: TestModel, *, turns: int = 5, max_tokens: int = 16, n_ctx: int
     result: dict[str, Any] = {
         "benchmark": "multi_turn",
         "preset": pair.preset.name,
-        "machine": {"host": platform.node(), "devices": [d["description"] for d in lk.build_info()["devices"]]},
+        "machine": {"host": platform.node(), "devices": [d.description for d in lk.build_info()["devices"]]},
         "turns": turns, "max_tokens": max_tokens, "repeats": repeats,
         "ours_s": ours,
         "floor_s": floors,

@@ -5,6 +5,7 @@
 #include <new>
 #include <set>
 
+#include "device_ledger.h"
 #include "decode.h"
 #include "errors.h"
 #include "runtime.h"
@@ -308,6 +309,7 @@ void BatchRunner::create_context(const Ready & first) {
                     " sequences) is more than llama.cpp can address; lower parallel or n_ctx");
     }
     model_->check_context_memory(n_ctx);
+    LedgerOwner owner("session");
     llama_context_params cparams = model_->context_params(params_.n_threads);
     cparams.n_ctx = static_cast<uint32_t>(n_ctx);
     cparams.n_batch = static_cast<uint32_t>(params_.n_batch);

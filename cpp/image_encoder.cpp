@@ -3,6 +3,7 @@
 #include <cstring>
 #include <map>
 
+#include "device_ledger.h"
 #include "decode.h"
 #include "errors.h"
 #include "model.h"
@@ -121,6 +122,7 @@ void encode_pending(Model & model, std::vector<PendingImage> & pending, EncodeCo
                              ": its weights or hyperparameters are broken (or it read memory it never wrote)");
         }
     };
+    LedgerOwner owner("projector");  // the projector's compute buffers are made at its first encode
     size_t next = 0;
     while (next < jobs.size()) {
         // Fill one batch with as many consecutive chunks as the projector takes together.

@@ -7,21 +7,25 @@
 #include <thread>
 
 #include "batch_runner.h"
+#include "device_ledger.h"
+#include "device_limits.h"
 #include "errors.h"
 #include "ggml-backend.h"
 #include "llama-ext.h"    // per-buffer memory breakdown of a context
 #include "llama-model.h"  // per-buffer memory of the weights, before any context exists
+#include "projector_check.h"
 #include "session.h"
 
 namespace llava_kv {
 
 std::string buft_device_name(ggml_backend_buffer_type_t buft) {
-    ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
-    if (dev != nullptr) {
-        return ggml_backend_dev_name(dev);
+    // Host buffers live in CPU memory: those without a device (mmapped weights, repacked CPU tensors)
+    // and a GPU backend's pinned staging memory (Vulkan_Host, CUDA_Host), whose device is the GPU's.
+    if (ggml_backend_buft_is_host(buft)) {
+        return "CPU";
     }
-    // Host buffers without a device (mmapped weights, repacked CPU tensors) live in CPU memory.
-    return ggml_backend_buft_is_host(buft) ? "CPU" : ggml_backend_buft_name(buft);
+    ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
+    return dev != nullptr ? ggml_backend_dev_name(dev) : ggml_backend_buft_name(buft);
 }
 
 namespace {
@@ -60,12 +64,41 @@ std::shared_ptr<Model> Model::load(const std::string & model_path, const std::st
     std::shared_ptr<Model> self(new Model(model_path, mmproj_path, params));
     take_logged_errors();
 
+    watch_device_buffers();
+    ggml_backend_dev_t main_gpu = nullptr;
+    if (!params.main_gpu.empty()) {
+        main_gpu = device_by_name(params.main_gpu);
+        if (ggml_backend_dev_type(main_gpu) == GGML_BACKEND_DEVICE_TYPE_CPU) {
+            throw std::invalid_argument("main_gpu names a device other than the CPU ('" + params.main_gpu +
+                                        "' is the CPU); to keep everything on the CPU, load with n_gpu_layers=0 "
+                                        "and mmproj_use_gpu=False");
+        }
+    }
+    ggml_backend_dev_t only_device[] = {main_gpu, nullptr};
+
     llama_model_params mparams = llama_model_default_params();
     mparams.n_gpu_layers = params.n_gpu_layers < 0 ? 999 : params.n_gpu_layers;
-    self->model_.reset(llama_model_load_from_file(model_path.c_str(), mparams));
+    if (main_gpu != nullptr) {
+        mparams.devices = only_device;
+    }
+    {
+        LedgerOwner owner("weights");
+        self->model_.reset(llama_model_load_from_file(model_path.c_str(), mparams));
+    }
     if (!self->model_) {
         throw ModelLoadError(with_reason("could not load the text model '" + model_path +
                                          "': not a readable GGUF of a supported architecture"));
+    }
+    const int64_t block = ggml_blck_size(params.kv_type);
+    for (uint32_t il = 0; il < self->model_->hparams.n_layer(); ++il) {
+        const uint32_t head = std::min(self->model_->hparams.n_embd_head_k(il), self->model_->hparams.n_embd_head_v(il));
+        if (head % block != 0) {
+            self->model_.reset();
+            throw std::invalid_argument(std::string("kv_type '") + ggml_type_name(params.kv_type) + "' packs " +
+                                        std::to_string(block) + " values a block, which does not divide this "
+                                        "model's attention heads of " + std::to_string(head) +
+                                        " values: use kv_type='f16'");
+        }
     }
     self->vocab_ = llama_model_get_vocab(self->model_.get());
     self->n_embd_ = llama_model_n_embd(self->model_.get());
@@ -83,7 +116,18 @@ std::shared_ptr<Model> Model::load(const std::string & model_path, const std::st
         pparams.n_threads = self->n_threads_;
         pparams.print_timings = false;
         pparams.warmup = false;
-        self->projector_.reset(mtmd_init_from_file(mmproj_path.c_str(), self->model_.get(), pparams));
+        pparams.device = main_gpu;
+        std::map<ggml_backend_dev_t, size_t> usage;
+        try {
+            usage = check_projector(mmproj_path, self->model_.get(), pparams);
+        } catch (...) {
+            self->model_.reset();
+            throw;
+        }
+        {
+            LedgerOwner owner("projector");
+            self->projector_.reset(mtmd_init_from_file(mmproj_path.c_str(), self->model_.get(), pparams));
+        }
         if (!self->projector_) {
             // Free the weights now rather than when the last reference goes.
             self->model_.reset();
@@ -94,7 +138,7 @@ std::shared_ptr<Model> Model::load(const std::string & model_path, const std::st
         self->has_audio_ = mtmd_support_audio(self->projector_.get());
         self->audio_sample_rate_ = mtmd_get_audio_sample_rate(self->projector_.get());
         self->uses_mrope_ = mtmd_decode_use_mrope(self->projector_.get());
-        for (const auto & [dev, bytes] : mtmd_get_memory_usage(mmproj_path.c_str(), pparams)) {
+        for (const auto & [dev, bytes] : usage) {
             self->projector_memory_.push_back(
                 {"projector", dev ? ggml_backend_dev_name(dev) : "CPU", bytes});
         }
@@ -211,27 +255,64 @@ llama_context_params Model::context_params(int32_t n_threads) const {
     cparams.n_threads = threads;
     cparams.n_threads_batch = threads;
     cparams.flash_attn_type = params_.flash_attn;
+    cparams.type_k = params_.kv_type;
+    cparams.type_v = params_.kv_type;
     cparams.no_perf = true;
     return cparams;
 }
 
+std::vector<ggml_backend_dev_t> Model::weight_devices() const {
+    std::vector<ggml_backend_dev_t> out;
+    for (const auto & [buft, bytes] : model_->memory_breakdown()) {
+        ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
+        if (dev != nullptr && !ggml_backend_buft_is_host(buft) && bytes > 0 &&
+            std::find(out.begin(), out.end(), dev) == out.end()) {
+            out.push_back(dev);
+        }
+    }
+    return out;
+}
+
 void Model::check_context_memory(int64_t n_cells) const {
     const llama_model * m = model_.get();
+    const int64_t n_head = std::max(1, llama_model_n_head(m));
+    const int64_t kv_width = int64_t(llama_model_n_embd(m)) / n_head * std::max(1, llama_model_n_head_kv(m));
+    const double layer_bytes = double(n_cells) * double(kv_width) * double(ggml_type_size(params_.kv_type)) /
+                               double(ggml_blck_size(params_.kv_type));
+    const double needed = layer_bytes * llama_model_n_layer(m) * 2.0;
+    const double cell_bytes = needed / double(std::max<int64_t>(n_cells, 1));
+    std::vector<ggml_backend_dev_t> holders = weight_devices();
+    for (ggml_backend_dev_t dev : holders) {
+        if (!device_takes(dev, params_.kv_type, kv_width, n_cells)) {
+            // The largest cache whose tensors the device still takes, halving down from the request.
+            int64_t fits = n_cells;
+            while (fits > 1 && !device_takes(dev, params_.kv_type, kv_width, fits)) {
+                fits /= 2;
+            }
+            throw ContextFullError(n_cells, fits,
+                                   "a context of " + std::to_string(n_cells) + " KV cells needs K and V tensors of " +
+                                       mib(layer_bytes) + " per layer, more than " + ggml_backend_dev_name(dev) +
+                                       " can address in one tensor (about " + std::to_string(fits) +
+                                       " cells fit); ask for a smaller n_ctx");
+        }
+    }
     if (llama_model_n_swa(m) > 0) {
         return;
     }
-    const int64_t n_head = std::max(1, llama_model_n_head(m));
-    const int64_t kv_width = int64_t(llama_model_n_embd(m)) / n_head * std::max(1, llama_model_n_head_kv(m));
-    const double needed = double(n_cells) * llama_model_n_layer(m) * 2.0 * double(kv_width) * 2.0;
-    double free = 0;
-    for (const auto & d : devices()) {
-        free += double(d.memory_free);
+    if (holders.empty()) {
+        holders.push_back(ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU));
     }
-    if (free > 0 && needed > free) {
-        const auto gib = [](double b) { return std::to_string(b / double(1ull << 30)).substr(0, 6); };
-        throw Error("a context of " + std::to_string(n_cells) + " KV cells needs at least " + gib(needed) +
-                    " GiB for its cache, more than the " + gib(free) + " GiB the devices have free; ask for a smaller "
-                    "n_ctx");
+    for (ggml_backend_dev_t dev : holders) {
+        size_t free = 0;
+        size_t total = 0;
+        ggml_backend_dev_memory(dev, &free, &total);
+        if (free > 0 && needed > double(free)) {
+            throw ContextFullError(n_cells, static_cast<long long>(double(free) / cell_bytes),
+                                   "a context of " + std::to_string(n_cells) + " KV cells needs at least " +
+                                       mib(needed) + " for its cache on " + ggml_backend_dev_name(dev) +
+                                       ", which has " + mib(double(free)) + " free of " + mib(double(total)) +
+                                       "; ask for a smaller n_ctx");
+        }
     }
 }
 

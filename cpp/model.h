@@ -34,6 +34,11 @@ struct ModelParams {
     // Flash attention in every context of the model: llama.cpp's choice (AUTO), or forced on/off.
     // Part of what makes two runtimes' logits comparable (llama-cpp-python's Llama() defaults to off).
     llama_flash_attn_type flash_attn = LLAMA_FLASH_ATTN_TYPE_AUTO;
+    // The device that holds the offloaded layers, the projector (with mmproj_use_gpu) and so the
+    // sessions' KV and compute buffers of those layers; "" for llama.cpp's choice (every GPU it sees).
+    std::string main_gpu;
+    // The KV cache's element type (f16, q8_0 or q4_0), in every context of the model.
+    ggml_type kv_type = GGML_TYPE_F16;
 };
 
 // Bytes one component holds on one device.
@@ -101,10 +106,15 @@ class Model : public std::enable_shared_from_this<Model> {
     // The settings every context of this model shares (threads, flash attention, no perf counters);
     // callers add sizes and their abort callback. n_threads 0: the model's.
     llama_context_params context_params(int32_t n_threads) const;
-    // Refuses (Error naming the sizes) a context of `n_cells` KV cells whose cache could not fit the
-    // memory the devices have free, before llama.cpp allocates and clears it. A lower-bound estimate
-    // (f16 K and V of every layer); sliding-window models, whose cache is smaller, are not checked.
+    // Refuses (ContextFullError naming the device and the sizes) a context of `n_cells` KV cells that
+    // the devices holding its cache could not take, before llama.cpp allocates it: one layer's K or V
+    // tensor larger than such a device can address (its backend would abort the process at the first
+    // decode), or a cache larger than the memory it has free (a lower bound: K and V of every layer;
+    // sliding-window models, whose cache is smaller, are checked for the first case only).
     void check_context_memory(int64_t n_cells) const;
+    // The devices other than the CPU that hold some of the text model's weights (and so their layers'
+    // KV cache and compute).
+    std::vector<ggml_backend_dev_t> weight_devices() const;
 
     // The model's chat template (empty if it has none), and a conversation rendered with it by
     // llama.cpp's template engine. `messages` are (role, content) pairs.

@@ -3,6 +3,9 @@
 #include <atomic>
 #include <cstdio>
 #include <mutex>
+#include <stdexcept>
+
+#include "device_ledger.h"
 
 #include "ggml-backend.h"
 #include "llama.h"
@@ -52,6 +55,7 @@ void ensure_runtime() {
         mtmd_log_set(log_sink, nullptr);
         mtmd_helper_log_set(log_sink, nullptr);
         llama_backend_init();
+        watch_device_buffers();
     });
 }
 
@@ -76,10 +80,23 @@ std::vector<DeviceInfo> devices() {
         info.name = ggml_backend_dev_name(dev);
         info.description = ggml_backend_dev_description(dev);
         info.type = device_type_name(ggml_backend_dev_type(dev));
-        ggml_backend_dev_memory(dev, &info.memory_free, &info.memory_total);
+        ggml_backend_dev_memory(dev, &info.free, &info.total);
+        info.allocated = ledger_bytes(info.name);
         out.push_back(std::move(info));
     }
     return out;
+}
+
+ggml_backend_dev_t device_by_name(const std::string & name) {
+    ensure_runtime();
+    if (ggml_backend_dev_t dev = ggml_backend_dev_by_name(name.c_str())) {
+        return dev;
+    }
+    std::string known;
+    for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
+        known += std::string(known.empty() ? "" : ", ") + ggml_backend_dev_name(ggml_backend_dev_get(i));
+    }
+    throw std::invalid_argument("no device named '" + name + "'; this build sees: " + known);
 }
 
 BuildInfo build_info() {

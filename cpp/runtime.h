@@ -5,6 +5,8 @@
 #include <string>
 #include <vector>
 
+#include "ggml-backend.h"
+
 namespace llava_kv {
 
 // Initialises the ggml backends once per process and installs our log sink (silent by default).
@@ -23,12 +25,14 @@ class Verbosity {
     bool enabled_;
 };
 
+// One backend device, the same record everywhere (devices(), build_info(), Model::memory()).
 struct DeviceInfo {
-    std::string name;
-    std::string description;
-    std::string type;  // "cpu", "gpu", "igpu", "accel"
-    size_t memory_free = 0;
-    size_t memory_total = 0;
+    std::string name;         // "CPU", "Vulkan0", "CUDA0"
+    std::string description;  // what the driver calls it
+    std::string type;         // "cpu", "gpu", "igpu" (integrated), "accel" (e.g. BLAS, NPU)
+    size_t free = 0;          // bytes, as the driver reports them (free == total where it cannot tell)
+    size_t total = 0;
+    size_t allocated = 0;     // bytes of this process's live ggml buffers there (the device ledger)
 };
 
 struct BuildInfo {
@@ -44,5 +48,7 @@ BuildInfo build_info();
 // so a failed load can say why even when logging is silent.
 std::string take_logged_errors();
 std::vector<DeviceInfo> devices();
+// The device called `name` ("Vulkan0"); invalid_argument naming the devices there are otherwise.
+ggml_backend_dev_t device_by_name(const std::string & name);
 
 }  // namespace llava_kv

@@ -5,6 +5,7 @@
 #include <new>
 #include <set>
 
+#include "device_ledger.h"
 #include "errors.h"
 #include "sampling.h"
 #include "tokens.h"
@@ -67,8 +68,10 @@ void check_session_params(SessionParams & params) {
 
 // A context of `n_seq` sequences of params.n_ctx cells each; params' batch sizes become the ones
 // llama.cpp really gave it (it pads n_ctx up and clamps the batch sizes to it).
-std::shared_ptr<SharedContext> make_shared_context(const Model & model, SessionParams & params, int32_t n_seq) {
+std::shared_ptr<SharedContext> make_shared_context(const Model & model, SessionParams & params, int32_t n_seq,
+                                                   uint64_t ledger_id) {
     check_session_params(params);
+    LedgerOwner owner("session", ledger_id);
     const int64_t cells = int64_t(params.n_ctx) * n_seq;
     if (cells > INT32_MAX) {
         throw std::invalid_argument("n_ctx x slots = " + std::to_string(cells) + " KV cells is more than a context holds");
@@ -105,7 +108,7 @@ std::shared_ptr<SharedContext> make_shared_context(const Model & model, SessionP
 
 Session::Session(std::shared_ptr<Model> model, const SessionParams & params)
     : model_(std::move(model)), params_(params), id_(g_next_session_id.fetch_add(1)) {
-    shared_ = make_shared_context(*model_, params_, 1);
+    shared_ = make_shared_context(*model_, params_, 1, id_);
     open_context();
 }
 
@@ -130,7 +133,7 @@ std::vector<std::shared_ptr<Session>> open_session_pool(const std::shared_ptr<Mo
         throw std::invalid_argument("slots must be between 1 and 256, got " + std::to_string(n_slots));
     }
     SessionParams p = params;
-    auto shared = make_shared_context(*model, p, n_slots);
+    auto shared = make_shared_context(*model, p, n_slots, 0);
     std::vector<std::shared_ptr<Session>> out;
     for (int32_t i = 0; i < n_slots; ++i) {
         SessionParams slot = p;

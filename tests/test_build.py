@@ -18,8 +18,10 @@ def test_build_info_reports_commit_backends_devices():
     info = lk.build_info()
     assert info["llama_cpp_commit"] == PINNED_COMMIT
     assert "CPU" in info["backends"]
-    cpu = [d for d in info["devices"] if d["type"] == "cpu"]
-    assert cpu and cpu[0]["memory_total"] > 0
+    cpu = [d for d in info["devices"] if d.type == "cpu"]
+    assert cpu and cpu[0].total > 0
+    assert [d.as_dict() for d in info["devices"]] == [d.as_dict() | {"free": d2.free, "allocated": d2.allocated}
+                                                     for d, d2 in zip(info["devices"], lk.devices())]
     assert info["version"] == lk.__version__
 
 

@@ -107,7 +107,7 @@ def test_memory_reports_components_per_device(llava_pair):
         assert 0.8 * llava_pair.model_path.stat().st_size < weights <= llava_pair.model_path.stat().st_size
         assert mem["projector"]["CPU"] > 0
         assert mem["sessions"] == {}
-        assert mem["devices"]["CPU"]["total"] > 0
+        assert mem["devices"]["CPU"].total > 0 and mem["devices"]["CPU"].type == "cpu"
         s = m.session(n_ctx=1024)
         s.append_image(random_image(0))
         mem = m.memory()
@@ -121,8 +121,13 @@ def test_memory_reports_components_per_device(llava_pair):
         assert mem["total"]["CPU"] == sum(
             v["CPU"] for k, v in mem.items() if k in ("weights", "projector", "embedding_cache")
         ) + kv + mem["sessions"][sid]["compute"]["CPU"]
+        # The device ledger saw the session's buffers being made: its KV cache among them.
+        ledger = {(e.component, e.session_id): e.bytes for e in lk.device_ledger() if e.device == "CPU"}
+        assert ledger[("kv", sid)] >= kv and ledger[("compute", sid)] == mem["sessions"][sid]["compute"]["CPU"]
         s.close()
         assert m.memory()["sessions"] == {}
+        assert not [e for e in lk.device_ledger() if e.session_id == sid]
+    assert lk.device_ledger() == []
 
 
 def test_dropping_references_frees_without_close(llava_pair):
@@ -159,3 +164,38 @@ def test_flash_attention_setting(llava_pair, images):
     assert np.isfinite(logits["off"]).all() and not np.array_equal(logits["off"], logits["on"])
     with pytest.raises(ValueError, match="flash_attn"):
         lk.Model.load(llava_pair.model_path, flash_attn="yes")
+
+
+def test_device_choice_is_checked(llava_pair):
+    with pytest.raises(ValueError, match="no device named 'Nowhere0'; this build sees: .*CPU"):
+        lk.Model.load(llava_pair.model_path, llava_pair.mmproj_path, main_gpu="Nowhere0")
+    with pytest.raises(ValueError, match="n_gpu_layers=0 and mmproj_use_gpu=False"):
+        lk.Model.load(llava_pair.model_path, llava_pair.mmproj_path, main_gpu="CPU")
+    with pytest.raises(TypeError, match="main_gpu"):
+        lk.Model.load(llava_pair.model_path, llava_pair.mmproj_path, main_gpu=0)  # type: ignore[arg-type]
+    assert lk.device_ledger() == []
+
+
+def test_quantized_kv_cache(llava_pair, images, tmp_path):
+    with pytest.raises(ValueError, match="kv_type must be one of 'f16', 'q8_0', 'q4_0'"):
+        lk.Model.load(llava_pair.model_path, llava_pair.mmproj_path, kv_type="q5_1")
+    with pytest.raises(ValueError, match="needs flash attention"):
+        lk.Model.load(llava_pair.model_path, llava_pair.mmproj_path, kv_type="q8_0", flash_attn="off")
+    # tiny-llava's heads hold 16 values, fewer than a q8_0 block: refused at load, nothing left behind
+    with pytest.raises(ValueError, match="does not divide this model's attention heads of 16 values"):
+        lk.Model.load(llava_pair.model_path, llava_pair.mmproj_path, kv_type="q8_0")
+    assert lk.device_ledger() == []
+    pair = make_test_model(tmp_path, dataclasses.replace(PRESETS["tiny-llava"], name="heads32", n_head=2, n_head_kv=1))
+    got = {}
+    for kv_type in ("f16", "q8_0", "q4_0"):
+        with lk.Model.load(pair.model_path, pair.mmproj_path, kv_type=kv_type) as m, \
+                m.session(n_ctx=512) as s:
+            assert m.kv_type == kv_type
+            s.append_text("USER: ")
+            s.append_image(images[0])
+            s.append_text(" describe it\nASSISTANT:")
+            (sid,) = m.memory()["sessions"]
+            got[kv_type] = (m.memory()["sessions"][sid]["kv"]["CPU"], s.logits())
+    # q8_0 packs 32 values in 34 bytes, q4_0 in 18: the cache shrinks by exactly that much.
+    assert got["q8_0"][0] * 64 == got["f16"][0] * 34 and got["q4_0"][0] * 64 == got["f16"][0] * 18
+    assert np.abs(got["q8_0"][1] - got["f16"][1]).max() < np.abs(got["q4_0"][1] - got["f16"][1]).max() < 0.5

@@ -31,7 +31,7 @@ void register_model(py::module_ & m) {
             "load",
             [](const std::string & model_path, const std::string & mmproj_path, int32_t n_gpu_layers,
                bool mmproj_use_gpu, int32_t n_threads, bool verbose, size_t embed_cache_bytes,
-               const std::string & flash_attn) {
+               const std::string & flash_attn, const std::string & main_gpu, const std::string & kv_type) {
                 ModelParams params;
                 if (flash_attn == "auto") {
                     params.flash_attn = LLAMA_FLASH_ATTN_TYPE_AUTO;
@@ -42,6 +42,20 @@ void register_model(py::module_ & m) {
                 } else {
                     throw py::value_error("flash_attn must be 'auto', 'on' or 'off', got '" + flash_attn + "'");
                 }
+                if (kv_type == "f16") {
+                    params.kv_type = GGML_TYPE_F16;
+                } else if (kv_type == "q8_0") {
+                    params.kv_type = GGML_TYPE_Q8_0;
+                } else if (kv_type == "q4_0") {
+                    params.kv_type = GGML_TYPE_Q4_0;
+                } else {
+                    throw py::value_error("kv_type must be 'f16', 'q8_0' or 'q4_0', got '" + kv_type + "'");
+                }
+                if (params.kv_type != GGML_TYPE_F16 && params.flash_attn == LLAMA_FLASH_ATTN_TYPE_DISABLED) {
+                    throw py::value_error("kv_type='" + kv_type + "' needs flash attention (llama.cpp quantizes the "
+                                          "V cache only with it): use flash_attn='auto' or 'on'");
+                }
+                params.main_gpu = main_gpu;
                 params.n_gpu_layers = n_gpu_layers;
                 params.mmproj_use_gpu = mmproj_use_gpu;
                 params.n_threads = n_threads;
@@ -51,7 +65,8 @@ void register_model(py::module_ & m) {
             },
             py::arg("model_path"), py::arg("mmproj_path") = "", py::kw_only(), py::arg("n_gpu_layers") = 0,
             py::arg("mmproj_use_gpu") = true, py::arg("n_threads") = 0, py::arg("verbose") = false,
-            py::arg("embed_cache_bytes") = size_t(1) << 30, py::arg("flash_attn") = "auto")
+            py::arg("embed_cache_bytes") = size_t(1) << 30, py::arg("flash_attn") = "auto", py::arg("main_gpu") = "",
+            py::arg("kv_type") = "f16")
         .def("close", released(&Model::close),
              "Close every session and batch runner of the model, then free the projector and the weights.")
         .def_property_readonly("closed", &Model::closed, "close() has run")
@@ -86,6 +101,10 @@ void register_model(py::module_ & m) {
                 default: return "auto";
             }
         })
+        .def_property_readonly("main_gpu", [](const Model & model) { return model.params().main_gpu; },
+                               "the device named at load ('' for llama.cpp's choice)")
+        .def_property_readonly("kv_type", [](const Model & model) { return std::string(ggml_type_name(model.params().kv_type)); },
+                               "the KV cache's element type: 'f16', 'q8_0' or 'q4_0'")
         .def_property_readonly("media_marker", [](const Model &) { return std::string(mtmd_default_marker()); })
         .def(
             "session",
@@ -116,11 +135,7 @@ void register_model(py::module_ & m) {
                 for (const auto & e : report.entries) {
                     entries.append(py::make_tuple(e.component, e.device, e.bytes, e.session_id));
                 }
-                py::list devices;
-                for (const auto & d : report.devices) {
-                    devices.append(py::make_tuple(d.name, d.type, d.memory_free, d.memory_total));
-                }
-                return py::make_tuple(entries, devices);
+                return py::make_tuple(entries, report.devices);
             })
         .def("cache_stats",
              [](Model & model) {

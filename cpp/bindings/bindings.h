@@ -146,6 +146,7 @@ inline SamplingParams sampling_params(float temperature, int32_t top_k, float to
 }
 
 void register_errors(pybind11::module_ & m);
+void register_devices(pybind11::module_ & m);
 void register_model(pybind11::module_ & m);
 void register_session(pybind11::module_ & m);
 void register_batch(pybind11::module_ & m);

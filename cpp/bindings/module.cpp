@@ -15,27 +15,18 @@ PYBIND11_MODULE(_core, m) {
     m.doc() = "llava-kv native core (private: use the llava_kv package)";
     llava_kv::ensure_runtime();
     llava_kv::bindings::register_errors(m);
+    llava_kv::bindings::register_devices(m);
     llava_kv::bindings::register_model(m);
     llava_kv::bindings::register_session(m);
     llava_kv::bindings::register_batch(m);
 
     m.def("build_info", [] {
-        const llava_kv::BuildInfo info = llava_kv::build_info();
-        py::list devices;
-        for (const auto & d : info.devices) {
-            py::dict dev;
-            dev["name"] = d.name;
-            dev["description"] = d.description;
-            dev["type"] = d.type;
-            dev["memory_free"] = d.memory_free;
-            dev["memory_total"] = d.memory_total;
-            devices.append(dev);
-        }
+        const llava_kv::BuildInfo info = llava_kv::bindings::without_gil([] { return llava_kv::build_info(); });
         py::dict out;
         out["version"] = LLAVA_KV_VERSION;
         out["llama_cpp_commit"] = info.llama_cpp_commit;
         out["backends"] = info.backends;
-        out["devices"] = devices;
+        out["devices"] = info.devices;
         return out;
     });
     m.def("native_objects", [] {

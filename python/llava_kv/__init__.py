@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import _core, batch
-from ._core import __version__
+from ._core import Device, LedgerEntry, __version__
 from .errors import (
     CancelledError,
     ClosedError,
@@ -19,6 +19,10 @@ from .session import Chunk, ImageList, ImageRef, Session
 __all__ = [
     "__version__",
     "build_info",
+    "devices",
+    "device_ledger",
+    "Device",
+    "LedgerEntry",
     "batch",
     "Model",
     "Session",
@@ -35,5 +39,21 @@ __all__ = [
 
 
 def build_info() -> dict[str, Any]:
-    """The llama.cpp commit built against, the compiled ggml backends, and the devices seen now."""
+    """The llama.cpp commit built against, the compiled ggml backends, and the devices seen now
+    (``"devices"``: :class:`Device` records, as :func:`devices` gives them)."""
     return dict(_core.build_info())
+
+
+def devices() -> list[Device]:
+    """Every backend device this build sees: ``name`` ("CPU", "Vulkan0", "CUDA0"), ``type`` ("cpu",
+    "gpu", "igpu", "accel"), ``description``, ``free`` and ``total`` bytes as the driver reports them,
+    and ``allocated``: the bytes this process's live ggml buffers hold there (the device ledger).
+    ``Device.as_dict()`` gives the record as a dict."""
+    return _core.devices()
+
+
+def device_ledger() -> list[LedgerEntry]:
+    """This process's live ggml buffers, per device and component ("weights", "projector", "kv",
+    "compute"; "other" for a buffer made outside any model call), counted where the backends allocate
+    and free them, so a buffer that outlives its model shows here whatever the model reports."""
+    return _core.device_ledger()

@@ -19,15 +19,10 @@ from .gguf_validation import check_model_files
 from .images import file_fingerprint
 from .session import Session
 
-__all__ = ["Model", "MemoryReport", "DeviceMemory"]
+__all__ = ["Model", "MemoryReport"]
 
 _FLASH_ATTN = ("auto", "on", "off")
-
-
-class DeviceMemory(TypedDict):
-    type: str  # "cpu", "gpu", "igpu", "accel"
-    free: int
-    total: int
+_KV_TYPES = ("f16", "q8_0", "q4_0")
 
 
 class MemoryReport(TypedDict):
@@ -38,7 +33,7 @@ class MemoryReport(TypedDict):
     embedding_cache: dict[str, int]
     sessions: dict[int, dict[str, dict[str, int]]]  # id -> {"kv": {dev: n}, "compute": {dev: n}}
     total: dict[str, int]
-    devices: dict[str, DeviceMemory]
+    devices: dict[str, _core.Device]
 
 # Every open model, so that interpreter exit can stop what still runs natively (batch workers, edits
 # in other threads) before Python tears down: no native thread may outlive the interpreter.
@@ -76,10 +71,16 @@ class Model(NativeObject):
     @classmethod
     def load(cls, model_path: str | os.PathLike[str], mmproj_path: str | os.PathLike[str] | None = None, *,
              n_gpu_layers: int = 0, mmproj_use_gpu: bool = True, n_threads: int | None = None,
-             verbose: bool = False, embed_cache_bytes: int = 1 << 30, flash_attn: str = "auto") -> "Model":
+             verbose: bool = False, embed_cache_bytes: int = 1 << 30, flash_attn: str = "auto",
+             main_gpu: str | None = None, kv_type: str = "f16") -> "Model":
         """Load a GGUF text model and, optionally, its mmproj projector.
 
-        ``n_gpu_layers=-1`` offloads every layer (GPU builds). ``flash_attn`` is llama.cpp's choice
+        Where things live (GPU builds; see :func:`llava_kv.devices`): ``n_gpu_layers`` layers of the
+        text model (-1: all) go to the GPU, and their KV cache and compute buffers with them;
+        ``mmproj_use_gpu`` puts the projector there too. ``main_gpu`` names the device for both
+        ("Vulkan0", "CUDA1"); None lets llama.cpp spread layers over every GPU it sees and gives the
+        projector the first. ``kv_type`` is the KV cache's element type: "f16", or "q8_0"/"q4_0" for
+        about half/a quarter of the memory (needs flash attention). ``flash_attn`` is llama.cpp's choice
         for every context of the model: "auto" (llama.cpp decides; on for CPU), "on" or "off". Logits
         equal another runtime's only with the same setting (llama-cpp-python's ``Llama()`` defaults to
         off). Raises FileNotFoundError for a missing file and :class:`llava_kv.ModelLoadError` for a
@@ -87,6 +88,10 @@ class Model(NativeObject):
         """
         if flash_attn not in _FLASH_ATTN:
             raise ValueError(f"flash_attn must be one of {', '.join(map(repr, _FLASH_ATTN))}, got {flash_attn!r}")
+        if kv_type not in _KV_TYPES:
+            raise ValueError(f"kv_type must be one of {', '.join(map(repr, _KV_TYPES))}, got {kv_type!r}")
+        if main_gpu is not None and not isinstance(main_gpu, str):
+            raise TypeError(f"main_gpu must be a device name such as 'Vulkan0' (or None), got {main_gpu!r}")
         model = _check_file(model_path, "model")
         mmproj = _check_file(mmproj_path, "mmproj") if mmproj_path is not None else ""
         check_int("n_gpu_layers", n_gpu_layers, -1)
@@ -95,7 +100,7 @@ class Model(NativeObject):
         check_model_files(model, mmproj or None)  # llama.cpp asserts on malformed files: refuse them first
         core = _core.Model.load(model, mmproj, n_gpu_layers=n_gpu_layers, mmproj_use_gpu=mmproj_use_gpu,
                                 n_threads=n_threads or 0, verbose=verbose, embed_cache_bytes=embed_cache_bytes,
-                                flash_attn=flash_attn)
+                                flash_attn=flash_attn, main_gpu=main_gpu or "", kv_type=kv_type)
         loaded = cls(core, file_fingerprint(mmproj) if mmproj else "")
         _live_models.add(loaded)
         return loaded
@@ -193,6 +198,16 @@ class Model(NativeObject):
         return self._core.decode_audio(bytes(data))
 
     @property
+    def main_gpu(self) -> str | None:
+        """The device named at load, None for llama.cpp's choice."""
+        return self._core.main_gpu or None
+
+    @property
+    def kv_type(self) -> str:
+        """The KV cache's element type: "f16", "q8_0" or "q4_0"."""
+        return self._core.kv_type
+
+    @property
     def flash_attn(self) -> str:
         """The flash-attention setting of the model's contexts: "auto", "on" or "off"."""
         return self._core.flash_attn
@@ -256,7 +271,8 @@ class Model(NativeObject):
 
         ``{"weights": {dev: n}, "projector": {dev: n}, "embedding_cache": {dev: n},
         "sessions": {id: {"kv": {dev: n}, "compute": {dev: n}}}, "total": {dev: n},
-        "devices": {dev: {"type", "free", "total"}}}``
+        "devices": {name: Device}}``: each :class:`llava_kv.Device` with its ``type``, ``free``,
+        ``total`` and ``allocated`` (this process's live buffers there, the device ledger).
         """
         entries, devices = self._core.memory()
         report: MemoryReport = {"weights": {}, "projector": {}, "embedding_cache": {}, "sessions": {}, "total": {},
@@ -269,8 +285,7 @@ class Model(NativeObject):
                 slot = report[component]  # type: ignore[literal-required]
             slot[device] = slot.get(device, 0) + nbytes
             report["total"][device] = report["total"].get(device, 0) + nbytes
-        report["devices"] = {name: {"type": kind, "free": free, "total": total}
-                             for name, kind, free, total in devices}
+        report["devices"] = {device.name: device for device in devices}
         return report
 
     def embedding_cache_stats(self) -> dict[str, int]:

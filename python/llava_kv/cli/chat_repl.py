@@ -170,7 +170,8 @@ class ChatRepl:
         for device, n in sorted(mem["total"].items()):
             self.say(f"  {'total':<18} {device:<8} {fmt_bytes(n)}")
         for device, d in sorted(mem["devices"].items()):
-            self.say(f"  device {device} ({d['type']}): {fmt_bytes(d['free'])} free of {fmt_bytes(d['total'])}")
+            self.say(f"  device {device} ({d.type}): {fmt_bytes(d.free)} free of {fmt_bytes(d.total)}, "
+                     f"{fmt_bytes(d.allocated)} held by this process")
 
     def cmd_stats(self, rest: str) -> None:
         self.say(f"  n_past {self.s.n_past} of n_ctx {self.s.n_ctx}, {len(self.s.images)} image(s), "

@@ -36,12 +36,18 @@ def _template_used(model: Any) -> dict[str, str] | None:
     return {"name": chosen.name, "source": chosen.source}
 
 
+def memory_json(report: Any) -> dict:
+    """``Model.memory()`` with its device records as dicts."""
+    return {**report, "devices": {name: d.as_dict() for name, d in report["devices"].items()}}
+
+
 def info(args: argparse.Namespace) -> int:
     import llava_kv as lk
 
     from llava_kv.gguf_metadata import architecture, projector_type
 
-    out: dict = {"version": lk.__version__, "build": lk.build_info()}
+    build = lk.build_info()
+    out: dict = {"version": lk.__version__, "build": {**build, "devices": [d.as_dict() for d in build["devices"]]}}
     if args.model or args.mmproj:
         with load_model(args) as model:
             out["model"] = {"path": model.path, "mmproj": model.mmproj_path,
@@ -51,6 +57,6 @@ def info(args: argparse.Namespace) -> int:
                             "n_vocab": model.n_vocab, "n_ctx_train": model.n_ctx_train,
                             "has_vision": model.has_vision, "uses_mrope": model.uses_mrope,
                             "chat_template": model.chat_template, "chat_template_used": _template_used(model),
-                            "memory": model.memory()}
+                            "memory": memory_json(model.memory())}
     print(json.dumps(out, indent=1, default=str))
     return 0

@@ -88,6 +88,13 @@ def add_model_args(p: argparse.ArgumentParser, *, test_pair: bool, required: boo
                    help="layers to offload to the GPU; -1 offloads all (GPU builds; default: %(default)s)")
     g.add_argument("--threads", type=positive_int, default=None, metavar="N",
                    help="CPU threads (default: one per core)")
+    g.add_argument("--main-gpu", default=None, metavar="DEVICE",
+                   help="the device for the offloaded layers and the projector, e.g. Vulkan0 or CUDA1 "
+                   "('llava-kv info' lists them; default: llama.cpp's choice)")
+    g.add_argument("--no-mmproj-gpu", dest="mmproj_use_gpu", action="store_false",
+                   help="keep the projector on the CPU in a GPU build")
+    g.add_argument("--kv-type", choices=["f16", "q8_0", "q4_0"], default="f16",
+                   help="the KV cache's element type (q8_0/q4_0 need flash attention; default: %(default)s)")
     g.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto",
                    help="flash attention: llama.cpp's choice, or forced on/off (default: %(default)s)")
     g.add_argument("--verbose", action="store_true", help="show llama.cpp's log on stderr")
@@ -151,7 +158,8 @@ def load_model(args: argparse.Namespace, paths: tuple[str, str | None] | None = 
 
     model_path, mmproj_path = paths or model_paths(args)
     return lk.Model.load(model_path, mmproj_path, n_gpu_layers=args.n_gpu_layers, n_threads=args.threads,
-                         flash_attn=args.flash_attn, verbose=args.verbose)
+                         flash_attn=args.flash_attn, verbose=args.verbose, main_gpu=args.main_gpu,
+                         mmproj_use_gpu=args.mmproj_use_gpu, kv_type=args.kv_type)
 
 
 def check_images(paths: Sequence[str]) -> list[str]:

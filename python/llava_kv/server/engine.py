@@ -46,6 +46,9 @@ class ServerConfig:
     n_batch: int = 512
     n_threads: Optional[int] = None
     n_gpu_layers: int = 0
+    main_gpu: Optional[str] = None
+    mmproj_use_gpu: bool = True
+    kv_type: str = "f16"
     flash_attn: str = "auto"
     chat_template: Optional[str] = None
     model_alias: Optional[str] = None
@@ -261,7 +264,8 @@ class Engine:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.model = Model.load(config.model, config.mmproj, n_gpu_layers=config.n_gpu_layers,
-                                n_threads=config.n_threads, flash_attn=config.flash_attn)
+                                n_threads=config.n_threads, flash_attn=config.flash_attn, main_gpu=config.main_gpu,
+                                mmproj_use_gpu=config.mmproj_use_gpu, kv_type=config.kv_type)
         try:
             self.pool: SessionPool = self.model.session_pool(config.slots, n_ctx=config.n_ctx,
                                                              n_batch=max(config.n_batch, config.slots),
