@@ -18,10 +18,12 @@ bool device_takes(ggml_backend_dev_t dev, ggml_type type, int64_t ne0, int64_t n
     return !ggml_backend_dev_supports_op(dev, product(small_rows)) || ggml_backend_dev_supports_op(dev, product(ne1));
 }
 
-std::string mib(double bytes) {
+std::string human_bytes(double bytes) {
     char text[48];
     if (bytes < double(1 << 20)) {
         std::snprintf(text, sizeof(text), "%.0f bytes", bytes);
+    } else if (bytes >= double(1ull << 30)) {
+        std::snprintf(text, sizeof(text), "%.2f GiB", bytes / double(1ull << 30));
     } else {
         std::snprintf(text, sizeof(text), "%.1f MiB", bytes / double(1 << 20));
     }

@@ -16,7 +16,7 @@ namespace llava_kv {
 // compared with a small tensor of the same type, so that only the size can make the difference.
 bool device_takes(ggml_backend_dev_t dev, ggml_type type, int64_t ne0, int64_t ne1);
 
-// Bytes as the messages about device memory say them: "12.5 MiB", or "16384 bytes" below a MiB.
-std::string mib(double bytes);
+// Bytes as the messages about device memory say them: "16384 bytes", "12.5 MiB", "3.73 GiB".
+std::string human_bytes(double bytes);
 
 }  // namespace llava_kv

@@ -291,7 +291,7 @@ void Model::check_context_memory(int64_t n_cells) const {
             }
             throw ContextFullError(n_cells, fits,
                                    "a context of " + std::to_string(n_cells) + " KV cells needs K and V tensors of " +
-                                       mib(layer_bytes) + " per layer, more than " + ggml_backend_dev_name(dev) +
+                                       human_bytes(layer_bytes) + " per layer, more than " + ggml_backend_dev_name(dev) +
                                        " can address in one tensor (about " + std::to_string(fits) +
                                        " cells fit); ask for a smaller n_ctx");
         }
@@ -309,8 +309,8 @@ void Model::check_context_memory(int64_t n_cells) const {
         if (free > 0 && needed > double(free)) {
             throw ContextFullError(n_cells, static_cast<long long>(double(free) / cell_bytes),
                                    "a context of " + std::to_string(n_cells) + " KV cells needs at least " +
-                                       mib(needed) + " for its cache on " + ggml_backend_dev_name(dev) +
-                                       ", which has " + mib(double(free)) + " free of " + mib(double(total)) +
+                                       human_bytes(needed) + " for its cache on " + ggml_backend_dev_name(dev) +
+                                       ", which has " + human_bytes(double(free)) + " free of " + human_bytes(double(total)) +
                                        "; ask for a smaller n_ctx");
         }
     }

@@ -64,16 +64,16 @@ size_t check_weights_fit(const std::string & path, ggml_backend_dev_t dev) {
         needed += GGML_PAD(bytes, align);
         if (!on_cpu && (bytes > max_size || !device_takes(dev, t->type, t->ne[0], ggml_nrows(t)))) {
             throw ModelLoadError("the projector '" + path + "' has a tensor '" + ggml_get_name(t) + "' of " +
-                                 mib(double(bytes)) + ", more than one buffer on " + name + " can hold or address (" +
-                                 mib(double(max_size)) + " per buffer); load it with mmproj_use_gpu=False");
+                                 human_bytes(double(bytes)) + ", more than one buffer on " + name + " can hold or address (" +
+                                 human_bytes(double(max_size)) + " per buffer); load it with mmproj_use_gpu=False");
         }
     }
     size_t free = 0;
     size_t total = 0;
     ggml_backend_dev_memory(dev, &free, &total);
     if (!on_cpu && free > 0 && needed > free) {
-        throw ModelLoadError("the projector '" + path + "' needs " + mib(double(needed)) + " on " + name +
-                             ", which has " + mib(double(free)) + " free of " + mib(double(total)) +
+        throw ModelLoadError("the projector '" + path + "' needs " + human_bytes(double(needed)) + " on " + name +
+                             ", which has " + human_bytes(double(free)) + " free of " + human_bytes(double(total)) +
                              "; load it with mmproj_use_gpu=False, or free device memory");
     }
     return needed;

@@ -1,4 +1,4 @@
-"""The ``llava-kv`` command line: run, chat, batch, serve, info, demo, make-test-model.
+"""The ``llava-kv`` command line: run, chat, batch, serve, info, selfcheck, demo, make-test-model.
 
 One module per command, each with ``add_parser(subparsers)`` and the function the command runs;
 the chat loop is :mod:`.chat_repl`, and what the commands share (option groups, the model pair,
@@ -6,7 +6,8 @@ errors) is :mod:`.options`.
 
 Replies go to stdout; notes, progress, summaries and errors go to stderr, so the output of ``run``
 and ``batch --out -`` can be piped. Exit codes: 0 done, 1 a model or image error, 2 a usage
-error (bad option, missing file, no image matched), 130 interrupted.
+error (bad option, missing file, no image matched), 130 interrupted. ``selfcheck`` also exits 1
+when one of its checks fails.
 """
 from __future__ import annotations
 
@@ -14,13 +15,13 @@ import argparse
 import sys
 from typing import Sequence
 
-from . import batch, chat, demo, info, make_test_model, run, serve
+from . import batch, chat, demo, info, make_test_model, run, selfcheck, serve
 from .batch import expand_paths
 from .options import HelpFormatter, UsageError, describe, err
 
 __all__ = ["build_parser", "expand_paths", "main"]
 
-COMMANDS = (run, chat, batch, serve, info, demo, make_test_model)
+COMMANDS = (run, chat, batch, serve, info, selfcheck, demo, make_test_model)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  llava-kv run --model m.gguf --mmproj p.gguf --image cat.jpg --prompt 'What is this?'\n"
         "  llava-kv chat --model m.gguf --mmproj p.gguf\n"
         "  llava-kv batch --model m.gguf --mmproj p.gguf --prompt 'Caption:' --out out.jsonl photos/\n"
+        "  llava-kv selfcheck --model m.gguf --mmproj p.gguf   # are edits exact on this checkpoint?\n"
         "  llava-kv demo            # no model needed: uses a generated random-weight pair\n\n"
         "'llava-kv COMMAND --help' describes each command.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
