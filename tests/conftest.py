@@ -87,3 +87,16 @@ def mtmd_reference(model: lk.Model, parts: list, n_batch: int = 512, n_ctx: int 
             loaded = load_image(part, model.projector_id)
             imgs.append((loaded.pixels, loaded.digest, loaded.source))
     return _core.reference_eval(model._core, prompt, imgs, n_ctx, n_batch)
+
+
+def write_to_terminal(request: pytest.FixtureRequest, lines: list[str]) -> None:
+    """Writes ``lines`` to the terminal even while pytest captures output."""
+    tr = request.config.pluginmanager.get_plugin("terminalreporter")
+    cm = request.config.pluginmanager.get_plugin("capturemanager")
+    if tr is None or cm is None:
+        print("\n".join(lines))
+        return
+    with cm.global_and_fixture_disabled():
+        tr.ensure_newline()
+        for line in lines:
+            tr.write_line(line)

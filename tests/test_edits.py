@@ -25,7 +25,7 @@ import llava_kv as lk
 from llava_kv.images import load_image
 from llava_kv.testing import make_test_model, random_image
 
-from conftest import TINY_PRESETS as PRESETS, feed_timeline
+from conftest import TINY_PRESETS as PRESETS, feed_timeline, write_to_terminal
 N_CTX = 2048
 N_BATCH = 64
 # Every model here runs on CPU (Model.load's default n_gpu_layers=0), where an edited session's
@@ -117,20 +117,7 @@ def _edits_summary(request: pytest.FixtureRequest):
     for preset, outcome, div, detail in _SHIFT:
         lines.append(f"  {preset:12s} {outcome:9s} "
                      f"{'-' if div is None else f'{div:.3e}'}  {detail}")
-    _report(request, lines)
-
-
-def _report(request: pytest.FixtureRequest, lines: list[str]) -> None:
-    """Writes ``lines`` to the terminal even while pytest captures output."""
-    tr = request.config.pluginmanager.get_plugin("terminalreporter")
-    cm = request.config.pluginmanager.get_plugin("capturemanager")
-    if tr is None or cm is None:
-        print("\n".join(lines))
-        return
-    with cm.global_and_fixture_disabled():
-        tr.ensure_newline()
-        for line in lines:
-            tr.write_line(line)
+    write_to_terminal(request, lines)
 
 
 def _layout(timeline: list[lk.Chunk]) -> list[tuple]:

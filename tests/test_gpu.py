@@ -30,7 +30,7 @@ from llava_kv import _core
 from llava_kv.images import load_image
 from llava_kv.testing import make_test_model, random_image, rss_bytes
 
-from conftest import TINY_PRESETS, feed_timeline
+from conftest import TINY_PRESETS, feed_timeline, write_to_terminal
 
 GPU = next((d for d in lk.devices() if d.type in ("gpu", "igpu")), None)
 pytestmark = [
@@ -53,15 +53,7 @@ def _summary(request: pytest.FixtureRequest):
         return
     lines = ["", f"test_gpu.py on {GPU.name if GPU else '-'} ({GPU.description if GPU else '-'})"]
     lines += [f"  {preset:16s} {what:34s} {figure}" for preset, what, figure in _FIGURES]
-    tr = request.config.pluginmanager.get_plugin("terminalreporter")
-    cm = request.config.pluginmanager.get_plugin("capturemanager")
-    if tr is None or cm is None:
-        print("\n".join(lines))
-        return
-    with cm.global_and_fixture_disabled():
-        tr.ensure_newline()
-        for line in lines:
-            tr.write_line(line)
+    write_to_terminal(request, lines)
 
 
 def on_device(pair: Any, **kwargs: Any) -> lk.Model:
