@@ -16,8 +16,7 @@ import pytest
 import llava_kv as lk
 from llava_kv import batch
 from llava_kv.chat import ARCH_CHAT_TEMPLATES, choose_chat_template
-from llava_kv.gguf_metadata import architecture, projector_type
-from llava_kv.gguf_validation import TEXT_ARCHITECTURES
+from llava_kv.gguf import TEXT_ARCHITECTURES, architecture, projector_type
 
 
 def _without_template(src: Path, dst: Path) -> Path:

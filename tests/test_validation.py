@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import llava_kv as lk
-from llava_kv import gguf_validation as gv
+from llava_kv import gguf as gv
 from llava_kv import testing
 from llava_kv.testing import make_test_model
 

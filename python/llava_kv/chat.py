@@ -22,9 +22,9 @@ import uuid
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence, Union
 from urllib.parse import unquote, urlparse
 
-from . import gguf_metadata
 from .audio import LoadedAudio, load_audio
 from .errors import ImageError, LlavaKVError
+from .gguf import architecture
 from .images import LoadedImage, load_image
 
 __all__ = ["ARCH_CHAT_TEMPLATES", "ChatTemplate", "choose_chat_template", "apply_chat_template", "render_segments",
@@ -76,7 +76,7 @@ def choose_chat_template(model: Any, chat_template: str | None = None) -> ChatTe
         return ChatTemplate(chat_template, name, "argument")
     if model.chat_template:
         return ChatTemplate("", "model", "model")
-    arch = gguf_metadata.architecture(model.path)
+    arch = architecture(model.path)
     builtin = ARCH_CHAT_TEMPLATES.get(arch or "")
     if builtin is None:
         raise LlavaKVError(f"the model '{model.path}' has no chat template (tokenizer.chat_template) and its "

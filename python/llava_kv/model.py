@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     import numpy as np
 from .arguments import UINT32_MAX, check_int
 from .native import NativeObject
-from .gguf_validation import check_model_files
+from .gguf import check_model_files
 from .images import file_fingerprint
 from .session import Session
 

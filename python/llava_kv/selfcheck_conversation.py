@@ -14,7 +14,7 @@ import numpy as np
 
 from .audio import load_audio
 from .errors import ContextFullError, ImageError, LlavaKVError
-from .gguf_validation import read_gguf
+from .gguf import read_gguf
 from .images import ImageInput, load_image
 from .testing import random_audio, random_image
 

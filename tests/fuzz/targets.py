@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     name = argv.pop(1)
     with atheris.instrument_imports(include=["llava_kv"]):
         import llava_kv  # noqa: F401  (instrumented for coverage)
-        import llava_kv.gguf_validation  # noqa: F401
+        import llava_kv.gguf  # noqa: F401
         import llava_kv.images  # noqa: F401
     one = make_target(name)
     atheris.Setup(argv, one)

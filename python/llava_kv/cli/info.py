@@ -44,7 +44,7 @@ def memory_json(report: Any) -> dict:
 def info(args: argparse.Namespace) -> int:
     import llava_kv as lk
 
-    from llava_kv.gguf_metadata import architecture, projector_type
+    from llava_kv.gguf import architecture, projector_type
 
     build = lk.build_info()
     out: dict = {"version": lk.__version__, "build": {**build, "devices": [d.as_dict() for d in build["devices"]]}}

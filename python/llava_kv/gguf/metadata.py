@@ -1,7 +1,7 @@
 """What a GGUF file says it is: the text model's architecture, the projector's type.
 
-Read with the header parser of :mod:`llava_kv.gguf_validation` (bounded by the file's size, errors
-as ModelLoadError) and remembered per file (path, size, mtime), so asking on every chat turn costs
+Read with the header parser of :mod:`.reader` (bounded by the file's size, errors as
+ModelLoadError) and remembered per file (path, size, mtime), so asking on every chat turn costs
 nothing after the first (the header of a model with a 262k-token vocabulary takes about 0.4 s).
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import os
 
-from .gguf_validation import read_gguf
+from .reader import read_gguf
 
 __all__ = ["architecture", "projector_type"]
 
