@@ -16,9 +16,20 @@ struct ModelLoadError : Error {
     using Error::Error;
 };
 
-// An image that cannot be decoded, preprocessed or encoded by the projector.
-struct ImageError : Error {
+// A media input that cannot be read, preprocessed or encoded by the projector. Thrown as one of the
+// two kinds below so a caller can tell which input failed; catching this catches both.
+struct MediaError : Error {
     using Error::Error;
+};
+
+// An image that cannot be decoded, preprocessed or encoded by the projector.
+struct ImageError : MediaError {
+    using MediaError::MediaError;
+};
+
+// An audio clip that cannot be decoded, preprocessed or encoded by the projector.
+struct AudioError : MediaError {
+    using MediaError::MediaError;
 };
 
 // An edit or prompt that needs more KV positions than the context holds.

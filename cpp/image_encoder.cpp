@@ -12,17 +12,24 @@
 
 namespace llava_kv {
 
+void throw_media_error(const MediaInput & input, const std::string & what) {
+    if (input.is_audio()) {
+        throw AudioError(what);
+    }
+    throw ImageError(what);
+}
+
 mtmd::bitmap_ptr make_bitmap(const Model & model, const MediaInput & input) {
     if (input.is_audio()) {
         if (!mtmd_support_audio(model.projector())) {
-            throw ImageError("this projector takes no audio; load a model whose mmproj has an audio encoder");
+            throw AudioError("this projector takes no audio; load a model whose mmproj has an audio encoder");
         }
         if (input.n_samples == 0) {
-            throw ImageError("empty audio clip '" + input.source + "'");
+            throw AudioError("empty audio clip '" + input.source + "'");
         }
         mtmd::bitmap_ptr bitmap(mtmd_bitmap_init_from_audio(input.n_samples, input.samples));
         if (!bitmap) {
-            throw ImageError("could not create an audio buffer of " + std::to_string(input.n_samples) + " samples");
+            throw AudioError("could not create an audio buffer of " + std::to_string(input.n_samples) + " samples");
         }
         return bitmap;
     }
@@ -69,8 +76,8 @@ PendingImage tokenize_image(Model & model, const MediaInput & pixels) {
     const int32_t status = mtmd_tokenize(projector, p.chunks.get(), &text, bitmaps, 1);
     if (status != 0) {
         const std::string why = take_logged_errors();
-        throw ImageError("the projector could not preprocess " + describe(pixels) + " (status " +
-                         std::to_string(status) + ")" + (why.empty() ? "" : ": " + why));
+        throw_media_error(pixels, "the projector could not preprocess " + describe(pixels) + " (status " +
+                                      std::to_string(status) + ")" + (why.empty() ? "" : ": " + why));
     }
     p.entry = std::make_shared<ImageEmbedding>();
     p.entry->digest = pixels.digest;
@@ -84,7 +91,7 @@ PendingImage tokenize_image(Model & model, const MediaInput & pixels) {
         p.entry->n_pos += mtmd_input_chunk_get_n_pos(chunk);
     }
     if (p.entry->n_tokens == 0) {
-        throw ImageError("the projector produced no tokens for " + describe(pixels));
+        throw_media_error(pixels, "the projector produced no tokens for " + describe(pixels));
     }
     p.entry->embeddings.resize(mtmd_input_chunks_size(p.chunks.get()));
     return p;
@@ -110,16 +117,17 @@ void encode_pending(Model & model, std::vector<PendingImage> & pending, EncodeCo
     }
     auto fail = [](const Job & job) {
         const std::string why = take_logged_errors();
-        throw ImageError("the projector failed to encode " + describe(*job.image->pixels) +
-                         (why.empty() ? "" : ": " + why));
+        throw_media_error(*job.image->pixels, "the projector failed to encode " + describe(*job.image->pixels) +
+                                                  (why.empty() ? "" : ": " + why));
     };
     // An embedding with NaN or inf would decode into NaN logits: refuse it here, naming the input,
     // before it reaches the cache.
     auto check_finite = [](const Job & job, const float * embd, size_t n) {
         if (!all_finite(embd, n)) {
-            throw ImageError("the projector produced non-finite values (NaN or inf) for " +
-                             describe(*job.image->pixels) +
-                             ": its weights or hyperparameters are broken (or it read memory it never wrote)");
+            throw_media_error(*job.image->pixels,
+                              "the projector produced non-finite values (NaN or inf) for " +
+                                  describe(*job.image->pixels) +
+                                  ": its weights or hyperparameters are broken (or it read memory it never wrote)");
         }
     };
     LedgerOwner owner("projector");  // the projector's compute buffers are made at its first encode
@@ -166,7 +174,7 @@ void encode_pending(Model & model, std::vector<PendingImage> & pending, EncodeCo
             const bool text = mtmd_input_chunk_get_type(chunk) == MTMD_INPUT_CHUNK_TYPE_TEXT;
             p.entry->chunks.emplace_back(text ? mtmd_input_chunk_copy(chunk) : mtmd_input_chunk_get_placeholder(chunk));
             if (!p.entry->chunks.back()) {
-                throw ImageError("could not keep the layout of the encoded " + describe(*p.pixels));
+                throw_media_error(*p.pixels, "could not keep the layout of the encoded " + describe(*p.pixels));
             }
         }
         p.chunks.reset();
@@ -183,7 +191,9 @@ std::vector<std::shared_ptr<const ImageEmbedding>> embed_media(Model & model,
         return out;
     }
     if (model.projector() == nullptr) {
-        throw ImageError("this model has no vision projector (no mmproj loaded): load it with mmproj_path to use images or audio");
+        const bool audio = images.front()->is_audio();
+        throw_media_error(*images.front(), std::string("this model has no ") + (audio ? "" : "vision ") +
+                                               "projector (no mmproj loaded): load it with mmproj_path to use images or audio");
     }
     EmbeddingCache & cache = model.embedding_cache();
     std::vector<size_t> missing;
@@ -230,7 +240,7 @@ std::vector<std::shared_ptr<const ImageEmbedding>> embed_media(Model & model,
 
 std::vector<float> decode_audio(Model & model, const std::string & bytes) {
     if (model.projector() == nullptr || !mtmd_support_audio(model.projector())) {
-        throw ImageError("this model takes no audio: its projector has no audio encoder");
+        throw AudioError("this model takes no audio: its projector has no audio encoder");
     }
     // Only what starts like an audio file reaches mtmd's decoder (which would try other bytes as an
     // image with stb_image): RIFF/WAVE, FLAC, MP3 with an ID3 tag or an MPEG frame sync.
@@ -240,7 +250,7 @@ std::vector<float> decode_audio(Model & model, const std::string & bytes) {
     const bool mp3 = (bytes.size() >= 3 && std::memcmp(b, "ID3", 3) == 0) ||
                      (bytes.size() >= 2 && b[0] == 0xFF && (b[1] & 0xE0) == 0xE0);
     if (!wav && !flac && !mp3) {
-        throw ImageError("not a wav, mp3 or flac file (unknown header)");
+        throw AudioError("not a wav, mp3 or flac file (unknown header)");
     }
     take_logged_errors();
     mtmd::bitmap_ptr bitmap;
@@ -256,7 +266,7 @@ std::vector<float> decode_audio(Model & model, const std::string & bytes) {
     }
     if (!bitmap || !mtmd_bitmap_is_audio(bitmap.get())) {
         const std::string why = take_logged_errors();
-        throw ImageError("not a readable audio file (wav, mp3 or flac)" + (why.empty() ? "" : ": " + why));
+        throw AudioError("not a readable audio file (wav, mp3 or flac)" + (why.empty() ? "" : ": " + why));
     }
     const size_t n = mtmd_bitmap_get_n_bytes(bitmap.get()) / sizeof(float);
     const float * data = reinterpret_cast<const float *>(mtmd_bitmap_get_data(bitmap.get()));

@@ -28,6 +28,10 @@ struct MediaInput {
     bool is_audio() const { return samples != nullptr; }
 };
 
+// Throws the MediaError of the input's kind (AudioError for a clip, ImageError for an image), so a
+// caller catching one kind never mistakes the other for it.
+[[noreturn]] void throw_media_error(const MediaInput & input, const std::string & what);
+
 // What embedding images cost, added to by every call.
 struct EncodeCounters {
     uint64_t images_encoded = 0;
@@ -39,17 +43,18 @@ struct EncodeCounters {
 // Embeddings for these images and audio clips, in order, from the model's cache or its projector.
 // What is not yet cached is encoded under the projector lock, several at a time with mtmd's batch
 // encode where the projector can; the same content twice is encoded once. The caller holds the
-// model. Throws ImageError naming the input that failed; nothing is added to the cache then.
+// model. Throws ImageError or AudioError (the failed input's kind) naming it; nothing is added to the
+// cache then.
 std::vector<std::shared_ptr<const ImageEmbedding>> embed_media(Model & model,
                                                                 const std::vector<const MediaInput *> & images,
                                                                 EncodeCounters & counters);
 
-// The mtmd bitmap of one input; throws ImageError if the projector cannot take it (no vision / no
-// audio encoder, empty input).
+// The mtmd bitmap of one input; throws ImageError or AudioError (the input's kind) if the projector
+// cannot take it (no vision / no audio encoder, empty input).
 mtmd::bitmap_ptr make_bitmap(const Model & model, const MediaInput & input);
 
 // Decodes an audio file's bytes (wav, mp3 or flac, as mtmd's helper reads them) into mono float
-// samples at the projector's sample rate. Throws ImageError if they are not audio it can read.
+// samples at the projector's sample rate. Throws AudioError if they are not audio it can read.
 std::vector<float> decode_audio(Model & model, const std::string & bytes);
 
 }  // namespace llava_kv

@@ -1,5 +1,7 @@
 #include "reference.h"
 
+#include <algorithm>
+
 #include "image_encoder.h"
 
 #include "errors.h"
@@ -32,6 +34,12 @@ ReferenceResult reference_eval(Model & model, const std::string & prompt, const 
     mtmd_input_text text{prompt.c_str(), prompt.size(), true, true};
     std::lock_guard<std::mutex> lock(model.projector_mutex());
     if (mtmd_tokenize(model.projector(), chunks.get(), &text, raw.data(), raw.size()) != 0) {
+        // mtmd does not say which input it refused: only clips means a clip; any image keeps ImageError.
+        const bool clips_only = !images.empty() && std::all_of(images.begin(), images.end(),
+                                                               [](const MediaInput & x) { return x.is_audio(); });
+        if (clips_only) {
+            throw AudioError("reference_eval: mtmd_tokenize failed");
+        }
         throw ImageError("reference_eval: mtmd_tokenize failed");
     }
     ReferenceResult result;

@@ -350,13 +350,13 @@ def test_save_load_and_fork_keep_audio_chunks(model, clips, tmp_path):
 # --- bad input ---------------------------------------------------------------------------------
 
 BAD_AUDIO = {
-    "garbage-wav": (b"RIFF\x10\x00\x00\x00WAVEjunk-not-a-wav", lk.ImageError),
-    "not-audio-bytes": (b"plain text, not a sound", lk.ImageError),
-    "empty-array": (np.zeros(0, np.float32), lk.ImageError),
-    "nan-samples": (np.array([0.0, np.nan, 0.1] * 100, np.float32), lk.ImageError),
-    "inf-samples": (np.array([0.0, np.inf] * 100, np.float32), lk.ImageError),
-    "2-d-array": (np.zeros((2, 800), np.float32), lk.ImageError),
-    "int-array": (np.zeros(800, np.int16), lk.ImageError),
+    "garbage-wav": (b"RIFF\x10\x00\x00\x00WAVEjunk-not-a-wav", lk.AudioError),
+    "not-audio-bytes": (b"plain text, not a sound", lk.AudioError),
+    "empty-array": (np.zeros(0, np.float32), lk.AudioError),
+    "nan-samples": (np.array([0.0, np.nan, 0.1] * 100, np.float32), lk.AudioError),
+    "inf-samples": (np.array([0.0, np.inf] * 100, np.float32), lk.AudioError),
+    "2-d-array": (np.zeros((2, 800), np.float32), lk.AudioError),
+    "int-array": (np.zeros(800, np.int16), lk.AudioError),
     "missing-path": ("/nonexistent/clip.wav", FileNotFoundError),
     "list": ([0.0] * 800, TypeError),
     "number": (3, TypeError),
@@ -390,10 +390,10 @@ def test_a_model_without_audio_refuses_clips(llava_pair, clips):
         s.append_image(random_image(0))
         state = session_state(s)
         for x in (clips[0], wav_bytes(clips[0])):
-            with pytest.raises(lk.ImageError, match="audio"):
+            with pytest.raises(lk.AudioError, match="audio"):
                 s.append_audio(x)
             assert session_state(s) == state
-        with pytest.raises(lk.ImageError, match="audio"):
+        with pytest.raises(lk.AudioError, match="audio"):
             m.decode_audio(wav_bytes(clips[0]))
 
 
@@ -403,6 +403,44 @@ def test_an_audio_only_model_refuses_images(model, clips):
         with pytest.raises(lk.ImageError, match="vision"):
             s.append_image(random_image(0))
         assert session_state(s) == state
+
+
+def test_a_bad_clip_is_an_audio_error_and_a_bad_image_an_image_error(model, llava_pair, clips):
+    assert issubclass(lk.ImageError, lk.MediaError) and issubclass(lk.AudioError, lk.MediaError)
+    assert issubclass(lk.MediaError, lk.LlavaKVError)
+    assert not issubclass(lk.ImageError, lk.AudioError) and not issubclass(lk.AudioError, lk.ImageError)
+    with _build(model, [TURN, clips[0]]) as s:
+        # Refused in Python (NaN samples) and in the core (a RIFF header mtmd cannot read): both
+        # are the clip's kind, and one except clause catches either kind of bad media.
+        for bad in (np.array([0.0, np.nan] * 100, np.float32), b"RIFF\x10\x00\x00\x00WAVEjunk-not-a-wav"):
+            with pytest.raises(lk.MediaError) as caught:
+                s.append_audio(bad)
+            assert type(caught.value) is lk.AudioError, caught.value
+        with pytest.raises(lk.AudioError, match="not a readable audio file"):
+            model.decode_audio(b"RIFF\x10\x00\x00\x00WAVEjunk-not-a-wav")
+        # An image on a model without a vision encoder stays an ImageError.
+        with pytest.raises(lk.MediaError) as caught:
+            s.append_image(random_image(0))
+        assert type(caught.value) is lk.ImageError, caught.value
+    with lk.Model.load(llava_pair.model_path, llava_pair.mmproj_path, n_threads=1) as m, m.session(n_ctx=512) as s:
+        s.append_text("USER: ")
+        for bad in (b"definitely not an image", np.zeros((0, 5, 3), np.uint8)):
+            with pytest.raises(lk.MediaError) as caught:
+                s.append_image(bad)
+            assert type(caught.value) is lk.ImageError, caught.value
+
+
+def test_media_encoded_counts_images_and_clips_as_images_encoded_does(model, llava_pair, clips):
+    with _build(model, [TURN]) as s:
+        s.append_audio(clips[0])
+        s.append_audio(clips[0])  # a cache hit: counted by neither
+        st = s.stats
+        assert st["media_encoded"] == st["images_encoded"] == 1
+    with lk.Model.load(llava_pair.model_path, llava_pair.mmproj_path, n_threads=1) as m, m.session(n_ctx=512) as s:
+        s.append_text("USER: ")
+        s.append_image(random_image(0))
+        st = s.stats
+        assert st["media_encoded"] == st["images_encoded"] == 1
 
 
 def test_a_clip_that_does_not_fit_is_refused(model, clips):

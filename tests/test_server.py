@@ -501,7 +501,7 @@ def test_input_audio_parts_on_an_audio_model(models_dir):
         client._llava_model = os.path.basename(apair.model_path)
         reply = ask(client, first, max_tokens=4)
         assert reply.choices[0].message.content == want
-        assert reply.usage.model_extra["images_encoded"] == 1
+        assert reply.usage.model_extra["images_encoded"] == reply.usage.model_extra["media_encoded"] == 1
         reply2 = ask(client, second, max_tokens=4)
         assert reply2.choices[0].message.content == want2
         assert reply2.usage.model_extra["images_encoded"] == 0
@@ -512,6 +512,12 @@ def test_input_audio_parts_on_an_audio_model(models_dir):
         assert status == 400, raw
         err = json.loads(raw)["error"]
         assert err["code"] == "invalid_audio" and err["message"].startswith("messages[0].content[0]: "), err
+        # A WAV header over junk passes the header check and fails to decode; bad base64 fails before
+        # it: both are the clip's fault, named as audio.
+        for data in (base64.b64encode(b"RIFF\x10\x00\x00\x00WAVEjunk-not-a-wav").decode(), "!!!notbase64"):
+            bad[0]["content"][0]["input_audio"]["data"] = data
+            status, _, raw = srv.post("/v1/chat/completions", {"messages": bad, "max_tokens": 2})
+            assert status == 400 and json.loads(raw)["error"]["code"] == "invalid_audio", raw
         bad[0]["content"][0]["input_audio"]["format"] = "ogg"
         status, _, raw = srv.post("/v1/chat/completions", {"messages": bad, "max_tokens": 2})
         assert status == 400 and "'ogg' is not supported" in json.loads(raw)["error"]["message"], raw

@@ -107,6 +107,7 @@ void register_batch(py::module_ & m) {
             const BatchStats s = runner.stats();
             py::dict d;
             d["images_encoded"] = s.encode.images_encoded;
+            d["media_encoded"] = s.encode.images_encoded;  // the same count under the media name sessions use
             d["embed_cache_hits"] = s.encode.embed_cache_hits;
             d["embed_cache_misses"] = s.encode.embed_cache_misses;
             d["batched_encodes"] = s.encode.batched_encodes;

@@ -31,6 +31,10 @@ void register_errors(py::module_ & /*m*/) {
             raise("ModelLoadError", e);
         } catch (const ImageError & e) {
             raise("ImageError", e);
+        } catch (const AudioError & e) {
+            raise("AudioError", e);
+        } catch (const MediaError & e) {
+            raise("MediaError", e);
         } catch (const ClosedError & e) {
             raise("ClosedError", e);
         } catch (const CancelledError & e) {

@@ -296,6 +296,7 @@ void register_session(py::module_ & m) {
             d["image_tokens_decoded"] = st.registry.image_tokens_decoded;
             d["images_decoded"] = st.registry.images_decoded;
             d["images_encoded"] = st.encode.images_encoded;
+            d["media_encoded"] = st.encode.images_encoded;  // images_encoded counts clips too; the old key stays for its readers
             d["embed_cache_hits"] = st.encode.embed_cache_hits;
             d["embed_cache_misses"] = st.encode.embed_cache_misses;
             d["batched_encodes"] = st.encode.batched_encodes;

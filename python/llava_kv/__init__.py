@@ -6,11 +6,13 @@ from typing import Any
 from . import _core, batch
 from ._core import Device, LedgerEntry, __version__
 from .errors import (
+    AudioError,
     CancelledError,
     ClosedError,
     ContextFullError,
     ImageError,
     LlavaKVError,
+    MediaError,
     ModelLoadError,
 )
 from .model import Model
@@ -31,7 +33,9 @@ __all__ = [
     "Chunk",
     "LlavaKVError",
     "ModelLoadError",
+    "MediaError",
     "ImageError",
+    "AudioError",
     "ContextFullError",
     "ClosedError",
     "CancelledError",

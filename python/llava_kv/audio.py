@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
-from .errors import ImageError
+from .errors import AudioError
 
 if TYPE_CHECKING:
     from .model import Model
@@ -62,17 +62,17 @@ def looks_like_audio(x: Any) -> bool:
 
 def load_audio(audio: AudioInput, model: "Model") -> LoadedAudio:
     """Decode ``audio`` (a wav/mp3/flac path or bytes, or a mono float array already at
-    ``model.audio_sample_rate``) and digest it. Raises ImageError for what cannot be read as audio,
+    ``model.audio_sample_rate``) and digest it. Raises AudioError for what cannot be read as audio,
     FileNotFoundError for a missing path, TypeError for another kind of object."""
     if not model.has_audio:
-        raise ImageError(f"the model {Path(model.path).name!r} takes no audio: its projector has no audio encoder")
+        raise AudioError(f"the model {Path(model.path).name!r} takes no audio: its projector has no audio encoder")
     if isinstance(audio, (str, os.PathLike)):
         path = Path(audio)
         source = os.fspath(audio)
         if not path.is_file():
             raise FileNotFoundError(2, "No such audio file", source)
         if path.stat().st_size > MAX_AUDIO_FILE_BYTES:
-            raise ImageError(f"audio file {source!r} is larger than {MAX_AUDIO_FILE_BYTES} bytes")
+            raise AudioError(f"audio file {source!r} is larger than {MAX_AUDIO_FILE_BYTES} bytes")
         samples = _decode(model, path.read_bytes(), source)
     elif isinstance(audio, (bytes, bytearray, memoryview)):
         source = f"<audio bytes: {len(audio)}>"
@@ -80,15 +80,15 @@ def load_audio(audio: AudioInput, model: "Model") -> LoadedAudio:
     elif isinstance(audio, np.ndarray):
         source = f"<audio array {audio.shape[0] if audio.ndim else 0} samples>"
         if audio.ndim != 1 or not np.issubdtype(audio.dtype, np.floating):
-            raise ImageError(f"audio samples must be a 1-D float array (mono, {model.audio_sample_rate} Hz), "
+            raise AudioError(f"audio samples must be a 1-D float array (mono, {model.audio_sample_rate} Hz), "
                              f"got {audio.dtype} with shape {audio.shape}")
         samples = np.ascontiguousarray(audio, dtype=np.float32)
     else:
         raise TypeError(f"audio is a path, bytes or a 1-D float32 array, not {type(audio).__name__}")
     if samples.size == 0:
-        raise ImageError(f"the audio {source!r} holds no samples")
+        raise AudioError(f"the audio {source!r} holds no samples")
     if not np.isfinite(samples).all():
-        raise ImageError(f"the audio {source!r} holds NaN or infinite samples")
+        raise AudioError(f"the audio {source!r} holds NaN or infinite samples")
     h = hashlib.blake2b(digest_size=20)
     h.update(b"llava-kv/audio/1\0")
     h.update(model.projector_id.encode())
@@ -100,5 +100,5 @@ def load_audio(audio: AudioInput, model: "Model") -> LoadedAudio:
 def _decode(model: "Model", data: bytes, source: str) -> np.ndarray:
     try:
         return model.decode_audio(data)
-    except ImageError as e:
-        raise ImageError(f"could not read {source!r} as audio: {e}") from None
+    except AudioError as e:
+        raise AudioError(f"could not read {source!r} as audio: {e}") from None

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence, Unio
 from urllib.parse import unquote, urlparse
 
 from .audio import LoadedAudio, load_audio
-from .errors import ImageError, LlavaKVError
+from .errors import AudioError, ImageError, LlavaKVError
 from .gguf import architecture
 from .images import LoadedImage, load_image
 
@@ -107,7 +107,7 @@ def _media_from_part(part: dict[str, Any], model: Any) -> LoadedImage | LoadedAu
         try:
             data = base64.b64decode(spec["data"], validate=True)
         except (binascii.Error, ValueError) as e:
-            raise ImageError(f"invalid base64 in input_audio data: {e}") from e
+            raise AudioError(f"invalid base64 in input_audio data: {e}") from e
         return load_audio(data, model)
     return _image_from_part(part, model.projector_id)
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 __all__ = [
     "LlavaKVError",
     "ModelLoadError",
+    "MediaError",
     "ImageError",
+    "AudioError",
     "ContextFullError",
     "ClosedError",
     "CancelledError",
@@ -19,8 +21,18 @@ class ModelLoadError(LlavaKVError):
     """A GGUF could not be loaded: corrupt, incompatible, or a projector that does not fit the model."""
 
 
-class ImageError(LlavaKVError):
+class MediaError(LlavaKVError):
+    """An image or audio clip could not be read, decoded or encoded: always raised as one of its two
+    subclasses, so ``except MediaError`` catches a bad input of either kind."""
+
+
+class ImageError(MediaError):
     """An image could not be read, decoded or encoded by the projector."""
+
+
+class AudioError(MediaError):
+    """An audio clip could not be read (unreadable file, wrong shape or dtype, NaN or infinite
+    samples) or encoded by the projector."""
 
 
 class ContextFullError(LlavaKVError):

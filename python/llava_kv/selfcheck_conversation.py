@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from .audio import load_audio
-from .errors import ContextFullError, ImageError, LlavaKVError
+from .errors import ContextFullError, LlavaKVError, MediaError
 from .gguf import read_gguf
 from .images import ImageInput, load_image
 from .testing import random_audio, random_image
@@ -137,7 +137,7 @@ def plan_conversation(model: "Model", media: list[MediaSet], n_ctx: int | None, 
             if n_ctx is not None:
                 raise _too_small(None, n_ctx) from None  # e.needed counts one item alone
             probe_ctx = max(2 * probe_ctx, (e.needed or 0) + 64)
-        except ImageError:
+        except MediaError:
             raise
         except LlavaKVError:
             # A projector that attends over a whole image at once needs all of it in one batch.

@@ -37,6 +37,7 @@ class SessionStats(TypedDict):
     image_tokens_decoded: int
     images_decoded: int  # media chunks written into the KV cache (from embeddings)
     images_encoded: int  # media run through the projector (cache misses)
+    media_encoded: int  # the same count as images_encoded, under a name that says clips count too
     embed_cache_hits: int
     embed_cache_misses: int
     batched_encodes: int  # projector calls that encoded several at once
@@ -208,7 +209,8 @@ class Session(NativeObject):
 
     @property
     def stats(self) -> SessionStats:
-        """Counters of work done: tokens_decoded, images_encoded, embed_cache_hits/misses, kv_cells_removed..."""
+        """Counters of work done: tokens_decoded, media_encoded (= images_encoded), embed_cache_hits/misses,
+        kv_cells_removed..."""
         return cast(SessionStats, dict(self._core.stats()))
 
     def logits(self) -> np.ndarray:

@@ -27,7 +27,7 @@ from types import SimpleNamespace
 from typing import Any, Optional, Sequence
 
 from ..chat import ChatTemplate, plan_edit, render_conversation
-from ..errors import ContextFullError, ImageError, LlavaKVError
+from ..errors import AudioError, ContextFullError, ImageError, LlavaKVError
 from ..model import Model
 from ..pool import Generation, SessionPool
 from .media import MediaPolicy, RequestError
@@ -369,7 +369,8 @@ class Engine:
         job.slot = slot
         job.prompt_tokens = prompt_tokens
         job.usage_extra = {"tokens_reused": meta["reused_tokens"], "tokens_decoded": meta["decoded_tokens"],
-                           "images_encoded": meta["images_encoded"], "embed_cache_hits": meta["embed_cache_hits"],
+                           "images_encoded": meta["images_encoded"], "media_encoded": meta["images_encoded"],
+                           "embed_cache_hits": meta["embed_cache_hits"],
                            "slot": slot, "restored_from": restored}
         m = self.metrics
         m.inc("prompt_tokens_total", prompt_tokens)
@@ -491,6 +492,8 @@ def _request_error(e: BaseException) -> RequestError:
         return RequestError(400, str(e), code="context_length_exceeded")
     if isinstance(e, ImageError):
         return RequestError(400, str(e), code="invalid_image")
+    if isinstance(e, AudioError):
+        return RequestError(400, str(e), code="invalid_audio")
     if isinstance(e, (ValueError, TypeError, KeyError)):
         return RequestError(400, str(e))
     return RequestError(500, f"{type(e).__name__}: {e}", type="server_error", code="internal_error")

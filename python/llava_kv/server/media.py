@@ -64,14 +64,14 @@ def _check_pixels(data: bytes, where: str, policy: MediaPolicy) -> None:
         raise _too_large(f"{where}: the image ({width}x{height})", width * height, policy.max_image_pixels, "pixels")
 
 
-def _b64(payload: str, where: str, policy: MediaPolicy) -> bytes:
+def _b64(payload: str, where: str, policy: MediaPolicy, code: str = "invalid_image") -> bytes:
     # base64 is 4 characters per 3 bytes: refuse before decoding what could never fit.
     if len(payload) * 3 // 4 > policy.max_image_bytes + 3:
         raise _too_large(where, len(payload) * 3 // 4, policy.max_image_bytes, "bytes")
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as e:
-        raise RequestError(400, f"{where}: invalid base64 ({e})", code="invalid_image") from e
+        raise RequestError(400, f"{where}: invalid base64 ({e})", code=code) from e
     if len(data) > policy.max_image_bytes:
         raise _too_large(where, len(data), policy.max_image_bytes, "bytes")
     return data
@@ -125,7 +125,7 @@ def _vet_part(part: Any, where: str, policy: MediaPolicy) -> Any:
         if fmt not in AUDIO_FORMATS:
             raise RequestError(400, f"{where}: input_audio format {fmt!r} is not supported (wav, mp3, flac)",
                                param="messages", code="invalid_audio")
-        data = _b64(spec["data"], where, policy)  # chat.py decodes the samples
+        data = _b64(spec["data"], where, policy, code="invalid_audio")  # chat.py decodes the samples
         if audio_format(data) != fmt:
             raise RequestError(400, f"{where}: the input_audio data is not a {fmt} file", code="invalid_audio")
         return part
