@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import llava_kv as lk
-from llava_kv import _core
+from llava_kv._core import _testing
 from llava_kv.drift import greedy_agreement, logit_drift
 from llava_kv.testing import make_test_model, random_image
 
@@ -24,7 +24,7 @@ FAMILIES = ["tiny-llava", "tiny-qwen25vl", "tiny-gemma3"]  # llama; M-RoPE; slid
 @pytest.fixture(autouse=True)
 def _disarm():
     yield
-    _core._arm_decode_fault(0, "none")
+    _testing.arm_decode_fault(0, "none")
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +219,7 @@ def test_failed_blend_leaves_the_session_unchanged(model, kind, already_approxim
             if already_approximate:
                 s.replace_image(refs[2], random_image(41), mode="blend", allow_drift=True, k=2)
             before = session_state(s)
-            _core._arm_decode_fault(nth, kind)
+            _testing.arm_decode_fault(nth, kind)
             try:
                 s.replace_image(s.images[0], random_image(40), mode="blend", allow_drift=True, k=2)
             except (lk.CancelledError if kind == "cancel" else lk.LlavaKVError):
@@ -227,7 +227,7 @@ def test_failed_blend_leaves_the_session_unchanged(model, kind, already_approxim
             else:
                 break  # the edit made fewer decode calls than nth: every one of them has failed once
             finally:
-                _core._arm_decode_fault(0, "none")
+                _testing.arm_decode_fault(0, "none")
             assert session_state(s) == before, nth
             s.recompute()
             want = [images[0], images[1], random_image(41) if already_approximate else images[2]]
@@ -242,11 +242,11 @@ def test_failed_recompute_leaves_the_session_unchanged(model):
         s.replace_image(refs[0], random_image(50), mode="blend", allow_drift=True, k=2)
         before = session_state(s)
         for kind in ("status", "cancel"):
-            _core._arm_decode_fault(2, kind)
+            _testing.arm_decode_fault(2, kind)
             with pytest.raises(lk.CancelledError if kind == "cancel" else lk.LlavaKVError):
                 s.recompute()
             assert session_state(s) == before
-        _core._arm_decode_fault(0, "none")
+        _testing.arm_decode_fault(0, "none")
         s.recompute()
         assert np.array_equal(s.logits(), _fresh_logits(model, [random_image(50), *images[1:]]))
 

@@ -9,6 +9,7 @@ from PIL import Image
 
 import llava_kv as lk
 from llava_kv import _core
+from llava_kv._core import _testing
 
 from conftest import session_state
 
@@ -99,7 +100,7 @@ def test_cancel_from_another_thread(model, images):
         _prompt(s, images)
         pieces = s.generate(8000, stream=True)
         next(pieces)  # generation is running; cancel it from another thread while a step decodes
-        _core._arm_decode_fault(2, "pause")
+        _testing.arm_decode_fault(2, "pause")
         outcome = {}
 
         def consume():
@@ -113,15 +114,15 @@ def test_cancel_from_another_thread(model, images):
         consumer = threading.Thread(target=consume)
         consumer.start()
         try:
-            if not _core._wait_decode_paused(30.0):
+            if not _testing.wait_decode_paused(30.0):
                 consumer.join(30)
                 pytest.fail(f"generation ended before its third step ({outcome}): this preset's random model "
                             "samples an end-of-generation token at once")
             s.cancel()
         finally:
-            _core._release_decode_pause()
+            _testing.release_decode_pause()
             consumer.join(30)
-            _core._arm_decode_fault(0, "none")
+            _testing.arm_decode_fault(0, "none")
         assert isinstance(outcome["result"], lk.CancelledError), outcome
         n = s.stats["tokens_generated"]
         assert n == 2  # the step that was cancelled left nothing behind

@@ -27,6 +27,7 @@ import pytest
 
 import llava_kv as lk
 from llava_kv import _core
+from llava_kv._core import _testing
 from llava_kv.images import load_image
 from llava_kv.testing import make_test_model, random_image, rss_bytes
 
@@ -186,11 +187,11 @@ def test_closing_the_model_under_a_running_device_decode(llava_pair):
         except BaseException as e:  # noqa: BLE001 - inspected below
             outcome["result"] = e
 
-    _core._arm_decode_fault(1, "pause")
+    _testing.arm_decode_fault(1, "pause")
     worker = threading.Thread(target=edit)
     worker.start()
     try:
-        assert _core._wait_decode_paused(60.0), "the edit never reached its decode"
+        assert _testing.wait_decode_paused(60.0), "the edit never reached its decode"
         closing = threading.Thread(target=m.close)
         closing.start()
         for _ in range(60000):
@@ -199,9 +200,9 @@ def test_closing_the_model_under_a_running_device_decode(llava_pair):
             threading.Event().wait(0.001)
         assert s._core.closing, "close() never marked the session"
     finally:
-        _core._release_decode_pause()
+        _testing.release_decode_pause()
         worker.join(60)
-        _core._arm_decode_fault(0, "none")
+        _testing.arm_decode_fault(0, "none")
     closing.join(60)
     assert isinstance(outcome["result"], lk.ClosedError), outcome
     assert m.closed and lk.device_ledger() == []

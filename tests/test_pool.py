@@ -12,6 +12,7 @@ import pytest
 
 import llava_kv as lk
 from llava_kv import _core
+from llava_kv._core import _testing
 from llava_kv.pool import Generation
 
 from conftest import TINY_PRESETS, session_state
@@ -20,7 +21,7 @@ from conftest import TINY_PRESETS, session_state
 @pytest.fixture(autouse=True)
 def _disarm():
     yield
-    _core._arm_decode_fault(0, "none")
+    _testing.arm_decode_fault(0, "none")
 
 
 def _prompt(s: lk.Session, image, text: str) -> None:
@@ -108,7 +109,7 @@ def test_failed_step_leaves_every_slot_unchanged(llava_pair, images):
         pool.step(gens)
         before = [session_state(s) for s in pool]
         for kind in ("status", "exception"):
-            _core._arm_decode_fault(1, kind)
+            _testing.arm_decode_fault(1, kind)
             with pytest.raises(lk.LlavaKVError, match="batched step failed"):
                 pool.step(gens)
             assert [session_state(s) for s in pool] == before
@@ -128,7 +129,7 @@ def test_failed_step_then_same_tokens(llava_pair, images):
                 if all(g.done for g in gens):
                     break
                 if step in (2, 5):
-                    _core._arm_decode_fault(1, "status")
+                    _testing.arm_decode_fault(1, "status")
                     with pytest.raises(lk.LlavaKVError):
                         pool.step(gens)
                 for i, piece in enumerate(pool.step(gens)):

@@ -1,6 +1,6 @@
 """Nothing a caller does kills the process or loses a conversation.
 
-Every rollback path is made to run with the native fault hook (``_core._arm_decode_fault``: the
+Every rollback path is made to run with the native fault hook (``_testing.arm_decode_fault``: the
 n-th decode call from now fails with a bad status or a C++ exception, receives a real cancel() or
 close(), or pauses until the test lets it go on). Threads are ordered with that pause, never with
 sleeps. Whatever must not crash the interpreter runs in a subprocess, so a crash is a failed test
@@ -23,6 +23,7 @@ import pytest
 
 import llava_kv as lk
 from llava_kv import _core
+from llava_kv._core import _testing
 from llava_kv.images import load_image
 from llava_kv import testing
 from llava_kv.testing import random_image
@@ -38,7 +39,7 @@ NON_CAUSAL = ("tiny-gemma3",)
 @pytest.fixture(autouse=True)
 def _disarm() -> Iterator[None]:
     yield
-    _core._arm_decode_fault(0, "none")
+    _testing.arm_decode_fault(0, "none")
 
 
 def _conversation(s: lk.Session, images: list[np.ndarray]) -> None:
@@ -67,7 +68,7 @@ def _one_image_session(pair: testing.TestModel) -> str:
     """Script lines making ``model`` and ``s`` (text, an image, text) for a subprocess test."""
     return f"""
         import llava_kv as lk
-        from llava_kv import _core
+        from llava_kv._core import _testing
         from llava_kv.testing import random_image
         model = lk.Model.load({str(pair.model_path)!r}, {str(pair.mmproj_path)!r})
         s = model.session(n_ctx=1024)
@@ -89,7 +90,7 @@ def test_failed_replace_leaves_session_unchanged(model: lk.Model, images: list[n
     with model.session(n_ctx=1024) as s:
         _conversation(s, images)
         before = session_state(s)
-        _core._arm_decode_fault(nth, kind)
+        _testing.arm_decode_fault(nth, kind)
         with pytest.raises(EXPECTED[kind]) as info:
             s.replace_image(s.images[0], images[2])
         assert type(info.value) is EXPECTED[kind]
@@ -108,7 +109,7 @@ def test_failed_insert_text_and_remove_leave_session_unchanged(model: lk.Model, 
         before = session_state(s)
         for edit in (lambda: s.insert_text(1, " look: "), lambda: s.remove_image(s.images[0]),
                      lambda: s.truncate(3), lambda: s.append_text(" more")):
-            _core._arm_decode_fault(1, kind)
+            _testing.arm_decode_fault(1, kind)
             with pytest.raises(EXPECTED[kind]):
                 edit()
             assert session_state(s) == before
@@ -119,7 +120,7 @@ def test_failed_shift_removal_leaves_session_unchanged(llava_pair: testing.TestM
         _conversation(s, images)
         before = session_state(s)
         for kind, exc in EXPECTED.items():
-            _core._arm_decode_fault(1, kind)
+            _testing.arm_decode_fault(1, kind)
             with pytest.raises(exc):
                 s.remove_image(s.images[0], mode="shift")
             assert session_state(s) == before, kind
@@ -133,7 +134,7 @@ def test_failed_generation_step_keeps_earlier_tokens(model: lk.Model, images: li
             expected = session_state(reference)
         for kind, exc in EXPECTED.items():
             with s.fork() as f:
-                _core._arm_decode_fault(3, kind)  # the third generated token fails
+                _testing.arm_decode_fault(3, kind)  # the third generated token fails
                 with pytest.raises(exc):
                     f.generate(8)
                 assert session_state(f) == expected, kind
@@ -142,7 +143,7 @@ def test_failed_generation_step_keeps_earlier_tokens(model: lk.Model, images: li
 def test_close_arriving_during_an_edit_ends_in_closed_error(model: lk.Model, images: list[np.ndarray]) -> None:
     s = model.session(n_ctx=1024)
     _conversation(s, images)
-    _core._arm_decode_fault(2, "close")
+    _testing.arm_decode_fault(2, "close")
     with pytest.raises(lk.ClosedError):
         s.replace_image(s.images[0], images[2])
     s.close()
@@ -163,10 +164,10 @@ def _edit_in_thread(s: lk.Session, image: np.ndarray, nth: int = 2) -> tuple[thr
         except BaseException as e:  # noqa: BLE001 - the test inspects it
             outcome["result"] = e
 
-    _core._arm_decode_fault(nth, "pause")
+    _testing.arm_decode_fault(nth, "pause")
     t = threading.Thread(target=run)
     t.start()
-    assert _core._wait_decode_paused(30.0), "the edit never reached its paused decode"
+    assert _testing.wait_decode_paused(30.0), "the edit never reached its paused decode"
     return t, outcome
 
 
@@ -176,7 +177,7 @@ def test_cancel_from_another_thread(model: lk.Model, images: list[np.ndarray]) -
         before = session_state(s)
         t, outcome = _edit_in_thread(s, images[2])
         s.cancel()
-        _core._release_decode_pause()
+        _testing.release_decode_pause()
         t.join(30)
         assert isinstance(outcome["result"], lk.CancelledError)
         assert session_state(s) == before
@@ -196,7 +197,7 @@ def test_close_from_another_thread_cancels_the_edit(pair: testing.TestModel, ima
         if s._core.closing or marked.wait(0.001):
             break
     assert s._core.closing, "close() never marked the session"
-    _core._release_decode_pause()
+    _testing.release_decode_pause()
     t.join(30)
     closing.join(30)
     assert not t.is_alive() and not closing.is_alive()
@@ -209,10 +210,10 @@ def test_getters_do_not_hold_the_interpreter_during_an_edit(llava_pair: testing.
     """repr(s), stats, timeline and memory() wait for an edit in another thread with the GIL released."""
     proc = _run_in_subprocess(_one_image_session(llava_pair) + """
         import threading
-        _core._arm_decode_fault(1, "pause")
+        _testing.arm_decode_fault(1, "pause")
         edit = threading.Thread(target=lambda: s.replace_image(s.images[0], random_image(1)))
         edit.start()
-        assert _core._wait_decode_paused(30.0)
+        assert _testing.wait_decode_paused(30.0)
         done = []
         readers = [threading.Thread(target=lambda f=f: done.append(f())) for f in
                    (lambda: repr(s), lambda: s.stats, lambda: s.timeline, lambda: s.n_past, model.memory)]
@@ -221,7 +222,7 @@ def test_getters_do_not_hold_the_interpreter_during_an_edit(llava_pair: testing.
         # The interpreter runs Python code while every reader waits for the edit's lock.
         total = sum(i * i for i in range(200000))
         assert all(r.is_alive() for r in readers) and not done
-        _core._release_decode_pause()
+        _testing.release_decode_pause()
         edit.join()
         for r in readers:
             r.join()
@@ -239,11 +240,11 @@ def test_ctrl_c_cancels_a_long_edit(llava_pair: testing.TestModel) -> None:
         import os, signal, threading
         before = (s.timeline, s.logits().tobytes(), s.stats)
         def interrupt():
-            assert _core._wait_decode_paused(30.0)
+            assert _testing.wait_decode_paused(30.0)
             os.kill(os.getpid(), signal.SIGINT)
-            _core._release_decode_pause()
+            _testing.release_decode_pause()
         threading.Thread(target=interrupt).start()
-        _core._arm_decode_fault(1, "pause")
+        _testing.arm_decode_fault(1, "pause")
         try:
             s.replace_image(s.images[0], random_image(1))
             print("edit applied")
@@ -330,10 +331,10 @@ def test_exit_while_daemon_threads_generate(llava_pair: testing.TestModel, where
 
 
 def test_worker_failure_reaches_the_consumer(model: lk.Model) -> None:
-    _core._arm_decode_fault(1, "exception")
+    _testing.arm_decode_fault(1, "exception")
     with pytest.raises(lk.LlavaKVError, match="batch runner failed"):
         lk.batch.run(model, [random_image(i) for i in range(3)], "Describe it.", max_tokens=4, progress=False)
-    _core._arm_decode_fault(0, "none")
+    _testing.arm_decode_fault(0, "none")
     records = lk.batch.run(model, [random_image(1)], "Describe it.", max_tokens=4, progress=False)
     assert records[0].ok
     assert _core.native_objects()["batch_runners"] == 0
@@ -399,7 +400,7 @@ def _with_native_header(blob: bytes, **changes: int) -> bytes:
     fields = _native_header(blob)
     fields.update(changes)
     packed = np.array(list(fields.values()), dtype="<u4").tobytes()
-    return bytes(_core._seal_state(blob[:24] + packed + blob[48:]))
+    return bytes(_testing.seal_state(blob[:24] + packed + blob[48:]))
 
 
 def test_every_byte_flip_in_a_session_file_is_detected(model: lk.Model, images: list[np.ndarray],

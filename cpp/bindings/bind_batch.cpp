@@ -35,7 +35,9 @@ void register_batch(py::module_ & m) {
         .def_readonly("generate_ms", &BatchResult::generate_ms, "the rest of the answer")
         .def_readonly("total_ms", &BatchResult::total_ms, "load + from submit to the result");
 
-    py::class_<BatchRunner, std::shared_ptr<BatchRunner>>(m, "BatchRunner")
+    py::class_<BatchRunner, std::shared_ptr<BatchRunner>>(m, "BatchRunner",
+                                                         "One prompt over many images: a worker thread encodes, "
+                                                         "decodes and generates them in parallel sequences.")
         .def_static(
             "start",
             [](std::shared_ptr<Model> model, const std::string & prefix, const std::string & suffix,
@@ -61,7 +63,9 @@ void register_batch(py::module_ & m) {
             py::arg("max_tokens") = 64, py::arg("n_ctx") = 0, py::arg("n_batch") = 512, py::arg("n_threads") = 0,
             py::arg("temperature") = 0.0f, py::arg("top_k") = 40, py::arg("top_p") = 0.95f, py::arg("min_p") = 0.05f,
             py::arg("repeat_penalty") = 1.0f, py::arg("repeat_last_n") = 64, py::arg("seed") = 0, py::arg("stop") = std::vector<std::string>{},
-            py::arg("queue_size") = 0, py::arg("encode_ahead") = 0)
+            py::arg("queue_size") = 0, py::arg("encode_ahead") = 0,
+            "Start a runner for prefix + <image> + suffix (n_ctx 0: sized from the first image; queue_size 0: "
+            "2 * n_parallel; encode_ahead 0: n_parallel).")
         .def(
             "submit",
             [](BatchRunner & runner, uint64_t id, py::object pixels, const std::string & digest,
@@ -90,7 +94,8 @@ void register_batch(py::module_ & m) {
                 without_gil([&] { runner.submit(std::move(job)); });
             },
             py::arg("id"), py::arg("pixels"), py::arg("digest"), py::arg("source"), py::arg("error") = "",
-            py::arg("load_ms") = 0.0)
+            py::arg("load_ms") = 0.0,
+            "Queue one job (pixels None with an error: a result that reports it); blocks while the queue is full.")
         .def("finish", released(&BatchRunner::finish), "No more jobs will be submitted.")
         .def("next",
              [](BatchRunner & runner) -> py::object {
@@ -100,29 +105,11 @@ void register_batch(py::module_ & m) {
                      return py::none();
                  }
                  return py::cast(std::move(r));
-             })
-        .def("close", released(&BatchRunner::close))
-        .def_property_readonly("closed", &BatchRunner::closed)
-        .def("stats", [](const BatchRunner & runner) {
-            const BatchStats s = runner.stats();
-            py::dict d;
-            d["images_encoded"] = s.encode.images_encoded;
-            d["media_encoded"] = s.encode.images_encoded;  // the same count under the media name sessions use
-            d["embed_cache_hits"] = s.encode.embed_cache_hits;
-            d["embed_cache_misses"] = s.encode.embed_cache_misses;
-            d["batched_encodes"] = s.encode.batched_encodes;
-            d["jobs_submitted"] = s.jobs_submitted;
-            d["jobs_done"] = s.jobs_done;
-            d["jobs_failed"] = s.jobs_failed;
-            d["prefix_tokens"] = s.prefix_tokens;
-            d["prefix_copies"] = s.prefix_copies;
-            d["tokens_decoded"] = s.tokens_decoded;
-            d["tokens_generated"] = s.tokens_generated;
-            d["decode_steps"] = s.decode_steps;
-            d["max_sequences"] = s.max_sequences;
-            d["n_ctx"] = s.n_ctx;
-            return d;
-        });
+             },
+             "The next finished job, as jobs complete (blocks); None once every result is taken after finish().")
+        .def("close", released(&BatchRunner::close), "Stop the worker and free the context; idempotent.")
+        .def_property_readonly("closed", &BatchRunner::closed, "close() has run")
+        .def("stats", released(&BatchRunner::stats), "Counters of the runner's work so far.");
 }
 
 }  // namespace llava_kv::bindings

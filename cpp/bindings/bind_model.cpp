@@ -26,7 +26,9 @@ SessionParams session_params(int32_t n_ctx, int32_t n_batch, int32_t n_ubatch, u
 }  // namespace
 
 void register_model(py::module_ & m) {
-    py::class_<Model, std::shared_ptr<Model>>(m, "Model")
+    py::class_<Model, std::shared_ptr<Model>>(m, "Model",
+                                             "A text model and its optional projector, loaded once and shared by "
+                                             "its sessions; close() frees everything.")
         .def_static(
             "load",
             [](const std::string & model_path, const std::string & mmproj_path, int32_t n_gpu_layers,
@@ -66,7 +68,9 @@ void register_model(py::module_ & m) {
             py::arg("model_path"), py::arg("mmproj_path") = "", py::kw_only(), py::arg("n_gpu_layers") = 0,
             py::arg("mmproj_use_gpu") = true, py::arg("n_threads") = 0, py::arg("verbose") = false,
             py::arg("embed_cache_bytes") = size_t(1) << 30, py::arg("flash_attn") = "auto", py::arg("main_gpu") = "",
-            py::arg("kv_type") = "f16")
+            py::arg("kv_type") = "f16",
+            "Load a GGUF text model and, optionally, its mmproj projector (ModelLoadError if either is corrupt "
+            "or they do not match).")
         .def("close", released(&Model::close),
              "Close every session and batch runner of the model, then free the projector and the weights.")
         .def_property_readonly("closed", &Model::closed, "close() has run")
@@ -100,12 +104,13 @@ void register_model(py::module_ & m) {
                 case LLAMA_FLASH_ATTN_TYPE_DISABLED: return "off";
                 default: return "auto";
             }
-        })
+        }, "llama.cpp's flash attention choice for every context: 'auto', 'on' or 'off'")
         .def_property_readonly("main_gpu", [](const Model & model) { return model.params().main_gpu; },
                                "the device named at load ('' for llama.cpp's choice)")
         .def_property_readonly("kv_type", [](const Model & model) { return std::string(ggml_type_name(model.params().kv_type)); },
                                "the KV cache's element type: 'f16', 'q8_0' or 'q4_0'")
-        .def_property_readonly("media_marker", [](const Model &) { return std::string(mtmd_default_marker()); })
+        .def_property_readonly("media_marker", [](const Model &) { return std::string(mtmd_default_marker()); },
+                               "the text that stands for an image or clip in a prompt (mtmd's marker)")
         .def(
             "session",
             [](Model & model, int32_t n_ctx, int32_t n_batch, int32_t n_ubatch, uint32_t seed, int32_t n_threads) {
@@ -113,7 +118,8 @@ void register_model(py::module_ & m) {
                 return without_gil([&] { return model.open_session(params); });
             },
             py::kw_only(), py::arg("n_ctx") = 4096, py::arg("n_batch") = 512, py::arg("n_ubatch") = 0,
-            py::arg("seed") = 0, py::arg("n_threads") = 0)
+            py::arg("seed") = 0, py::arg("n_threads") = 0,
+            "A new session with a context of its own (n_ubatch 0: as n_batch; n_threads 0: the model's).")
         .def(
             "session_pool",
             [](Model & model, int32_t n_slots, int32_t n_ctx, int32_t n_batch, int32_t n_ubatch, uint32_t seed,
@@ -126,32 +132,19 @@ void register_model(py::module_ & m) {
             "n_slots sessions sharing one context, a sequence and n_ctx KV cells each; their generation steps "
             "can run together in one batched decode (step_sessions).")
         .def("n_open_sessions",
-             [](const Model & model) { return without_gil([&] { return model.live_sessions().size(); }); })
-        .def(
-            "memory",
-            [](const Model & model) {
-                MemoryReport report = without_gil([&] { return model.memory(); });
-                py::list entries;
-                for (const auto & e : report.entries) {
-                    entries.append(py::make_tuple(e.component, e.device, e.bytes, e.session_id));
-                }
-                return py::make_tuple(entries, report.devices);
-            })
+             [](const Model & model) { return without_gil([&] { return model.live_sessions().size(); }); },
+             "Sessions made from the model and not yet closed.")
+        .def("memory", [](const Model & model) { return without_gil([&] { return model.memory(); }); },
+             "Bytes held per component and device, and every device's memory now.")
         .def("cache_stats",
-             [](Model & model) {
-                 const EmbeddingCacheStats s = model.embedding_cache().stats();
-                 py::dict out;
-                 out["hits"] = s.hits;
-                 out["misses"] = s.misses;
-                 out["evictions"] = s.evictions;
-                 out["entries"] = s.entries;
-                 out["bytes"] = s.bytes;
-                 out["capacity_bytes"] = s.capacity_bytes;
-                 return out;
-             })
-        .def_property_readonly("chat_template", py::cpp_function(released(&Model::chat_template)))
+             [](Model & model) { return without_gil([&] { return model.embedding_cache().stats(); }); },
+             "Use and size of the model's shared embedding cache.")
+        .def_property_readonly("chat_template", py::cpp_function(released(&Model::chat_template)),
+                               "the chat template in the GGUF's metadata ('' without one)")
         .def("apply_chat_template", released(&Model::apply_chat_template), py::arg("messages"),
-             py::arg("add_assistant") = true, py::arg("template_override") = "")
+             py::arg("add_assistant") = true, py::arg("template_override") = "",
+             "(role, content) messages rendered by llama.cpp's template engine with the GGUF's template, or with "
+             "template_override (a built-in name such as 'chatml', or a template string).")
         .def("clear_cache", [](Model & model) { model.embedding_cache().clear(); },
              "Drop every embedding of the shared cache (timelines keep theirs).");
 }

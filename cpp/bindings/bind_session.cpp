@@ -7,7 +7,6 @@
 #include "session.h"
 #include "session_state.h"
 #include "stop_strings.h"
-#include "decode.h"
 
 namespace py = pybind11;
 
@@ -81,52 +80,22 @@ void register_session(py::module_ & m) {
             std::copy(r.logits.begin(), r.logits.end(), logits.mutable_data());
             return py::make_tuple(r.tokens, r.n_past, logits);
         },
-        py::arg("model"), py::arg("prompt"), py::arg("images"), py::arg("n_ctx") = 4096, py::arg("n_batch") = 512);
+        py::arg("model"), py::arg("prompt"), py::arg("images"), py::arg("n_ctx") = 4096, py::arg("n_batch") = 512,
+        "The reference evaluation of a prompt with media markers (mtmd_tokenize + mtmd_helper_eval_chunks in a "
+        "fresh context): (tokens, media positions as -1; n_past; last logits).");
 
     m.def(
         "inspect_state",
         [](const Model & model, const py::bytes & blob) {
             const std::string data = blob;
-            const StateHeader h = without_gil([&] {
+            return without_gil([&] {
                 StateHeader header = inspect_state(data);
                 check_state_fits(header, model);
                 return header;
             });
-            py::dict d;
-            d["n_ctx"] = h.n_ctx;
-            d["n_batch"] = h.n_batch;
-            d["n_ubatch"] = h.n_ubatch;
-            d["n_cells"] = h.n_cells;
-            return d;
         },
         py::arg("model"), py::arg("blob"),
         "Checks a saved session's integrity (checksum) and that it fits `model`; returns the sizes it was saved with.");
-    m.def(
-        "_arm_decode_fault",
-        [](uint64_t nth, const std::string & kind) {
-            DecodeFault k = DecodeFault::None;
-            if (kind == "status") {
-                k = DecodeFault::Status;
-            } else if (kind == "exception") {
-                k = DecodeFault::Exception;
-            } else if (kind == "cancel") {
-                k = DecodeFault::Cancel;
-            } else if (kind == "close") {
-                k = DecodeFault::Close;
-            } else if (kind == "pause") {
-                k = DecodeFault::Pause;
-            } else if (kind != "none") {
-                throw py::value_error("kind must be 'status', 'exception', 'cancel', 'close', 'pause' or 'none'");
-            }
-            arm_decode_fault(nth, k);
-        },
-        py::arg("nth"), py::arg("kind"),
-        "Test hook: the nth decode call from now (1: the next) fails with a bad status or a C++ exception, "
-        "gets a real cancel() or close(), or pauses until _release_decode_pause(); 'none' disarms.");
-    m.def(
-        "_seal_state",
-        [](const py::bytes & blob) { return py::bytes(reseal_state(std::string(blob))); }, py::arg("blob"),
-        "Test hook: recomputes a state blob's size and checksum after a test changed it on purpose.");
     m.def(
         "step_sessions",
         [](const std::vector<std::shared_ptr<Session>> & sessions) {
@@ -140,15 +109,11 @@ void register_session(py::module_ & m) {
         py::arg("sessions"),
         "One generation step for slots of one pool in one batched decode: a (token, text bytes, "
         "end_of_generation) tuple per session, in order. All or nothing on failure.");
-    m.def("_wait_decode_paused", released(&wait_decode_paused), py::arg("timeout_s"),
-          "Test hook: waits until a decode armed with 'pause' is paused; False on timeout.");
-    m.def("_release_decode_pause", released(&release_decode_pause),
-          "Test hook: lets the paused decode go on.");
 
     py::class_<StopStrings>(m, "StopStrings",
                             "Stop strings over generated text arriving piece by piece (as the batch runner "
                             "applies them): where it first holds one, and how much can be shown already.")
-        .def(py::init<std::vector<std::string>>(), py::arg("stops"))
+        .def(py::init<std::vector<std::string>>(), py::arg("stops"), "Watch for these stop strings.")
         .def("feed", &StopStrings::feed, py::arg("piece"),
              "Appends bytes; True once the text holds a stop string (it then ends before it).")
         .def_property_readonly("text", [](const StopStrings & s) { return py::bytes(s.text()); },
@@ -175,7 +140,9 @@ void register_session(py::module_ & m) {
         .def_readonly("tokens", &ChunkInfo::tokens, "token ids of a text chunk, BOS excluded (empty otherwise)")
         .def_readonly("generated", &ChunkInfo::generated, "tokens the model sampled, not text given to it");
 
-    py::class_<Session, std::shared_ptr<Session>>(m, "Session")
+    py::class_<Session, std::shared_ptr<Session>>(m, "Session",
+                                                 "One conversation: a context, its timeline of text and media kept "
+                                                 "in step with the KV cache, and a sampler. One call at a time.")
         .def("close", released(&Session::close),
              "Free the context; a call in flight stops at its next decode step (ClosedError).")
         .def_property_readonly("closed", &Session::closed, "close() has run")
@@ -188,7 +155,9 @@ void register_session(py::module_ & m) {
                 Inputs inputs = convert(items);
                 return interruptible(s, [&] { return s.splice(begin, end, inputs.chunks); });
             },
-            py::arg("begin"), py::arg("end"), py::arg("items"))
+            py::arg("begin"), py::arg("end"), py::arg("items"),
+            "Replace chunks [begin, end) with items (str: text; (array, digest, source): media) by an exact edit; "
+            "returns the new chunks' ids. Nothing changes on failure.")
         .def(
             "splice_blend",
             [](Session & s, size_t begin, size_t end, const py::list & items, int32_t k, bool allow_drift) {
@@ -196,14 +165,7 @@ void register_session(py::module_ & m) {
                 BlendReport report;
                 std::vector<uint64_t> ids = interruptible(
                     s, [&] { return s.splice_blend(begin, end, inputs.chunks, k, allow_drift, report); });
-                py::dict r;
-                r["tokens_decoded"] = report.tokens_decoded;
-                r["tokens_kept"] = report.tokens_kept;
-                r["exact_tokens"] = report.exact_tokens;
-                r["k"] = report.k;
-                r["k_applied"] = report.k_applied;
-                r["exact_fallback"] = report.exact_fallback;
-                return py::make_tuple(ids, r);
+                return std::make_pair(std::move(ids), report);
             },
             py::arg("begin"), py::arg("end"), py::arg("items"), py::arg("k"), py::arg("allow_drift") = false,
             "The approximate splice (mode='blend'): (new chunk ids, what it decoded and kept).")
@@ -215,13 +177,14 @@ void register_session(py::module_ & m) {
         .def(
             "remove_shift",
             [](Session & s, uint64_t chunk_id) { interruptible(s, [&] { s.remove_shift(chunk_id); }); },
-            py::arg("chunk_id"))
+            py::arg("chunk_id"),
+            "Remove a chunk by shifting later positions down, without decoding (approximate; mode='shift').")
         .def(
             "remove_chunks",
             [](Session & s, const std::vector<uint64_t> & chunk_ids) {
                 interruptible(s, [&] { s.remove_chunks(chunk_ids); });
             },
-            py::arg("chunk_ids"))
+            py::arg("chunk_ids"), "Remove these chunks in one exact edit.")
         .def("index_of", released(&Session::index_of), py::arg("chunk_id"),
              "Position of the chunk in the timeline; KeyError if it is gone.")
         .def("clear", released(&Session::clear), "Empty the timeline and the KV cache.")
@@ -230,16 +193,20 @@ void register_session(py::module_ & m) {
              [](const Session & s) {
                  std::vector<ChunkInfo> timeline = without_gil([&] { return s.timeline(); });
                  return timeline;
-             })
+             },
+             "The chunks of the timeline, in order.")
         .def("logits",
              [](const Session & s) {
                  std::vector<float> logits = without_gil([&] { return s.logits(); });
                  py::array_t<float> out(static_cast<py::ssize_t>(logits.size()));
                  std::copy(logits.begin(), logits.end(), out.mutable_data());
                  return out;
-             })
-        .def_property_readonly("n_past", py::cpp_function(released(&Session::n_past)))
-        .def_property_readonly("n_cells", py::cpp_function(released(&Session::n_cells)))
+             },
+             "The logits (float32, n_vocab) after the last token of the timeline.")
+        .def_property_readonly("n_past", py::cpp_function(released(&Session::n_past)),
+                               "the next KV position (fewer than cells used under M-RoPE)")
+        .def_property_readonly("n_cells", py::cpp_function(released(&Session::n_cells)),
+                               "KV cells the timeline takes")
         .def_property_readonly("n_ctx", &Session::n_ctx, "KV cells edits are checked against (as asked for)")
         .def_property_readonly("n_batch", [](const Session & s) { return s.params().n_batch; },
                                "tokens per decode call (as the context really takes them)")
@@ -249,7 +216,8 @@ void register_session(py::module_ & m) {
         .def_property_readonly("n_slots", &Session::n_slots, "sessions sharing this session's context (1 alone)")
         .def_property_readonly("seed", [](const Session & s) { return s.params().seed; },
                                "the seed the session was opened with (model.session(seed=...))")
-        .def("tokenize", released(&Session::tokenize), py::arg("text"), py::arg("add_special") = false)
+        .def("tokenize", released(&Session::tokenize), py::arg("text"), py::arg("add_special") = false,
+             "The model's tokens for text (add_special: BOS and the like, as the model's metadata says).")
         .def(
             "begin_generation",
             [](Session & s, float temperature, int32_t top_k, float top_p, float min_p, float repeat_penalty,
@@ -260,56 +228,41 @@ void register_session(py::module_ & m) {
             },
             py::kw_only(), py::arg("temperature") = 0.0f, py::arg("top_k") = 40, py::arg("top_p") = 0.95f,
             py::arg("min_p") = 0.05f, py::arg("repeat_penalty") = 1.0f, py::arg("repeat_last_n") = 64,
-            py::arg("seed") = 0)
+            py::arg("seed") = 0, "Start a generation with these sampling settings (generate_step gives its tokens).")
         .def("generate_step",
              [](Session & s) {
                  const GenerationStep step = interruptible(s, [&] { return s.generate_step(); });
                  return py::make_tuple(step.token, py::bytes(step.text), step.end_of_generation);
-             })
+             },
+             "Sample one token and decode it: (token, text bytes ready to show, end_of_generation).")
         .def("save_state",
              [](const Session & s) {
                  std::string blob = without_gil([&] { return s.save_state(); });
                  return py::bytes(blob);
-             })
+             },
+             "The session (timeline, logits, KV cache of its sequence) as a checksummed blob.")
         .def("load_state",
              [](Session & s, const py::bytes & blob) {
                  std::string data = blob;
                  interruptible(s, [&] { s.load_state(data); });
              },
-             py::arg("blob"))
+             py::arg("blob"),
+             "Replace the session's state with a saved one (checked first; nothing changes on failure).")
         .def("flush_generation",
              [](Session & s) {
                  std::string rest = without_gil([&] { return s.flush_generation(); });
                  return py::bytes(rest);
-             })
+             },
+             "End the generation: the text bytes still held back (an incomplete UTF-8 character, a stop string's "
+             "prefix).")
         .def("detokenize",
              [](const Session & s, const std::vector<llama_token> & tokens) {
                  std::string text = without_gil([&] { return s.detokenize(tokens); });
                  return py::bytes(text);
              },
-             py::arg("tokens"))
-        .def("stats", [](const Session & s) {
-            SessionStats st = without_gil([&] { return s.stats(); });
-            py::dict d;
-            d["tokens_decoded"] = st.registry.tokens_decoded;
-            d["text_tokens_decoded"] = st.registry.text_tokens_decoded;
-            d["image_tokens_decoded"] = st.registry.image_tokens_decoded;
-            d["images_decoded"] = st.registry.images_decoded;
-            d["images_encoded"] = st.encode.images_encoded;
-            d["media_encoded"] = st.encode.images_encoded;  // images_encoded counts clips too; the old key stays for its readers
-            d["embed_cache_hits"] = st.encode.embed_cache_hits;
-            d["embed_cache_misses"] = st.encode.embed_cache_misses;
-            d["batched_encodes"] = st.encode.batched_encodes;
-            d["tokens_generated"] = st.tokens_generated;
-            d["kv_cells_removed"] = st.registry.kv_cells_removed;
-            d["decode_calls"] = st.registry.decode_calls;
-            d["full_redecodes"] = st.registry.full_redecodes;
-            d["shift_edits"] = st.registry.shift_edits;
-            d["blend_edits"] = st.registry.blend_edits;
-            d["blend_tokens_kept"] = st.registry.blend_tokens_kept;
-            d["batched_steps"] = st.batched_steps;
-            return d;
-        });
+             py::arg("tokens"), "The text bytes of these tokens.")
+        .def("stats", [](const Session & s) { return without_gil([&] { return s.stats(); }); },
+             "Counters of the work the session did since it was opened.");
 }
 
 }  // namespace llava_kv::bindings

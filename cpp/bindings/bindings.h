@@ -147,8 +147,10 @@ inline SamplingParams sampling_params(float temperature, int32_t top_k, float to
 
 void register_errors(pybind11::module_ & m);
 void register_devices(pybind11::module_ & m);
+void register_results(pybind11::module_ & m);
 void register_model(pybind11::module_ & m);
 void register_session(pybind11::module_ & m);
 void register_batch(pybind11::module_ & m);
+void register_testing(pybind11::module_ & m);
 
 }  // namespace llava_kv::bindings

@@ -16,19 +16,20 @@ PYBIND11_MODULE(_core, m) {
     llava_kv::ensure_runtime();
     llava_kv::bindings::register_errors(m);
     llava_kv::bindings::register_devices(m);
+    llava_kv::bindings::register_results(m);
     llava_kv::bindings::register_model(m);
     llava_kv::bindings::register_session(m);
     llava_kv::bindings::register_batch(m);
+    llava_kv::bindings::register_testing(m);
 
-    m.def("build_info", [] {
-        const llava_kv::BuildInfo info = llava_kv::bindings::without_gil([] { return llava_kv::build_info(); });
-        py::dict out;
-        out["version"] = LLAVA_KV_VERSION;
-        out["llama_cpp_commit"] = info.llama_cpp_commit;
-        out["backends"] = info.backends;
-        out["devices"] = info.devices;
-        return out;
-    });
+    m.def(
+        "build_info",
+        [] {
+            llava_kv::BuildInfo info = llava_kv::bindings::without_gil([] { return llava_kv::build_info(); });
+            info.version = LLAVA_KV_VERSION;  // the package's version is known to the module, not the core
+            return info;
+        },
+        "The llava-kv version, the llama.cpp commit, the compiled backends and the devices they see.");
     m.def("native_objects", [] {
         const llava_kv::LiveCounts c = llava_kv::live_counts();
         py::dict d;
@@ -36,6 +37,6 @@ PYBIND11_MODULE(_core, m) {
         d["sessions"] = c.sessions;
         d["batch_runners"] = c.batch_runners;
         return d;
-    });
+    }, "Native models, sessions and batch runners alive in this process (leak checks).");
     m.attr("__version__") = LLAVA_KV_VERSION;
 }

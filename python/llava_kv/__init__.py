@@ -45,7 +45,7 @@ __all__ = [
 def build_info() -> dict[str, Any]:
     """The llama.cpp commit built against, the compiled ggml backends, and the devices seen now
     (``"devices"``: :class:`Device` records, as :func:`devices` gives them)."""
-    return dict(_core.build_info())
+    return _core.build_info().as_dict()
 
 
 def devices() -> list[Device]:

@@ -172,7 +172,7 @@ def iter_run(model: "Model", images: Iterable[ImageInput], prompt: str, *, order
         runner.close()
         feeder.join()
         if stats is not None:
-            stats.update(runner.stats())
+            stats.update(runner.stats().as_dict())
         if bar is not None:
             bar.close()
 

@@ -56,7 +56,7 @@ def _check_file(path: str | os.PathLike[str], what: str) -> str:
     return str(p)
 
 
-class Model(NativeObject):
+class Model(NativeObject[_core.Model]):
     """A loaded vision-language model. Use :meth:`load`; close with :meth:`close` or ``with``.
 
     ``close()`` closes every session made from the model, then frees the projector, then the
@@ -178,7 +178,7 @@ class Model(NativeObject):
         safe = [(role, content.replace("\0", stand_in)) for role, content in messages]
         return self._core.apply_chat_template(safe, add_assistant, template).replace(stand_in, "\0")
 
-    def _start_batch_runner(self, **params: Any) -> Any:
+    def _start_batch_runner(self, **params: Any) -> _core.BatchRunner:
         """The native runner behind :func:`llava_kv.batch.iter_run` (private to that module)."""
         return _core.BatchRunner.start(self._core, **params)
 
@@ -274,20 +274,20 @@ class Model(NativeObject):
         "devices": {name: Device}}``: each :class:`llava_kv.Device` with its ``type``, ``free``,
         ``total`` and ``allocated`` (this process's live buffers there, the device ledger).
         """
-        entries, devices = self._core.memory()
+        native = self._core.memory()
         report: MemoryReport = {"weights": {}, "projector": {}, "embedding_cache": {}, "sessions": {}, "total": {},
                                 "devices": {}}
-        for component, device, nbytes, session_id in entries:
+        for e in native.entries:
             slot: dict[str, int]
-            if session_id:
-                slot = report["sessions"].setdefault(session_id, {"kv": {}, "compute": {}})[component]
+            if e.session_id:
+                slot = report["sessions"].setdefault(e.session_id, {"kv": {}, "compute": {}})[e.component]
             else:
-                slot = report[component]  # type: ignore[literal-required]
-            slot[device] = slot.get(device, 0) + nbytes
-            report["total"][device] = report["total"].get(device, 0) + nbytes
-        report["devices"] = {device.name: device for device in devices}
+                slot = report[e.component]  # type: ignore[literal-required]
+            slot[e.device] = slot.get(e.device, 0) + e.bytes
+            report["total"][e.device] = report["total"].get(e.device, 0) + e.bytes
+        report["devices"] = {device.name: device for device in native.devices}
         return report
 
     def embedding_cache_stats(self) -> dict[str, int]:
         """Hits, misses, evictions, entries and bytes of the shared embedding cache."""
-        return dict(self._core.cache_stats())
+        return self._core.cache_stats().as_dict()

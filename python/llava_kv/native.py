@@ -2,17 +2,21 @@
 from __future__ import annotations
 
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Generic, TypeVar, Union
+
+from . import _core
 
 __all__ = ["NativeObject"]
 
-T = TypeVar("T", bound="NativeObject")
+# The compiled objects a facade owns (each has close() and closed), and the facades over them.
+CoreT = TypeVar("CoreT", bound=Union[_core.Model, _core.Session])
+T = TypeVar("T", bound="NativeObject[_core.Model] | NativeObject[_core.Session]")
 
 
-class NativeObject:
+class NativeObject(Generic[CoreT]):
     """A Python object owning native memory through ``self._core``; ``close()`` frees it (idempotent)."""
 
-    _core: Any
+    _core: CoreT
 
     def close(self) -> None:
         """Free the native memory now. Idempotent; later use raises :class:`llava_kv.ClosedError`."""

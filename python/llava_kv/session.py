@@ -144,7 +144,7 @@ class TextStream:
         return self._matcher.text[:self._sent].decode("utf-8", errors="replace")
 
 
-class Session(NativeObject):
+class Session(NativeObject[_core.Session]):
     """A conversation: append text and images, edit images anywhere, read logits.
 
     Every edit keeps the timeline, the embeddings and the KV cache consistent; a failed call leaves
@@ -211,7 +211,7 @@ class Session(NativeObject):
     def stats(self) -> SessionStats:
         """Counters of work done: tokens_decoded, media_encoded (= images_encoded), embed_cache_hits/misses,
         kv_cells_removed..."""
-        return cast(SessionStats, dict(self._core.stats()))
+        return cast(SessionStats, self._core.stats().as_dict())
 
     def logits(self) -> np.ndarray:
         """Logits (float32, n_vocab) after the last token of the timeline."""
@@ -272,7 +272,7 @@ class Session(NativeObject):
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise ValueError(f"k must be an integer >= 0, not {k!r}")
         ids, report = self._core.splice_blend(begin, end, items, k, bool(allow_drift))
-        self.last_blend = dict(report)
+        self.last_blend = report.as_dict()
         return list(ids)
 
     def _insert_media(self, kind: str, index: int, x: Any, mode: str = "exact", k: int | None = None,
@@ -472,9 +472,9 @@ class Session(NativeObject):
             saved = _core.inspect_state(model._core, blob)
         except LlavaKVError as e:
             raise LlavaKVError(f"{name!r}: {e}") from None
-        needed = saved["n_cells"]
+        needed = saved.n_cells
         if n_ctx is None:
-            n_ctx = saved["n_ctx"]
+            n_ctx = saved.n_ctx
             limit = max(model.n_ctx_train, needed)
             if n_ctx > limit:
                 raise LlavaKVError(f"{name!r} declares n_ctx={n_ctx}, more than this model's training context "
@@ -485,8 +485,8 @@ class Session(NativeObject):
         if n_ctx < needed:
             raise ContextFullError(f"{name!r} needs {needed} KV cells but n_ctx={n_ctx}; pass n_ctx >= {needed}",
                                    needed=needed, available=n_ctx)
-        n_batch = n_batch or saved["n_batch"]
-        session = model.session(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=min(saved["n_ubatch"], n_batch))
+        n_batch = n_batch or saved.n_batch
+        session = model.session(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=min(saved.n_ubatch, n_batch))
         try:
             session._core.load_state(blob)
         except BaseException:
@@ -587,9 +587,9 @@ class Session(NativeObject):
         reused = timeline[first].pos0 if first < len(timeline) else (timeline[-1].pos1 if timeline else 0)
         after = self._core.stats()
         meta = {"reused_tokens": reused,
-                "decoded_tokens": after["tokens_decoded"] - before["tokens_decoded"],
-                "images_encoded": after["images_encoded"] - before["images_encoded"],
-                "embed_cache_hits": after["embed_cache_hits"] - before["embed_cache_hits"],
+                "decoded_tokens": after.tokens_decoded - before.tokens_decoded,
+                "images_encoded": after.images_encoded - before.images_encoded,
+                "embed_cache_hits": after.embed_cache_hits - before.embed_cache_hits,
                 "chat_template": template.name, "chat_template_source": template.source}
         return self._core.n_past, meta
 
