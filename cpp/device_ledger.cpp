@@ -133,16 +133,6 @@ std::vector<LedgerEntry> device_ledger() {
     return out;
 }
 
-size_t ledger_bytes(const std::string & device) {
-    size_t total = 0;
-    for (const auto & e : device_ledger()) {
-        if (e.device == device) {
-            total += e.bytes;
-        }
-    }
-    return total;
-}
-
 LedgerOwner::LedgerOwner(const char * owner, uint64_t session_id)
     : previous_owner_(t_owner), previous_session_(t_session) {
     t_owner = owner;

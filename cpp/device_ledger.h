@@ -32,9 +32,6 @@ void watch_device_buffers();
 // (pinned staging memory) are booked to "CPU".
 std::vector<LedgerEntry> device_ledger();
 
-// Bytes of live buffers on `device`.
-size_t ledger_bytes(const std::string & device);
-
 // While alive, buffers allocated on this thread are booked to `owner` ("weights", "projector",
 // "session"; a session's buffers are told apart as "kv" or "compute" by their ggml usage). Nests.
 class LedgerOwner {

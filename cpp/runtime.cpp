@@ -2,11 +2,11 @@
 
 #include <atomic>
 #include <cstdio>
+#include <map>
 #include <mutex>
 #include <stdexcept>
 
 #include "device_ledger.h"
-
 #include "ggml-backend.h"
 #include "llama.h"
 #include "mtmd-helper.h"
@@ -73,6 +73,10 @@ Verbosity::~Verbosity() {
 
 std::vector<DeviceInfo> devices() {
     ensure_runtime();
+    std::map<std::string, size_t> allocated;
+    for (const auto & entry : device_ledger()) {
+        allocated[entry.device] += entry.bytes;
+    }
     std::vector<DeviceInfo> out;
     for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
         ggml_backend_dev_t dev = ggml_backend_dev_get(i);
@@ -81,7 +85,7 @@ std::vector<DeviceInfo> devices() {
         info.description = ggml_backend_dev_description(dev);
         info.type = device_type_name(ggml_backend_dev_type(dev));
         ggml_backend_dev_memory(dev, &info.free, &info.total);
-        info.allocated = ledger_bytes(info.name);
+        info.allocated = allocated[info.name];
         out.push_back(std::move(info));
     }
     return out;

@@ -14,6 +14,7 @@
 
 #include "batch_runner.h"
 #include "bindings.h"
+#include "device_ledger.h"
 #include "embedding_cache.h"
 #include "image_embed_registry.h"
 #include "model.h"
@@ -86,6 +87,29 @@ class ResultClass {
 }  // namespace
 
 void register_results(py::module_ & m) {
+    ResultClass<DeviceInfo>(m, "Device", "One backend device: the same record in devices(), build_info() and "
+                                         "Model.memory().")
+        .field("name", &DeviceInfo::name, "ggml's name for it: 'CPU', 'Vulkan0', 'CUDA0'")
+        .field("type", &DeviceInfo::type, "'cpu', 'gpu', 'igpu' (integrated) or 'accel' (e.g. BLAS, NPU)")
+        .field("description", &DeviceInfo::description, "what the driver calls it")
+        .field("free", &DeviceInfo::free,
+               "bytes free as the driver reports them (free == total where it cannot tell; on Mesa's lavapipe "
+               "the whole machine's, not this process's)")
+        .field("total", &DeviceInfo::total, "bytes the device has")
+        .field("allocated", &DeviceInfo::allocated,
+               "bytes of this process's live ggml buffers on the device (the device ledger)")
+        .done();
+
+    ResultClass<LedgerEntry>(m, "LedgerEntry", "Live ggml buffers of one component on one device.")
+        .field("device", &LedgerEntry::device, "the device's name")
+        .field("component", &LedgerEntry::component,
+               "'weights', 'projector', 'kv', 'compute', or 'other' (allocated outside any model call)")
+        .field("session_id", &LedgerEntry::session_id,
+               "the session of a 'kv'/'compute' entry (0: a pool's or batch runner's context, or none)")
+        .field("bytes", &LedgerEntry::bytes, "bytes held")
+        .field("buffers", &LedgerEntry::buffers, "how many buffers")
+        .done();
+
     ResultClass<SessionStats>(m, "SessionStats",
                               "Counters of the work a session did since it was opened (media counters count "
                               "audio clips too).")
