@@ -39,10 +39,8 @@ def _nvml_used() -> Callable[[], int] | None:
 
 
 def _ledger_by_device() -> dict[str, int]:
-    out: dict[str, int] = {}
-    for e in lk.device_ledger():
-        out[e.device] = out.get(e.device, 0) + e.bytes
-    return out
+    """Bytes of live ggml buffers per device that holds any (the device ledger, as Device.allocated)."""
+    return {d.name: d.allocated for d in lk.devices() if d.allocated}
 
 
 def main() -> int:
