@@ -98,7 +98,7 @@ def _progress(total: int | None, enabled: bool) -> Any:
     if not enabled:
         return None
     try:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # type: ignore[import-untyped]  # tqdm ships no stubs
     except ImportError:  # pragma: no cover - tqdm is a dependency; stay usable without it
         return None
     return tqdm(total=total, unit="img", desc="llava-kv batch", dynamic_ncols=True)

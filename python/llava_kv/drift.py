@@ -20,7 +20,8 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     """Log-probabilities (float64) of the next-token distribution ``logits`` define."""
     x = np.asarray(logits, dtype=np.float64)
     x = x - x.max()
-    return x - np.log(np.exp(x).sum())
+    out: np.ndarray = x - np.log(np.exp(x).sum())
+    return out
 
 
 def logit_drift(reference: np.ndarray, other: np.ndarray) -> dict[str, Any]:

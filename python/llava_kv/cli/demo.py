@@ -41,7 +41,7 @@ def demo(args: argparse.Namespace) -> int:
 
     if args.model:
         model_path, mmproj_path = args.model, args.mmproj
-        images: list = list(args.image) or [random_image(1), random_image(2)]
+        images: list[Any] = list(args.image) or [random_image(1), random_image(2)]
     else:
         pair = make_test_model(preset=args.preset)
         model_path, mmproj_path = str(pair.model_path), str(pair.mmproj_path)

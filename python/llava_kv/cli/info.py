@@ -36,7 +36,7 @@ def _template_used(model: Any) -> dict[str, str] | None:
     return {"name": chosen.name, "source": chosen.source}
 
 
-def memory_json(report: Any) -> dict:
+def memory_json(report: Any) -> dict[str, Any]:
     """``Model.memory()`` with its device records as dicts."""
     return {**report, "devices": {name: d.as_dict() for name, d in report["devices"].items()}}
 
@@ -47,7 +47,7 @@ def info(args: argparse.Namespace) -> int:
     from llava_kv.gguf import architecture, projector_type
 
     build = lk.build_info()
-    out: dict = {"version": lk.__version__, "build": {**build, "devices": [d.as_dict() for d in build["devices"]]}}
+    out: dict[str, Any] = {"version": lk.__version__, "build": {**build, "devices": [d.as_dict() for d in build["devices"]]}}
     if args.model or args.mmproj:
         with load_model(args) as model:
             out["model"] = {"path": model.path, "mmproj": model.mmproj_path,

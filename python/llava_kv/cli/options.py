@@ -35,8 +35,10 @@ class HelpFormatter(argparse.HelpFormatter):
 def add_command(sub: Any, name: str, *, help: str, description: str,
                 examples: Sequence[str]) -> argparse.ArgumentParser:
     """The parser of one command, its ``examples`` (command lines) listed after the options."""
-    return sub.add_parser(name, formatter_class=HelpFormatter, help=help, description=description,
-                          epilog="examples:\n" + "\n".join("  " + line for line in examples))
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name, formatter_class=HelpFormatter, help=help, description=description,
+        epilog="examples:\n" + "\n".join("  " + line for line in examples))
+    return parser
 
 
 def err(message: str) -> None:

@@ -13,7 +13,7 @@ class _Weights:
         self.dtype = np.float16 if dtype == "f16" else np.float32
 
     def linear(self, n_out: int, n_in: int) -> np.ndarray:
-        w = self.rng.standard_normal((n_out, n_in), dtype=np.float32) / np.sqrt(n_in)
+        w: np.ndarray = self.rng.standard_normal((n_out, n_in), dtype=np.float32) / np.sqrt(n_in)
         return w.astype(self.dtype)
 
     def embedding(self, n: int, dim: int, scale: float = 1.0) -> np.ndarray:
