@@ -30,7 +30,7 @@ struct BatchRunner::Ready {
     uint64_t id = 0;
     std::string source;
     std::string error;
-    std::shared_ptr<const ImageEmbedding> image;
+    std::shared_ptr<const MediaEmbedding> image;
     bool cached = false;
     double load_ms = 0;
     double encode_ms = 0;
@@ -241,7 +241,7 @@ std::vector<std::unique_ptr<BatchRunner::Ready>> BatchRunner::encode(std::vector
     }
     EncodeCounters counters;
     const auto t0 = Clock::now();
-    std::vector<std::shared_ptr<const ImageEmbedding>> embeddings;
+    std::vector<std::shared_ptr<const MediaEmbedding>> embeddings;
     try {
         embeddings = embed_media(*model_, pending, counters);
     } catch (const std::exception &) {
@@ -363,7 +363,7 @@ bool BatchRunner::admit(Slot & slot, Ready && job) {
         std::lock_guard<std::mutex> lock(mutex_);
         stats_.prefix_copies += 1;
     }
-    const ImageEmbedding & image = *slot.job->image;
+    const MediaEmbedding & image = *slot.job->image;
     const std::string problem = image_batch_problem(model_->projector(), image, params_.n_batch);
     if (!problem.empty()) {
         fail_slot(slot, problem);

@@ -122,7 +122,7 @@ int32_t decode_embeddings(llama_context * ctx, const float * embd, size_t n_embd
     return 0;
 }
 
-int32_t decode_image(mtmd_context * projector, llama_context * ctx, const ImageEmbedding & image, llama_pos & pos,
+int32_t decode_image(mtmd_context * projector, llama_context * ctx, const MediaEmbedding & image, llama_pos & pos,
                      llama_seq_id seq, int32_t n_batch, bool logits_last, DecodeCounts & counts) {
     for (size_t j = 0; j < image.chunks.size(); ++j) {
         const mtmd_input_chunk * sub = image.chunks[j].get();
@@ -154,7 +154,7 @@ int32_t decode_image(mtmd_context * projector, llama_context * ctx, const ImageE
     return 0;
 }
 
-std::string image_batch_problem(mtmd_context * projector, const ImageEmbedding & image, int32_t max_batch) {
+std::string image_batch_problem(mtmd_context * projector, const MediaEmbedding & image, int32_t max_batch) {
     for (const auto & sub : image.chunks) {
         const size_t n = mtmd_input_chunk_get_n_tokens(sub.get());
         if (mtmd_input_chunk_get_type(sub.get()) != MTMD_INPUT_CHUNK_TYPE_TEXT &&

@@ -72,11 +72,11 @@ int32_t decode_embeddings(llama_context * ctx, const float * embd, size_t n_embd
 
 // Decodes an encoded image (its marker text and image chunks) into `seq` from `pos`, which ends after
 // it. With `logits_last`, the logits of a trailing text chunk (an end-of-image marker) are requested.
-int32_t decode_image(mtmd_context * projector, llama_context * ctx, const ImageEmbedding & image, llama_pos & pos,
+int32_t decode_image(mtmd_context * projector, llama_context * ctx, const MediaEmbedding & image, llama_pos & pos,
                      llama_seq_id seq, int32_t n_batch, bool logits_last, DecodeCounts & counts);
 
 // Why `image` cannot be decoded in batches of `max_batch` tokens (empty if it can): a projector that
 // attends over a whole image at once needs all of an image chunk's tokens in one batch.
-std::string image_batch_problem(mtmd_context * projector, const ImageEmbedding & image, int32_t max_batch);
+std::string image_batch_problem(mtmd_context * projector, const MediaEmbedding & image, int32_t max_batch);
 
 }  // namespace llava_kv

@@ -2,7 +2,7 @@
 
 namespace llava_kv {
 
-size_t ImageEmbedding::bytes() const {
+size_t MediaEmbedding::bytes() const {
     size_t total = sizeof(*this) + digest.size();
     for (const auto & e : embeddings) {
         total += e.size() * sizeof(float);
@@ -12,7 +12,7 @@ size_t ImageEmbedding::bytes() const {
 
 EmbeddingCache::EmbeddingCache(size_t capacity_bytes) : capacity_bytes_(capacity_bytes) {}
 
-std::shared_ptr<const ImageEmbedding> EmbeddingCache::get(const std::string & digest) {
+std::shared_ptr<const MediaEmbedding> EmbeddingCache::get(const std::string & digest) {
     std::lock_guard<std::mutex> lock(mutex_);
     auto it = index_.find(digest);
     if (it == index_.end()) {
@@ -24,13 +24,13 @@ std::shared_ptr<const ImageEmbedding> EmbeddingCache::get(const std::string & di
     return *it->second;
 }
 
-std::shared_ptr<const ImageEmbedding> EmbeddingCache::peek(const std::string & digest) const {
+std::shared_ptr<const MediaEmbedding> EmbeddingCache::peek(const std::string & digest) const {
     std::lock_guard<std::mutex> lock(mutex_);
     auto it = index_.find(digest);
     return it == index_.end() ? nullptr : *it->second;
 }
 
-void EmbeddingCache::put(std::shared_ptr<const ImageEmbedding> entry) {
+void EmbeddingCache::put(std::shared_ptr<const MediaEmbedding> entry) {
     std::lock_guard<std::mutex> lock(mutex_);
     auto it = index_.find(entry->digest);
     if (it != index_.end()) {

@@ -37,7 +37,7 @@ bool last_text_token(const Chunk & chunk, llama_token bos, llama_token & out) {
         }
         return false;
     }
-    const auto & last = chunk.image->chunks.back();
+    const auto & last = chunk.media->chunks.back();
     if (mtmd_input_chunk_get_type(last.get()) != MTMD_INPUT_CHUNK_TYPE_TEXT) {
         return false;
     }
@@ -148,7 +148,7 @@ void ImageEmbedRegistry::layout(std::vector<Chunk> & timeline, bool add_bos, siz
         Chunk & c = timeline[i];
         c.bos = add_bos && i == 0;
         const int32_t extra = c.bos ? 1 : 0;
-        const llama_pos n_pos = c.kind == ChunkKind::Text ? static_cast<llama_pos>(c.tokens.size()) : c.image->n_pos;
+        const llama_pos n_pos = c.kind == ChunkKind::Text ? static_cast<llama_pos>(c.tokens.size()) : c.media->n_pos;
         c.n_cells = extra + c.n_content_tokens();
         c.pos0 = pos;
         c.pos1 = pos + extra + n_pos;
@@ -167,7 +167,7 @@ std::vector<Chunk> ImageEmbedRegistry::build(size_t begin, size_t end, std::vect
         c.id = next++;
         c.kind = spec.kind;
         c.tokens = std::move(spec.tokens);
-        c.image = std::move(spec.image);
+        c.media = std::move(spec.media);
         c.source = std::move(spec.source);
         ids.push_back(c.id);
         out.push_back(std::move(c));
@@ -199,8 +199,8 @@ std::vector<uint64_t> ImageEmbedRegistry::splice(size_t begin, size_t end, std::
         return {};
     }
     for (const auto & spec : inserted) {
-        if (spec.kind == ChunkKind::Image) {
-            const std::string problem = image_batch_problem(projector_, *spec.image, std::min(n_batch_, n_ubatch_));
+        if (is_media(spec.kind)) {
+            const std::string problem = image_batch_problem(projector_, *spec.media, std::min(n_batch_, n_ubatch_));
             if (!problem.empty()) {
                 throw Error(problem);
             }
@@ -398,10 +398,10 @@ std::vector<uint64_t> ImageEmbedRegistry::splice_blend(size_t begin, size_t end,
                     "park the kept KV cells in); use mode='exact', or a session of its own");
     }
     for (const auto & spec : inserted) {
-        if (spec.kind != ChunkKind::Image) {
+        if (!is_media(spec.kind)) {
             continue;
         }
-        if (const std::string problem = image_batch_problem(projector_, *spec.image, std::min(n_batch_, n_ubatch_));
+        if (const std::string problem = image_batch_problem(projector_, *spec.media, std::min(n_batch_, n_ubatch_));
             !problem.empty()) {
             throw Error(problem);
         }
@@ -522,7 +522,7 @@ int32_t ImageEmbedRegistry::blend_chunk(const Chunk & chunk, int32_t k, bool log
         return decode_chunk(chunk, logits_last);
     }
     llama_pos pos = chunk.pos0;
-    const auto & image = *chunk.image;
+    const auto & image = *chunk.media;
     for (size_t j = 0; j < image.chunks.size(); ++j) {
         const mtmd_input_chunk * sub = image.chunks[j].get();
         const auto n = static_cast<int32_t>(mtmd_input_chunk_get_n_tokens(sub));
@@ -665,13 +665,13 @@ RegistrySnapshot ImageEmbedRegistry::snapshot() const {
 
 void ImageEmbedRegistry::restore(RegistrySnapshot snap, int32_t n_embd_inp) {
     for (const auto & c : snap.timeline) {
-        if (c.kind != ChunkKind::Image) {
+        if (!is_media(c.kind)) {
             continue;
         }
-        for (size_t j = 0; j < c.image->chunks.size(); ++j) {
-            const size_t n = mtmd_input_chunk_get_n_tokens(c.image->chunks[j].get());
-            const bool text = mtmd_input_chunk_get_type(c.image->chunks[j].get()) == MTMD_INPUT_CHUNK_TYPE_TEXT;
-            if (!text && c.image->embeddings[j].size() != n * static_cast<size_t>(n_embd_inp)) {
+        for (size_t j = 0; j < c.media->chunks.size(); ++j) {
+            const size_t n = mtmd_input_chunk_get_n_tokens(c.media->chunks[j].get());
+            const bool text = mtmd_input_chunk_get_type(c.media->chunks[j].get()) == MTMD_INPUT_CHUNK_TYPE_TEXT;
+            if (!text && c.media->embeddings[j].size() != n * static_cast<size_t>(n_embd_inp)) {
                 throw Error("the saved image embeddings do not fit this model (width differs)");
             }
         }
@@ -798,7 +798,7 @@ int32_t ImageEmbedRegistry::decode_chunk(const Chunk & chunk, bool logits_last) 
     }
     DecodeCounts counts;
     const int32_t status =
-        record(counts, decode_image(projector_, ctx_, *chunk.image, pos, seq_, n_batch_, logits_last, counts));
+        record(counts, decode_image(projector_, ctx_, *chunk.media, pos, seq_, n_batch_, logits_last, counts));
     if (status != 0) {
         return status;
     }

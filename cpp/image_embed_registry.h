@@ -1,4 +1,4 @@
-// One conversation's timeline: ordered chunks (text tokens or one image) with their KV spans. The
+// One conversation's timeline: ordered chunks (text tokens, or one image or audio clip) with their KV spans. The
 // registry is the only writer of the session's KV cache, so timeline, embeddings and KV cannot
 // drift apart: every edit leaves all three consistent, or all three as they were.
 #pragma once
@@ -8,20 +8,19 @@
 #include <string>
 #include <vector>
 
+#include "chunk_kind.h"
 #include "embedding_cache.h"
 #include "llama.h"
 #include "mtmd.h"
 
 namespace llava_kv {
 
-enum class ChunkKind { Text, Image };
-
 struct Chunk {
     uint64_t id = 0;
     ChunkKind kind = ChunkKind::Text;
     std::vector<llama_token> tokens;               // text
-    std::shared_ptr<const ImageEmbedding> image;  // image
-    std::string source;                            // what the user passed: the text, or the image's path/description
+    std::shared_ptr<const MediaEmbedding> media;  // an image or audio clip
+    std::string source;                            // what the user passed: the text, or the media's path/description
     bool generated = false;  // tokens the model sampled (decoded one at a time), not text given to us
     // Derived by layout(): chunk 0 also carries the BOS token when the vocabulary wants one.
     bool bos = false;
@@ -30,7 +29,7 @@ struct Chunk {
     int32_t n_cells = 0;  // KV cells taken (tokens decoded), >= pos1 - pos0 under M-RoPE
 
     int32_t n_content_tokens() const {
-        return kind == ChunkKind::Text ? static_cast<int32_t>(tokens.size()) : image->n_tokens;
+        return kind == ChunkKind::Text ? static_cast<int32_t>(tokens.size()) : media->n_tokens;
     }
 };
 
@@ -38,7 +37,7 @@ struct Chunk {
 struct ChunkSpec {
     ChunkKind kind = ChunkKind::Text;
     std::vector<llama_token> tokens;
-    std::shared_ptr<const ImageEmbedding> image;
+    std::shared_ptr<const MediaEmbedding> media;
     std::string source;
 };
 

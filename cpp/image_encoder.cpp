@@ -52,7 +52,7 @@ namespace {
 struct PendingImage {
     const MediaInput * pixels = nullptr;
     mtmd::input_chunks_ptr chunks;
-    std::shared_ptr<ImageEmbedding> entry;
+    std::shared_ptr<MediaEmbedding> entry;
 };
 
 std::string describe(const MediaInput & input) {
@@ -79,11 +79,11 @@ PendingImage tokenize_image(Model & model, const MediaInput & pixels) {
         throw_media_error(pixels, "the projector could not preprocess " + describe(pixels) + " (status " +
                                       std::to_string(status) + ")" + (why.empty() ? "" : ": " + why));
     }
-    p.entry = std::make_shared<ImageEmbedding>();
+    p.entry = std::make_shared<MediaEmbedding>();
     p.entry->digest = pixels.digest;
     p.entry->width = pixels.width;
     p.entry->height = pixels.height;
-    p.entry->audio = pixels.is_audio();
+    p.entry->kind = pixels.is_audio() ? ChunkKind::Audio : ChunkKind::Image;
     p.entry->n_samples = pixels.n_samples;
     for (size_t i = 0; i < mtmd_input_chunks_size(p.chunks.get()); ++i) {
         const mtmd_input_chunk * chunk = mtmd_input_chunks_get(p.chunks.get(), i);
@@ -183,10 +183,10 @@ void encode_pending(Model & model, std::vector<PendingImage> & pending, EncodeCo
 
 }  // namespace
 
-std::vector<std::shared_ptr<const ImageEmbedding>> embed_media(Model & model,
+std::vector<std::shared_ptr<const MediaEmbedding>> embed_media(Model & model,
                                                                 const std::vector<const MediaInput *> & images,
                                                                 EncodeCounters & counters) {
-    std::vector<std::shared_ptr<const ImageEmbedding>> out(images.size());
+    std::vector<std::shared_ptr<const MediaEmbedding>> out(images.size());
     if (images.empty()) {
         return out;
     }

@@ -45,7 +45,7 @@ struct EncodeCounters {
 // encode where the projector can; the same content twice is encoded once. The caller holds the
 // model. Throws ImageError or AudioError (the failed input's kind) naming it; nothing is added to the
 // cache then.
-std::vector<std::shared_ptr<const ImageEmbedding>> embed_media(Model & model,
+std::vector<std::shared_ptr<const MediaEmbedding>> embed_media(Model & model,
                                                                 const std::vector<const MediaInput *> & images,
                                                                 EncodeCounters & counters);
 

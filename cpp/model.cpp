@@ -56,6 +56,11 @@ std::shared_ptr<Model> Model::load(const std::string & model_path, const std::st
     if (params.n_threads < 0) {
         throw std::invalid_argument("n_threads must be >= 1 (or 0/None for one per core)");
     }
+    if (params.kv_type != GGML_TYPE_F16 && params.flash_attn == LLAMA_FLASH_ATTN_TYPE_DISABLED) {
+        throw std::invalid_argument(std::string("kv_type='") + ggml_type_name(params.kv_type) +
+                                    "' needs flash attention (llama.cpp quantizes the V cache only with it): use "
+                                    "flash_attn='auto' or 'on'");
+    }
     for (const std::string * p : {&model_path, &mmproj_path}) {
         if (!p->empty() && !std::filesystem::is_regular_file(*p)) {
             throw ModelLoadError("no such model file: '" + *p + "'");

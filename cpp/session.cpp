@@ -231,8 +231,8 @@ std::vector<llama_token> Session::tokenize(const std::string & text, bool add_sp
 std::vector<ChunkSpec> Session::specs_locked(const std::vector<ChunkInput> & inputs) {
     std::vector<const MediaInput *> pixels;
     for (const auto & input : inputs) {
-        if (input.kind == ChunkKind::Image) {
-            pixels.push_back(&input.image);
+        if (is_media(input.kind)) {
+            pixels.push_back(&input.media);
         }
     }
     const auto embeddings = embed_media(*model_, pixels, stats_.encode);
@@ -249,8 +249,8 @@ std::vector<ChunkSpec> Session::specs_locked(const std::vector<ChunkInput> & inp
                 continue;
             }
         } else {
-            spec.image = embeddings[next_image++];
-            spec.source = input.image.source;
+            spec.media = embeddings[next_image++];
+            spec.source = input.media.source;
         }
         specs.push_back(std::move(spec));
     }
@@ -322,11 +322,10 @@ std::vector<ChunkInfo> Session::timeline() const {
         if (c.kind == ChunkKind::Text) {
             info.tokens = c.tokens;
         } else {
-            info.digest = c.image->digest;
-            info.width = c.image->width;
-            info.height = c.image->height;
-            info.audio = c.image->audio;
-            info.n_samples = c.image->n_samples;
+            info.digest = c.media->digest;
+            info.width = c.media->width;
+            info.height = c.media->height;
+            info.n_samples = c.media->n_samples;
         }
         out.push_back(std::move(info));
     }
@@ -656,7 +655,7 @@ void Session::load_state(const std::string & blob) {
     RegistrySnapshot snap = deserialize_state(blob, unused, kv);
     long long cells = 0;
     for (const auto & c : snap.timeline) {
-        cells += (c.kind == ChunkKind::Text ? static_cast<long long>(c.tokens.size()) : c.image->n_tokens);
+        cells += (c.kind == ChunkKind::Text ? static_cast<long long>(c.tokens.size()) : c.media->n_tokens);
     }
     cells += (!snap.timeline.empty() && llama_vocab_get_add_bos(model_->vocab())) ? 1 : 0;
     if (cells != static_cast<long long>(header.n_cells)) {
@@ -686,8 +685,8 @@ void Session::load_state(const std::string & blob) {
     }
     // Later edits and other sessions reuse the restored embeddings.
     for (const auto & c : registry_->timeline()) {
-        if (c.kind == ChunkKind::Image && !model_->embedding_cache().peek(c.image->digest)) {
-            model_->embedding_cache().put(c.image);
+        if (is_media(c.kind) && !model_->embedding_cache().peek(c.media->digest)) {
+            model_->embedding_cache().put(c.media);
         }
     }
 }

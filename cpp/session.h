@@ -25,11 +25,11 @@ struct SessionParams {
     int32_t n_threads = 0;  // 0: the model's
 };
 
-// One element of an edit: text, or an image.
+// One element of an edit: text, or media (an image or an audio clip).
 struct ChunkInput {
     ChunkKind kind = ChunkKind::Text;
     std::string text;
-    MediaInput image;
+    MediaInput media;
 };
 
 // One generation step: the token sampled, the text it completes (whole UTF-8 characters only;
@@ -47,10 +47,9 @@ struct ChunkInfo {
     llama_pos pos0 = 0;
     llama_pos pos1 = 0;
     std::string digest;
-    std::string source;  // the text of a text chunk; the image's path or description
+    std::string source;  // the text of a text chunk; the media's path or description
     uint32_t width = 0;
     uint32_t height = 0;
-    bool audio = false;  // a media chunk holding an audio clip, not an image
     uint64_t n_samples = 0;
     std::vector<llama_token> tokens;  // text chunks (without BOS)
     bool generated = false;

@@ -120,18 +120,18 @@ std::string serialize_state(const StateHeader & header, const RegistrySnapshot &
     w.pod<uint64_t>(snap.timeline.size());
     for (const Chunk & c : snap.timeline) {
         w.pod<uint64_t>(c.id);
-        w.pod<uint8_t>(c.kind == ChunkKind::Image ? 1 : 0);
+        w.pod<uint8_t>(is_media(c.kind) ? 1 : 0);
         w.pod<uint8_t>(c.generated ? 1 : 0);
         w.str(c.source);
         if (c.kind == ChunkKind::Text) {
             w.vec(c.tokens);
             continue;
         }
-        const ImageEmbedding & img = *c.image;
+        const MediaEmbedding & img = *c.media;
         w.str(img.digest);
         w.pod<uint32_t>(img.width);
         w.pod<uint32_t>(img.height);
-        w.pod<uint8_t>(img.audio ? 1 : 0);
+        w.pod<uint8_t>(img.kind == ChunkKind::Audio ? 1 : 0);
         w.pod<uint64_t>(img.n_samples);
         w.pod<uint64_t>(img.chunks.size());
         for (size_t j = 0; j < img.chunks.size(); ++j) {
@@ -207,17 +207,18 @@ RegistrySnapshot deserialize_state(const std::string & blob, StateHeader & heade
     for (uint64_t i = 0; i < n; ++i) {
         Chunk c;
         c.id = r.pod<uint64_t>();
-        c.kind = r.pod<uint8_t>() ? ChunkKind::Image : ChunkKind::Text;
+        c.kind = r.pod<uint8_t>() ? ChunkKind::Image : ChunkKind::Text;  // Audio: told by the media below
         c.generated = r.pod<uint8_t>() != 0;
         c.source = r.str();
         if (c.kind == ChunkKind::Text) {
             c.tokens = r.vec<llama_token>();
         } else {
-            auto img = std::make_shared<ImageEmbedding>();
+            auto img = std::make_shared<MediaEmbedding>();
             img->digest = r.str();
             img->width = r.pod<uint32_t>();
             img->height = r.pod<uint32_t>();
-            img->audio = r.pod<uint8_t>() != 0;
+            img->kind = r.pod<uint8_t>() != 0 ? ChunkKind::Audio : ChunkKind::Image;
+            c.kind = img->kind;
             img->n_samples = r.pod<uint64_t>();
             const uint64_t n_sub = r.pod<uint64_t>();
             if (n_sub == 0 || n_sub > blob.size()) {
@@ -234,7 +235,7 @@ RegistrySnapshot deserialize_state(const std::string & blob, StateHeader & heade
                 img->chunks.push_back(std::move(chunk));
                 img->embeddings.push_back(r.vec<float>());
             }
-            c.image = std::move(img);
+            c.media = std::move(img);
         }
         snap.timeline.push_back(std::move(c));
     }

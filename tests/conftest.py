@@ -85,7 +85,7 @@ def mtmd_reference(model: lk.Model, parts: list, n_batch: int = 512, n_ctx: int 
         else:
             prompt += model._core.media_marker
             loaded = load_image(part, model.projector_id)
-            imgs.append((loaded.pixels, loaded.digest, loaded.source))
+            imgs.append(_core.MediaItem(loaded.pixels, loaded.digest, loaded.source))
     return _core.reference_eval(model._core, prompt, imgs, n_ctx, n_batch)
 
 

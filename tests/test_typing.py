@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 # Bound classes: pybind11 gives them its own metaclass, and those without a constructor its own __init__.
-CONSTRUCTED = ["StopStrings"]
+CONSTRUCTED = ["StopStrings", "MediaItem", "ChunkKind", "FlashAttn", "KvType"]
 NOT_CONSTRUCTED = ["Model", "Session", "BatchRunner", "ChunkInfo", "BatchResult", "Device", "LedgerEntry",
                    "SessionStats", "BatchStats", "EmbeddingCacheStats", "BlendReport", "StateHeader", "MemoryEntry",
                    "MemoryReport", "BuildInfo"]
@@ -41,6 +41,16 @@ def _lacks_doc(obj) -> bool:
     return len(parts) < 2 or not parts[1].strip()
 
 
+def _enum_value_docs(enum: type) -> dict[str, str]:
+    """The docstring pybind11 lists for each value of a bound enum ("  NAME : text" lines of its __doc__)."""
+    docs = {name: "" for name in enum.__members__}  # type: ignore[attr-defined]
+    for line in (enum.__doc__ or "").splitlines():
+        name, _, text = line.strip().partition(" : ")
+        if name in docs:
+            docs[name] = text.strip()
+    return docs
+
+
 def test_every_binding_has_a_docstring():
     from llava_kv import _core
     from llava_kv._core import _testing
@@ -52,7 +62,9 @@ def test_every_binding_has_a_docstring():
                 continue
             if _lacks_doc(obj):
                 missing.append(f"{module.__name__}.{name}")
-            if isinstance(obj, type):
+            if isinstance(obj, type) and hasattr(obj, "__members__"):  # an enum: pybind11 writes its methods
+                missing += [f"{module.__name__}.{name}.{v}" for v, doc in _enum_value_docs(obj).items() if not doc]
+            elif isinstance(obj, type):
                 for attr, member in vars(obj).items():
                     if isinstance(member, staticmethod):
                         member = member.__func__

@@ -26,6 +26,15 @@ SessionParams session_params(int32_t n_ctx, int32_t n_batch, int32_t n_ubatch, u
 }  // namespace
 
 void register_model(py::module_ & m) {
+    py::enum_<llama_flash_attn_type>(m, "FlashAttn", "llama.cpp's flash attention choice for a model's contexts.")
+        .value("AUTO", LLAMA_FLASH_ATTN_TYPE_AUTO, "llama.cpp decides (on where the device supports it)")
+        .value("ON", LLAMA_FLASH_ATTN_TYPE_ENABLED, "always")
+        .value("OFF", LLAMA_FLASH_ATTN_TYPE_DISABLED, "never (a quantized KV cache then cannot be used)");
+    py::enum_<ggml_type>(m, "KvType", "The element type of a KV cache: the types llava-kv offers.")
+        .value("F16", GGML_TYPE_F16, "16-bit floats, as llama.cpp defaults")
+        .value("Q8_0", GGML_TYPE_Q8_0, "8-bit blocks of 32: about half the memory (needs flash attention)")
+        .value("Q4_0", GGML_TYPE_Q4_0, "4-bit blocks of 32: about a quarter (needs flash attention)");
+
     py::class_<Model, std::shared_ptr<Model>>(m, "Model",
                                              "A text model and its optional projector, loaded once and shared by "
                                              "its sessions; close() frees everything.")
@@ -33,30 +42,10 @@ void register_model(py::module_ & m) {
             "load",
             [](const std::string & model_path, const std::string & mmproj_path, int32_t n_gpu_layers,
                bool mmproj_use_gpu, int32_t n_threads, bool verbose, size_t embed_cache_bytes,
-               const std::string & flash_attn, const std::string & main_gpu, const std::string & kv_type) {
+               llama_flash_attn_type flash_attn, const std::string & main_gpu, ggml_type kv_type) {
                 ModelParams params;
-                if (flash_attn == "auto") {
-                    params.flash_attn = LLAMA_FLASH_ATTN_TYPE_AUTO;
-                } else if (flash_attn == "on") {
-                    params.flash_attn = LLAMA_FLASH_ATTN_TYPE_ENABLED;
-                } else if (flash_attn == "off") {
-                    params.flash_attn = LLAMA_FLASH_ATTN_TYPE_DISABLED;
-                } else {
-                    throw py::value_error("flash_attn must be 'auto', 'on' or 'off', got '" + flash_attn + "'");
-                }
-                if (kv_type == "f16") {
-                    params.kv_type = GGML_TYPE_F16;
-                } else if (kv_type == "q8_0") {
-                    params.kv_type = GGML_TYPE_Q8_0;
-                } else if (kv_type == "q4_0") {
-                    params.kv_type = GGML_TYPE_Q4_0;
-                } else {
-                    throw py::value_error("kv_type must be 'f16', 'q8_0' or 'q4_0', got '" + kv_type + "'");
-                }
-                if (params.kv_type != GGML_TYPE_F16 && params.flash_attn == LLAMA_FLASH_ATTN_TYPE_DISABLED) {
-                    throw py::value_error("kv_type='" + kv_type + "' needs flash attention (llama.cpp quantizes the "
-                                          "V cache only with it): use flash_attn='auto' or 'on'");
-                }
+                params.flash_attn = flash_attn;
+                params.kv_type = kv_type;
                 params.main_gpu = main_gpu;
                 params.n_gpu_layers = n_gpu_layers;
                 params.mmproj_use_gpu = mmproj_use_gpu;
@@ -67,8 +56,8 @@ void register_model(py::module_ & m) {
             },
             py::arg("model_path"), py::arg("mmproj_path") = "", py::kw_only(), py::arg("n_gpu_layers") = 0,
             py::arg("mmproj_use_gpu") = true, py::arg("n_threads") = 0, py::arg("verbose") = false,
-            py::arg("embed_cache_bytes") = size_t(1) << 30, py::arg("flash_attn") = "auto", py::arg("main_gpu") = "",
-            py::arg("kv_type") = "f16",
+            py::arg("embed_cache_bytes") = size_t(1) << 30, py::arg("flash_attn") = LLAMA_FLASH_ATTN_TYPE_AUTO,
+            py::arg("main_gpu") = "", py::arg("kv_type") = GGML_TYPE_F16,
             "Load a GGUF text model and, optionally, its mmproj projector (ModelLoadError if either is corrupt "
             "or they do not match).")
         .def("close", released(&Model::close),
@@ -98,17 +87,12 @@ void register_model(py::module_ & m) {
         .def_property_readonly("uses_mrope", &Model::uses_mrope, "media positions are M-RoPE (fewer positions than KV cells)")
         .def_property_readonly("n_threads", &Model::n_threads, "CPU threads of the model's contexts")
         .def_property_readonly("description", &Model::description, "llama.cpp's one-line description of the text model")
-        .def_property_readonly("flash_attn", [](const Model & model) {
-            switch (model.params().flash_attn) {
-                case LLAMA_FLASH_ATTN_TYPE_ENABLED: return "on";
-                case LLAMA_FLASH_ATTN_TYPE_DISABLED: return "off";
-                default: return "auto";
-            }
-        }, "llama.cpp's flash attention choice for every context: 'auto', 'on' or 'off'")
+        .def_property_readonly("flash_attn", [](const Model & model) { return model.params().flash_attn; },
+                               "llama.cpp's flash attention choice for every context")
         .def_property_readonly("main_gpu", [](const Model & model) { return model.params().main_gpu; },
                                "the device named at load ('' for llama.cpp's choice)")
-        .def_property_readonly("kv_type", [](const Model & model) { return std::string(ggml_type_name(model.params().kv_type)); },
-                               "the KV cache's element type: 'f16', 'q8_0' or 'q4_0'")
+        .def_property_readonly("kv_type", [](const Model & model) { return model.params().kv_type; },
+                               "the KV cache's element type")
         .def_property_readonly("media_marker", [](const Model &) { return std::string(mtmd_default_marker()); },
                                "the text that stands for an image or clip in a prompt (mtmd's marker)")
         .def(

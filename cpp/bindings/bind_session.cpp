@@ -13,49 +13,62 @@ namespace py = pybind11;
 namespace llava_kv::bindings {
 namespace {
 
-// Python passes each new chunk as a str (text) or a tuple (array, digest, source): an HxWx3 uint8
-// array is an image, a 1-D float32 array an audio clip. The arrays stay referenced here while the
-// GIL is released and the core reads them.
+// One image or audio clip as the core takes it: its array (an HxWx3 uint8 image or 1-D float32
+// samples, checked once, here, and referenced for as long as the item lives, so the core can read it
+// with the GIL released), its content digest and where it came from.
+struct MediaItem {
+    py::array array;
+    MediaInput input;
+    ChunkKind kind = ChunkKind::Image;
+
+    MediaItem(const py::array & given, std::string digest, std::string source) {
+        input.digest = std::move(digest);
+        input.source = std::move(source);
+        // No silent conversions: pixels are uint8, audio samples float32.
+        if (given.dtype().is(py::dtype::of<float>()) && given.ndim() == 1) {
+            auto samples = py::array_t<float, py::array::c_style>::ensure(given);
+            kind = ChunkKind::Audio;
+            input.samples = samples.data();
+            input.n_samples = static_cast<size_t>(samples.size());
+            array = std::move(samples);
+        } else if (given.dtype().is(py::dtype::of<uint8_t>()) && given.ndim() == 3 && given.shape(2) == 3) {
+            RgbArray pixels = RgbArray::ensure(given);
+            kind = ChunkKind::Image;
+            input.data = pixels.data();
+            input.height = static_cast<uint32_t>(pixels.shape(0));
+            input.width = static_cast<uint32_t>(pixels.shape(1));
+            array = std::move(pixels);
+        } else {
+            throw py::value_error("media must be an HxWx3 uint8 array (image) or a 1-D float32 array (audio), got " +
+                                  py::str(given.dtype()).cast<std::string>() + " with " +
+                                  std::to_string(given.ndim()) + " dimensions");
+        }
+    }
+};
+
+// The chunks of an edit: each item a str (text) or a MediaItem, which stays referenced here while
+// the GIL is released and the core reads its array.
 struct Inputs {
-    std::vector<py::array> arrays;
+    std::vector<py::object> items;
     std::vector<ChunkInput> chunks;
 };
 
 Inputs convert(const py::list & items) {
     Inputs out;
-    out.arrays.reserve(items.size());
+    out.items.reserve(items.size());
     for (const py::handle & item : items) {
         ChunkInput input;
         if (py::isinstance<py::str>(item)) {
             input.kind = ChunkKind::Text;
             input.text = item.cast<std::string>();
-            out.chunks.push_back(std::move(input));
-            continue;
-        }
-        auto tuple = item.cast<py::tuple>();
-        if (tuple.size() != 3 || !py::isinstance<py::array>(tuple[0])) {
-            throw py::type_error("a media chunk is (array, digest, source)");
-        }
-        const auto given = tuple[0].cast<py::array>();
-        input.kind = ChunkKind::Image;
-        input.image.digest = tuple[1].cast<std::string>();
-        input.image.source = tuple[2].cast<std::string>();
-        // No silent conversions: pixels are uint8, audio samples float32.
-        if (given.dtype().is(py::dtype::of<float>()) && given.ndim() == 1) {
-            auto samples = py::array_t<float, py::array::c_style>::ensure(given);
-            input.image.samples = samples.data();
-            input.image.n_samples = static_cast<size_t>(samples.size());
-            out.arrays.push_back(std::move(samples));
-        } else if (given.dtype().is(py::dtype::of<uint8_t>()) && given.ndim() == 3 && given.shape(2) == 3) {
-            RgbArray pixels = RgbArray::ensure(given);
-            input.image.data = pixels.data();
-            input.image.height = static_cast<uint32_t>(pixels.shape(0));
-            input.image.width = static_cast<uint32_t>(pixels.shape(1));
-            out.arrays.push_back(std::move(pixels));
+        } else if (py::isinstance<MediaItem>(item)) {
+            const auto & media = item.cast<const MediaItem &>();
+            input.kind = media.kind;
+            input.media = media.input;
+            out.items.push_back(py::reinterpret_borrow<py::object>(item));
         } else {
-            throw py::value_error("media must be an HxWx3 uint8 array (image) or a 1-D float32 array (audio), got " +
-                                  py::str(given.dtype()).cast<std::string>() + " with " +
-                                  std::to_string(given.ndim()) + " dimensions");
+            throw py::type_error("a chunk is a str (text) or a MediaItem, got " +
+                                 py::str(py::type::of(item).attr("__name__")).cast<std::string>());
         }
         out.chunks.push_back(std::move(input));
     }
@@ -73,7 +86,7 @@ void register_session(py::module_ & m) {
             Inputs inputs = convert(images);
             std::vector<MediaInput> pixels;
             for (const auto & c : inputs.chunks) {
-                pixels.push_back(c.image);
+                pixels.push_back(c.media);
             }
             ReferenceResult r = without_gil([&] { return reference_eval(model, prompt, pixels, n_ctx, n_batch); });
             py::array_t<float> logits(static_cast<py::ssize_t>(r.logits.size()));
@@ -122,12 +135,25 @@ void register_session(py::module_ & m) {
         .def_property_readonly("safe_size", &StopStrings::safe_size,
                                "bytes of text that no later piece can turn into a stop string");
 
+    py::enum_<ChunkKind>(m, "ChunkKind", "What a chunk of a timeline holds.")
+        .value("TEXT", ChunkKind::Text, "text tokens")
+        .value("IMAGE", ChunkKind::Image, "an image")
+        .value("AUDIO", ChunkKind::Audio, "an audio clip");
+
+    py::class_<MediaItem>(m, "MediaItem", "An image or audio clip as an edit takes it, its array checked once.")
+        .def(py::init<const py::array &, std::string, std::string>(), py::arg("array"), py::arg("digest"),
+             py::arg("source"),
+             "An HxWx3 uint8 array is an image, a 1-D float32 array an audio clip (anything else: ValueError); "
+             "`digest` names its content (the embedding cache's key), `source` where it came from.")
+        .def_readonly("array", &MediaItem::array, "the pixels or samples, as given (C-contiguous)")
+        .def_readonly("kind", &MediaItem::kind, "ChunkKind.IMAGE or ChunkKind.AUDIO")
+        .def_property_readonly("digest", [](const MediaItem & m) { return m.input.digest; }, "content digest")
+        .def_property_readonly("source", [](const MediaItem & m) { return utf8(m.input.source); },
+                               "the path or description it came as");
+
     py::class_<ChunkInfo>(m, "ChunkInfo", "One chunk of a session's timeline: text tokens, an image or an audio clip.")
         .def_readonly("id", &ChunkInfo::id, "stable id of the chunk within its session")
-        .def_property_readonly(
-            "kind",
-            [](const ChunkInfo & c) { return c.kind == ChunkKind::Text ? "text" : (c.audio ? "audio" : "image"); },
-            "'text', 'image' or 'audio'")
+        .def_readonly("kind", &ChunkInfo::kind, "ChunkKind.TEXT, IMAGE or AUDIO")
         .def_readonly("n_tokens", &ChunkInfo::n_tokens, "KV cells the chunk takes (the first chunk's include BOS)")
         .def_readonly("pos0", &ChunkInfo::pos0, "first KV position")
         .def_readonly("pos1", &ChunkInfo::pos1, "one past the last KV position (fewer than cells under M-RoPE)")

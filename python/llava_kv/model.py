@@ -21,8 +21,9 @@ from .session import Session
 
 __all__ = ["Model", "MemoryReport"]
 
-_FLASH_ATTN = ("auto", "on", "off")
-_KV_TYPES = ("f16", "q8_0", "q4_0")
+# The names Model.load takes: the native enums' members, lower-cased ("auto", "on", "off"; "f16", ...).
+_FLASH_ATTN = {name.lower(): value for name, value in _core.FlashAttn.__members__.items()}
+_KV_TYPES = {name.lower(): value for name, value in _core.KvType.__members__.items()}
 
 
 class MemoryReport(TypedDict):
@@ -86,9 +87,9 @@ class Model(NativeObject[_core.Model]):
         off). Raises FileNotFoundError for a missing file and :class:`llava_kv.ModelLoadError` for a
         corrupt or incompatible one.
         """
-        if flash_attn not in _FLASH_ATTN:
+        if not isinstance(flash_attn, str) or flash_attn not in _FLASH_ATTN:
             raise ValueError(f"flash_attn must be one of {', '.join(map(repr, _FLASH_ATTN))}, got {flash_attn!r}")
-        if kv_type not in _KV_TYPES:
+        if not isinstance(kv_type, str) or kv_type not in _KV_TYPES:
             raise ValueError(f"kv_type must be one of {', '.join(map(repr, _KV_TYPES))}, got {kv_type!r}")
         if main_gpu is not None and not isinstance(main_gpu, str):
             raise TypeError(f"main_gpu must be a device name such as 'Vulkan0' (or None), got {main_gpu!r}")
@@ -100,7 +101,8 @@ class Model(NativeObject[_core.Model]):
         check_model_files(model, mmproj or None)  # llama.cpp asserts on malformed files: refuse them first
         core = _core.Model.load(model, mmproj, n_gpu_layers=n_gpu_layers, mmproj_use_gpu=mmproj_use_gpu,
                                 n_threads=n_threads or 0, verbose=verbose, embed_cache_bytes=embed_cache_bytes,
-                                flash_attn=flash_attn, main_gpu=main_gpu or "", kv_type=kv_type)
+                                flash_attn=_FLASH_ATTN[flash_attn], main_gpu=main_gpu or "",
+                                kv_type=_KV_TYPES[kv_type])
         loaded = cls(core, file_fingerprint(mmproj) if mmproj else "")
         _live_models.add(loaded)
         return loaded
@@ -205,12 +207,12 @@ class Model(NativeObject[_core.Model]):
     @property
     def kv_type(self) -> str:
         """The KV cache's element type: "f16", "q8_0" or "q4_0"."""
-        return self._core.kv_type
+        return self._core.kv_type.name.lower()
 
     @property
     def flash_attn(self) -> str:
         """The flash-attention setting of the model's contexts: "auto", "on" or "off"."""
-        return self._core.flash_attn
+        return self._core.flash_attn.name.lower()
 
     @property
     def projector_id(self) -> str:

@@ -238,13 +238,13 @@ def _check_reference(model: "Model", plan: Plan, base: "Session", media: MediaSe
     return CheckResult(name, not problems, diff, limit, measure, detail, time.perf_counter() - t0)
 
 
-def _core_media(model: "Model", kind: str, x: np.ndarray) -> tuple[np.ndarray, str, str]:
-    """A media item as the native core takes it: (pixels or samples, digest, source)."""
+def _core_media(model: "Model", kind: str, x: np.ndarray) -> _core.MediaItem:
+    """A media item as the native core takes it."""
     if kind == "audio":
         clip = load_audio(x, model)
-        return clip.samples, clip.digest, clip.source
+        return _core.MediaItem(clip.samples, clip.digest, clip.source)
     image = load_image(x, model.projector_id)
-    return image.pixels, image.digest, image.source
+    return _core.MediaItem(image.pixels, image.digest, image.source)
 
 
 def _devices_used(model: "Model") -> list[str]:

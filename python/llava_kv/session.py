@@ -93,19 +93,20 @@ class Chunk:
 
 
 def _chunk_from_core(c: _core.ChunkInfo) -> Chunk:
-    if c.kind in MEDIA_KINDS:
-        ref = ImageRef(c.source, c.digest, c.n_tokens, c.pos0, c.pos1, c.id, c.kind)
-        return Chunk(c.kind, c.n_tokens, c.pos0, c.pos1, c.id,
-                     image=ref if c.kind == "image" else None, audio=ref if c.kind == "audio" else None)
+    kind = c.kind.name.lower()
+    if kind in MEDIA_KINDS:
+        ref = ImageRef(c.source, c.digest, c.n_tokens, c.pos0, c.pos1, c.id, kind)
+        return Chunk(kind, c.n_tokens, c.pos0, c.pos1, c.id,
+                     image=ref if kind == "image" else None, audio=ref if kind == "audio" else None)
     return Chunk("text", c.n_tokens, c.pos0, c.pos1, c.id, text=c.source, generated=c.generated,
                  tokens=tuple(c.tokens))
 
 
-def _core_item(x: Any) -> Any:
-    """A rendered chat item as the core takes it: text, or (array, digest, source) for media."""
+def _core_item(x: Any) -> str | _core.MediaItem:
+    """A rendered chat item as the core takes it: text, or a MediaItem."""
     if isinstance(x, str):
         return x
-    return (x.samples if isinstance(x, LoadedAudio) else x.pixels, x.digest, x.source)
+    return _core.MediaItem(x.samples if isinstance(x, LoadedAudio) else x.pixels, x.digest, x.source)
 
 
 class TextStream:
@@ -167,8 +168,8 @@ class Session(NativeObject[_core.Session]):
         if self.closed:
             return "<llava_kv.Session closed>"
         tl = self._core.timeline()
-        n_images = sum(1 for c in tl if c.kind == "image")
-        n_audio = sum(1 for c in tl if c.kind == "audio")
+        n_images = sum(1 for c in tl if c.kind == _core.ChunkKind.IMAGE)
+        n_audio = sum(1 for c in tl if c.kind == _core.ChunkKind.AUDIO)
         return (f"<llava_kv.Session n_past={self._core.n_past} n_ctx={self._core.n_ctx} chunks={len(tl)} "
                 f"images={n_images}" + (f" audio={n_audio}>" if n_audio else ">"))
 
@@ -222,15 +223,15 @@ class Session(NativeObject[_core.Session]):
 
     # -- edits ------------------------------------------------------------------------------
 
-    def _image(self, image: ImageInput) -> tuple[np.ndarray, str, str]:
+    def _image(self, image: ImageInput) -> _core.MediaItem:
         img = load_image(image, self._model.projector_id)
-        return (img.pixels, img.digest, img.source)
+        return _core.MediaItem(img.pixels, img.digest, img.source)
 
-    def _audio(self, audio: AudioInput) -> tuple[np.ndarray, str, str]:
+    def _audio(self, audio: AudioInput) -> _core.MediaItem:
         clip = load_audio(audio, self._model)
-        return (clip.samples, clip.digest, clip.source)
+        return _core.MediaItem(clip.samples, clip.digest, clip.source)
 
-    def _media(self, kind: str, x: Any) -> tuple[np.ndarray, str, str]:
+    def _media(self, kind: str, x: Any) -> _core.MediaItem:
         return self._audio(x) if kind == "audio" else self._image(x)
 
     def _splice(self, begin: int, end: int, items: Sequence[Any]) -> list[int]:
@@ -249,7 +250,7 @@ class Session(NativeObject[_core.Session]):
         if not isinstance(chunk_id, int):
             raise TypeError(f"expected an ImageRef, not {type(ref).__name__}")
         index = self._core.index_of(chunk_id)
-        if self._core.timeline()[index].kind != kind:
+        if self._core.timeline()[index].kind.name.lower() != kind:
             raise KeyError(f"chunk {chunk_id} is not {'an image' if kind == 'image' else 'an audio clip'}")
         return index
 
