@@ -71,12 +71,31 @@ struct SharedContext {
     std::mutex mutex;
     int32_t n_seq = 1;
     std::vector<bool> open;  // slots not yet closed (under mutex)
-    // The cancel states of the call in flight, set under mutex by the caller (Active below). A
-    // batched step is stopped only by closing: one slot's cancel() must not fail the others' step.
+    // The cancel states of the call in flight, set under mutex by the caller (a Call). A batched
+    // step is stopped only by closing: one slot's cancel() must not fail the others' step.
     std::vector<const CancelState *> active;
     bool step = false;
 
     static bool abort_requested(void * self);
+
+    // Marks whose call runs on the context for the length of one call (under mutex), for the abort
+    // callback: an edit or generation of one session, or a batched step of several.
+    class Call {
+      public:
+        Call(SharedContext & shared, std::vector<const CancelState *> states, bool step) : shared_(shared) {
+            shared_.active = std::move(states);
+            shared_.step = step;
+        }
+        ~Call() {
+            shared_.active.clear();
+            shared_.step = false;
+        }
+        Call(const Call &) = delete;
+        Call & operator=(const Call &) = delete;
+
+      private:
+        SharedContext & shared_;
+    };
 };
 
 class Session;
@@ -201,5 +220,22 @@ class Session {
 struct StateHeader;  // session_state.h
 // Throws Error unless a saved state with this header can be loaded into sessions of `model`.
 void check_state_fits(const StateHeader & header, const Model & model);
+
+// Defined here: edits (session.cpp) and generation (session_generate.cpp) both run through it.
+template <typename Edit>
+auto Session::run_edit(Edit && edit) -> decltype(edit()) {
+    auto hold = model_->hold();
+    std::lock_guard<std::mutex> lock(shared_->mutex);
+    check_open();
+    cancel_.cancel.store(false);
+    SharedContext::Call call(*shared_, {&cancel_}, false);
+    const SessionStats before = stats_;
+    try {
+        return edit();
+    } catch (...) {
+        stats_ = before;
+        throw;
+    }
+}
 
 }  // namespace llava_kv

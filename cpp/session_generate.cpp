@@ -1,0 +1,227 @@
+// Session's generation: sampling one token at a time, and the batched step of a pool's slots.
+#include <new>
+#include <set>
+
+#include "errors.h"
+#include "llama-ext.h"
+#include "sampling.h"
+#include "session.h"
+#include "tokens.h"
+
+namespace llava_kv {
+
+void Session::begin_generation(const SamplingParams & p) {
+    auto hold = model_->hold();
+    std::lock_guard<std::mutex> lock(shared_->mutex);
+    check_open();
+    sampler_ = make_sampler_chain(p, model_->n_vocab());
+    pending_utf8_.clear();
+}
+
+GenerationStep Session::sample_locked() {
+    if (!sampler_) {
+        throw Error("generate_step() before begin_generation()");
+    }
+    if (!registry_->has_logits()) {
+        throw Error(registry_->timeline().empty()
+                        ? "nothing to generate from: the session is empty"
+                        : "nothing to generate from: the timeline ends with image tokens; append text first");
+    }
+    const std::vector<float> & logits = registry_->logits();
+    std::vector<llama_token_data> candidates(logits.size());
+    for (size_t i = 0; i < logits.size(); ++i) {
+        candidates[i] = {static_cast<llama_token>(i), logits[i], 0.0f};
+    }
+    llama_token_data_array array{candidates.data(), candidates.size(), -1, false};
+    llama_sampler_apply(sampler_.get(), &array);
+    if (array.selected < 0 || static_cast<size_t>(array.selected) >= array.size) {
+        throw Error("the sampler selected no token");
+    }
+    GenerationStep step;
+    step.token = array.data[array.selected].id;
+    step.end_of_generation = llama_vocab_is_eog(model_->vocab(), step.token);
+    return step;
+}
+
+void Session::accept_locked(GenerationStep & step, const float * logits) {
+    const std::string piece = token_piece(model_->vocab(), step.token);
+    if (logits) {
+        registry_->accept_generated(step.token, piece, logits);
+        stats_.batched_steps += 1;
+    } else {
+        registry_->append_generated(step.token, piece);
+    }
+    llama_sampler_accept(sampler_.get(), step.token);
+    stats_.tokens_generated += 1;
+    pending_utf8_ += piece;
+    const size_t n = complete_utf8_prefix(pending_utf8_);
+    step.text = pending_utf8_.substr(0, n);
+    pending_utf8_.erase(0, n);
+}
+
+GenerationStep Session::generate_step() {
+    return run_edit([&] {
+        GenerationStep step = sample_locked();
+        if (!step.end_of_generation) {
+            accept_locked(step, nullptr);
+        }
+        return step;
+    });
+}
+
+std::vector<GenerationStep> Session::step_together(const std::vector<std::shared_ptr<Session>> & sessions) {
+    if (sessions.empty()) {
+        return {};
+    }
+    Session & first = *sessions.front();
+    std::set<llama_seq_id> seen;
+    for (const auto & s : sessions) {
+        if (!s) {
+            throw std::invalid_argument("step_together: a session is None");
+        }
+        if (s->shared_ != first.shared_) {
+            throw std::invalid_argument("step_together: every session must be a slot of the same pool");
+        }
+        if (!seen.insert(s->seq_).second) {
+            throw std::invalid_argument("step_together: slot " + std::to_string(s->seq_) + " is listed twice");
+        }
+    }
+    auto hold = first.model_->hold();
+    SharedContext & shared = *first.shared_;
+    std::lock_guard<std::mutex> lock(shared.mutex);
+    std::vector<const CancelState *> states;
+    for (const auto & s : sessions) {
+        s->check_open();
+        s->cancel_.cancel.store(false);
+        states.push_back(&s->cancel_);
+    }
+    SharedContext::Call call(shared, states, true);
+
+    // Sample every slot first; nothing has changed yet, so a failure here leaves all as they were.
+    // The sampler chains are copied first so that a failed decode can put them back (the random
+    // number generator advances as a token is drawn).
+    const size_t n = sessions.size();
+    std::vector<GenerationStep> steps(n);
+    std::vector<llama_sampler_ptr> saved(n);
+    std::vector<llama_pos> pos(n, 0);
+    const auto put_back_samplers = [&] {
+        for (size_t i = 0; i < n; ++i) {
+            if (saved[i]) {
+                sessions[i]->sampler_ = std::move(saved[i]);
+            }
+        }
+    };
+    for (size_t i = 0; i < n; ++i) {
+        Session & s = *sessions[i];
+        if (s.sampler_) {
+            saved[i].reset(llama_sampler_clone(s.sampler_.get()));
+        }
+        try {
+            steps[i] = s.sample_locked();
+        } catch (...) {
+            put_back_samplers();
+            throw;
+        }
+        if (!steps[i].end_of_generation) {
+            pos[i] = s.registry_->next_generated_pos();
+        }
+    }
+    llama_context * ctx = shared.ctx.get();
+    llama_batch_ext_ptr batch(llama_batch_ext_init(ctx));
+    std::vector<int32_t> out_index(n, -1);
+    for (size_t i = 0; i < n; ++i) {
+        if (steps[i].end_of_generation) {
+            continue;
+        }
+        const int32_t idx = llama_batch_ext_add_token(batch.get(), sessions[i]->seq_, steps[i].token);
+        if (idx < 0) {
+            put_back_samplers();
+            throw Error("could not build the batched step (more slots than the batch holds?)");
+        }
+        llama_batch_ext_set_pos(batch.get(), idx, &pos[i]);
+        llama_batch_ext_set_output_logits(batch.get(), idx, true);
+        out_index[i] = idx;
+    }
+    int32_t status = 0;
+    size_t n_tokens = 0;
+    for (int32_t idx : out_index) {
+        n_tokens += idx >= 0 ? 1 : 0;
+    }
+    if (n_tokens > 0) {
+        try {
+            switch (take_decode_fault()) {  // the test-only fault hook (decode.h)
+                case DecodeFault::Status: status = -3; break;
+                case DecodeFault::Exception: throw std::bad_alloc();
+                case DecodeFault::Close:
+                    for (const auto & s : sessions) {
+                        s->cancel_.closing.store(true);
+                    }
+                    break;
+                case DecodeFault::Pause: pause_decode(); break;
+                default: break;  // a cancel() does not stop a step shared with other slots
+            }
+            if (status == 0) {
+                status = llama_process(ctx, LLAMA_PROCESS_TYPE_DECODE, batch.get());
+            }
+        } catch (const std::exception &) {
+            status = kDecodeThrew;
+        }
+        std::vector<const float *> logits(n, nullptr);
+        if (status == 0) {
+            const size_t n_vocab = static_cast<size_t>(first.model_->n_vocab());
+            for (size_t i = 0; i < n; ++i) {
+                if (out_index[i] < 0) {
+                    continue;
+                }
+                logits[i] = llama_get_logits_ith(ctx, out_index[i]);
+                if (logits[i] == nullptr) {
+                    status = -1;
+                } else if (!all_finite(logits[i], n_vocab)) {
+                    status = kDecodeNonFinite;
+                }
+            }
+        }
+        if (status != 0) {
+            // Each token went one cell past its timeline: dropping those cells puts every KV cache back.
+            for (size_t i = 0; i < n; ++i) {
+                if (out_index[i] >= 0 && shared.ctx) {
+                    llama_memory_seq_rm(llama_get_memory(ctx), sessions[i]->seq_, pos[i], -1);
+                }
+            }
+            put_back_samplers();
+            if (status == 2) {
+                throw CancelledError("a slot was closed during the batched step; every slot is as it was");
+            }
+            throw Error(status == kDecodeNonFinite ? std::string(kNonFiniteLogits)
+                                                   : "the batched step failed (status " + std::to_string(status) +
+                                                         "); every slot is as it was before the call");
+        }
+        for (size_t i = 0; i < n; ++i) {
+            if (out_index[i] >= 0) {
+                sessions[i]->accept_locked(steps[i], logits[i]);
+            }
+        }
+    }
+    return steps;
+}
+
+std::string Session::flush_generation() {
+    std::lock_guard<std::mutex> lock(shared_->mutex);
+    std::string out;
+    out.swap(pending_utf8_);
+    return out;
+}
+
+std::string Session::detokenize(const std::vector<llama_token> & tokens) const {
+    auto hold = model_->hold();
+    std::string out;
+    for (llama_token t : tokens) {
+        if (t < 0 || t >= model_->n_vocab()) {
+            throw std::out_of_range("token id " + std::to_string(t) + " is outside the vocabulary");
+        }
+        out += token_piece(model_->vocab(), t);
+    }
+    return out;
+}
+
+}  // namespace llava_kv
