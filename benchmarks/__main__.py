@@ -3,7 +3,7 @@ import sys
 
 # OpenMP reads OMP_WAIT_POLICY once, when llama.cpp's library loads: set it before anything imports
 # llava_kv. Every process the suite starts (peers, llama-server, fresh processes) inherits it, so all
-# sides run in the same environment (benchmarks/settings.py says why passive is the default here).
+# sides run in the same environment (benchmarks/harness/settings.py says why passive is the default here).
 _policy = "passive"
 for _i, _arg in enumerate(sys.argv):
     if _arg.startswith("--omp-wait-policy="):
@@ -15,6 +15,6 @@ if _policy == "unset":
 else:
     os.environ["OMP_WAIT_POLICY"] = _policy
 
-from benchmarks.suite import main  # noqa: E402
+from benchmarks.harness.suite import main  # noqa: E402
 
 raise SystemExit(main())

@@ -150,7 +150,7 @@ def test_smoke_run_writes_the_plots(smoke_run: Path) -> None:
 def test_readme_block_is_regenerated_in_place(tmp_path: Path) -> None:
     sys.path.insert(0, str(ROOT))
     try:
-        from benchmarks import report
+        from benchmarks.harness import report
     finally:
         sys.path.remove(str(ROOT))
     readme = tmp_path / "README.md"

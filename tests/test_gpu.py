@@ -423,8 +423,8 @@ def test_a_projector_the_device_cannot_take_is_refused(llava_pair, tmp_path):
 def test_vram_release_benchmark_runs_on_the_device(tmp_path):
     out = tmp_path / "vram.json"
     root = Path(__file__).resolve().parent.parent
-    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "vram_release.py"), "--cycles", "5",
-                           "--out", str(out)], capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "scenarios" / "vram_release.py"),
+                           "--cycles", "5", "--out", str(out)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["device"]["name"] == GPU.name

@@ -6,10 +6,11 @@ commit) writes, and edits with a generated Gemma 3 projector of the model's widt
 bitwise equal to a fresh run. The package (a test extra) assembles the 253 MB GGUF, checking its
 sha256; it is assembled once into llava-kv's cache dir.
 
-The comparison with llama-cpp-python runs in the benchmark peer venv (benchmarks/peer.py). Building
-it compiles llama.cpp (3.5 minutes on 2 idle cores, 6.5 on busy ones; once, it lives in the user
-cache), so these tests use it when it is built and skip otherwise, unless LLAVA_KV_BENCH_BUILD_PEER=1
-asks them to build it (as for tests/test_benchmarks.py).
+The comparison with llama-cpp-python runs in the benchmark peer venv
+(benchmarks/harness/llama_cpp_python.py). Building it compiles llama.cpp (3.5 minutes on 2 idle
+cores, 6.5 on busy ones; once, it lives in the user cache), so these tests use it when it is built
+and skip otherwise, unless LLAVA_KV_BENCH_BUILD_PEER=1 asks them to build it (as for
+tests/test_benchmarks.py).
 """
 from __future__ import annotations
 
@@ -165,7 +166,7 @@ _PEER_SCRIPT = textwrap.dedent('''
 def _peer_python() -> Path:
     sys.path.insert(0, str(ROOT))
     try:
-        from benchmarks.peer import PeerError, default_venv, peer_python
+        from benchmarks.harness.llama_cpp_python import PeerError, default_venv, peer_python
     finally:
         sys.path.remove(str(ROOT))
     build = os.environ.get("LLAVA_KV_BENCH_BUILD_PEER") == "1"
@@ -176,7 +177,8 @@ def _peer_python() -> Path:
             pytest.fail(f"building the llama-cpp-python peer venv failed: {e}")
         pytest.skip(f"no llama-cpp-python 0.3.36 peer venv at {default_venv()} (building it compiles llama.cpp, "
                     "3.5 to 6.5 min on 2 cores): run LLAVA_KV_BENCH_BUILD_PEER=1 python -m pytest -m real, or "
-                    "python -c 'from benchmarks.peer import peer_python; peer_python()' from the repo root")
+                    "python -c 'from benchmarks.harness.llama_cpp_python import peer_python; peer_python()' "
+                    "from the repo root")
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 commit, from the same sdist), and the limit: building only the llama.cpp libraries llava-kv links
 (llama, ggml, mtmd; static, PIC), which no binding of llama.cpp avoids.
 
-Usage: python benchmarks/build_time.py [--jobs N] [--no-peer] [--out result.json]
+Usage: python benchmarks/scenarios/build_time.py [--jobs N] [--no-peer] [--out result.json]
 
 Three native builds one after the other (minutes each on a small machine). Each starts from an
 empty build folder with ccache disabled, so nothing is reused from earlier builds; the pinned
@@ -10,6 +10,8 @@ llama.cpp source is already in third_party/ (its fetch is not timed). Our wheel 
 built with ``pip wheel --no-build-isolation`` (scikit-build-core, pybind11 and cmake from this
 environment), all three with the same CMAKE_ARGS (``GGML_NATIVE=OFF``, plus ``GGML_CUDA=ON`` on a
 GPU build) and the same parallelism.
+
+``run_build_time(ctx)`` makes the suite's ``build_time`` entry of it.
 """
 from __future__ import annotations
 
@@ -24,11 +26,12 @@ from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the benchmarks package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.peer import CPU_CMAKE_ARGS, GPU_CMAKE_ARGS, _fetcher  # noqa: E402
-from benchmarks.scenario import emit  # noqa: E402
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from benchmarks.harness.context import Context  # noqa: E402
+from benchmarks.harness.llama_cpp_python import CPU_CMAKE_ARGS, GPU_CMAKE_ARGS, _fetcher  # noqa: E402
+from benchmarks.harness.scenario import emit, entry, skipped  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # The llama.cpp part of our CMakeLists.txt, alone: the same options, the same targets.
 _LIMIT_CMAKELISTS = """cmake_minimum_required(VERSION 3.21)
@@ -87,6 +90,28 @@ def measure(*, gpu: bool = False, peer: bool = True, jobs: int | None = None) ->
                 [sys.executable, "-m", "pip", "wheel", str(sdist), "--no-build-isolation", "--no-deps", "-q",
                  "-w", str(work / "peer-wheels")], env)
     return out
+
+
+def run_build_time(ctx: Context) -> dict[str, dict[str, Any]]:
+    enabled = ctx.args.build_time if ctx.args.build_time is not None else ctx.preset.build_time
+    limit_means = "building only the llama.cpp libraries we link (llama, ggml, mtmd), which every binding builds"
+    server_build = (ctx.server_info or {}).get("build_seconds")
+    server_details = {"llama_server_build_s": server_build,
+                      "llama_server_build": "only the llama-server target, CPU, GGML_NATIVE=OFF, ccache off, "
+                                            f"{(ctx.server_info or {}).get('jobs')} jobs (benchmarks/harness/llama_server.py)"}
+    if not enabled:
+        return {"build_time": skipped(unit="s", limit_means=limit_means, details=server_details,
+                                      reason="skipped in this run (three native builds; use --build-time)")}
+    r = measure(gpu=ctx.gpu, peer=ctx.peer)
+    sec = r["seconds"]
+    reasons = ctx.peer_reasons(r)
+    if server_build is None:
+        reasons.setdefault("server", "llama-server was not built in this run's cache")
+    return {"build_time": entry(
+        unit="s", repetitions=1, ours=sec["ours"], peer=sec.get("peer"), server=server_build, limit=sec["limit"],
+        limit_means=limit_means, reasons=reasons, digits=1,
+        details={"what": "wheel from a clean build folder, ccache off, pip wheel --no-build-isolation; llama-server: "
+                         "its one target from a clean build folder", **r, **server_details})}
 
 
 def main() -> int:

@@ -5,7 +5,7 @@ with continuous batching.
 
 - ``multi_turn``: a chat with one image, turn after turn in one slot; the server reuses the longest
   common prefix of the slot's tokens, image included (its ``timings.cache_n`` says how many).
-- ``edits``: the 3-image conversation of edit_bench.py; replacing the FIRST image with a never-seen one
+- ``edits``: the 3-image conversation of scenarios/edits.py; replacing the FIRST image with a never-seen one
   (the server keeps the prefix before it, then must encode the new image and every later one again:
   it has no embedding cache) and the last one (keeps everything before it, encodes one).
 - ``new_conversation``: an image seen before, in a brand-new conversation whose text before the image
@@ -15,6 +15,9 @@ with continuous batching.
 Image encodes are counted from the server's log: mtmd's helper logs one "encoding image slice..." line
 per image chunk it encodes (the server's /metrics has no such counter); ``timings`` of each response
 give the prompt tokens it decoded (``prompt_n``) and reused from its cache (``cache_n``).
+
+The ``serve_*`` scenarios (scenarios/serve.py) drive llama-cpp-python's server and ours with the same
+calls, through servers shaped like ``LlamaServer``.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from benchmarks.server_peer import LlamaServer
+from benchmarks.harness.llama_server import LlamaServer
 
 
 def data_uri(path: Path | str) -> str:
@@ -84,7 +87,7 @@ def multi_turn(srv: LlamaServer, png: Path, *, system: str, turns: int, max_toke
 
 def edits(srv: LlamaServer, spec: dict[str, Any], fresh_images: Callable[[], Path], *,
           critic_system: Callable[[int], str], critic_text: str, repeats: int) -> dict[str, Any]:
-    """``spec`` is edit_bench's peer spec (system, 3 blocks of [image, text]); ``fresh_images()``
+    """``spec`` is edits.write_peer_spec's (system, 3 blocks of [image, text]); ``fresh_images()``
     returns a never-seen PNG each call."""
     call = _Caller(srv)
     uris: dict[str, str] = {}

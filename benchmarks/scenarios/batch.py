@@ -2,7 +2,7 @@
 sequences decoded together), of a sequential loop over llama-cpp-python's ``Llava15ChatHandler`` on
 the same generated model, and an estimate of the limit, in one run.
 
-Usage: python benchmarks/batch_bench.py [--preset realistic] [--images 16] [--max-tokens 32]
+Usage: python benchmarks/scenarios/batch.py [--preset realistic] [--images 16] [--max-tokens 32]
        [--parallel 4] [--repeats 3] [--no-peer] [--out result.json]
 
 Every image is distinct and the embedding cache is cleared before each repetition, so every image is
@@ -13,6 +13,8 @@ answer at the cost per sequence of one batched step (a ``parallel``-token decode
 as many steps as our answers had tokens. The shared prompt prefix is decoded once per batch and
 left out. It assumes no overlap between encoding and decoding, so a runtime that overlaps them
 could exceed it.
+
+``run_batch(ctx)`` makes the suite's ``batch`` entry of it.
 """
 from __future__ import annotations
 
@@ -31,11 +33,11 @@ import llava_kv as lk
 from llava_kv.testing import TestModel, make_test_model, random_image
 
 if __package__ in (None, ""):  # run as a script: make the benchmarks package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.peer import CHAT_TEMPLATE, SYSTEM_MESSAGE, PeerError, run_peer  # noqa: E402
-from benchmarks.scenario import emit  # noqa: E402
-
-HERE = Path(__file__).resolve().parent
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from benchmarks.harness.context import Context  # noqa: E402
+from benchmarks.harness.llama_cpp_python import (CHAT_TEMPLATE, PEER_SCRIPTS, SYSTEM_MESSAGE, PeerError,  # noqa: E402
+                                                 run_peer)
+from benchmarks.harness.scenario import emit, entry  # noqa: E402
 PROMPT = "Describe this picture in one sentence."
 _never_seen = itertools.count(90_000)  # seeds of images no call has encoded yet
 
@@ -103,7 +105,7 @@ def measure_ours(*, preset: str, seed: int, folder: str, n_images: int, max_toke
     """Our side of :func:`measure`, meant to run in a fresh process (JSON in, JSON out)."""
     from llava_kv import batch
 
-    from benchmarks import settings
+    from benchmarks.harness import settings
 
     pair = make_test_model(preset=preset, seed=seed)
     images = write_images(pair, Path(folder), n_images)
@@ -132,7 +134,7 @@ def measure_ours(*, preset: str, seed: int, folder: str, n_images: int, max_toke
         "ours_wall_s": walls, "ours_images_per_s": n_images / statistics.median(walls),
         "ours_tokens_per_image": tokens,
         "ours_stage_ms": {k: statistics.median(r.timings[k] for r in records) for k in records[0].timings},
-        "ours_process": "a fresh process (benchmarks.scenario.in_fresh_process)",
+        "ours_process": "a fresh process (benchmarks.harness.scenario.in_fresh_process)",
         "limit": limit, "settings": {"ours": used},
     }
 
@@ -141,23 +143,23 @@ def measure(pair: TestModel, *, n_images: int = 16, max_tokens: int = 32, parall
             peer: bool = True, peer_python: Path | None = None, workdir: Path | None = None,
             load_kwargs: dict[str, Any] | None = None, peer_gpu_layers: int = 0, server: Any = None,
             n_ctx: int = 1024) -> dict[str, Any]:
-    """``server``: a ``server_peer.LlamaServer`` factory (taking ``parallel`` and ``n_ctx``) to caption
+    """``server``: a ``llama_server.LlamaServer`` factory (taking ``parallel`` and ``n_ctx``) to caption
     the same number of images with llama-server's ``--parallel`` slots too. ``n_ctx`` is the context
     of one image's sequence on both sides (prompt, image, answer)."""
-    from benchmarks.scenario import in_fresh_process
+    from benchmarks.harness.scenario import in_fresh_process
 
     folder = workdir or Path(tempfile.mkdtemp())
     folder.mkdir(parents=True, exist_ok=True)
     images = write_images(pair, folder, n_images)
     warm = write_images(pair, folder, 2, first_seed=4000)
     # ours in a process of its own: see scenario.in_fresh_process (OpenMP teams of two threads)
-    result: dict[str, Any] = in_fresh_process("batch_bench", "measure_ours", dict(
+    result: dict[str, Any] = in_fresh_process("batch", "measure_ours", dict(
         preset=pair.preset.name, seed=pair.seed, folder=str(folder), n_images=n_images, max_tokens=max_tokens,
         parallel=parallel, repeats=repeats, load_kwargs=load_kwargs or {}, n_ctx=n_ctx))
     result.update(peer_images_per_s=None, server_images_per_s=None)
     if peer:
         try:
-            out = run_peer(str(HERE / "peer_batch.py"),
+            out = run_peer(str(PEER_SCRIPTS / "peer_batch.py"),
                            [str(pair.model_path), str(pair.mmproj_path), PROMPT, str(max_tokens), str(repeats),
                             str(peer_gpu_layers), *map(str, images)], python=peer_python)
             result.update(peer_wall_s=out["wall_s"], peer_images_per_s=n_images / statistics.median(out["wall_s"]),
@@ -166,7 +168,7 @@ def measure(pair: TestModel, *, n_images: int = 16, max_tokens: int = 32, parall
         except PeerError as e:
             result["peer_error"] = str(e)
     if server is not None:
-        from benchmarks import server_bench
+        from benchmarks.peers import openai_chat
 
         # distinct images for every repetition: the server's prompt cache must not serve a repeated one,
         # as our embedding cache is cleared before each repetition
@@ -174,14 +176,39 @@ def measure(pair: TestModel, *, n_images: int = 16, max_tokens: int = 32, parall
                 for r in range(repeats)]
         try:
             with server(parallel=parallel, n_ctx=n_ctx) as srv:
-                out = server_bench.batch(srv, sets, warm, system=SYSTEM_MESSAGE, prompt=PROMPT,
-                                         max_tokens=max_tokens, parallel=parallel)
+                out = openai_chat.batch(srv, sets, warm, system=SYSTEM_MESSAGE, prompt=PROMPT,
+                                        max_tokens=max_tokens, parallel=parallel)
                 result["settings"]["server"] = srv.settings_used()
             result.update(server_wall_s=out["wall_s"], server_images_per_s=out["images_per_s"],
                           server_tokens_per_image=out["tokens_per_image"], server_metrics=out["metrics"])
         except Exception as e:  # ServerError, OSError or an openai.APIError: the reason goes in the JSON
             result["server_error"] = f"{type(e).__name__}: {e}"
     return result
+
+
+def run_batch(ctx: Context) -> dict[str, dict[str, Any]]:
+    p = ctx.preset
+    kwargs = dict(n_images=p.batch_images, parallel=p.parallel, repeats=ctx.repeat, peer=ctx.peer,
+                  peer_python=ctx.peer_py, workdir=ctx.work, load_kwargs=ctx.load_kwargs,
+                  peer_gpu_layers=ctx.n_gpu_layers, server=ctx.server_factory)
+    r = measure(ctx.pair, max_tokens=p.batch_tokens, **kwargs)  # type: ignore[arg-type]
+    # The same with long answers, where generation (batched by us and llama-server, one token at a time
+    # by llama-cpp-python) dominates.
+    long_answers = measure(ctx.pair, max_tokens=4 * p.batch_tokens, **kwargs)  # type: ignore[arg-type]
+    return {"batch": entry(
+        unit="images/s", better="higher", repetitions=ctx.repeat, ours=r["ours_images_per_s"],
+        peer=r["peer_images_per_s"], server=r["server_images_per_s"], limit=r["limit"]["images_per_s"],
+        settings=r["settings"],
+        limit_means="estimate: per image, encode + decode its image and prompt tokens + its answer at the "
+                    f"per-sequence cost of a {p.parallel}-wide batched step (measured here, no overlap assumed)",
+        reasons=ctx.peer_reasons(r),
+        details={"what": f"caption {p.batch_images} distinct images, {p.batch_tokens}-token greedy answers; ours: "
+                         f"llava_kv.batch.run(parallel={p.parallel}); llama-server: --parallel {p.parallel} with "
+                         f"continuous batching, {p.parallel} concurrent requests; llama-cpp-python: a loop over "
+                         "Llava15ChatHandler",
+                 **{k: v for k, v in r.items() if k not in ("ours_images_per_s", "peer_images_per_s",
+                                                            "server_images_per_s", "settings")},
+                 f"answers_{4 * p.batch_tokens}_tokens": long_answers})}
 
 
 def main() -> int:

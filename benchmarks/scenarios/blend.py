@@ -1,10 +1,12 @@
-"""mode="blend" against the exact edit: replace the first of three images in edit_bench's ~2k-token
+"""mode="blend" against the exact edit: replace the first of three images in edits.py's ~2k-token
 conversation with a never-seen image (its encode included on both), per k, and the drift of each
 blend against the exact edit of the same image: max |dlogit|, top-1 agreement, KL of the next-token
 distribution, and agreement of the next 32 greedy tokens.
 
-Every timed edit starts from a fork of one decoded conversation (untimed), as in edit_bench. The
+Every timed edit starts from a fork of one decoded conversation (untimed), as in edits.py. The
 drift is read after the timing, on the two edited sessions (greedy tokens on forks of them).
+
+``run_blend(ctx)`` makes the suite's ``blend`` entry of it, beside llama-server.
 """
 from __future__ import annotations
 
@@ -19,19 +21,22 @@ import llava_kv as lk
 from llava_kv.drift import greedy_agreement, logit_drift
 from llava_kv.testing import TestModel, random_image
 
-from benchmarks import edit_bench
+from benchmarks.harness.context import Context
+from benchmarks.harness.scenario import entry
+from benchmarks.peers import openai_chat
+from benchmarks.scenarios import edits
 
 KS = (0, 8, 32, 64)
 GREEDY_TOKENS = 32
 
 
 def conversation(model: lk.Model, image_tokens: int, image_size: int, target_tokens: int) -> tuple[list[Any], int]:
-    """edit_bench's conversation (three images, filler text between them, its images A, B, C) sized
+    """edits.py's conversation (three images, filler text between them, its images A, B, C) sized
     to about ``target_tokens``, and its filler sentences per text block."""
     images = [random_image(100 + i, (image_size, image_size)) for i in range(3)]
     with model.session(n_ctx=64) as probe:
-        filler = edit_bench.filler_for(len(probe.tokenize(edit_bench.FILLER)), image_tokens, target_tokens)
-    return edit_bench._timeline(images, filler), filler
+        filler = edits.filler_for(len(probe.tokenize(edits.FILLER)), image_tokens, target_tokens)
+    return edits._timeline(images, filler), filler
 
 
 def measure(model: lk.Model, *, image_tokens: int, image_size: int, repeats: int, ks: Sequence[int] = KS,
@@ -47,11 +52,11 @@ def measure(model: lk.Model, *, image_tokens: int, image_size: int, repeats: int
         if forks:
             return whole.fork()
         s = model.session(n_ctx=n_ctx)
-        edit_bench._feed(s, items)
+        edits._feed(s, items)
         return s
 
     try:
-        edit_bench._feed(whole, items)
+        edits._feed(whole, items)
         exact_s: list[float] = []
         blend_s: dict[int, list[float]] = {k: [] for k in ks}
         drift: dict[int, list[dict[str, Any]]] = {k: [] for k in ks}
@@ -137,3 +142,62 @@ def measure_real_gemma(*, repeats: int, load_kwargs: dict[str, Any], target_toke
     out["model"] = {"text": f"{pkg.MODEL_NAME} (real weights, Q4_K_M)", "projector": "realistic preset's CLIP mlp "
                     "projector, random weights, 640 wide", "sliding_window": True}
     return out
+
+
+def run_blend(ctx: Context) -> dict[str, dict[str, Any]]:
+    """Replace the first of three images: mode="blend" (per k) against the exact edit and llama-server,
+    with each blend's drift from the exact edit; on the realistic preset also on real Gemma 3 weights."""
+    # The issue's conversation: three images with a sentence of text after each (~900 tokens on the
+    # realistic preset, ~880 of them decoded again by the exact edit); beside it edits.py's ~2k-token
+    # one, where text is most of what follows the first image.
+    r = measure_pair(ctx.pair, repeats=ctx.repeat, load_kwargs=ctx.load_kwargs, target_tokens=0)
+    long_text = measure_pair(ctx.pair, repeats=ctx.repeat, load_kwargs=ctx.load_kwargs,
+                             target_tokens=ctx.preset.edit_tokens)
+    server: dict[str, Any] = {}
+    server_long: dict[str, Any] = {}
+    if ctx.server_bin is not None:
+        try:
+            with ctx.server(parallel=1, n_ctx=4096) as srv:
+                runs = ((server, r["filler"], 80_000), (server_long, long_text["filler"], 90_000))
+                for result, filler, seed in runs:
+                    spec = edits.write_peer_spec(ctx.pair, filler=filler, repeats=ctx.repeat, folder=ctx.work)
+                    result.update(openai_chat.edits(srv, spec, edits.never_seen_pngs(ctx.pair, ctx.work, seed),
+                                                    critic_system=edits.critic_system,
+                                                    critic_text=edits.CRITIC_TEXT, repeats=ctx.repeat))
+                server["settings"] = srv.settings_used()
+        except Exception as e:  # ServerError, OSError or an openai.APIError: the reason goes in the JSON
+            server = {"server_error": f"{type(e).__name__}: {e}"}
+    reasons = ctx.peer_reasons(server)
+    reasons["peer"] = "not run: llama-cpp-python has no edit that keeps later KV (it re-prefills the chat)"
+    real: dict[str, Any]
+    if ctx.args.preset == "realistic" and not ctx.gpu:
+        try:
+            real = measure_real_gemma(repeats=ctx.repeat, load_kwargs=ctx.load_kwargs,
+                                      target_tokens=ctx.preset.edit_tokens)
+        except ImportError as e:
+            real = {"reason": f"not run: {e}"}
+    else:
+        real = {"reason": "not run: the realistic CPU preset runs it"}
+    default = str(lk.session.DEFAULT_BLEND_K)
+    server_ms = _median_ms(server.get("replace_first_image"))
+    blend_ms = r["blend"][default]["ms"]
+    return {"blend": entry(
+        unit="ms", repetitions=ctx.repeat, ours=blend_ms, peer=None, server=server_ms, limit=r["exact_ms"],
+        settings={"ours": {"mode": "blend", "k": int(default), **ctx.load_kwargs}, "server": server.get("settings")},
+        limit_means="the exact edit of the same image (replace_image's default): decodes the whole suffix",
+        reasons=reasons, digits=3,
+        extra_ratios={f"exact_vs_blend_k{k}": round(r["exact_ms"] / v["ms"], 3) for k, v in r["blend"].items()},
+        details={"what": f"replace the first of 3 images in a {r['conversation_tokens']}-token conversation with a "
+                         f"never-seen image (its encode included on every side); ours with mode='blend' and "
+                         f"k={default} (the headline), other k beside it, and the exact edit as the limit; drift "
+                         f"of each blend against the exact edit of the same image",
+                 "server_does": "a new chat call (max_tokens=1) with the edited conversation: reuses its cached "
+                                "prefix before the image, encodes all three images and prefills the rest",
+                 "server_all_ms": [x * 1000 for x in server.get("replace_first_image", [])],
+                 **r, "long_text": {**long_text, "server_ms": _median_ms(server_long.get("replace_first_image")),
+                                    "server_all_ms": [x * 1000 for x in server_long.get("replace_first_image", [])]},
+                 "real_gemma": real})}
+
+
+def _median_ms(seconds: list[float] | None) -> float | None:
+    return statistics.median(seconds) * 1000 if seconds else None

@@ -1,4 +1,4 @@
-"""Runs inside the llama-cpp-python venv: the edit scenarios of edit_bench.py as a user of
+"""Runs inside the llama-cpp-python venv: the edit scenarios of scenarios/edits.py as a user of
 llama-cpp-python has to do them. Its chat handler has no way to change one image of a conversation:
 every call resets the context, encodes every image again and prefills the whole prompt, so an edit
 is a new call with the edited messages. Prints JSON: seconds per call (each repetition), image
@@ -15,7 +15,7 @@ import time
 from llama_cpp import Llama
 from llama_cpp.llama_chat_format import Llava15ChatHandler
 
-from peer_settings import llama_kwargs, settings  # benchmarks/, this script's folder: same settings as ours
+from peer_settings import llama_kwargs, settings  # benchmarks/peers/, this script's folder: same settings as ours
 
 spec = json.load(open(sys.argv[1]))
 
@@ -87,7 +87,7 @@ for repetition in range(spec["repeats"]):
     out["readd_image"].append(seconds)
     out["encodes"]["readd_image"], out["prompt_tokens"]["readd_image"] = encodes, tokens
     # image A, seen above, in a brand-new conversation with other text before it
-    # (edit_bench.critic_system: a different system message each repetition)
+    # (scenarios/edits.py, critic_system: a different system message each repetition)
     system = f"{spec['critic_system']} Conversation {repetition + 1}."
     seconds, encodes, tokens = call([(blocks[0][0], spec["critic_text"])], system)
     out["new_conversation"].append(seconds)

@@ -1,6 +1,6 @@
 """Load/close cycles with everything on the GPU, recording device memory while loaded and after each close.
 
-Usage: python benchmarks/vram_release.py [--preset tiny-llava] [--cycles 50] [--device Vulkan0] --out result.json
+Usage: python benchmarks/scenarios/vram_release.py [--preset tiny-llava] [--cycles 50] [--device Vulkan0] --out result.json
 
 Three measures, each said in the JSON:
 - the device ledger (llava_kv.device_ledger): the bytes of every live ggml buffer, per device, counted

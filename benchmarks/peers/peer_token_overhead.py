@@ -12,7 +12,7 @@ import time
 from llama_cpp import Llama
 from llama_cpp.llama_chat_format import Llava15ChatHandler
 
-from peer_settings import llama_kwargs, settings  # benchmarks/, this script's folder: same settings as ours
+from peer_settings import llama_kwargs, settings  # benchmarks/peers/, this script's folder: same settings as ours
 
 model, mmproj, image, prompt, n_tokens, repeats, n_gpu_layers = sys.argv[1:8]
 uri = "data:image/png;base64," + base64.b64encode(open(image, "rb").read()).decode()

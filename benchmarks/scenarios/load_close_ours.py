@@ -2,7 +2,7 @@
 the model and projector, open a session, evaluate one image prompt, close everything; after each
 close, the process RSS (after malloc_trim(0)) and, with NVML, the GPU memory in use. Prints JSON.
 
-Usage: ours_load_close.py MODEL MMPROJ IMAGE.png CYCLES N_GPU_LAYERS"""
+Usage: load_close_ours.py MODEL MMPROJ IMAGE.png CYCLES N_GPU_LAYERS (load_close.py runs it)"""
 import gc
 import json
 import os
@@ -10,10 +10,10 @@ import sys
 import time
 
 import llava_kv as lk
-from memory_probe import gpu_used_bytes, rss_bytes  # benchmarks/, this script's folder
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import settings  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from benchmarks.harness import settings  # noqa: E402
+from benchmarks.peers.memory_probe import gpu_used_bytes, rss_bytes  # noqa: E402
 
 model, mmproj, image, cycles, n_gpu_layers = sys.argv[1:6]
 threads = int(os.environ.get("LLAVA_KV_BENCH_THREADS") or 0) or None  # None: one per core

@@ -3,7 +3,10 @@ process: load model + projector, one image prompt, close; RSS (and GPU memory wi
 close. The drift is the figure after the last cycle minus the one after cycle 5 (the first cycles
 settle allocator pools and lazily loaded libraries); the limit is 0.
 
-Usage: python benchmarks/load_close.py [--preset tiny-llava] [--cycles 100] [--no-peer] [--out result.json]
+Usage: python benchmarks/scenarios/load_close.py [--preset tiny-llava] [--cycles 100] [--no-peer] [--out result.json]
+
+Our side runs load_close_ours.py (beside this file), llama-cpp-python's peers/peer_load_close.py;
+``run_load_close(ctx)`` makes the suite's ``load_close`` entry of them.
 """
 from __future__ import annotations
 
@@ -21,8 +24,10 @@ from PIL import Image
 from llava_kv.testing import TestModel, make_test_model, random_image
 
 if __package__ in (None, ""):  # run as a script: make the benchmarks package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.peer import PeerError, run_peer, threads  # noqa: E402
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from benchmarks.harness.context import Context  # noqa: E402
+from benchmarks.harness.llama_cpp_python import PEER_SCRIPTS, PeerError, run_peer, threads  # noqa: E402
+from benchmarks.harness.scenario import entry  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SETTLE = 5  # drift is measured from the figure after this cycle
@@ -45,10 +50,10 @@ def noise_mib(series: list[int] | None) -> float | None:
 
 def _ours(args: list[str]) -> dict[str, Any]:
     env = dict(os.environ, LLAVA_KV_BENCH_THREADS=str(threads()))
-    result = subprocess.run([sys.executable, str(HERE / "ours_load_close.py"), *args], capture_output=True,
+    result = subprocess.run([sys.executable, str(HERE / "load_close_ours.py"), *args], capture_output=True,
                             text=True, timeout=3600, env=env)
     if result.returncode != 0:
-        raise RuntimeError(f"ours_load_close.py failed:\n{result.stderr[-4000:]}")
+        raise RuntimeError(f"load_close_ours.py failed:\n{result.stderr[-4000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -64,7 +69,7 @@ def measure(pair: TestModel, *, cycles: int = 100, peer: bool = True, peer_pytho
     result: dict[str, Any] = {"cycles": cycles, "settle_cycles": SETTLE}
     if peer:
         try:
-            runs["peer"] = run_peer(str(HERE / "peer_load_close.py"), args, python=peer_python)
+            runs["peer"] = run_peer(str(PEER_SCRIPTS / "peer_load_close.py"), args, python=peer_python)
         except PeerError as e:
             result["peer_error"] = str(e)
     for who, run in runs.items():
@@ -82,6 +87,34 @@ def measure(pair: TestModel, *, cycles: int = 100, peer: bool = True, peer_pytho
             result[who]["native_objects_after"] = run["native_objects"]
             result[who]["native_objects_before_gc"] = run["native_objects_before_gc"]
     return result
+
+
+def run_load_close(ctx: Context) -> dict[str, dict[str, Any]]:
+    cycles = ctx.args.cycles or ctx.preset.cycles
+    r = measure(ctx.pair, cycles=cycles, peer=ctx.peer, peer_python=ctx.peer_py, workdir=ctx.work,
+                n_gpu_layers=ctx.n_gpu_layers)
+    peer = r.get("peer") or {}
+    reasons = ctx.peer_reasons(r)
+    reasons["server"] = reasons.get("server") or ("not applicable: llama-server is a process, its memory goes "
+                                                  "back when it exits")
+    e = entry(
+        unit=f"MiB RSS drift (cycle {SETTLE} to {cycles})", repetitions=1,
+        ours=r["ours"]["rss_drift_mib"], peer=peer.get("rss_drift_mib"), limit=0,
+        settings={"ours": r["ours"].get("settings"), "peer": peer.get("settings")},
+        limit_means="0: every load/close cycle gives back everything it took", reasons=reasons,
+        digits=3,
+        # Drifts of a few hundred KiB are at the noise of the allocator: no ratio of two of them is shown
+        # (ours_minus_limit is the absolute MiB), and details give each side's noise.
+        details={"what": f"{cycles} cycles of load model + projector, one image prompt, close; RSS after "
+                         "malloc_trim(0) after each close, each runtime in a fresh process",
+                 "noise_mib": {"ours": r["ours"].get("rss_noise_mib"), "peer": peer.get("rss_noise_mib")},
+                 "noise_means": "the band (max - min) RSS moves in after cycle "
+                                f"{SETTLE}: a drift inside it is not a leak",
+                 "gpu_drift_mib": {"ours": r["ours"]["gpu_drift_mib"], "peer": peer.get("gpu_drift_mib")},
+                 "ours": r["ours"], "peer": peer or None})
+    e["ratios"]["peer_vs_ours"] = None
+    e["ratios"]["no_peer_ratio"] = "two drifts at allocator noise have no meaningful ratio: compare the absolute MiB"
+    return {"load_close": e}
 
 
 def main() -> int:

@@ -47,7 +47,7 @@ class ServerError(RuntimeError):
 
 
 def _fetch() -> Any:
-    from benchmarks.peer import _fetcher
+    from benchmarks.harness.llama_cpp_python import _fetcher
 
     return _fetcher()
 
@@ -94,7 +94,7 @@ def server_binary(*, build: bool = True, jobs: Optional[int] = None) -> Path:
         return binary
     if not build:
         raise ServerError(f"no llama-server built in {folder} (its build took 570 s on 2 cores here; run "
-                          "without --no-peer-build, or `python -m benchmarks.server_peer` once)")
+                          "without --no-peer-build, or `python -m benchmarks.harness.llama_server` once)")
     sdist = cached_sdist(Path(_fetch().default_cache_dir()))
     src = folder / "src"
     if src.exists():
@@ -198,7 +198,7 @@ class LlamaServer(ChildServer):
             return json.loads(r.read())
 
     def settings_used(self) -> dict[str, Any]:
-        """The compared settings (benchmarks/settings.py): from the command line, with the per-slot
+        """The compared settings (benchmarks/harness/settings.py): from the command line, with the per-slot
         context read back from /props."""
         out = {"flash_attn": "on", "n_threads": self.settings["threads"],
                "n_threads_batch": self.settings["threads_batch"], "n_ctx": self.settings["n_ctx_per_slot"],
@@ -232,7 +232,7 @@ def running(binary: Path, model: Path, mmproj: Path, **kwargs: Any) -> Iterator[
 
 if __name__ == "__main__":
     if __package__ in (None, ""):
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     t = time.perf_counter()
     print(server_binary())
     print(json.dumps(build_info(), indent=1))

@@ -13,9 +13,9 @@ import time
 from llama_cpp import Llama
 from llama_cpp.llama_chat_format import Llava15ChatHandler
 
-from memory_probe import gpu_used_bytes, rss_bytes  # benchmarks/, this script's folder
+from memory_probe import gpu_used_bytes, rss_bytes  # benchmarks/peers/, this script's folder
 
-from peer_settings import llama_kwargs, settings  # benchmarks/, this script's folder: same settings as ours
+from peer_settings import llama_kwargs, settings  # benchmarks/peers/, this script's folder: same settings as ours
 
 model, mmproj, image, cycles, n_gpu_layers = sys.argv[1:6]
 uri = "data:image/png;base64," + base64.b64encode(open(image, "rb").read()).decode()

@@ -11,7 +11,7 @@ import time
 from llama_cpp import Llama
 from llama_cpp.llama_chat_format import Llava15ChatHandler
 
-from peer_settings import llama_kwargs, settings  # benchmarks/, this script's folder: same settings as ours
+from peer_settings import llama_kwargs, settings  # benchmarks/peers/, this script's folder: same settings as ours
 
 model, mmproj, turns, max_tokens, n_ctx, n_gpu_layers = sys.argv[1:7]
 images = sys.argv[7:]

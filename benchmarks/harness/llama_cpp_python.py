@@ -7,7 +7,7 @@ checks its sha256 and caches it), so both sides run the same llama.cpp commit. C
 several minutes on a small machine; the venv lives in the user's cache dir
 (``~/.cache/llava-kv/peer-venv``, ``peer-venv-gpu`` for a GPU build; ``LLAVA_KV_PEER_VENV`` overrides
 it), so later runs and CI on a fresh clone reuse it. ``run_peer(script, args)`` runs a script there
-and returns the JSON object it prints last.
+(one of benchmarks/peers/, ``PEER_SCRIPTS``) and returns the JSON object it prints last.
 
 ``PeerServer`` runs llama-cpp-python's own OpenAI-compatible server (``python -m llama_cpp.server``)
 from that venv, for the ``serve`` scenario; ``server_extra()`` first installs what its ``[server]``
@@ -29,10 +29,12 @@ from typing import Any
 
 from llava_kv.server.process import ChildServer, free_port
 
-from benchmarks.server_peer import LlamaServer
+from benchmarks.harness.llama_server import LlamaServer
 
 PEER = "llama-cpp-python==0.3.36"
-HERE = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[2]
+# The scripts run_peer runs in the peer venv (they import llama_cpp, the standard library and their folder).
+PEER_SCRIPTS = ROOT / "benchmarks" / "peers"
 CPU_CMAKE_ARGS = "-DGGML_NATIVE=OFF"  # as our own build: portable, no -march=native
 GPU_CMAKE_ARGS = "-DGGML_NATIVE=OFF -DGGML_CUDA=ON"
 _STAMP = "llava-kv-peer.json"
@@ -48,7 +50,7 @@ class PeerError(RuntimeError):
 
 
 def _fetcher() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("fetch_llama_cpp", HERE.parent / "scripts" / "fetch_llama_cpp.py")
+    spec = importlib.util.spec_from_file_location("fetch_llama_cpp", ROOT / "scripts" / "fetch_llama_cpp.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -112,7 +114,7 @@ def threads() -> int:
 
 
 def run_peer(script: str, args: list[str], timeout: float = 3600, *, python: Path | None = None) -> dict:
-    """Run ``script`` (a file in benchmarks/) in the peer venv and return the JSON it prints last."""
+    """Run ``script`` (a file in benchmarks/peers/) in the peer venv and return the JSON it prints last."""
     py = python or peer_python()
     env = dict(os.environ, LLAVA_KV_BENCH_THREADS=str(threads()))
     result = subprocess.run([str(py), script, *args], capture_output=True, text=True, timeout=timeout, env=env)
@@ -174,7 +176,7 @@ class PeerServer(ChildServer):
         return self.log.read_text(errors="replace").count("encoding image slice...")
 
     def settings_used(self) -> dict[str, Any]:
-        """The compared settings (benchmarks/settings.py), read back from the context's load log
+        """The compared settings (benchmarks/harness/settings.py), read back from the context's load log
         where it prints them (n_ctx, n_batch, n_ubatch, flash_attn), else from the command line."""
         text = self.log.read_text(errors="replace")
 

@@ -1,7 +1,7 @@
 """Cost of image edits in a ~2k-token conversation, against a fresh prefill of the same timeline
 and against the floor (decoding only the invalidated suffix), measured side by side in one run.
 
-Usage: python benchmarks/edit_bench.py [--preset realistic] [--repeats 5] [--out result.json]
+Usage: python benchmarks/scenarios/edits.py [--preset realistic] [--repeats 5] [--out result.json]
 
 Scenarios (medians over --repeats):
 - fresh_prefill_last: a new session fed the whole final timeline, embeddings already cached (decode
@@ -15,6 +15,10 @@ Scenarios (medians over --repeats):
 - readd_image: remove the last image, then append the same pixels again: counts encodes (must be 0).
 - new_conversation: image A in a brand-new chat session whose text before it differs: encodes (0).
 Every timed edit starts from a fork of one decoded conversation (or prefix), untimed.
+
+``run_edits(ctx)`` makes the suite's ``replace_first_image``, ``replace_middle_image``,
+``replace_last_image``, ``readd_image`` and ``new_conversation`` entries of it, beside
+llama-cpp-python (peers/peer_edit.py) and llama-server (peers/openai_chat.py).
 """
 from __future__ import annotations
 
@@ -32,6 +36,14 @@ from PIL import Image
 
 import llava_kv as lk
 from llava_kv.testing import TestModel, make_test_model, random_image
+
+if __package__ in (None, ""):  # run as a script: make the benchmarks package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from benchmarks.harness import settings  # noqa: E402
+from benchmarks.harness.context import Context  # noqa: E402
+from benchmarks.harness.llama_cpp_python import PEER_SCRIPTS, PeerError, run_peer  # noqa: E402
+from benchmarks.harness.scenario import emit, entry  # noqa: E402
+from benchmarks.peers import openai_chat  # noqa: E402
 
 FILLER = ("The picture shows a small red house near a big green tree under a blue sky, and a man with "
           "a white dog walks along the road while the light changes over the land. ")
@@ -87,8 +99,6 @@ def measure(pair: TestModel, *, repeats: int = 5, filler: int = 0, n_batch: int 
     ``filler`` is the number of filler sentences per text block; 0 sizes the conversation to about
     ``target_tokens`` tokens.
     """
-    from benchmarks import settings
-
     imgs = conversation_images(pair)
     size = (pair.preset.image_size, pair.preset.image_size)
     fresh_imgs = iter(random_image(1000 + i, size) for i in range(10_000))
@@ -264,25 +274,119 @@ def never_seen_pngs(pair: TestModel, folder: Path, first_seed: int = 50_000) -> 
 
 def measure_peer(pair: TestModel, *, filler: int, repeats: int, folder: Path, python: Path | None = None,
                  n_ctx: int = 4096, n_gpu_layers: int = 0) -> dict[str, Any]:
-    """The same edits done with llama-cpp-python (benchmarks/peer_edit.py in the peer venv): a new
+    """The same edits done with llama-cpp-python (benchmarks/peers/peer_edit.py in the peer venv): a new
     chat call with the edited conversation, as its chat handler offers no edit."""
-    from benchmarks.peer import PeerError, run_peer
-
     spec = write_peer_spec(pair, filler=filler, repeats=repeats, folder=folder, n_ctx=n_ctx,
                            n_gpu_layers=n_gpu_layers)
     spec_path = folder / "peer_edit.json"
     spec_path.write_text(json.dumps(spec))
     try:
-        return run_peer(str(Path(__file__).resolve().parent / "peer_edit.py"), [str(spec_path)], python=python)
+        return run_peer(str(PEER_SCRIPTS / "peer_edit.py"), [str(spec_path)], python=python)
     except PeerError as e:
         return {"peer_error": str(e)}
 
 
-def main() -> int:
-    if __package__ in (None, ""):  # run as a script: make the benchmarks package importable
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from benchmarks.scenario import emit
+def fewest(result: dict[str, Any], key: str) -> int | None:
+    """A side's image encodes in its best repetition (the one its caches helped most)."""
+    per = (result.get("encodes_per_repetition") or {}).get(key)
+    return min(per) if per else (result.get("encodes") or {}).get(key)
 
+
+def run_edits(ctx: Context) -> dict[str, dict[str, Any]]:
+    r = measure(ctx.pair, repeats=ctx.repeat, load_kwargs=ctx.load_kwargs,
+                target_tokens=ctx.preset.edit_tokens)
+    peer: dict[str, Any] = {}
+    if ctx.peer:
+        peer = measure_peer(ctx.pair, filler=r["filler"], repeats=ctx.repeat, folder=ctx.work,
+                            python=ctx.peer_py, n_gpu_layers=ctx.n_gpu_layers)
+    server: dict[str, Any] = {}
+    if ctx.server_bin is not None:
+        spec = write_peer_spec(ctx.pair, filler=r["filler"], repeats=ctx.repeat, folder=ctx.work)
+        try:
+            with ctx.server(parallel=1, n_ctx=4096) as srv:
+                server = openai_chat.edits(srv, spec, never_seen_pngs(ctx.pair, ctx.work),
+                                           critic_system=critic_system,
+                                           critic_text=CRITIC_TEXT, repeats=ctx.repeat)
+                server["settings"] = srv.settings_used()
+        except Exception as e:  # ServerError, OSError or an openai.APIError: the reason goes in the JSON
+            server = {"server_error": f"{type(e).__name__}: {e}"}
+    reasons = ctx.peer_reasons({**peer, **server})
+    used = {"ours": r["settings"], "peer": peer.get("settings"), "server": server.get("settings")}
+    med = r["median_ms"]
+
+    def side_ms(result: dict[str, Any], key: str) -> float | None:
+        return statistics.median(result[key]) * 1000 if result.get(key) else None
+
+    common = {"conversation_tokens": r["conversation_tokens"], "image_tokens": r["image_tokens"],
+              "max_abs_logit_diff_vs_fresh": r["max_abs_logit_diff_vs_fresh"],
+              "max_abs_logit_diff_vs_fresh_by_edit": r["max_abs_logit_diff_vs_fresh_by_edit"],
+              "peer_prompt_tokens": (peer.get("prompt_tokens") or {}),
+              "server_calls": server.get("calls"),
+              "peer_does": "a new chat call (max_tokens=1) with the edited conversation: re-encodes every image, "
+                           "re-prefills everything; ours and the limit decode up to the new logits",
+              "server_does": "a new chat call (max_tokens=1) with the edited conversation: reuses its cached "
+                             "prefix up to the changed image, then encodes that image and every later one again "
+                             "(no embedding cache) and prefills the rest"}
+    out = {}
+    for where in ("first", "middle", "last"):
+        key = f"replace_{where}_image"
+        server_reasons = dict(reasons)
+        if where == "middle" and "server" not in server_reasons:
+            server_reasons["server"] = "not run against llama-server: the first and the last image bracket it"
+        out[key] = entry(
+            unit="ms", repetitions=ctx.repeat, ours=med[f"{key}_new_image"], peer=side_ms(peer, key),
+            server=side_ms(server, key) if where != "middle" else None,
+            limit=med[f"suffix_floor_{where}_new_image"], settings=used,
+            limit_means="encode the never-seen image and decode only the invalidated suffix (from the replaced "
+                        "image on) onto the kept prefix",
+            reasons=server_reasons, digits=3,
+            extra_ratios={"fresh_prefill_vs_ours": round(med["fresh_prefill_last"] / med[f"{key}_new_image"], 3),
+                          "cached_replacement_vs_its_limit": round(med[key] / med[f"suffix_floor_{where}"], 3)},
+            details={"what": f"replace the {where} of 3 images in a {r['conversation_tokens']}-token conversation "
+                             "with a never-seen image (its encode included); beside it, the same edit with an "
+                             "image whose embedding is cached",
+                     "cached_replacement_ms": med[key], "cached_replacement_limit_ms": med[f"suffix_floor_{where}"],
+                     "fresh_prefill_ms": med["fresh_prefill_last"],
+                     "fresh_prefill_with_encode_ms": med["fresh_prefill_with_encode_last"],
+                     "ours_all_ms": r["all_ms"][f"{key}_new_image"],
+                     "cached_replacement_all_ms": r["all_ms"][key],
+                     "limit_all_ms": r["all_ms"][f"suffix_floor_{where}_new_image"],
+                     "peer_all_ms": [x * 1000 for x in peer.get(key, [])],
+                     "server_all_ms": [x * 1000 for x in server.get(key, [])],
+                     "images_encoded": {"ours": 1, "peer": (peer.get("encodes") or {}).get(key),
+                                        "server": (server.get("encodes") or {}).get(key)},
+                     **common})
+    readd = r["readd_image"]
+    out["readd_image"] = entry(
+        unit="image encodes", repetitions=1, ours=readd["images_encoded"],
+        peer=(peer.get("encodes") or {}).get("readd_image"), server=None, limit=0, settings=used,
+        limit_means="zero encodes: the image was seen before",
+        reasons={**reasons, **({} if "server" in reasons else {"server": "not run against llama-server: "
+                                                               "new_conversation is its case of a seen image"})},
+        details={"what": "remove the last image of the conversation, then add the same pixels again",
+                 "ours_ms": readd["ms"], "ours_embed_cache_hits": readd["embed_cache_hits"],
+                 "peer_ms": side_ms(peer, "readd_image"), **common})
+    nc = r["new_conversation"]
+    out["new_conversation"] = entry(
+        unit="image encodes", repetitions=ctx.repeat, ours=max(x["images_encoded"] for x in nc),  # ours: the worst
+        peer=fewest(peer, "new_conversation"), server=fewest(server, "new_conversation"), limit=0, settings=used,
+        limit_means="zero encodes: the image was seen before (in another conversation)", reasons=reasons,
+        notes={"server": "llama-server's prompt cache is keyed by the token prefix: a seen image after different "
+                         "text is encoded again"},
+        details={"what": "image A of the edit conversation, in a brand-new conversation whose text before the image "
+                         "differs (another system message), 1-token answer; encodes counted per call",
+                 "ours_ms": statistics.median(x["ms"] for x in nc), "ours_calls": nc,
+                 "peer_ms": side_ms(peer, "new_conversation"), "server_ms": side_ms(server, "new_conversation"),
+                 "server_call": (server.get("calls") or {}).get("new_conversation"),
+                 "encodes_per_repetition": {
+                     "ours": [x["images_encoded"] for x in nc],
+                     "peer": (peer.get("encodes_per_repetition") or {}).get("new_conversation"),
+                     "server": (server.get("encodes_per_repetition") or {}).get("new_conversation")},
+                 "peer_prompt_tokens": (peer.get("prompt_tokens") or {}).get("new_conversation")})
+    return out
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="realistic")
     parser.add_argument("--repeats", type=int, default=5)

@@ -14,7 +14,7 @@ alike:
   ``ours_minus_limit``), ``peer_vs_ours`` and ``server_vs_ours`` (peer / ours, or ours / peer for
   throughputs).
 - ``settings``: what each side ran with (flash attention, threads, n_ctx, n_batch, n_ubatch, KV type,
-  OMP_WAIT_POLICY; benchmarks/settings.py), under ``ours``, ``peer``, ``server``.
+  OMP_WAIT_POLICY; benchmarks/harness/settings.py), under ``ours``, ``peer``, ``server``.
 - ``notes``: per side (``peer``, ``server``), why that side costs less where it does (the table shows
   the note only where that side wins).
 - ``repetitions``: how many times each figure was measured (headline figures are medians; every
@@ -43,6 +43,11 @@ def median_time(fn: Callable[[Any], Any], setup: Callable[[], Any] = lambda: Non
         fn(state)
         times.append(time.perf_counter() - t0)
     return statistics.median(times), times
+
+
+def ms(x: Optional[float]) -> Optional[float]:
+    """Seconds as milliseconds (None, a figure not measured, stays None)."""
+    return None if x is None else x * 1000
 
 
 def _ratio(a: Optional[float], b: Optional[float], digits: int = 3) -> Optional[float]:
@@ -97,7 +102,7 @@ def emit(result: Any, out: Optional[str]) -> int:
 
 
 def in_fresh_process(module: str, function: str, kwargs: dict[str, Any], timeout: float = 3600) -> Any:
-    """``benchmarks.<module>.<function>(**kwargs)`` run in a new interpreter; returns its JSON result.
+    """``benchmarks.scenarios.<module>.<function>(**kwargs)`` run in a new interpreter; returns its JSON result.
 
     Why: llama.cpp's CPU backend synchronises its threads with OpenMP barriers, and libgomp keeps one
     thread team per thread that ever ran a parallel region. Once the main thread has decoded (a session),
@@ -107,9 +112,9 @@ def in_fresh_process(module: str, function: str, kwargs: dict[str, Any], timeout
     19.3 ms/token in a fresh process and 40-42 ms/token after one session decode in the same process
     (OMP_WAIT_POLICY=active or a large GOMP_SPINCOUNT do not help). A scenario that measures the batch
     runner therefore runs it in a process of its own, as a batch job or a server runs."""
-    code = ("import json, sys; from benchmarks import {m}; "
+    code = ("import json, sys; from benchmarks.scenarios import {m}; "
             "print(json.dumps({m}.{f}(**json.loads(sys.argv[1]))))").format(m=module, f=function)
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     result = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], cwd=root, capture_output=True,
                             text=True, timeout=timeout, env=dict(os.environ))
     if result.returncode != 0:

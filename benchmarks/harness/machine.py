@@ -8,7 +8,7 @@ from typing import Any
 
 import llava_kv as lk
 
-from benchmarks.memory_probe import gpu_name
+from benchmarks.peers.memory_probe import gpu_name
 
 GPU_BACKENDS = ("CUDA", "HIP", "Vulkan", "Metal", "SYCL", "MUSA", "CANN", "OpenCL")
 

@@ -1,7 +1,7 @@
 """Multi-turn chat with one image: seconds per turn for llava-kv, its floor, and llama-cpp-python's
 multimodal chat handler on the same generated model, in one run.
 
-Usage: python benchmarks/multi_turn_bench.py [--preset realistic] [--turns 5] [--max-tokens 16]
+Usage: python benchmarks/scenarios/multi_turn.py [--preset realistic] [--turns 5] [--max-tokens 16]
        [--repeats 1] [--no-peer] [--out result.json]
 
 The floor of a turn is what no runtime can avoid: decoding the new turn's tokens (nothing earlier)
@@ -11,6 +11,8 @@ llama-cpp-python peer re-encodes the image and re-prefills the whole chat every 
 never-seen image, after one warm-up conversation, so turn 1 (encode, prefill, answer) is the same
 work on every side: the suite's control row. Both use the prompt of
 LLaVA-1.5 (its system message, "USER: ... ASSISTANT:") and greedy decoding.
+
+``run_multi_turn(ctx)`` makes the suite's ``control`` and ``multi_turn`` entries of it.
 """
 from __future__ import annotations
 
@@ -29,12 +31,16 @@ import llava_kv as lk
 from llava_kv.testing import TestModel, make_test_model, random_image
 
 if __package__ in (None, ""):  # run as a script: make the benchmarks package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.peer import CHAT_TEMPLATE, PEER, SYSTEM_MESSAGE, PeerError, run_peer  # noqa: E402
-from benchmarks import settings  # noqa: E402
-from benchmarks.scenario import emit  # noqa: E402
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from benchmarks.harness import settings  # noqa: E402
+from benchmarks.harness.context import Context  # noqa: E402
+from benchmarks.harness.llama_cpp_python import (CHAT_TEMPLATE, PEER, PEER_SCRIPTS, SYSTEM_MESSAGE,  # noqa: E402
+                                                 PeerError, run_peer)
+from benchmarks.harness.scenario import emit, entry  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
+# The control row: identical work on every side must agree within this factor, or the suite says which
+# setting differs.
+CONTROL_TOLERANCE = 1.10
 
 
 def write_images(pair: TestModel, folder: Path, n: int) -> list[Path]:
@@ -100,7 +106,7 @@ def measure(pair: TestModel, *, turns: int = 5, max_tokens: int = 16, n_ctx: int
             server: Any = None) -> dict[str, Any]:
     """Seconds per turn (medians over ``repeats`` whole conversations, each about a never-seen image)
     for llava-kv, its floor and, with ``peer``, llama-cpp-python, and with ``server`` (a
-    ``server_peer.LlamaServer`` factory taking ``parallel`` and ``n_ctx``) llama-server; returns the
+    ``llama_server.LlamaServer`` factory taking ``parallel`` and ``n_ctx``) llama-server; returns the
     JSON-ready result. Turn 1 of each side is the control: the same work everywhere."""
     folder = workdir or Path(tempfile.mkdtemp())
     pngs = write_images(pair, folder, repeats + 1)
@@ -135,7 +141,7 @@ def measure(pair: TestModel, *, turns: int = 5, max_tokens: int = 16, n_ctx: int
     }
     if peer:
         try:
-            out = run_peer(str(HERE / "peer_multi_turn.py"),
+            out = run_peer(str(PEER_SCRIPTS / "peer_multi_turn.py"),
                            [str(pair.model_path), str(pair.mmproj_path), str(turns), str(max_tokens), str(n_ctx),
                             str(peer_gpu_layers), *map(str, pngs)], python=peer_python)
             peer_s = _medians(out["runs"])
@@ -148,15 +154,15 @@ def measure(pair: TestModel, *, turns: int = 5, max_tokens: int = 16, n_ctx: int
         except PeerError as e:
             result["peer_error"] = str(e)
     if server is not None:
-        from benchmarks import server_bench
+        from benchmarks.peers import openai_chat
 
         try:
             # --cache-ram 0: no saved prompt may give turn 1 a head start (its slot's own cache still serves
             # turns 2..N, which is what this scenario measures)
             with server(parallel=1, n_ctx=n_ctx, cache_ram_mib=0) as srv:
-                server_bench.multi_turn(srv, warm, system=SYSTEM_MESSAGE, turns=2, max_tokens=max_tokens, repeats=1)
-                outs = [server_bench.multi_turn(srv, png, system=SYSTEM_MESSAGE, turns=turns, max_tokens=max_tokens,
-                                                repeats=1) for png in images]
+                openai_chat.multi_turn(srv, warm, system=SYSTEM_MESSAGE, turns=2, max_tokens=max_tokens, repeats=1)
+                outs = [openai_chat.multi_turn(srv, png, system=SYSTEM_MESSAGE, turns=turns, max_tokens=max_tokens,
+                                               repeats=1) for png in images]
                 result["settings"]["server"] = srv.settings_used()
             runs_s, calls = [o["runs"][0] for o in outs], [o["calls"] for o in outs]
             server_s = _medians(runs_s)
@@ -169,6 +175,68 @@ def measure(pair: TestModel, *, turns: int = 5, max_tokens: int = 16, n_ctx: int
         except Exception as e:  # ServerError, OSError or an openai.APIError: the reason goes in the JSON
             result["server_error"] = f"{type(e).__name__}: {e}"
     return result
+
+
+def _control_verdict(ours: float | None, other: float | None, ours_settings: dict[str, Any] | None,
+                     other_settings: dict[str, Any] | None, name: str) -> dict[str, Any]:
+    """Whether identical work agrees within CONTROL_TOLERANCE, and if not, which setting differs."""
+    if ours is None or other is None:
+        return {"agree": None, "says": f"{name} not measured"}
+    ratio = other / ours
+    differs = settings.differences(ours_settings, other_settings)
+    agree = 1 / CONTROL_TOLERANCE <= ratio <= CONTROL_TOLERANCE
+    if agree:
+        says = f"{name} {ratio:.2f}x of llava-kv: within {CONTROL_TOLERANCE - 1:.0%}"
+    elif differs:
+        says = f"{name} {ratio:.2f}x of llava-kv, outside {CONTROL_TOLERANCE - 1:.0%}; settings that differ: " + \
+               "; ".join(differs)
+    else:
+        says = (f"{name} {ratio:.2f}x of llava-kv, outside {CONTROL_TOLERANCE - 1:.0%}, with every recorded "
+                "setting equal: the gap is the runtime's own work, not a setting")
+    return {"agree": agree, "ratio": round(ratio, 3), "settings_that_differ": differs, "says": says}
+
+
+def run_multi_turn(ctx: Context) -> dict[str, dict[str, Any]]:
+    p = ctx.preset
+    r = measure(ctx.pair, turns=p.turns, max_tokens=p.answer_tokens, repeats=ctx.repeat,
+                peer=ctx.peer, peer_python=ctx.peer_py, workdir=ctx.work,
+                load_kwargs=ctx.load_kwargs, peer_gpu_layers=ctx.n_gpu_layers,
+                server=ctx.server_factory)
+    med = r["median_later_turns_s"]
+    reasons = ctx.peer_reasons(r)
+    used = r["settings"]
+    first = r["turn1_s"]
+    verdicts = {"peer": _control_verdict(first["ours"], first.get("peer"), used["ours"], used.get("peer"),
+                                         "llama-cpp-python"),
+                "server": _control_verdict(first["ours"], first.get("server"), used["ours"], used.get("server"),
+                                           "llama-server")}
+    control = entry(
+        unit="s (turn 1)", repetitions=ctx.repeat, ours=first["ours"], peer=first.get("peer"),
+        server=first.get("server"), limit=None, settings=used,
+        limit_means="none: a control row, the same work on every side",
+        reasons={**reasons, "limit": "a control row has no limit: it checks that like-for-like settings give "
+                                     "like-for-like times"}, digits=6,
+        details={"what": "turn 1 of the multi-turn chat: encode a never-seen image, prefill the prompt, "
+                         f"{p.answer_tokens}-token greedy answer; identical work on every side (medians over "
+                         f"{ctx.repeat} conversations, each about a new image)",
+                 "tolerance": CONTROL_TOLERANCE, "all_s": r["all_turn1_s"], "verdict": verdicts,
+                 "prompt_tokens": {"ours": r["prompt_tokens"]["ours"][0],
+                                   "server": (r.get("server_calls") or [{}])[0].get("prompt_tokens")}})
+    multi = entry(
+        unit="s per turn", repetitions=ctx.repeat, ours=med["ours"], peer=med.get("peer"), server=med.get("server"),
+        limit=med["floor"], settings=used,
+        limit_means="decode only the new turn's tokens, then generate the answer (measured on a copy of the state)",
+        reasons=reasons, digits=6,
+        notes={"server": "llama-server reuses its slot's cached prefix (image included) like us; per turn it "
+                         "also pays HTTP, JSON and re-rendering the whole chat"},
+        details={"what": f"chat with one image, turns 2..{p.turns} (median over turns of per-turn medians), "
+                         f"{p.answer_tokens}-token greedy answers",
+                 "turns": p.turns, "ours_s": r["ours_s"], "limit_s": r["floor_s"], "peer_s": r["peer_s"],
+                 "server_s": r["server_s"], "all_ours_s": r["all_ours_s"],
+                 "reused_tokens": r["reused_tokens"], "images_encoded": r["images_encoded"],
+                 "server_calls": r.get("server_calls"), "server_images_encoded": r.get("server_images_encoded"),
+                 "per_turn_ratios": r["ratios"]})
+    return {"control": control, "multi_turn": multi}
 
 
 def main() -> int:
