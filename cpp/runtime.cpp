@@ -1,7 +1,17 @@
 #include "runtime.h"
 
+#ifdef _WIN32
+#define NOMINMAX
+#include <windows.h>
+#else
+#include <dlfcn.h>
+#endif
+
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
+#include <cstdlib>
+#include <filesystem>
 #include <map>
 #include <mutex>
 #include <stdexcept>
@@ -14,6 +24,9 @@
 
 #ifndef LLAVA_KV_LLAMA_CPP_COMMIT
 #define LLAVA_KV_LLAMA_CPP_COMMIT "unknown"
+#endif
+#ifndef LLAVA_KV_CPU_VARIANTS
+#define LLAVA_KV_CPU_VARIANTS "all"
 #endif
 
 namespace llava_kv {
@@ -46,6 +59,139 @@ const char * device_type_name(enum ggml_backend_dev_type type) {
     }
 }
 
+namespace fs = std::filesystem;
+
+// How ggml names a backend module: libggml-cpu-zen4.so (ggml-cpu-zen4.dll on Windows).
+#ifdef _WIN32
+constexpr const char * kModulePrefix = "ggml-";
+constexpr const char * kModuleExtension = ".dll";
+#else
+constexpr const char * kModulePrefix = "libggml-";
+constexpr const char * kModuleExtension = ".so";
+#endif
+
+// The folder of the library this code is in (the Python module): ggml's backend modules lie beside it.
+fs::path module_dir() {
+#ifdef _WIN32
+    HMODULE self = nullptr;
+    wchar_t path[MAX_PATH];
+    if (!GetModuleHandleExW(GET_MODULE_HANDLE_EX_FLAG_FROM_ADDRESS | GET_MODULE_HANDLE_EX_FLAG_UNCHANGED_REFCOUNT,
+                            reinterpret_cast<LPCWSTR>(&ensure_runtime), &self) ||
+        GetModuleFileNameW(self, path, MAX_PATH) == 0) {
+        throw std::runtime_error("llava-kv: cannot tell where its native module is");
+    }
+    return fs::path(path).parent_path();
+#else
+    Dl_info info{};
+    if (dladdr(reinterpret_cast<void *>(&ensure_runtime), &info) == 0 || info.dli_fname == nullptr) {
+        throw std::runtime_error("llava-kv: cannot tell where its native module is (dladdr failed)");
+    }
+    return fs::path(info.dli_fname).parent_path();
+#endif
+}
+
+// What a CPU variant module scores on this CPU (ggml_backend_score: 0 where the CPU lacks an
+// instruction set it needs, higher for more capable variants), read without registering it.
+int cpu_variant_score(const fs::path & path) {
+    using score_fn = int (*)();
+#ifdef _WIN32
+    HMODULE lib = LoadLibraryW(path.wstring().c_str());
+    if (lib == nullptr) {
+        return 0;
+    }
+    auto score = reinterpret_cast<score_fn>(GetProcAddress(lib, "ggml_backend_score"));
+    const int value = score != nullptr ? score() : 0;
+    FreeLibrary(lib);
+#else
+    void * lib = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (lib == nullptr) {
+        return 0;
+    }
+    auto score = reinterpret_cast<score_fn>(dlsym(lib, "ggml_backend_score"));
+    const int value = score != nullptr ? score() : 0;
+    dlclose(lib);
+#endif
+    return value;
+}
+
+std::string g_cpu_variant;                // the CPU backend variant loaded (set once, in ensure_runtime)
+std::vector<std::string> g_cpu_variants;  // the variants this build has
+
+// Registers the backends built beside the module: every other backend there (GPU ones register
+// nothing where their driver is missing), then the CPU backend in the variant that scores best on
+// this CPU, or in the one LLAVA_KV_CPU_VARIANT names (to compare logits across machines, or with a
+// peer built for that variant). A build for its host alone has its backends linked in: "host".
+void load_backends() {
+    const char * forced = std::getenv("LLAVA_KV_CPU_VARIANT");
+    if (std::string(LLAVA_KV_CPU_VARIANTS) == "host") {  // one CPU backend, linked in: nothing to load
+        if (forced != nullptr && *forced != '\0' && std::string(forced) != "host") {
+            throw std::runtime_error(std::string("LLAVA_KV_CPU_VARIANT=") + forced + ": this build has one CPU "
+                                     "backend, built for its host (LLAVA_KV_CPU_VARIANTS=host): no variant to choose");
+        }
+        g_cpu_variant = "host";
+        g_cpu_variants = {"host"};
+        return;
+    }
+    const fs::path dir = module_dir();
+    const std::string cpu_prefix = std::string(kModulePrefix) + "cpu";
+    std::vector<fs::path> others;
+    std::map<std::string, fs::path> cpu;
+    for (const auto & entry : fs::directory_iterator(dir)) {
+        const std::string name = entry.path().filename().string();
+        const std::string stem = entry.path().stem().string();
+        if (name.rfind(kModulePrefix, 0) != 0 || entry.path().extension() != kModuleExtension ||
+            stem == std::string(kModulePrefix) + "base") {
+            continue;
+        }
+        if (stem.rfind(cpu_prefix + "-", 0) == 0) {
+            cpu[stem.substr(cpu_prefix.size() + 1)] = entry.path();
+        } else {
+            others.push_back(entry.path());
+        }
+    }
+    std::string known;
+    for (const auto & entry : cpu) {
+        known += (known.empty() ? "" : ", ") + entry.first;
+    }
+    // Chosen and checked before anything is registered, so a refusal leaves nothing half loaded.
+    std::string chosen;
+    if (forced != nullptr && *forced != '\0') {
+        if (cpu.count(forced) == 0) {
+            throw std::runtime_error(std::string("LLAVA_KV_CPU_VARIANT=") + forced + ": this build has no such CPU "
+                                     "variant; it has: " + known);
+        }
+        if (cpu_variant_score(cpu[forced]) == 0) {
+            throw std::runtime_error(std::string("LLAVA_KV_CPU_VARIANT=") + forced + ": this CPU cannot run that "
+                                     "variant (it lacks an instruction set the variant needs); this build has: " +
+                                     known);
+        }
+        chosen = forced;
+    } else {
+        int best = 0;
+        for (const auto & [variant, path] : cpu) {
+            if (const int score = cpu_variant_score(path); score > best) {
+                best = score;
+                chosen = variant;
+            }
+        }
+        if (chosen.empty()) {
+            throw std::runtime_error("llava-kv: none of the CPU backend variants in " + dir.string() +
+                                     " runs on this CPU (found: " + (known.empty() ? "none" : known) + ")");
+        }
+    }
+    std::sort(others.begin(), others.end());
+    for (const auto & path : others) {
+        ggml_backend_load(path.string().c_str());  // a GPU backend whose driver is missing registers nothing
+    }
+    if (ggml_backend_load(cpu[chosen].string().c_str()) == nullptr) {
+        throw std::runtime_error("llava-kv: could not load the CPU backend " + cpu[chosen].string());
+    }
+    for (const auto & entry : cpu) {
+        g_cpu_variants.push_back(entry.first);
+    }
+    g_cpu_variant = chosen;
+}
+
 }  // namespace
 
 void ensure_runtime() {
@@ -54,6 +200,7 @@ void ensure_runtime() {
         llama_log_set(log_sink, nullptr);
         mtmd_log_set(log_sink, nullptr);
         mtmd_helper_log_set(log_sink, nullptr);
+        load_backends();
         llama_backend_init();
         watch_device_buffers();
     });
@@ -107,6 +254,9 @@ BuildInfo build_info() {
     ensure_runtime();
     BuildInfo info;
     info.llama_cpp_commit = LLAVA_KV_LLAMA_CPP_COMMIT;
+    info.cpu_variant = g_cpu_variant;
+    info.cpu_variants = g_cpu_variants;
+    info.cpu_variants_built = LLAVA_KV_CPU_VARIANTS;
     for (size_t i = 0; i < ggml_backend_reg_count(); ++i) {
         info.backends.emplace_back(ggml_backend_reg_name(ggml_backend_reg_get(i)));
     }

@@ -40,6 +40,9 @@ struct BuildInfo {
     std::string llama_cpp_commit;
     std::vector<std::string> backends;
     std::vector<DeviceInfo> devices;
+    std::string cpu_variant;                // the CPU backend variant in use ("zen4", "haswell"; "host")
+    std::vector<std::string> cpu_variants;  // the variants this build has
+    std::string cpu_variants_built;         // "all" (portable) or "host" (built for the build machine)
 };
 
 BuildInfo build_info();

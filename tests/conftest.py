@@ -1,15 +1,27 @@
 """Shared fixtures: the generated GGUF pairs are built once per test session."""
 from __future__ import annotations
 
+import importlib.util
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-import llava_kv as lk
-from llava_kv import _core
-from llava_kv.images import load_image
-from llava_kv.testing import TestModel, make_test_model, random_image, rss_bytes  # noqa: F401
+# The suite runs on the CPU variant the peers are built for (llama.cpp with GGML_NATIVE=OFF on
+# x86-64: AVX2, FMA, F16C, BMI2, which is ggml's "haswell" variant), so logits equal theirs and the
+# same on every machine; tests/test_cpu_variants.py runs the variant this CPU would get, in
+# subprocesses. Set before llava_kv loads (it picks the variant once, at import).
+REFERENCE_CPU_VARIANT = "haswell"
+_spec = importlib.util.find_spec("llava_kv")
+if any((Path(d) / f"libggml-cpu-{REFERENCE_CPU_VARIANT}.so").exists()
+       for d in (_spec.submodule_search_locations or []) if _spec):
+    os.environ.setdefault("LLAVA_KV_CPU_VARIANT", REFERENCE_CPU_VARIANT)
+
+import llava_kv as lk  # noqa: E402
+from llava_kv import _core  # noqa: E402
+from llava_kv.images import load_image  # noqa: E402
+from llava_kv.testing import TestModel, make_test_model, random_image, rss_bytes  # noqa: E402,F401
 
 # Every CI-sized family. tiny-pixtral is not here: its projector graph reads an uninitialised
 # buffer (see tests/test_families.py), so its logits are not reproducible.

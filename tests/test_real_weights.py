@@ -29,7 +29,7 @@ import llava_kv as lk
 from llava_kv.cli import main
 from llava_kv.testing import default_cache_dir, make_test_projector, random_image
 
-from conftest import feed_timeline
+from conftest import REFERENCE_CPU_VARIANT, feed_timeline
 
 pytestmark = pytest.mark.real
 
@@ -183,6 +183,11 @@ def _peer_python() -> Path:
 
 @pytest.fixture(scope="module")
 def peer_run(gemma_path: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
+    variant = lk.build_info()["cpu_variant"]
+    if variant != REFERENCE_CPU_VARIANT:  # logits are equal only with the same kernels
+        pytest.skip(f"the peer runs llama.cpp's {REFERENCE_CPU_VARIANT} kernels (GGML_NATIVE=OFF) and this process "
+                    f"runs the {variant!r} CPU variant: compare with a build that has every variant "
+                    f"(LLAVA_KV_CPU_VARIANTS=all, the default), where the suite runs {REFERENCE_CPU_VARIANT}")
     py = _peer_python()
     out = tmp_path_factory.mktemp("peer")
     job = {"model": str(gemma_path), "n_ctx": N_CTX, "threads": THREADS, "n": N_GREEDY, "prompts": PROMPTS,

@@ -30,6 +30,7 @@ from typing import Any
 from llava_kv.server.process import ChildServer, free_port
 
 from benchmarks.harness.llama_server import LlamaServer
+from benchmarks.harness.settings import PEER_CPU_VARIANT
 
 PEER = "llama-cpp-python==0.3.36"
 ROOT = Path(__file__).resolve().parents[2]
@@ -190,5 +191,6 @@ class PeerServer(ChildServer):
                 "n_ctx": int(logged("n_ctx") or self.settings["n_ctx"]),
                 "n_batch": int(logged("n_batch") or self.settings["n_batch"]),
                 "n_ubatch": int(logged("n_ubatch") or self.settings["n_batch"]), "kv_type": "f16/f16",
-                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or "unset", "parallel": 1,
+                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or "unset", "cpu_variant": PEER_CPU_VARIANT,
+                "parallel": 1,
                 "cont_batching": False, "cache_prompt": False, "command": " ".join(self.cmd[1:])}

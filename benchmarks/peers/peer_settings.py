@@ -29,4 +29,5 @@ def settings(llm):
             "n_ctx": int(llama_cpp.llama_n_ctx(ctx)), "n_batch": int(llama_cpp.llama_n_batch(ctx)),
             "n_ubatch": int(llama_cpp.llama_n_ubatch(ctx)),
             "kv_type": KV_TYPES.get(int(cp.type_k), str(cp.type_k)) + "/" + KV_TYPES.get(int(cp.type_v), str(cp.type_v)),
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or "unset"}
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or "unset",
+            "cpu_variant": "haswell"}  # built with GGML_NATIVE=OFF: ggml's haswell kernels (AVX2, FMA, F16C, BMI2)

@@ -1,6 +1,9 @@
 """Wheel build time from a clean build folder: llava-kv, llama-cpp-python (the same llama.cpp
 commit, from the same sdist), and the limit: building only the llama.cpp libraries llava-kv links
-(llama, ggml, mtmd; static, PIC), which no binding of llama.cpp avoids.
+(llama, ggml, mtmd; static, PIC), which no binding of llama.cpp avoids. llava-kv's figure is its
+default wheel, with every CPU variant of ggml's CPU backend (14 on x86-64); ``details`` add the
+development build (``LLAVA_KV_CPU_VARIANTS=host``: one CPU backend) and a warm rebuild of the
+default wheel after one of our C++ files changed (the same build folder, ccache off).
 
 Usage: python benchmarks/scenarios/build_time.py [--jobs N] [--no-peer] [--out result.json]
 
@@ -72,6 +75,14 @@ def measure(*, gpu: bool = False, peer: bool = True, jobs: int | None = None) ->
              "-w", str(work / "wheels"), "-C", f"build-dir={work / 'ours-build'}"], env)
         wheel = next((work / "wheels").glob("llava_kv-*.whl"))
         out["ours_wheel_mb"] = round(wheel.stat().st_size / 2**20, 1)
+        (ROOT / "cpp" / "session.cpp").touch()  # one of our files changed: what an edit-build loop pays
+        out["seconds"]["ours_warm_rebuild"] = _run(
+            [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-build-isolation", "--no-deps", "-q",
+             "-w", str(work / "wheels-warm"), "-C", f"build-dir={work / 'ours-build'}"], env)
+        out["seconds"]["ours_host_variant"] = _run(
+            [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-build-isolation", "--no-deps", "-q",
+             "-w", str(work / "wheels-host"), "-C", f"build-dir={work / 'ours-host-build'}",
+             "-C", "cmake.define.LLAVA_KV_CPU_VARIANTS=host"], env)
 
         limit_src = work / "limit-src"
         limit_src.mkdir()

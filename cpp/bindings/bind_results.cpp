@@ -220,6 +220,12 @@ void register_results(py::module_ & m) {
         .field("llama_cpp_commit", &BuildInfo::llama_cpp_commit, "the llama.cpp commit built against")
         .field("backends", &BuildInfo::backends, "the ggml backends compiled in ('CPU', 'Vulkan', 'CUDA')")
         .field("devices", &BuildInfo::devices, "the devices those backends see now")
+        .field("cpu_variant", &BuildInfo::cpu_variant,
+               "the CPU backend variant loaded: the best this CPU runs ('zen4', 'haswell', ...), or the one "
+               "LLAVA_KV_CPU_VARIANT names; 'host' in a build for its own machine only")
+        .field("cpu_variants", &BuildInfo::cpu_variants, "the CPU backend variants this build has")
+        .field("cpu_variants_built", &BuildInfo::cpu_variants_built,
+               "'all' (every variant, portable) or 'host' (one, built for the build machine)")
         .done();
 }
 
