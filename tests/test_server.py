@@ -22,6 +22,7 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
 import llava_kv as lk  # noqa: E402
+from llava_kv import saved  # noqa: E402
 from llava_kv.server.process import ServerProcess  # noqa: E402
 from llava_kv.testing import random_image  # noqa: E402
 
@@ -303,10 +304,12 @@ def test_kill_mid_stream_and_restart_restores_from_disk(pair, local, tmp_path):
         stream = ask(client, history, stream=True, max_tokens=400)
         next(iter(stream))
         srv.kill()  # SIGKILL mid-stream: no shutdown code runs
-    for meta in state_dir.glob("*.json"):  # every listed state is whole
-        blob = meta.with_suffix(".state").read_bytes()
-        with lk.Model.load(pair.model_path, pair.mmproj_path) as m:
-            lk._core.inspect_state(m._core, blob)
+    files = sorted(state_dir.glob("*.state"))
+    assert files and not list(state_dir.glob(".*.tmp"))  # written whole or not at all
+    with lk.Model.load(pair.model_path, pair.mmproj_path) as m:
+        for path in files:  # each a whole saved conversation (Session.save's format), its checksum right
+            header, blob = saved.read(path, m)
+            assert header["slots"] == 2 and header["n_cells"] == lk._core.inspect_state(m._core, blob).n_cells > 0
     with ServerProcess(pair.model_path, pair.mmproj_path, args=args) as srv:
         client = srv.client()
         client._llava_model = os.path.basename(pair.model_path)
@@ -377,7 +380,8 @@ def guarded(pair, tmp_path_factory):
     (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
     with ServerProcess(pair.model_path, pair.mmproj_path, api_key="sekret",
                        args=["--slots", "2", "--n-ctx", "1024", "--allow-local-files", str(root),
-                             "--max-image-bytes", "200000", "--max-body-bytes", "1000000"]) as srv:
+                             "--max-image-bytes", "200000", "--max-image-pixels", "40000",
+                             "--max-body-bytes", "1000000"]) as srv:
         yield srv, root, outside
 
 
@@ -434,6 +438,15 @@ def test_size_limits_answer_413(guarded):
     big = base64.b64encode(png(60, (400, 400))).decode()  # > 200000 bytes encoded
     status, _, body = srv.post("/v1/chat/completions", _image_url("data:image/png;base64," + big))
     assert status == 413 and json.loads(body)["error"]["code"] == "payload_too_large"
+    from PIL import Image
+
+    flat = io.BytesIO()  # a few hundred bytes, but more pixels than the server takes: refused from its header
+    Image.new("RGB", (300, 300)).save(flat, format="PNG")
+    status, _, body = srv.post("/v1/chat/completions",
+                               _image_url("data:image/png;base64," + base64.b64encode(flat.getvalue()).decode()))
+    error = json.loads(body)["error"]
+    assert status == 413 and error["code"] == "payload_too_large", error
+    assert "the image (300x300) is 90000 pixels, more than this server's limit of 40000 pixels" in error["message"]
     # The client is still sending when the server knows the answer (from Content-Length): the server
     # reads the rest before answering, or the client would see a broken pipe instead of the 413
     # (one in three requests did, before)

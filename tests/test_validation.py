@@ -472,13 +472,17 @@ def test_pixel_limit_is_configurable() -> None:
 
     data = _png(300, 200)
     assert lk.images.get_max_image_pixels() == lk.images.DEFAULT_MAX_IMAGE_PIXELS == 8192 * 8192
-    with pytest.raises(lk.ImageError, match="300x200 = 60000 pixels"):
+    with pytest.raises(lk.ImageTooLargeError, match="300x200 = 60000 pixels") as too_large:
         lk.images.load_image(data, max_pixels=59999)
+    assert (too_large.value.pixels, too_large.value.limit) == (60000, 59999)
+    assert lk.images.image_header_size(data, "the image") == (300, 200)
+    with pytest.raises(lk.ImageError, match="^the image cannot be decoded"):
+        lk.images.image_header_size(b"not an image", "the image")
     assert lk.images.load_image(data, max_pixels=60000).pixels.shape == (200, 300, 3)
     try:
         lk.images.set_max_image_pixels(1000)
         for image in (data, Image.new("RGB", (300, 200)), np.zeros((200, 300, 3), np.uint8)):
-            with pytest.raises(lk.ImageError, match="more than the limit of 1000"):
+            with pytest.raises(lk.ImageTooLargeError, match="more than the limit of 1000"):
                 lk.images.load_image(image)
         with pytest.raises(ValueError, match="max_image_pixels"):
             lk.images.set_max_image_pixels(0)

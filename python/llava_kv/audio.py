@@ -21,11 +21,13 @@ if TYPE_CHECKING:
 
 AudioInput = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, np.ndarray]
 
-__all__ = ["AudioInput", "LoadedAudio", "load_audio", "looks_like_audio", "MAX_AUDIO_FILE_BYTES"]
+__all__ = ["AudioInput", "LoadedAudio", "load_audio", "looks_like_audio", "MAX_AUDIO_FILE_BYTES", "AUDIO_FORMATS"]
 
 # A file larger than this is refused before it is read (an hour of 16-bit 48 kHz stereo is ~660 MB).
 MAX_AUDIO_FILE_BYTES = 1 << 30
-_AUDIO_SUFFIXES = (".wav", ".mp3", ".flac")
+# The audio files mtmd decodes (what OpenAI's input_audio "format" may name), and their suffixes.
+AUDIO_FORMATS = ("wav", "mp3", "flac")
+_AUDIO_SUFFIXES = tuple(f".{fmt}" for fmt in AUDIO_FORMATS)
 
 
 @dataclass(frozen=True)

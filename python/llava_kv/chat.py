@@ -22,7 +22,7 @@ import uuid
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence, Union
 from urllib.parse import unquote, urlparse
 
-from .audio import LoadedAudio, load_audio
+from .audio import AUDIO_FORMATS, LoadedAudio, load_audio
 from .errors import AudioError, ImageError, LlavaKVError
 from .gguf import architecture
 from .images import LoadedImage, load_image
@@ -33,7 +33,6 @@ __all__ = ["ARCH_CHAT_TEMPLATES", "ChatTemplate", "choose_chat_template", "apply
 
 Item = Union[str, LoadedImage, LoadedAudio]
 Media = (LoadedImage, LoadedAudio)
-AUDIO_FORMATS = ("wav", "mp3", "flac")
 
 log = logging.getLogger("llava_kv")
 

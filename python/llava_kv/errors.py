@@ -6,6 +6,7 @@ __all__ = [
     "ModelLoadError",
     "MediaError",
     "ImageError",
+    "ImageTooLargeError",
     "AudioError",
     "ContextFullError",
     "ClosedError",
@@ -28,6 +29,16 @@ class MediaError(LlavaKVError):
 
 class ImageError(MediaError):
     """An image could not be read, decoded or encoded by the projector."""
+
+
+class ImageTooLargeError(ImageError):
+    """An image has more pixels than the limit (``pixels`` and ``limit`` carry the two numbers); only
+    its header was read."""
+
+    def __init__(self, message: str, pixels: int, limit: int) -> None:
+        super().__init__(message)
+        self.pixels = pixels
+        self.limit = limit
 
 
 class AudioError(MediaError):

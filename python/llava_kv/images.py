@@ -17,12 +17,12 @@ from typing import Any, Union
 import numpy as np
 
 from .arguments import check_int
-from .errors import ImageError
+from .errors import ImageError, ImageTooLargeError
 
 ImageInput = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, np.ndarray, Any]
 
 __all__ = ["LoadedImage", "load_image", "describe_image", "file_fingerprint", "set_max_image_pixels",
-           "get_max_image_pixels", "DEFAULT_MAX_IMAGE_PIXELS"]
+           "get_max_image_pixels", "DEFAULT_MAX_IMAGE_PIXELS", "check_image_pixels", "image_header_size"]
 
 # Images larger than this (width x height) are refused before they are decoded: a small file can
 # declare a huge canvas (a "decompression bomb"), and a projector resizes every image to a few
@@ -69,14 +69,29 @@ def file_fingerprint(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def _check_size(width: int, height: int, source: str, limit: int) -> None:
+def check_image_pixels(width: int, height: int, source: str, limit: int) -> None:
+    """ImageTooLargeError unless a ``width`` x ``height`` image is within ``limit`` pixels."""
     if width * height > limit:
-        raise ImageError(f"image {source} is {width}x{height} = {width * height} pixels, more than the limit of "
-                         f"{limit} (llava_kv.images.set_max_image_pixels() raises it)")
+        raise ImageTooLargeError(f"image {source} is {width}x{height} = {width * height} pixels, more than the "
+                                 f"limit of {limit} (llava_kv.images.set_max_image_pixels() raises it)",
+                                 width * height, limit)
+
+
+def image_header_size(data: bytes, source: str) -> tuple[int, int]:
+    """The width and height an encoded image's header gives (nothing is decoded); ImageError, whose
+    message starts with ``source`` ("the image"), when Pillow cannot read it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            return int(width), int(height)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError(f"{source} cannot be decoded ({e})") from e
 
 
 def _from_pil(img: Any, source: str, limit: int) -> np.ndarray:
-    _check_size(img.size[0], img.size[1], source, limit)  # before decoding: only the header is read so far
+    check_image_pixels(img.size[0], img.size[1], source, limit)  # before decoding: only the header is read
     img.load()
     if img.mode != "RGB":
         img = img.convert("RGB")
@@ -148,7 +163,7 @@ def load_image(image: ImageInput, projector_id: str = "", *, max_pixels: int | N
         pixels = _decode(lambda: Image.open(io.BytesIO(data)), source, limit)
     elif isinstance(image, np.ndarray):
         pixels = _from_array(image, source)
-        _check_size(pixels.shape[1], pixels.shape[0], source, limit)
+        check_image_pixels(pixels.shape[1], pixels.shape[0], source, limit)
     elif isinstance(image, Image.Image):
         pixels = _decode(lambda: contextlib.nullcontext(image), source, limit)  # the caller's to close
     else:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from collections.abc import MutableSequence
 from dataclasses import dataclass
-import json
 import os
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Sequence, TypedDict, Union, cast, overload
 
 import numpy as np
 
-from . import _core
+from . import _core, saved
 from .arguments import check_int, check_sampling, check_stops
 from .native import NativeObject
 from .chat import ChatReply, plan_edit, render_conversation
@@ -415,28 +414,14 @@ class Session(NativeObject[_core.Session]):
 
     # -- state ------------------------------------------------------------------------------
 
-    _STATE_FORMAT = "llava-kv-session"
-    _STATE_VERSION = 2  # 2: the native state carries its sizes and a checksum
-    _HEADER_KEYS = {"format": str, "version": int, "model_fingerprint": str, "projector_id": str}
-    _MAX_HEADER_BYTES = 1 << 16
-
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the session (KV cache, timeline, image refs and their embeddings) to ``path``.
 
         The file is written next to ``path`` and renamed over it, so ``path`` never holds half a
         session; the native part carries a checksum that :meth:`load` verifies.
         """
-        header = {"format": self._STATE_FORMAT, "version": self._STATE_VERSION,
-                  "model_fingerprint": self._model.fingerprint, "projector_id": self._model.projector_id,
-                  "n_ctx": self.n_ctx, "n_past": self.n_past}
-        blob = self._core.save_state()
-        tmp = f"{os.fspath(path)}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(json.dumps(header).encode() + b"\n")
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        saved.write(path, saved.header_for(self._model, n_ctx=self.n_ctx, n_past=self.n_past),
+                    self._core.save_state())
 
     @classmethod
     def load(cls, model: "Model", path: str | os.PathLike[str], *, n_ctx: int | None = None,
@@ -450,32 +435,14 @@ class Session(NativeObject[_core.Session]):
         ``n_ctx`` than the timeline needs raises ContextFullError.
         """
         name = os.fspath(path)
-        with open(path, "rb") as f:
-            line = f.readline(cls._MAX_HEADER_BYTES)
-            try:
-                header = json.loads(line)
-            except ValueError:
-                header = None
-            if not isinstance(header, dict) or header.get("format") != cls._STATE_FORMAT:
-                raise LlavaKVError(f"{name!r} is not a llava-kv session file")
-            for key, kind in cls._HEADER_KEYS.items():
-                if not isinstance(header.get(key), kind):
-                    raise LlavaKVError(f"{name!r}: the session header's {key!r} is missing or not a "
-                                       f"{kind.__name__} ({header.get(key)!r})")
-            if header["version"] != cls._STATE_VERSION:
-                raise LlavaKVError(f"{name!r} has session format version {header['version']}, "
-                                   f"this llava-kv reads version {cls._STATE_VERSION}")
-            if header["model_fingerprint"] != model.fingerprint or header["projector_id"] != model.projector_id:
-                raise LlavaKVError(f"{name!r} was saved from a different model or projector than "
-                                   f"{model.path!r}; load it with the model it was saved from")
-            blob = f.read()
+        _, blob = saved.read(path, model)
         try:
-            saved = _core.inspect_state(model._core, blob)
+            state = _core.inspect_state(model._core, blob)
         except LlavaKVError as e:
             raise LlavaKVError(f"{name!r}: {e}") from None
-        needed = saved.n_cells
+        needed = state.n_cells
         if n_ctx is None:
-            n_ctx = saved.n_ctx
+            n_ctx = state.n_ctx
             limit = max(model.n_ctx_train, needed)
             if n_ctx > limit:
                 raise LlavaKVError(f"{name!r} declares n_ctx={n_ctx}, more than this model's training context "
@@ -486,8 +453,8 @@ class Session(NativeObject[_core.Session]):
         if n_ctx < needed:
             raise ContextFullError(f"{name!r} needs {needed} KV cells but n_ctx={n_ctx}; pass n_ctx >= {needed}",
                                    needed=needed, available=n_ctx)
-        n_batch = n_batch or saved.n_batch
-        session = model.session(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=min(saved.n_ubatch, n_batch))
+        n_batch = n_batch or state.n_batch
+        session = model.session(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=min(state.n_ubatch, n_batch))
         try:
             session._core.load_state(blob)
         except BaseException:

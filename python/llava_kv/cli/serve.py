@@ -7,6 +7,7 @@ import signal
 import sys
 from typing import Any
 
+from ..server.media import MediaPolicy
 from .options import UsageError, add_command, add_model_args, err, model_paths, non_negative_int, positive_int
 
 
@@ -53,9 +54,9 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--allow-local-files", metavar="DIR",
                    help="let clients name image files, only inside DIR (default: clients cannot make the server "
                    "read files)")
-    s.add_argument("--max-image-bytes", type=positive_int, default=20 * 1024 * 1024, metavar="N",
+    s.add_argument("--max-image-bytes", type=positive_int, default=MediaPolicy.max_image_bytes, metavar="N",
                    help="largest encoded image or audio clip (default: %(default)s)")
-    s.add_argument("--max-image-pixels", type=positive_int, default=8192 * 8192, metavar="N",
+    s.add_argument("--max-image-pixels", type=positive_int, default=MediaPolicy.max_image_pixels, metavar="N",
                    help="largest decoded image (default: %(default)s)")
     s.add_argument("--max-body-bytes", type=positive_int, default=64 * 1024 * 1024, metavar="N",
                    help="largest request body (default: %(default)s)")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import os
 import threading
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Optional, Sequence
 
+from .. import saved
 from ..chat import ChatTemplate, plan_edit, render_conversation
 from ..errors import AudioError, ContextFullError, ImageError, LlavaKVError
 from ..model import Model
@@ -33,8 +33,6 @@ from ..pool import Generation, SessionPool
 from .media import MediaPolicy, RequestError
 from .metrics import Metrics
 
-STATE_FORMAT = "llava-kv-server-conversation"
-STATE_VERSION = 1
 
 
 @dataclass
@@ -104,9 +102,9 @@ class Stored:
 
 class ConversationStore:
     """Saved slot states by conversation key: host memory up to a byte budget (least recently used
-    leave first), mirrored to ``state_dir`` when there is one. Files: ``<key>.state`` (the native
-    state) and ``<key>.json`` (what matching needs), each written to a new file and renamed, the
-    JSON last: a key whose JSON exists has a whole state file."""
+    leave first), mirrored to ``state_dir`` when there is one, one ``<key>.state`` file each in the
+    saved-conversation format (:mod:`llava_kv.saved`, as ``Session.save`` writes it), whose header
+    also holds the pool's shape and what prefix matching needs; written to a new file and renamed."""
 
     def __init__(self, model: Model, slots: int, n_ctx: int, budget_bytes: int, state_dir: Optional[str]) -> None:
         self._model = model
@@ -120,29 +118,19 @@ class ConversationStore:
             self.dir.mkdir(parents=True, exist_ok=True)
             self._scan()
 
-    def _meta(self, sig: list[list[Any]], n_cells: int) -> dict[str, Any]:
-        return {"format": STATE_FORMAT, "version": STATE_VERSION, "model_fingerprint": self._model.fingerprint,
-                "projector_id": self._model.projector_id, "slots": self._slots, "n_ctx": self._n_ctx,
-                "n_cells": n_cells, "signature": sig}
-
     def _scan(self) -> None:
         assert self.dir is not None
-        want = self._meta([], 0)
-        for meta_path in sorted(self.dir.glob("*.json")):
-            key = meta_path.stem
-            state = self.dir / f"{key}.state"
+        for state in sorted(self.dir.glob("*.state")):
             try:
-                meta = json.loads(meta_path.read_text())
-            except (OSError, ValueError):
-                continue
-            if not isinstance(meta, dict) or not state.is_file() or any(
-                    meta.get(k) != want[k] for k in ("format", "version", "model_fingerprint", "projector_id",
-                                                      "slots", "n_ctx")):
-                continue  # another model's, another pool shape's, or a state file never finished
+                meta = saved.read_header(state, self._model)
+            except (OSError, LlavaKVError):
+                continue  # another model's, or not a saved conversation
+            if meta.get("slots") != self._slots or meta.get("n_ctx") != self._n_ctx:
+                continue  # another pool shape's
             sig = meta.get("signature")
             if not isinstance(sig, list) or not isinstance(meta.get("n_cells"), int):
                 continue
-            self._entries[key] = Stored(key, sig, meta["n_cells"], None, state, 0.0)
+            self._entries[state.stem] = Stored(state.stem, sig, meta["n_cells"], None, state, 0.0)
 
     def __len__(self) -> int:
         with self._lock:
@@ -182,14 +170,8 @@ class ConversationStore:
     def _write(self, key: str, sig: list[list[Any]], n_cells: int, blob: bytes) -> Path:
         assert self.dir is not None
         state = self.dir / f"{key}.state"
-        meta = self.dir / f"{key}.json"
-        for target, data in ((state, blob), (meta, json.dumps(self._meta(sig, n_cells)).encode())):
-            tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
+        saved.write(state, saved.header_for(self._model, slots=self._slots, n_ctx=self._n_ctx, n_cells=n_cells,
+                                            signature=sig), blob)
         return state
 
     def take(self, key: str) -> tuple[bytes, str]:
@@ -201,7 +183,7 @@ class ConversationStore:
         if blob is not None:
             return blob, "memory"
         assert path is not None
-        return path.read_bytes(), "disk"
+        return saved.read(path, self._model)[1], "disk"
 
     def forget(self, key: str) -> None:
         """Drop the host copy of a conversation back in a slot (its file, if any, stays until replaced)."""

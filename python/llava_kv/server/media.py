@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import os
 from dataclasses import dataclass
 from typing import Any, Optional
 from urllib.parse import unquote, urlparse
 
-from ..audio import audio_format
+from ..audio import AUDIO_FORMATS, audio_format
+from ..errors import ImageError, ImageTooLargeError
+from ..images import DEFAULT_MAX_IMAGE_PIXELS, check_image_pixels, image_header_size
 
 
 class RequestError(Exception):
@@ -40,7 +41,7 @@ class RequestError(Exception):
 class MediaPolicy:
     allow_local_files: Optional[str] = None  # a real directory path, or None: no local files at all
     max_image_bytes: int = 20 * 1024 * 1024  # encoded size of one image or audio clip
-    max_image_pixels: int = 8192 * 8192
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
     def __post_init__(self) -> None:
         if self.allow_local_files is not None:
@@ -53,15 +54,13 @@ def _too_large(what: str, size: int, limit: int, unit: str) -> RequestError:
 
 
 def _check_pixels(data: bytes, where: str, policy: MediaPolicy) -> None:
-    from PIL import Image, UnidentifiedImageError
-
     try:
-        with Image.open(io.BytesIO(data)) as img:  # reads the header only
-            width, height = img.size
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise RequestError(400, f"{where}: the image cannot be decoded ({e})", code="invalid_image") from e
-    if width * height > policy.max_image_pixels:
-        raise _too_large(f"{where}: the image ({width}x{height})", width * height, policy.max_image_pixels, "pixels")
+        width, height = image_header_size(data, "the image")
+        check_image_pixels(width, height, "", policy.max_image_pixels)
+    except ImageTooLargeError as e:
+        raise _too_large(f"{where}: the image ({width}x{height})", e.pixels, e.limit, "pixels") from e
+    except ImageError as e:
+        raise RequestError(400, f"{where}: {e}", code="invalid_image") from e
 
 
 def _b64(payload: str, where: str, policy: MediaPolicy, code: str = "invalid_image") -> bytes:
@@ -75,9 +74,6 @@ def _b64(payload: str, where: str, policy: MediaPolicy, code: str = "invalid_ima
     if len(data) > policy.max_image_bytes:
         raise _too_large(where, len(data), policy.max_image_bytes, "bytes")
     return data
-
-
-AUDIO_FORMATS = ("wav", "mp3", "flac")
 
 
 def _local_file(url: str, where: str, policy: MediaPolicy) -> str:
@@ -123,7 +119,8 @@ def _vet_part(part: Any, where: str, policy: MediaPolicy) -> Any:
                                     "'format': 'wav'}}", param="messages")
         fmt = spec.get("format", "wav")
         if fmt not in AUDIO_FORMATS:
-            raise RequestError(400, f"{where}: input_audio format {fmt!r} is not supported (wav, mp3, flac)",
+            raise RequestError(400, f"{where}: input_audio format {fmt!r} is not supported "
+                                    f"({', '.join(AUDIO_FORMATS)})",
                                param="messages", code="invalid_audio")
         data = _b64(spec["data"], where, policy, code="invalid_audio")  # chat.py decodes the samples
         if audio_format(data) != fmt:
