@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <exception>
 #include <string>
 
 #include "embedding_cache.h"
@@ -43,6 +44,21 @@ void release_decode_pause();
 
 // Statuses of our own beside llama_process's (0 ok, 1 no KV slot, 2 aborted, < 0 errors).
 constexpr int32_t kDecodeThrew = -100;      // a C++ exception escaped a decode
+
+// The status `step()` returns, or kDecodeThrew (the exception's text in `what`, when given) if it
+// throws: llama.cpp throws from a decode on some failures (an allocation, a backend error), which
+// must fail the call and roll it back like any failed status, never escape half done.
+template <typename Step>
+int32_t decode_status(Step && step, std::string * what = nullptr) {
+    try {
+        return step();
+    } catch (const std::exception & e) {
+        if (what != nullptr) {
+            *what = e.what();
+        }
+        return kDecodeThrew;
+    }
+}
 constexpr int32_t kDecodeNonFinite = -101;  // the logits hold NaN or inf
 constexpr const char * kNonFiniteLogits =
     "the model produced non-finite logits (NaN or inf): its weights or hyperparameters are broken";

@@ -254,13 +254,7 @@ llama_pos ImageEmbedRegistry::next_generated_pos() const {
 void ImageEmbedRegistry::append_generated(llama_token token, const std::string & piece) {
     const llama_pos pos = next_generated_pos();
     const std::vector<float> old_logits = logits_;
-    int32_t status = 0;
-    try {
-        status = decode_text(&token, 1, pos, true);
-    } catch (const std::exception & e) {
-        exception_what_ = e.what();
-        status = kDecodeThrew;
-    }
+    const int32_t status = decode_status([&] { return decode_text(&token, 1, pos, true); }, &exception_what_);
     if (status != 0) {
         // One token past the timeline: dropping its cell puts the KV cache back.
         remove_kv_from(pos);
@@ -362,13 +356,8 @@ void ImageEmbedRegistry::reset_kv() {
 int32_t ImageEmbedRegistry::decode_from(const std::vector<Chunk> & timeline, size_t from) {
     has_logits_ = false;
     for (size_t i = from; i < timeline.size(); ++i) {
-        int32_t status = 0;
-        try {
-            status = decode_chunk(timeline[i], i + 1 == timeline.size());
-        } catch (const std::exception & e) {
-            exception_what_ = e.what();
-            status = kDecodeThrew;
-        }
+        const int32_t status =
+            decode_status([&] { return decode_chunk(timeline[i], i + 1 == timeline.size()); }, &exception_what_);
         if (status != 0) {
             has_logits_ = false;
             return status;

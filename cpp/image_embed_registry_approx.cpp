@@ -59,12 +59,7 @@ void ImageEmbedRegistry::remove_shift(size_t index) {
             status = -1;
         } else {
             counters_.kv_cells_removed += 1;
-            try {
-                status = decode_text(&token, 1, pos, true);
-            } catch (const std::exception & e) {
-                exception_what_ = e.what();
-                status = kDecodeThrew;
-            }
+            status = decode_status([&] { return decode_text(&token, 1, pos, true); }, &exception_what_);
         }
     }
     if (status != 0) {
@@ -205,12 +200,9 @@ std::vector<uint64_t> ImageEmbedRegistry::splice_blend(size_t begin, size_t end,
     int32_t kept = 0;
     for (size_t i = begin; i < next.size() && status == 0; ++i) {
         const bool last = i + 1 == next.size();
-        try {
-            status = i < tail ? decode_chunk(next[i], last) : blend_chunk(next[i], report.k_applied, last, kept);
-        } catch (const std::exception & e) {
-            exception_what_ = e.what();
-            status = kDecodeThrew;
-        }
+        status = decode_status(
+            [&] { return i < tail ? decode_chunk(next[i], last) : blend_chunk(next[i], report.k_applied, last, kept); },
+            &exception_what_);
     }
     unpark(-1, -1, false);  // what is left there was decoded again (or the call failed)
     if (status != 0) {

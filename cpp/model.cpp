@@ -278,6 +278,18 @@ std::vector<ggml_backend_dev_t> Model::weight_devices() const {
     return out;
 }
 
+std::string Model::placement() const {
+    std::string out;
+    for (ggml_backend_dev_t dev : weight_devices()) {
+        out += (out.empty() ? "" : "+") + std::string(ggml_backend_dev_name(dev));
+    }
+    const int32_t n_layer = llama_model_n_layer(model_.get());
+    if (out.empty()) {
+        return "CPU";
+    }
+    return params_.n_gpu_layers >= 0 && params_.n_gpu_layers < n_layer ? out + "+CPU" : out;
+}
+
 void Model::check_context_memory(int64_t n_cells) const {
     const llama_model * m = model_.get();
     const int64_t n_head = std::max(1, llama_model_n_head(m));

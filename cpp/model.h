@@ -115,6 +115,9 @@ class Model : public std::enable_shared_from_this<Model> {
     // The devices other than the CPU that hold some of the text model's weights (and so their layers'
     // KV cache and compute).
     std::vector<ggml_backend_dev_t> weight_devices() const;
+    // Where the layers (and so their KV cells) run: the devices holding weights, "+CPU" where some
+    // layers stay on the CPU; "CPU" for a CPU-only model.
+    std::string placement() const;
 
     // The model's chat template (empty if it has none), and a conversation rendered with it by
     // llama.cpp's template engine. `messages` are (role, content) pairs.

@@ -250,6 +250,13 @@ ggml_backend_dev_t device_by_name(const std::string & name) {
     throw std::invalid_argument("no device named '" + name + "'; this build sees: " + known);
 }
 
+std::string llama_cpp_commit() { return LLAVA_KV_LLAMA_CPP_COMMIT; }
+
+std::string cpu_variant() {
+    ensure_runtime();
+    return g_cpu_variant;
+}
+
 BuildInfo build_info() {
     ensure_runtime();
     BuildInfo info;

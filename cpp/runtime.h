@@ -46,6 +46,9 @@ struct BuildInfo {
 };
 
 BuildInfo build_info();
+// The llama.cpp commit the core was built on, and ggml's CPU kernels in use ("zen4", "host").
+std::string llama_cpp_commit();
+std::string cpu_variant();
 
 // The llama.cpp / mtmd error lines logged on this thread since the last call (at most a few KB),
 // so a failed load can say why even when logging is silent.

@@ -172,7 +172,9 @@ class Session {
     // The whole state as bytes (timeline, embeddings, logits, KV cache), and putting it into this
     // session, which must be empty. On failure the session stays empty.
     std::string save_state() const;
-    void load_state(const std::string & blob);
+    // `allow_drift`: also a state written by another llama.cpp, placement or CPU kernels (the session
+    // is then approximate); otherwise such a state is refused, naming what differs.
+    void load_state(const std::string & blob, bool allow_drift = false);
 
     // Asks the call in flight (if any) to stop; it raises CancelledError and leaves the session
     // unchanged. A single lock-free store: safe from a signal handler.
@@ -220,6 +222,9 @@ class Session {
 struct StateHeader;  // session_state.h
 // Throws Error unless a saved state with this header can be loaded into sessions of `model`.
 void check_state_fits(const StateHeader & header, const Model & model);
+// `header` with what this build and `model` write states with (llama.cpp commit, KV type,
+// placement, CPU kernels).
+StateHeader provenance(StateHeader header, const Model & model);
 
 // Defined here: edits (session.cpp) and generation (session_generate.cpp) both run through it.
 template <typename Edit>

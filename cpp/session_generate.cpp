@@ -148,9 +148,9 @@ std::vector<GenerationStep> Session::step_together(const std::vector<std::shared
         n_tokens += idx >= 0 ? 1 : 0;
     }
     if (n_tokens > 0) {
-        try {
+        status = decode_status([&] {
             switch (take_decode_fault()) {  // the test-only fault hook (decode.h)
-                case DecodeFault::Status: status = -3; break;
+                case DecodeFault::Status: return -3;
                 case DecodeFault::Exception: throw std::bad_alloc();
                 case DecodeFault::Close:
                     for (const auto & s : sessions) {
@@ -160,12 +160,8 @@ std::vector<GenerationStep> Session::step_together(const std::vector<std::shared
                 case DecodeFault::Pause: pause_decode(); break;
                 default: break;  // a cancel() does not stop a step shared with other slots
             }
-            if (status == 0) {
-                status = llama_process(ctx, LLAMA_PROCESS_TYPE_DECODE, batch.get());
-            }
-        } catch (const std::exception &) {
-            status = kDecodeThrew;
-        }
+            return llama_process(ctx, LLAMA_PROCESS_TYPE_DECODE, batch.get());
+        });
         std::vector<const float *> logits(n, nullptr);
         if (status == 0) {
             const size_t n_vocab = static_cast<size_t>(first.model_->n_vocab());

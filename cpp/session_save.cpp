@@ -1,6 +1,7 @@
 // Session's save and load: the whole conversation (timeline, embeddings, KV cells, sampler seed) as
 // one blob in the format of session_state.h.
 #include "errors.h"
+#include "runtime.h"
 #include "session.h"
 #include "session_state.h"
 
@@ -23,10 +24,18 @@ std::string Session::save_state() const {
     header.n_cells = static_cast<uint32_t>(registry_->n_cells());
     header.n_vocab = static_cast<uint32_t>(model_->n_vocab());
     header.n_embd_inp = static_cast<uint32_t>(llama_model_n_embd_inp(model_->llama()));
-    return serialize_state(header, registry_->snapshot(), kv);
+    return serialize_state(provenance(header, *model_), registry_->snapshot(), kv);
 }
 
-void Session::load_state(const std::string & blob) {
+StateHeader provenance(StateHeader header, const Model & model) {
+    header.llama_cpp_commit = llama_cpp_commit();
+    header.kv_type = ggml_type_name(model.params().kv_type);
+    header.placement = model.placement();
+    header.cpu_variant = cpu_variant();
+    return header;
+}
+
+void Session::load_state(const std::string & blob, bool allow_drift) {
     auto hold = model_->hold();
     std::lock_guard<std::mutex> lock(shared_->mutex);
     check_open();
@@ -36,6 +45,14 @@ void Session::load_state(const std::string & blob) {
     // Everything is checked against this model and context before llama.cpp reads a byte of it.
     const StateHeader header = inspect_state(blob);
     check_state_fits(header, *model_);
+    // KV cells computed elsewhere are valid but not what a fresh run here computes: loaded only when
+    // asked, and then marked approximate (recompute() makes the session exact again).
+    const std::string drift = provenance_difference(header, provenance(header, *model_));
+    if (!drift.empty() && !allow_drift) {
+        throw Error("the saved session's KV cache would not equal a fresh run here: " + drift +
+                    ". Load it with allow_drift=True (the session is then approximate until recompute()), "
+                    "or rebuild the conversation");
+    }
     if (header.n_cells > static_cast<uint32_t>(params_.n_ctx)) {
         throw ContextFullError(header.n_cells, params_.n_ctx,
                                "the saved session needs " + std::to_string(header.n_cells) +
@@ -69,6 +86,9 @@ void Session::load_state(const std::string & blob) {
                             : "the saved KV cache does not fit this model or context (a state saved from a pool "
                               "slot loads only into pools of the same number of slots)");
         }
+        if (!drift.empty() && !snap.timeline.empty()) {
+            snap.approx_from = 0;
+        }
         registry_->restore(std::move(snap), llama_model_n_embd_inp(model_->llama()));
     } catch (...) {
         registry_->clear();
@@ -83,6 +103,11 @@ void Session::load_state(const std::string & blob) {
 }
 
 void check_state_fits(const StateHeader & header, const Model & model) {
+    const std::string kv_type = ggml_type_name(model.params().kv_type);
+    if (!header.kv_type.empty() && header.kv_type != kv_type) {
+        throw Error("the saved session has a " + header.kv_type + " KV cache and this model's is " + kv_type +
+                    ": load the model with kv_type='" + header.kv_type + "'");
+    }
     if (header.n_vocab != static_cast<uint32_t>(model.n_vocab()) ||
         header.n_embd_inp != static_cast<uint32_t>(llama_model_n_embd_inp(model.llama()))) {
         throw Error("the saved session is for a model with " + std::to_string(header.n_vocab) + " tokens and width " +

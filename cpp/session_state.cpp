@@ -7,13 +7,12 @@
 namespace llava_kv {
 namespace {
 
-// Version 03 adds the first approximate chunk (blend edits); 02 (always exact) is still read.
-constexpr char kMagic[8] = {'L', 'L', 'K', 'V', 'S', 'T', '0', '3'};
-constexpr char kPreviousVersion[2] = {'0', '2'};
+// Version 04 adds what the state was written with (StateHeader); 03 the first approximate chunk
+// (blend edits); 02 (always exact) and 03 are still read.
+constexpr char kMagic[8] = {'L', 'L', 'K', 'V', 'S', 'T', '0', '4'};
 
-bool is_previous_version(const std::string & blob) {
-    return blob.size() >= sizeof(kMagic) && std::memcmp(blob.data() + 6, kPreviousVersion, 2) == 0;
-}
+// The format version of a blob whose magic was checked: 2, 3 or 4.
+int version_of(const std::string & blob) { return (blob[6] - '0') * 10 + (blob[7] - '0'); }
 
 constexpr size_t kPreamble = sizeof(kMagic) + 2 * sizeof(uint64_t);  // magic, payload size, checksum
 
@@ -116,6 +115,10 @@ std::string serialize_state(const StateHeader & header, const RegistrySnapshot &
     w.pod<uint32_t>(header.n_cells);
     w.pod<uint32_t>(header.n_vocab);
     w.pod<uint32_t>(header.n_embd_inp);
+    w.str(header.llama_cpp_commit);
+    w.str(header.kv_type);
+    w.str(header.placement);
+    w.str(header.cpu_variant);
     w.pod<uint64_t>(snap.next_id);
     w.pod<uint64_t>(snap.timeline.size());
     for (const Chunk & c : snap.timeline) {
@@ -165,12 +168,51 @@ std::string reseal_state(std::string blob) {
     return blob;
 }
 
+namespace {
+
+// Reads the header of a blob whose preamble was checked, leaving `r` after it.
+StateHeader read_header(Reader & r, int version) {
+    StateHeader h;
+    h.n_ctx = r.pod<uint32_t>();
+    h.n_batch = r.pod<uint32_t>();
+    h.n_ubatch = r.pod<uint32_t>();
+    h.n_cells = r.pod<uint32_t>();
+    h.n_vocab = r.pod<uint32_t>();
+    h.n_embd_inp = r.pod<uint32_t>();
+    if (version >= 4) {
+        h.llama_cpp_commit = r.str();
+        h.kv_type = r.str();
+        h.placement = r.str();
+        h.cpu_variant = r.str();
+    }
+    return h;
+}
+
+}  // namespace
+
+std::string provenance_difference(const StateHeader & saved, const StateHeader & here) {
+    if (saved.llama_cpp_commit.empty()) {
+        return "it was saved in an older format that does not record what wrote it";
+    }
+    std::string out;
+    const auto differs = [&](const char * what, const std::string & a, const std::string & b) {
+        if (a != b) {
+            out += std::string(out.empty() ? "" : "; ") + what + " " + a + " (now " + b + ")";
+        }
+    };
+    differs("it was written by llama.cpp", saved.llama_cpp_commit.substr(0, 12), here.llama_cpp_commit.substr(0, 12));
+    differs("with its layers on", saved.placement, here.placement);
+    differs("with the CPU kernels", saved.cpu_variant, here.cpu_variant);
+    return out;
+}
+
 StateHeader inspect_state(const std::string & blob) {
     if (blob.size() < sizeof(kMagic) || std::memcmp(blob.data(), kMagic, 6) != 0) {
         throw Error("not a llava-kv session state (bad magic)");
     }
-    if (std::memcmp(blob.data(), kMagic, sizeof(kMagic)) != 0 && !is_previous_version(blob)) {
-        throw Error("session state format version '" + blob.substr(6, 2) + "' is not the one this llava-kv reads (" +
+    const std::string version = blob.substr(6, 2);
+    if (version != "02" && version != "03" && version != "04") {
+        throw Error("session state format version '" + version + "' is not one this llava-kv reads (02 to " +
                     std::string(kMagic + 6, 2) + "); save the session again with this version");
     }
     Reader r(blob);
@@ -184,20 +226,15 @@ StateHeader inspect_state(const std::string & blob) {
     if (checksum64(blob.data() + kPreamble, size) != sum) {
         throw Error("corrupt session state: checksum mismatch (the file was changed or damaged after it was saved)");
     }
-    StateHeader h;
-    h.n_ctx = r.pod<uint32_t>();
-    h.n_batch = r.pod<uint32_t>();
-    h.n_ubatch = r.pod<uint32_t>();
-    h.n_cells = r.pod<uint32_t>();
-    h.n_vocab = r.pod<uint32_t>();
-    h.n_embd_inp = r.pod<uint32_t>();
-    return h;
+    return read_header(r, version_of(blob));
 }
 
 RegistrySnapshot deserialize_state(const std::string & blob, StateHeader & header, std::string & kv_state) {
     header = inspect_state(blob);
+    const int version = version_of(blob);
     Reader r(blob);
-    r.skip(kPreamble + 6 * sizeof(uint32_t));
+    r.skip(kPreamble);
+    read_header(r, version);
     RegistrySnapshot snap;
     snap.next_id = r.pod<uint64_t>();
     const uint64_t n = r.pod<uint64_t>();
@@ -241,7 +278,7 @@ RegistrySnapshot deserialize_state(const std::string & blob, StateHeader & heade
     }
     snap.has_logits = r.pod<uint8_t>() != 0;
     snap.logits = r.vec<float>();
-    snap.approx_from = is_previous_version(blob) ? -1 : r.pod<int64_t>();
+    snap.approx_from = version < 3 ? -1 : r.pod<int64_t>();
     if (snap.approx_from < -1 || snap.approx_from >= static_cast<int64_t>(snap.timeline.size())) {
         throw Error("corrupt session state: approximate-chunk index");
     }

@@ -19,7 +19,9 @@ struct RegistrySnapshot {
 };
 
 // What a state blob says about itself, covered by its checksum: enough to size the context that
-// loads it, and to refuse a blob of another model before anything is allocated.
+// loads it, to refuse a blob of another model before anything is allocated, and what it was written
+// with: KV cells written by another llama.cpp, KV type, placement or CPU kernels are not the ones a
+// fresh run here would compute (empty in a blob of format 02/03, which did not record them).
 struct StateHeader {
     uint32_t n_ctx = 0;
     uint32_t n_batch = 0;
@@ -27,15 +29,23 @@ struct StateHeader {
     uint32_t n_cells = 0;  // KV cells the timeline takes (BOS included)
     uint32_t n_vocab = 0;
     uint32_t n_embd_inp = 0;
+    std::string llama_cpp_commit;  // the llama.cpp the native core was built on
+    std::string kv_type;           // the KV cache's element type ("f16", "q8_0", "q4_0")
+    std::string placement;         // where the layers (and their KV) ran: "CPU", "Vulkan0", "CUDA0+CPU"
+    std::string cpu_variant;       // ggml's CPU kernels ("zen4", "haswell"; "host")
 };
 
-// Layout: magic "LLKVST02", payload size (u64), checksum of the payload (u64), payload (header,
-// timeline, logits, KV cache of the sequence).
+// Layout: magic "LLKVST04", payload size (u64), checksum of the payload (u64), payload (header,
+// timeline, logits, first approximate chunk, KV cache of the sequence). 02 and 03 are still read.
 std::string serialize_state(const StateHeader & header, const RegistrySnapshot & snapshot,
                             const std::string & kv_state);
 // Checks magic, size and checksum (no allocation beyond the blob) and returns the header. Throws
 // Error naming what is wrong.
 StateHeader inspect_state(const std::string & blob);
+// What differs between how a state was written (`saved`) and how it would be computed now
+// (`here`), in words ("" when nothing does, so the loaded KV cache equals a fresh run's); a state
+// of format 02/03 recorded none of it, which is a difference too.
+std::string provenance_difference(const StateHeader & saved, const StateHeader & here);
 // Test hook: rewrites the payload size and checksum of a blob a test changed on purpose.
 std::string reseal_state(std::string blob);
 // Throws Error on a truncated or corrupt blob; every size is bounded by the blob.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import contextlib
 import http.client
 import io
 import json
@@ -292,13 +293,20 @@ def test_eviction_round_robin_restores(pair, local, tmp_path):
     assert m['llava_kv_restores_total{source="memory"}'] >= 3
 
 
+@contextlib.contextmanager
+def serving(pair, args: list[str]):
+    """A server on ``pair`` started with ``args``, and an openai client naming its model."""
+    with ServerProcess(pair.model_path, pair.mmproj_path, args=args) as srv:
+        client = srv.client()
+        client._llava_model = os.path.basename(pair.model_path)
+        yield srv, client
+
+
 def test_kill_mid_stream_and_restart_restores_from_disk(pair, local, tmp_path):
     state_dir = tmp_path / "state"
     args = ["--slots", "2", "--n-ctx", "1024", "--state-dir", str(state_dir)]
     history = [user("Remember this picture.", 301)]
-    with ServerProcess(pair.model_path, pair.mmproj_path, args=args) as srv:
-        client = srv.client()
-        client._llava_model = os.path.basename(pair.model_path)
+    with serving(pair, args) as (srv, client):
         first = ask(client, history).choices[0].message.content
         history += [{"role": "assistant", "content": first}, user("What colour dominates?")]
         stream = ask(client, history, stream=True, max_tokens=400)
@@ -310,9 +318,7 @@ def test_kill_mid_stream_and_restart_restores_from_disk(pair, local, tmp_path):
         for path in files:  # each a whole saved conversation (Session.save's format), its checksum right
             header, blob = saved.read(path, m)
             assert header["slots"] == 2 and header["n_cells"] == lk._core.inspect_state(m._core, blob).n_cells > 0
-    with ServerProcess(pair.model_path, pair.mmproj_path, args=args) as srv:
-        client = srv.client()
-        client._llava_model = os.path.basename(pair.model_path)
+    with serving(pair, args) as (srv, client):
         again = ask(client, history)
         m = srv.metrics()
     extra = again.usage.model_extra
@@ -320,6 +326,28 @@ def test_kill_mid_stream_and_restart_restores_from_disk(pair, local, tmp_path):
     assert extra["images_encoded"] == 0 and extra["tokens_reused"] > 0
     assert extra["tokens_decoded"] < again.usage.prompt_tokens / 2  # restored, not prefilled again
     assert again.choices[0].message.content == reference(local, [history[:1], history])[1]
+
+
+def test_a_state_dir_conversation_from_another_build_is_decoded_not_restored(pair, local, tmp_path):
+    from llava_kv._core import _testing
+
+    state_dir = tmp_path / "state"
+    args = ["--slots", "1", "--n-ctx", "1024", "--state-dir", str(state_dir)]
+    history = [user("Remember this picture.", 311)]
+    with serving(pair, args) as (_, client):
+        first = ask(client, history).choices[0].message.content
+    (path,) = state_dir.glob("*.state")  # the finished reply's conversation, on disk
+    commit = lk.build_info()["llama_cpp_commit"].encode()
+    header, blob = saved.read(path, local)
+    saved.write(path, header, bytes(_testing.seal_state(blob.replace(commit, b"f" * len(commit)))))  # an older build's
+    history += [{"role": "assistant", "content": first}, user("What colour dominates?")]
+    with serving(pair, args) as (srv, client):
+        again = ask(client, history)
+        m = srv.metrics()
+    extra = again.usage.model_extra
+    assert extra["restored_from"] is None and m.get('llava_kv_restores_total{source="disk"}', 0) == 0
+    assert extra["tokens_reused"] == 0 and extra["images_encoded"] == 1  # decoded from the start instead
+    assert again.choices[0].message.content == reference(local, [history])[0]  # as a fresh prefill of it all
 
 
 def long_reply_message(model: lk.Model, n_tokens: int = 300) -> list[dict]:

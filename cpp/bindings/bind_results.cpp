@@ -192,13 +192,18 @@ void register_results(py::module_ & m) {
                "done as an exact edit: a loaded sliding-window state lacks the cells to keep")
         .done();
 
-    ResultClass<StateHeader>(m, "StateHeader", "The sizes a saved session state was made with.")
+    ResultClass<StateHeader>(m, "StateHeader", "The sizes a saved session state was made with, and what wrote it.")
         .field("n_ctx", &StateHeader::n_ctx, "KV cells the session was opened with")
         .field("n_batch", &StateHeader::n_batch, "tokens per decode call")
         .field("n_ubatch", &StateHeader::n_ubatch, "tokens per micro-batch")
         .field("n_cells", &StateHeader::n_cells, "KV cells the saved timeline takes (BOS included)")
         .field("n_vocab", &StateHeader::n_vocab, "the vocabulary size of the model it was saved from")
         .field("n_embd_inp", &StateHeader::n_embd_inp, "the input embedding width of that model")
+        .field("llama_cpp_commit", &StateHeader::llama_cpp_commit,
+               "the llama.cpp commit of the llava-kv that wrote it ('' before state format 04)")
+        .field("kv_type", &StateHeader::kv_type, "its KV cache's element type ('f16', 'q8_0', 'q4_0')")
+        .field("placement", &StateHeader::placement, "where its layers ran ('CPU', 'Vulkan0', 'CUDA0+CPU')")
+        .field("cpu_variant", &StateHeader::cpu_variant, "ggml's CPU kernels that computed it ('zen4', 'haswell')")
         .done();
 
     ResultClass<MemoryEntry>(m, "MemoryEntry", "Bytes one component of a model holds on one device.")

@@ -268,12 +268,14 @@ void register_session(py::module_ & m) {
              },
              "The session (timeline, logits, KV cache of its sequence) as a checksummed blob.")
         .def("load_state",
-             [](Session & s, const py::bytes & blob) {
+             [](Session & s, const py::bytes & blob, bool allow_drift) {
                  std::string data = blob;
-                 interruptible(s, [&] { s.load_state(data); });
+                 interruptible(s, [&] { s.load_state(data, allow_drift); });
              },
-             py::arg("blob"),
-             "Replace the session's state with a saved one (checked first; nothing changes on failure).")
+             py::arg("blob"), py::arg("allow_drift") = false,
+             "Replace the session's state with a saved one (checked first; nothing changes on failure). A state "
+             "written by another llama.cpp, placement or CPU kernels is refused unless allow_drift (then the "
+             "session is approximate until recompute()).")
         .def("flush_generation",
              [](Session & s) {
                  std::string rest = without_gil([&] { return s.flush_generation(); });

@@ -17,7 +17,8 @@ from .errors import (
     ModelLoadError,
 )
 from .model import Model
-from .session import Chunk, ImageList, ImageRef, Session
+from .session import Session
+from .timeline import Chunk, ImageList, ImageRef
 
 __all__ = [
     "__version__",

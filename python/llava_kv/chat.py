@@ -216,36 +216,52 @@ def render_conversation(model: Any, messages: Sequence[dict[str, Any]], *, add_a
 
 class ChatReply:
     """Shapes one answer as OpenAI's (and llama-cpp-python's) ``chat.completion`` or its stream of
-    ``chat.completion.chunk`` dicts. ``finish_reason`` is read when the answer is complete."""
+    ``chat.completion.chunk`` dicts, for :meth:`Session.chat` and the server alike. ``finish_reason``
+    is read when the answer is complete, unless the caller gives it."""
 
-    def __init__(self, model_name: str, finish_reason: Callable[[], str | None]) -> None:
+    def __init__(self, model_name: str, finish_reason: Callable[[], str | None] = lambda: None) -> None:
         self.id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
         self.model_name = model_name
         self._finish_reason = finish_reason
 
-    def completion(self, content: str, prompt_tokens: int, completion_tokens: int,
-                   extra: dict[str, Any]) -> dict[str, Any]:
+    @staticmethod
+    def usage(prompt_tokens: int, completion_tokens: int, **extra: Any) -> dict[str, Any]:
+        """OpenAI's ``usage`` object, with ``extra`` fields after its own."""
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens, **extra}
+
+    def completion(self, content: str, usage: dict[str, Any], *, finish_reason: str | None = None,
+                   logprobs: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """The whole answer; ``extra`` goes under ``"llava_kv"`` (tokens reused, decoded, ...)."""
-        return {
+        body: dict[str, Any] = {
             "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model_name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                         "finish_reason": self._finish_reason()}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},
-            "llava_kv": extra,
+                         "finish_reason": finish_reason or self._finish_reason(), "logprobs": logprobs}],
+            "usage": usage,
         }
+        if extra is not None:
+            body["llava_kv"] = extra
+        return body
+
+    def chunk(self, delta: dict[str, Any], finish_reason: str | None = None, *,
+              logprobs: dict[str, Any] | None = None, **usage: Any) -> dict[str, Any]:
+        """One ``chat.completion.chunk``; a ``usage=`` keyword adds that field (None until the last)."""
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model_name,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}],
+                **usage}
+
+    def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:
+        """The last chunk of a stream that asked for usage: no choices, the usage."""
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model_name,
+                "choices": [], "usage": usage}
 
     def chunks(self, pieces: Iterable[str]) -> Iterator[dict[str, Any]]:
         """The answer as it is generated: a role chunk, one chunk per piece, a finish chunk."""
-        def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
-            return {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                    "model": self.model_name, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-
-        yield chunk({"role": "assistant"}, None)
+        yield self.chunk({"role": "assistant"})
         for piece in pieces:
-            yield chunk({"content": piece}, None)
-        yield chunk({}, self._finish_reason())
+            yield self.chunk({"content": piece})
+        yield self.chunk({}, self._finish_reason())
 
 
 def plan_edit(timeline: Iterable[Any], items: Sequence[Item]) -> tuple[int, list[Item]]:

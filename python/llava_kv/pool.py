@@ -17,7 +17,8 @@ import numpy as np
 from . import _core
 from .arguments import check_sampling, check_stops
 from .drift import log_softmax
-from .session import Session, TextStream
+from .session import Session
+from .text_stream import TextStream
 
 if TYPE_CHECKING:
     from .model import Model

@@ -40,7 +40,8 @@ from .selfcheck_report import CheckResult, SelfcheckReport
 
 if TYPE_CHECKING:
     from .model import Model
-    from .session import Chunk, Session
+    from .session import Session
+    from .timeline import Chunk
 
 __all__ = ["CheckResult", "SelfcheckReport", "run_selfcheck", "device_agreement", "EDIT_LIMIT",
            "REFERENCE_TOLERANCE", "DEVICE_TOLERANCE", "DEVICE_MARGIN", "NOISE_FACTOR"]

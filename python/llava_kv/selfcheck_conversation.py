@@ -20,7 +20,8 @@ from .testing import random_audio, random_image
 
 if TYPE_CHECKING:
     from .model import Model
-    from .session import Chunk, Session
+    from .session import Session
+    from .timeline import Chunk
 
 __all__ = ["MediaSet", "Plan", "APPENDED_TEXT", "image_set", "audio_set", "append_media", "conversation",
            "plan_conversation", "build_session", "feed_timeline", "rebatched", "session_tokens", "kind_of"]

@@ -2,10 +2,8 @@
 the KV cache by the native ImageEmbedRegistry."""
 from __future__ import annotations
 
-from collections.abc import MutableSequence
-from dataclasses import dataclass
 import os
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Sequence, TypedDict, Union, cast, overload
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Sequence, Union, cast, overload
 
 import numpy as np
 
@@ -16,89 +14,17 @@ from .chat import ChatReply, plan_edit, render_conversation
 from .errors import CancelledError, ContextFullError, LlavaKVError
 from .audio import AudioInput, LoadedAudio, load_audio, looks_like_audio
 from .images import ImageInput, load_image
+from .text_stream import TextStream
+from .timeline import MEDIA_KINDS, Chunk, ImageList, ImageRef, SessionStats, _chunk_from_core
 
 if TYPE_CHECKING:
     from .model import Model
 
-__all__ = ["Session", "SessionStats", "ImageRef", "Chunk", "ImageList"]  # ImageList also serves Session.media
+__all__ = ["Session"]
 
 EDIT_MODES = ("exact", "shift", "blend")
 # mode="blend": the leading tokens of each later image decoded again (the rest keep their KV cells).
 DEFAULT_BLEND_K = 32
-MEDIA_KINDS = ("image", "audio")
-
-
-class SessionStats(TypedDict):
-    """Counters of the work a session did (since it was opened); media counters count audio too."""
-
-    tokens_decoded: int  # text + media tokens written into the KV cache
-    text_tokens_decoded: int
-    image_tokens_decoded: int
-    images_decoded: int  # media chunks written into the KV cache (from embeddings)
-    images_encoded: int  # media run through the projector (cache misses)
-    media_encoded: int  # the same count as images_encoded, under a name that says clips count too
-    embed_cache_hits: int
-    embed_cache_misses: int
-    batched_encodes: int  # projector calls that encoded several at once
-    tokens_generated: int
-    kv_cells_removed: int
-    decode_calls: int
-    full_redecodes: int  # edits where the memory refused a partial removal
-    shift_edits: int
-    blend_edits: int  # approximate edits (mode="blend")
-    blend_tokens_kept: int  # KV cells of later chunks those kept instead of decoding
-    batched_steps: int  # generated tokens decoded in a step shared with other slots (session pools)
-
-
-@dataclass(frozen=True)
-class ImageRef:
-    """An image (or, with ``kind="audio"``, an audio clip) in a session's timeline. ``source`` is the
-    path it was given as, or a short description of the object (``"<array 96x96>"``); ``pos0``/``pos1``
-    are its KV positions when the ref was made."""
-
-    source: str
-    digest: str
-    n_tokens: int
-    pos0: int
-    pos1: int
-    chunk_id: int
-    kind: str = "image"  # "image" or "audio"
-
-    @property
-    def path(self) -> str:
-        """The older name of :attr:`source` (it holds a description, not a path, for non-files)."""
-        return self.source
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """One element of the timeline: text tokens or one image, with its KV span ``[pos0, pos1)``."""
-
-    kind: str  # "text", "image" or "audio"
-    n_tokens: int
-    pos0: int
-    pos1: int
-    chunk_id: int
-    text: str | None = None
-    image: ImageRef | None = None
-    generated: bool = False
-    audio: ImageRef | None = None
-    tokens: tuple[int, ...] = ()  # token ids of a text chunk (BOS excluded)
-
-    @property
-    def media(self) -> ImageRef | None:
-        """The image or audio clip of a media chunk."""
-        return self.image or self.audio
-
-
-def _chunk_from_core(c: _core.ChunkInfo) -> Chunk:
-    kind = c.kind.name.lower()
-    if kind in MEDIA_KINDS:
-        ref = ImageRef(c.source, c.digest, c.n_tokens, c.pos0, c.pos1, c.id, kind)
-        return Chunk(kind, c.n_tokens, c.pos0, c.pos1, c.id,
-                     image=ref if kind == "image" else None, audio=ref if kind == "audio" else None)
-    return Chunk("text", c.n_tokens, c.pos0, c.pos1, c.id, text=c.source, generated=c.generated,
-                 tokens=tuple(c.tokens))
 
 
 def _core_item(x: Any) -> str | _core.MediaItem:
@@ -106,42 +32,6 @@ def _core_item(x: Any) -> str | _core.MediaItem:
     if isinstance(x, str):
         return x
     return _core.MediaItem(x.samples if isinstance(x, LoadedAudio) else x.pixels, x.digest, x.source)
-
-
-class TextStream:
-    """The text of one generation as it grows: raw bytes in, whole characters out, cut at the first
-    stop string (native, the batch runner's logic); text that may be the start of a stop string
-    is held back until it is known not to be."""
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self._matcher = _core.StopStrings(list(stops))
-        self._sent = 0
-
-    def stopped_by(self, raw: bytes) -> bool:
-        """Add a token's bytes; True if the text now holds a stop string (generation must end)."""
-        return bool(self._matcher.feed(raw))
-
-    def take(self) -> str:
-        """The text that became final since the last call."""
-        safe = self._matcher.safe_size
-        if safe <= self._sent:
-            return ""
-        piece = self._matcher.text[self._sent:safe].decode("utf-8", errors="replace")
-        self._sent = safe
-        return piece
-
-    def finish(self, held_back: bytes = b"") -> str:
-        """The rest once generation has ended (``held_back``: the bytes of an incomplete character)."""
-        if not self._matcher.stopped and held_back:
-            self._matcher.feed(held_back)
-        rest = self._matcher.text[self._sent:]
-        self._sent = len(self._matcher.text)
-        return rest.decode("utf-8", errors="replace")
-
-    @property
-    def text(self) -> str:
-        """Everything final so far, up to (not including) a stop string."""
-        return self._matcher.text[:self._sent].decode("utf-8", errors="replace")
 
 
 class Session(NativeObject[_core.Session]):
@@ -425,9 +315,15 @@ class Session(NativeObject[_core.Session]):
 
     @classmethod
     def load(cls, model: "Model", path: str | os.PathLike[str], *, n_ctx: int | None = None,
-             n_batch: int | None = None) -> "Session":
+             n_batch: int | None = None, allow_drift: bool = False) -> "Session":
         """Open a session saved by :meth:`save` on ``model``, which must be the model it was saved
-        from (same weights and projector); otherwise LlavaKVError names the mismatch.
+        from (same weights and projector, same KV type); otherwise LlavaKVError names the mismatch.
+
+        A file records what computed its KV cache: the llama.cpp llava-kv was built on, where the
+        layers ran (``"CPU"``, ``"Vulkan0"``) and ggml's CPU kernels (``"zen4"``). Loaded where any
+        of them differs, the cache is valid but is not what a fresh run here would compute, so such a
+        file is refused (naming the difference) unless ``allow_drift=True``; the session is then
+        approximate (``session.exact`` is False) until :meth:`recompute`.
 
         The file is checked before anything is allocated for it: header keys and types, the native
         state's checksum, its sizes against this model. ``n_ctx`` defaults to the saved one, which
@@ -456,7 +352,7 @@ class Session(NativeObject[_core.Session]):
         n_batch = n_batch or state.n_batch
         session = model.session(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=min(state.n_ubatch, n_batch))
         try:
-            session._core.load_state(blob)
+            session._core.load_state(blob, allow_drift)
         except BaseException:
             session.close()
             raise
@@ -601,76 +497,4 @@ class Session(NativeObject[_core.Session]):
         if stream:
             return reply.chunks(pieces)
         content = "".join(pieces)
-        return reply.completion(content, prompt_tokens, self.n_past - prompt_tokens, meta)
-
-
-class ImageList(MutableSequence):  # type: ignore[type-arg]
-    """The images (``session.images``) or all media (``session.media``: images and audio clips) of a
-    session's timeline, in order. A view: reads reflect the session now, and ``del``, assignment,
-    ``insert`` and ``clear`` are edits through the registry."""
-
-    def __init__(self, session: Session, kinds: tuple[str, ...] = ("image",)) -> None:
-        self._session = session
-        self._kinds = kinds
-
-    def _refs(self) -> list[ImageRef]:
-        return [c.media for c in self._session.timeline if c.media is not None and c.kind in self._kinds]
-
-    def _kind_of(self, x: Any) -> str:
-        return "audio" if "audio" in self._kinds and looks_like_audio(x) else "image"
-
-    def __len__(self) -> int:
-        return len(self._refs())
-
-    def __eq__(self, other: object) -> bool:
-        """Equal to a list (or another view) of the same refs: ``session.images == []``."""
-        if isinstance(other, ImageList):
-            return self._refs() == other._refs()
-        if isinstance(other, (list, tuple)):
-            return self._refs() == list(other)
-        return NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]  # a live view: equal to what the session holds now
-
-    @overload
-    def __getitem__(self, index: int) -> ImageRef: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> list[ImageRef]: ...
-
-    def __getitem__(self, index: int | slice) -> ImageRef | list[ImageRef]:
-        return self._refs()[index]
-
-    def __iter__(self) -> Iterator[ImageRef]:
-        return iter(self._refs())
-
-    def __setitem__(self, index: Any, item: Any) -> None:
-        if isinstance(index, slice):
-            raise TypeError("assign one at a time: session.images[i] = image")
-        ref = self._refs()[index]
-        self._session._replace_media(ref.kind, ref, item)  # an image stays an image, a clip a clip
-
-    def __delitem__(self, index: int | slice) -> None:
-        refs = self._refs()
-        if isinstance(index, slice):
-            self._session._core.remove_chunks([r.chunk_id for r in refs[index]])
-        else:
-            self._session._remove_media(refs[index].kind, refs[index], "exact")
-
-    def insert(self, index: int, item: Any) -> None:
-        refs = self._refs()
-        kind = self._kind_of(item)
-        if index < 0:
-            index = max(0, len(refs) + index)
-        if index >= len(refs):
-            self._session._append_media(kind, item)
-        else:
-            self._session._insert_media(kind, self._session._core.index_of(refs[index].chunk_id), item)
-
-    def clear(self) -> None:
-        """Remove every item of the view from the timeline, the KV cache and the session's embedding
-        refs, in one edit."""
-        self._session._core.remove_chunks([r.chunk_id for r in self._refs()])
-
-    def __repr__(self) -> str:
-        return f"{'MediaList' if 'audio' in self._kinds else 'ImageList'}({self._refs()!r})"
+        return reply.completion(content, ChatReply.usage(prompt_tokens, self.n_past - prompt_tokens), extra=meta)

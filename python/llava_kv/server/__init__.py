@@ -3,6 +3,8 @@ what changed (install with ``pip install 'llava-kv[server]'``).
 
 - :mod:`.engine`: the model, the pool of slots, slot matching, eviction and restore, the batched
   generation loop (one thread does all native work).
+- :mod:`.store`: conversations out of their slots (host memory, ``--state-dir``) and the prefix
+  signatures requests are matched against.
 - :mod:`.app`: the Starlette app (chat completions with SSE streaming, models, health, metrics).
 - :mod:`.media`: what clients may make the server read (inline media; local files only inside an
   allowed folder; never a remote URL) and the size limits.

@@ -10,7 +10,6 @@ import asyncio
 import hmac
 import json
 import time
-import uuid
 from typing import Any, AsyncIterator, Optional
 
 from starlette.applications import Starlette
@@ -19,6 +18,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from ..arguments import UINT32_MAX
+from ..chat import ChatReply
 from ..pool import MAX_TOP_LOGPROBS
 from .engine import Engine, Job
 from .media import RequestError, vet_messages
@@ -182,11 +182,10 @@ class Api:
             err = _request_error(e)
             self._count(err.status, started)
             return error_response(err)
-        completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        created = int(time.time())
+        reply = ChatReply(self.engine.model_id)
         if req["stream"]:
-            return StreamingResponse(self._stream(request, job, completion_id, created, req["include_usage"],
-                                                  started), media_type="text/event-stream",
+            return StreamingResponse(self._stream(request, job, reply, req["include_usage"], started),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         parts: list[str] = []
         entries: list[dict[str, Any]] = []
@@ -204,12 +203,8 @@ class Api:
                     return Response(status_code=499)
                 elif kind == "done":
                     reason, usage = payload
-                    return JSONResponse({
-                        "id": completion_id, "object": "chat.completion", "created": created,
-                        "model": self.engine.model_id,
-                        "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
-                                     "finish_reason": reason, "logprobs": _logprobs(job, entries)}],
-                        "usage": usage})
+                    return JSONResponse(reply.completion("".join(parts), usage, finish_reason=reason,
+                                                         logprobs=_logprobs(job, entries)))
         finally:
             self._count(status, started)
 
@@ -228,16 +223,12 @@ class Api:
             except asyncio.TimeoutError:
                 continue
 
-    async def _stream(self, request: Request, job: Job, completion_id: str, created: int, include_usage: bool,
+    async def _stream(self, request: Request, job: Job, reply: ChatReply, include_usage: bool,
                       started: float) -> AsyncIterator[bytes]:
-        def chunk(delta: dict[str, Any], finish: Optional[str], usage: Any = None,
+        def chunk(delta: dict[str, Any], finish: Optional[str],
                   entries: Optional[list[dict[str, Any]]] = None) -> bytes:
-            body: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                                    "model": self.engine.model_id,
-                                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
-                                                 "logprobs": _logprobs(job, entries) if entries else None}]}
-            if include_usage:
-                body["usage"] = usage
+            usage = {"usage": None} if include_usage else {}
+            body = reply.chunk(delta, finish, logprobs=_logprobs(job, entries) if entries else None, **usage)
             return b"data: " + json.dumps(body).encode() + b"\n\n"
 
         status = 200
@@ -257,9 +248,7 @@ class Api:
                     reason, usage = payload
                     yield chunk({}, reason)
                     if include_usage:
-                        yield (b"data: " + json.dumps({"id": completion_id, "object": "chat.completion.chunk",
-                                                       "created": created, "model": self.engine.model_id,
-                                                       "choices": [], "usage": usage}).encode() + b"\n\n")
+                        yield b"data: " + json.dumps(reply.usage_chunk(usage)).encode() + b"\n\n"
                     yield b"data: [DONE]\n\n"
                     finished = True
                     return
