@@ -56,10 +56,11 @@ std::shared_ptr<Model> Model::load(const std::string & model_path, const std::st
     if (params.n_threads < 0) {
         throw std::invalid_argument("n_threads must be >= 1 (or 0/None for one per core)");
     }
-    if (params.kv_type != GGML_TYPE_F16 && params.flash_attn == LLAMA_FLASH_ATTN_TYPE_DISABLED) {
-        throw std::invalid_argument(std::string("kv_type='") + ggml_type_name(params.kv_type) +
-                                    "' needs flash attention (llama.cpp quantizes the V cache only with it): use "
-                                    "flash_attn='auto' or 'on'");
+    if (params.type_v != GGML_TYPE_F16 && params.flash_attn == LLAMA_FLASH_ATTN_TYPE_DISABLED) {
+        throw std::invalid_argument(std::string("a ") + ggml_type_name(params.type_v) + " V cache (kv_type='" +
+                                    kv_type_name(params) + "') needs flash attention, and flash_attn='off': "
+                                    "llama.cpp quantizes the V cache only with it (use flash_attn='auto' or 'on', "
+                                    "or an f16 V cache)");
     }
     for (const std::string * p : {&model_path, &mmproj_path}) {
         if (!p->empty() && !std::filesystem::is_regular_file(*p)) {
@@ -94,15 +95,17 @@ std::shared_ptr<Model> Model::load(const std::string & model_path, const std::st
         throw ModelLoadError(with_reason("could not load the text model '" + model_path +
                                          "': not a readable GGUF of a supported architecture"));
     }
-    const int64_t block = ggml_blck_size(params.kv_type);
     for (uint32_t il = 0; il < self->model_->hparams.n_layer(); ++il) {
-        const uint32_t head = std::min(self->model_->hparams.n_embd_head_k(il), self->model_->hparams.n_embd_head_v(il));
-        if (head % block != 0) {
-            self->model_.reset();
-            throw std::invalid_argument(std::string("kv_type '") + ggml_type_name(params.kv_type) + "' packs " +
-                                        std::to_string(block) + " values a block, which does not divide this "
-                                        "model's attention heads of " + std::to_string(head) +
-                                        " values: use kv_type='f16'");
+        for (const auto & [type, head] : {std::pair(params.type_k, self->model_->hparams.n_embd_head_k(il)),
+                                          std::pair(params.type_v, self->model_->hparams.n_embd_head_v(il))}) {
+            const int64_t block = ggml_blck_size(type);
+            if (head % block != 0) {
+                self->model_.reset();
+                throw std::invalid_argument(std::string("kv_type '") + ggml_type_name(type) + "' packs " +
+                                            std::to_string(block) + " values a block, which does not divide this "
+                                            "model's attention heads of " + std::to_string(head) +
+                                            " values: use kv_type='f16'");
+            }
         }
     }
     self->vocab_ = llama_model_get_vocab(self->model_.get());
@@ -260,8 +263,8 @@ llama_context_params Model::context_params(int32_t n_threads) const {
     cparams.n_threads = threads;
     cparams.n_threads_batch = threads;
     cparams.flash_attn_type = params_.flash_attn;
-    cparams.type_k = params_.kv_type;
-    cparams.type_v = params_.kv_type;
+    cparams.type_k = params_.type_k;
+    cparams.type_v = params_.type_v;
     cparams.no_perf = true;
     return cparams;
 }
@@ -276,6 +279,11 @@ std::vector<ggml_backend_dev_t> Model::weight_devices() const {
         }
     }
     return out;
+}
+
+std::string kv_type_name(const ModelParams & params) {
+    const std::string k = ggml_type_name(params.type_k);
+    return params.type_k == params.type_v ? k : k + "/" + ggml_type_name(params.type_v);
 }
 
 std::string Model::placement() const {
@@ -294,16 +302,22 @@ void Model::check_context_memory(int64_t n_cells) const {
     const llama_model * m = model_.get();
     const int64_t n_head = std::max(1, llama_model_n_head(m));
     const int64_t kv_width = int64_t(llama_model_n_embd(m)) / n_head * std::max(1, llama_model_n_head_kv(m));
-    const double layer_bytes = double(n_cells) * double(kv_width) * double(ggml_type_size(params_.kv_type)) /
-                               double(ggml_blck_size(params_.kv_type));
-    const double needed = layer_bytes * llama_model_n_layer(m) * 2.0;
+    const auto tensor_bytes = [&](ggml_type type) {
+        return double(n_cells) * double(kv_width) * double(ggml_type_size(type)) / double(ggml_blck_size(type));
+    };
+    const double layer_bytes = std::max(tensor_bytes(params_.type_k), tensor_bytes(params_.type_v));  // the larger
+    const double needed = (tensor_bytes(params_.type_k) + tensor_bytes(params_.type_v)) * llama_model_n_layer(m);
     const double cell_bytes = needed / double(std::max<int64_t>(n_cells, 1));
     std::vector<ggml_backend_dev_t> holders = weight_devices();
     for (ggml_backend_dev_t dev : holders) {
-        if (!device_takes(dev, params_.kv_type, kv_width, n_cells)) {
+        const auto takes = [&](int64_t cells) {
+            return device_takes(dev, params_.type_k, kv_width, cells) &&
+                   device_takes(dev, params_.type_v, kv_width, cells);
+        };
+        if (!takes(n_cells)) {
             // The largest cache whose tensors the device still takes, halving down from the request.
             int64_t fits = n_cells;
-            while (fits > 1 && !device_takes(dev, params_.kv_type, kv_width, fits)) {
+            while (fits > 1 && !takes(fits)) {
                 fits /= 2;
             }
             throw ContextFullError(n_cells, fits,

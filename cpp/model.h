@@ -37,9 +37,13 @@ struct ModelParams {
     // The device that holds the offloaded layers, the projector (with mmproj_use_gpu) and so the
     // sessions' KV and compute buffers of those layers; "" for llama.cpp's choice (every GPU it sees).
     std::string main_gpu;
-    // The KV cache's element type (f16, q8_0 or q4_0), in every context of the model.
-    ggml_type kv_type = GGML_TYPE_F16;
+    // The KV cache's element types (f16, q8_0 or q4_0) of K and of V, in every context of the model.
+    ggml_type type_k = GGML_TYPE_F16;
+    ggml_type type_v = GGML_TYPE_F16;
 };
+
+// "f16" where K and V have one type, else "q8_0/f16" (K, then V): how states and errors name it.
+std::string kv_type_name(const ModelParams & params);
 
 // Bytes one component holds on one device.
 struct MemoryEntry {

@@ -29,7 +29,7 @@ std::string Session::save_state() const {
 
 StateHeader provenance(StateHeader header, const Model & model) {
     header.llama_cpp_commit = llama_cpp_commit();
-    header.kv_type = ggml_type_name(model.params().kv_type);
+    header.kv_type = kv_type_name(model.params());
     header.placement = model.placement();
     header.cpu_variant = cpu_variant();
     return header;
@@ -103,7 +103,7 @@ void Session::load_state(const std::string & blob, bool allow_drift) {
 }
 
 void check_state_fits(const StateHeader & header, const Model & model) {
-    const std::string kv_type = ggml_type_name(model.params().kv_type);
+    const std::string kv_type = kv_type_name(model.params());
     if (!header.kv_type.empty() && header.kv_type != kv_type) {
         throw Error("the saved session has a " + header.kv_type + " KV cache and this model's is " + kv_type +
                     ": load the model with kv_type='" + header.kv_type + "'");

@@ -30,7 +30,7 @@ struct StateHeader {
     uint32_t n_vocab = 0;
     uint32_t n_embd_inp = 0;
     std::string llama_cpp_commit;  // the llama.cpp the native core was built on
-    std::string kv_type;           // the KV cache's element type ("f16", "q8_0", "q4_0")
+    std::string kv_type;           // the KV cache's element types: "f16", or K/V ("q8_0/f16")
     std::string placement;         // where the layers (and their KV) ran: "CPU", "Vulkan0", "CUDA0+CPU"
     std::string cpu_variant;       // ggml's CPU kernels ("zen4", "haswell"; "host")
 };

@@ -91,8 +91,10 @@ if ! grep -qs LayerSettingEXT /usr/include/vulkan/vulkan_structs.hpp; then
   fi
 fi
 
-loader=$(ldconfig -p | awk '/libvulkan\.so\.1 / && /x86-64|aarch64|64bit/ {print $NF; exit}')
-loader=${loader:-$(ldconfig -p | awk '/libvulkan\.so\.1 / {print $NF; exit}')}
+# (awk reads all of ldconfig's list: leaving at the first match would cut ldconfig off, a SIGPIPE that
+# pipefail turns into a failure)
+loader=$(ldconfig -p | awk '/libvulkan\.so\.1 / && /x86-64|aarch64|64bit/ && !found {print $NF; found = 1}')
+loader=${loader:-$(ldconfig -p | awk '/libvulkan\.so\.1 / && !found {print $NF; found = 1}')}
 args="-DGGML_VULKAN=ON"
 if [ "$include" != /usr/include ]; then
   args="$args -DVulkan_INCLUDE_DIR=$include"

@@ -63,6 +63,19 @@ def test_info_reports_build_and_model(llava_pair):
     assert info["model"]["n_vocab"] == llava_pair.preset.n_vocab and info["model"]["chat_template"]
 
 
+def test_cache_types_of_k_and_v_apart(tmp_path):
+    import dataclasses
+
+    pair = make_test_model(tmp_path, dataclasses.replace(PRESETS["tiny-llava"], name="heads32", n_head=2, n_head_kv=1))
+    result = _run("info", *_model_args(pair), "--cache-type-k", "q8_0", "--flash-attn", "off")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["model"]["kv_type"] == ["q8_0", "f16"]  # K alone needs no flash attention
+    result = _run("info", *_model_args(pair), "--kv-type", "q4_0", "--cache-type-v", "f16")
+    assert result.returncode == 0 and json.loads(result.stdout)["model"]["kv_type"] == ["q4_0", "f16"]
+    result = _run("info", *_model_args(pair), "--cache-type-v", "q8_0", "--flash-attn", "off")
+    assert result.returncode != 0 and "a q8_0 V cache (kv_type='f16/q8_0') needs flash attention" in result.stderr
+
+
 @pytest.mark.parametrize("preset", [name for name in PRESETS if name.startswith("tiny-")])
 def test_info_names_family_and_projector_type(models_dir, capsys, preset):
     pair = make_test_model(models_dir, preset)

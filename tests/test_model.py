@@ -179,16 +179,24 @@ def test_device_choice_is_checked(llava_pair):
 def test_quantized_kv_cache(llava_pair, images, tmp_path):
     with pytest.raises(ValueError, match="kv_type must be one of 'f16', 'q8_0', 'q4_0'"):
         lk.Model.load(llava_pair.model_path, llava_pair.mmproj_path, kv_type="q5_1")
-    with pytest.raises(ValueError, match="needs flash attention"):
+    with pytest.raises(ValueError, match="a q8_0 V cache \\(kv_type='q8_0'\\) needs flash attention, and "
+                                         "flash_attn='off'"):
         lk.Model.load(llava_pair.model_path, llava_pair.mmproj_path, kv_type="q8_0", flash_attn="off")
+    with pytest.raises(ValueError, match="kv_type='f16/q4_0'\\) needs flash attention"):
+        lk.Model.load(llava_pair.model_path, llava_pair.mmproj_path, kv_type=("f16", "q4_0"), flash_attn="off")
+    for bad in (("q8_0",), ("q8_0", "q5_1"), ["f16", 8], 8):
+        with pytest.raises(ValueError, match="or a \\(k, v\\) pair of them"):
+            lk.Model.load(llava_pair.model_path, llava_pair.mmproj_path, kv_type=bad)
     # tiny-llava's heads hold 16 values, fewer than a q8_0 block: refused at load, nothing left behind
     with pytest.raises(ValueError, match="does not divide this model's attention heads of 16 values"):
         lk.Model.load(llava_pair.model_path, llava_pair.mmproj_path, kv_type="q8_0")
     assert lk.device_ledger() == []
     pair = make_test_model(tmp_path, dataclasses.replace(PRESETS["tiny-llava"], name="heads32", n_head=2, n_head_kv=1))
     got = {}
-    for kv_type in ("f16", "q8_0", "q4_0"):
-        with lk.Model.load(pair.model_path, pair.mmproj_path, kv_type=kv_type) as m, \
+    for kv_type in ("f16", "q8_0", "q4_0", ("q8_0", "f16")):
+        # a quantized K cache alone works without flash attention
+        flash_attn = "off" if kv_type == ("q8_0", "f16") else "auto"
+        with lk.Model.load(pair.model_path, pair.mmproj_path, kv_type=kv_type, flash_attn=flash_attn) as m, \
                 m.session(n_ctx=512) as s:
             assert m.kv_type == kv_type
             s.append_text("USER: ")
@@ -198,4 +206,5 @@ def test_quantized_kv_cache(llava_pair, images, tmp_path):
             got[kv_type] = (m.memory()["sessions"][sid]["kv"]["CPU"], s.logits())
     # q8_0 packs 32 values in 34 bytes, q4_0 in 18: the cache shrinks by exactly that much.
     assert got["q8_0"][0] * 64 == got["f16"][0] * 34 and got["q4_0"][0] * 64 == got["f16"][0] * 18
+    assert got[("q8_0", "f16")][0] * 128 == got["f16"][0] * (34 + 64)  # K at q8_0's size, V at f16's
     assert np.abs(got["q8_0"][1] - got["f16"][1]).max() < np.abs(got["q4_0"][1] - got["f16"][1]).max() < 0.5

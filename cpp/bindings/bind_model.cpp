@@ -42,10 +42,11 @@ void register_model(py::module_ & m) {
             "load",
             [](const std::string & model_path, const std::string & mmproj_path, int32_t n_gpu_layers,
                bool mmproj_use_gpu, int32_t n_threads, bool verbose, size_t embed_cache_bytes,
-               llama_flash_attn_type flash_attn, const std::string & main_gpu, ggml_type kv_type) {
+               llama_flash_attn_type flash_attn, const std::string & main_gpu, ggml_type type_k, ggml_type type_v) {
                 ModelParams params;
                 params.flash_attn = flash_attn;
-                params.kv_type = kv_type;
+                params.type_k = type_k;
+                params.type_v = type_v;
                 params.main_gpu = main_gpu;
                 params.n_gpu_layers = n_gpu_layers;
                 params.mmproj_use_gpu = mmproj_use_gpu;
@@ -57,7 +58,7 @@ void register_model(py::module_ & m) {
             py::arg("model_path"), py::arg("mmproj_path") = "", py::kw_only(), py::arg("n_gpu_layers") = 0,
             py::arg("mmproj_use_gpu") = true, py::arg("n_threads") = 0, py::arg("verbose") = false,
             py::arg("embed_cache_bytes") = size_t(1) << 30, py::arg("flash_attn") = LLAMA_FLASH_ATTN_TYPE_AUTO,
-            py::arg("main_gpu") = "", py::arg("kv_type") = GGML_TYPE_F16,
+            py::arg("main_gpu") = "", py::arg("type_k") = GGML_TYPE_F16, py::arg("type_v") = GGML_TYPE_F16,
             "Load a GGUF text model and, optionally, its mmproj projector (ModelLoadError if either is corrupt "
             "or they do not match).")
         .def("close", released(&Model::close),
@@ -91,8 +92,10 @@ void register_model(py::module_ & m) {
                                "llama.cpp's flash attention choice for every context")
         .def_property_readonly("main_gpu", [](const Model & model) { return model.params().main_gpu; },
                                "the device named at load ('' for llama.cpp's choice)")
-        .def_property_readonly("kv_type", [](const Model & model) { return model.params().kv_type; },
-                               "the KV cache's element type")
+        .def_property_readonly("type_k", [](const Model & model) { return model.params().type_k; },
+                               "the K cache's element type")
+        .def_property_readonly("type_v", [](const Model & model) { return model.params().type_v; },
+                               "the V cache's element type")
         .def_property_readonly("media_marker", [](const Model &) { return std::string(mtmd_default_marker()); },
                                "the text that stands for an image or clip in a prompt (mtmd's marker)")
         .def(

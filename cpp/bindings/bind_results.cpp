@@ -201,7 +201,7 @@ void register_results(py::module_ & m) {
         .field("n_embd_inp", &StateHeader::n_embd_inp, "the input embedding width of that model")
         .field("llama_cpp_commit", &StateHeader::llama_cpp_commit,
                "the llama.cpp commit of the llava-kv that wrote it ('' before state format 04)")
-        .field("kv_type", &StateHeader::kv_type, "its KV cache's element type ('f16', 'q8_0', 'q4_0')")
+        .field("kv_type", &StateHeader::kv_type, "its KV cache's element types: 'f16', or K/V ('q8_0/f16')")
         .field("placement", &StateHeader::placement, "where its layers ran ('CPU', 'Vulkan0', 'CUDA0+CPU')")
         .field("cpu_variant", &StateHeader::cpu_variant, "ggml's CPU kernels that computed it ('zen4', 'haswell')")
         .done();

@@ -26,6 +26,16 @@ _FLASH_ATTN = {name.lower(): value for name, value in _core.FlashAttn.__members_
 _KV_TYPES = {name.lower(): value for name, value in _core.KvType.__members__.items()}
 
 
+def _kv_types(kv_type: Any) -> tuple[_core.KvType, _core.KvType]:
+    """The K and V cache types ``kv_type`` names: one type for both, or a (k, v) pair."""
+    pair = (kv_type, kv_type) if isinstance(kv_type, str) else kv_type
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and
+            all(isinstance(t, str) and t in _KV_TYPES for t in pair)):
+        raise ValueError(f"kv_type must be one of {', '.join(map(repr, _KV_TYPES))} or a (k, v) pair of them, "
+                         f"got {kv_type!r}")
+    return _KV_TYPES[pair[0]], _KV_TYPES[pair[1]]
+
+
 class MemoryReport(TypedDict):
     """Bytes per component and device (``{device: bytes}``), sessions by id, and each device's memory."""
 
@@ -73,7 +83,7 @@ class Model(NativeObject[_core.Model]):
     def load(cls, model_path: str | os.PathLike[str], mmproj_path: str | os.PathLike[str] | None = None, *,
              n_gpu_layers: int = 0, mmproj_use_gpu: bool = True, n_threads: int | None = None,
              verbose: bool = False, embed_cache_bytes: int = 1 << 30, flash_attn: str = "auto",
-             main_gpu: str | None = None, kv_type: str = "f16") -> "Model":
+             main_gpu: str | None = None, kv_type: str | tuple[str, str] = "f16") -> "Model":
         """Load a GGUF text model and, optionally, its mmproj projector.
 
         Where things live (GPU builds; see :func:`llava_kv.devices`): ``n_gpu_layers`` layers of the
@@ -81,7 +91,8 @@ class Model(NativeObject[_core.Model]):
         ``mmproj_use_gpu`` puts the projector there too. ``main_gpu`` names the device for both
         ("Vulkan0", "CUDA1"); None lets llama.cpp spread layers over every GPU it sees and gives the
         projector the first. ``kv_type`` is the KV cache's element type: "f16", or "q8_0"/"q4_0" for
-        about half/a quarter of the memory (needs flash attention). ``flash_attn`` is llama.cpp's choice
+        about half/a quarter of the memory, for K and V alike, or a ``(k, v)`` pair ("q8_0", "f16");
+        a quantized V cache needs flash attention, a quantized K cache does not. ``flash_attn`` is llama.cpp's choice
         for every context of the model: "auto" (llama.cpp decides; on for CPU), "on" or "off". Logits
         equal another runtime's only with the same setting (llama-cpp-python's ``Llama()`` defaults to
         off). Raises FileNotFoundError for a missing file and :class:`llava_kv.ModelLoadError` for a
@@ -89,8 +100,7 @@ class Model(NativeObject[_core.Model]):
         """
         if not isinstance(flash_attn, str) or flash_attn not in _FLASH_ATTN:
             raise ValueError(f"flash_attn must be one of {', '.join(map(repr, _FLASH_ATTN))}, got {flash_attn!r}")
-        if not isinstance(kv_type, str) or kv_type not in _KV_TYPES:
-            raise ValueError(f"kv_type must be one of {', '.join(map(repr, _KV_TYPES))}, got {kv_type!r}")
+        type_k, type_v = _kv_types(kv_type)
         if main_gpu is not None and not isinstance(main_gpu, str):
             raise TypeError(f"main_gpu must be a device name such as 'Vulkan0' (or None), got {main_gpu!r}")
         model = _check_file(model_path, "model")
@@ -102,7 +112,7 @@ class Model(NativeObject[_core.Model]):
         core = _core.Model.load(model, mmproj, n_gpu_layers=n_gpu_layers, mmproj_use_gpu=mmproj_use_gpu,
                                 n_threads=n_threads or 0, verbose=verbose, embed_cache_bytes=embed_cache_bytes,
                                 flash_attn=_FLASH_ATTN[flash_attn], main_gpu=main_gpu or "",
-                                kv_type=_KV_TYPES[kv_type])
+                                type_k=type_k, type_v=type_v)
         loaded = cls(core, file_fingerprint(mmproj) if mmproj else "")
         _live_models.add(loaded)
         return loaded
@@ -205,9 +215,10 @@ class Model(NativeObject[_core.Model]):
         return self._core.main_gpu or None
 
     @property
-    def kv_type(self) -> str:
-        """The KV cache's element type: "f16", "q8_0" or "q4_0"."""
-        return self._core.kv_type.name.lower()
+    def kv_type(self) -> str | tuple[str, str]:
+        """The KV cache's element type: "f16", "q8_0" or "q4_0"; a (k, v) pair where they differ."""
+        k, v = self._core.type_k.name.lower(), self._core.type_v.name.lower()
+        return k if k == v else (k, v)
 
     @property
     def flash_attn(self) -> str:

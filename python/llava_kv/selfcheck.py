@@ -301,7 +301,7 @@ def _skipped(kind: str, why: str) -> list[CheckResult]:
 def run_selfcheck(model_path: str | os.PathLike[str], mmproj_path: str | os.PathLike[str] | None, *,
                   images: Sequence[ImageInput] | None = None, n_gpu_layers: int = 0, main_gpu: str | None = None,
                   mmproj_use_gpu: bool = True, n_ctx: int | None = None, n_batch: int | None = None,
-                  n_threads: int | None = None, flash_attn: str = "auto", kv_type: str = "f16", verbose: bool = False,
+                  n_threads: int | None = None, flash_attn: str = "auto", kv_type: str | tuple[str, str] = "f16", verbose: bool = False,
                   progress: Progress | None = None) -> SelfcheckReport:
     """Load ``model_path`` + ``mmproj_path`` and check that edits equal fresh sessions, that our
     evaluation equals mtmd's, and (where a device holds part of the model) that the device agrees

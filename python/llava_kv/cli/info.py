@@ -56,6 +56,7 @@ def info(args: argparse.Namespace) -> int:
                             "description": model.description, "n_embd": model.n_embd,
                             "n_vocab": model.n_vocab, "n_ctx_train": model.n_ctx_train,
                             "has_vision": model.has_vision, "uses_mrope": model.uses_mrope,
+                            "kv_type": model.kv_type, "flash_attn": model.flash_attn,
                             "chat_template": model.chat_template, "chat_template_used": _template_used(model),
                             "memory": memory_json(model.memory())}
     print(json.dumps(out, indent=1, default=str))

@@ -11,6 +11,8 @@ import sys
 import textwrap
 from typing import Any, Iterable, Iterator, Sequence
 
+KV_TYPES = ("f16", "q8_0", "q4_0")
+
 
 class UsageError(Exception):
     """A mistake in the command line itself: reported in one line, exit code 2."""
@@ -95,8 +97,13 @@ def add_model_args(p: argparse.ArgumentParser, *, test_pair: bool, required: boo
                    "('llava-kv info' lists them; default: llama.cpp's choice)")
     g.add_argument("--no-mmproj-gpu", dest="mmproj_use_gpu", action="store_false",
                    help="keep the projector on the CPU in a GPU build")
-    g.add_argument("--kv-type", choices=["f16", "q8_0", "q4_0"], default="f16",
-                   help="the KV cache's element type (q8_0/q4_0 need flash attention; default: %(default)s)")
+    g.add_argument("--kv-type", choices=KV_TYPES, default="f16",
+                   help="the KV cache's element type, K and V (a quantized V needs flash attention; default: "
+                   "%(default)s)")
+    g.add_argument("--cache-type-k", choices=KV_TYPES, default=None, metavar="TYPE",
+                   help="the K cache's type alone, as llama-server names it (default: --kv-type)")
+    g.add_argument("--cache-type-v", choices=KV_TYPES, default=None, metavar="TYPE",
+                   help="the V cache's type alone (default: --kv-type)")
     g.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto",
                    help="flash attention: llama.cpp's choice, or forced on/off (default: %(default)s)")
     g.add_argument("--verbose", action="store_true", help="show llama.cpp's log on stderr")
@@ -161,7 +168,13 @@ def load_model(args: argparse.Namespace, paths: tuple[str, str | None] | None = 
     model_path, mmproj_path = paths or model_paths(args)
     return lk.Model.load(model_path, mmproj_path, n_gpu_layers=args.n_gpu_layers, n_threads=args.threads,
                          flash_attn=args.flash_attn, verbose=args.verbose, main_gpu=args.main_gpu,
-                         mmproj_use_gpu=args.mmproj_use_gpu, kv_type=args.kv_type)
+                         mmproj_use_gpu=args.mmproj_use_gpu, kv_type=kv_type_of(args))
+
+
+def kv_type_of(args: argparse.Namespace) -> str | tuple[str, str]:
+    """``Model.load``'s kv_type from --kv-type and the --cache-type-k/-v that override it."""
+    k, v = args.cache_type_k or args.kv_type, args.cache_type_v or args.kv_type
+    return k if k == v else (k, v)
 
 
 def check_images(paths: Sequence[str]) -> list[str]:

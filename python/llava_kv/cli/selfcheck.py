@@ -6,7 +6,7 @@ import json
 import sys
 from typing import Any
 
-from .options import add_command, add_model_args, check_images, err, model_paths, positive_int
+from .options import add_command, add_model_args, check_images, err, kv_type_of, model_paths, positive_int
 
 
 def add_parser(sub: Any) -> None:
@@ -51,7 +51,7 @@ def selfcheck(args: argparse.Namespace) -> int:
     report = run_selfcheck(model_path, mmproj_path, images=images, n_gpu_layers=args.n_gpu_layers,
                            main_gpu=args.main_gpu, mmproj_use_gpu=args.mmproj_use_gpu, n_ctx=args.n_ctx,
                            n_batch=args.n_batch, n_threads=args.threads, flash_attn=args.flash_attn,
-                           kv_type=args.kv_type, verbose=args.verbose,
+                           kv_type=kv_type_of(args), verbose=args.verbose,
                            progress=None if args.json else lambda message: err(f"... {message}"))
     sys.stdout.write((json.dumps(report.as_dict(), indent=1) if args.json else report.format_text()) + "\n")
     sys.stdout.flush()

@@ -8,7 +8,8 @@ import sys
 from typing import Any
 
 from ..server.media import MediaPolicy
-from .options import UsageError, add_command, add_model_args, err, model_paths, non_negative_int, positive_int
+from .options import (UsageError, add_command, add_model_args, err, kv_type_of, model_paths, non_negative_int,
+                      positive_int)
 
 
 def add_parser(sub: Any) -> None:
@@ -77,7 +78,7 @@ def serve(args: argparse.Namespace) -> int:
     config = ServerConfig(
         model=model, mmproj=mmproj, slots=args.slots, n_ctx=args.n_ctx, n_batch=args.n_batch,
         n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, flash_attn=args.flash_attn,
-        main_gpu=args.main_gpu, mmproj_use_gpu=args.mmproj_use_gpu, kv_type=args.kv_type,
+        main_gpu=args.main_gpu, mmproj_use_gpu=args.mmproj_use_gpu, kv_type=kv_type_of(args),
         chat_template=args.chat_template, model_alias=args.alias, state_dir=args.state_dir,
         cache_ram_mib=args.cache_ram, queue_size=args.queue_size, default_max_tokens=args.max_tokens,
         seed=args.seed, policy=MediaPolicy(args.allow_local_files, args.max_image_bytes, args.max_image_pixels))

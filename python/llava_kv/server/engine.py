@@ -44,7 +44,7 @@ class ServerConfig:
     n_gpu_layers: int = 0
     main_gpu: Optional[str] = None
     mmproj_use_gpu: bool = True
-    kv_type: str = "f16"
+    kv_type: str | tuple[str, str] = "f16"  # K and V, or a (k, v) pair
     flash_attn: str = "auto"
     chat_template: Optional[str] = None
     model_alias: Optional[str] = None
