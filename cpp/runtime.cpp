@@ -121,6 +121,7 @@ std::vector<std::string> g_cpu_variants;  // the variants this build has
 // nothing where their driver is missing), then the CPU backend in the variant that scores best on
 // this CPU, or in the one LLAVA_KV_CPU_VARIANT names (to compare logits across machines, or with a
 // peer built for that variant). A build for its host alone has its backends linked in: "host".
+// (Its llama.cpp is static in the module, so module_dir() holds no backend files either.)
 void load_backends() {
     const char * forced = std::getenv("LLAVA_KV_CPU_VARIANT");
     if (std::string(LLAVA_KV_CPU_VARIANTS) == "host") {  // one CPU backend, linked in: nothing to load
