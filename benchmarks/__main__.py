@@ -3,6 +3,8 @@ import os
 import sys
 from pathlib import Path
 
+from benchmarks.harness.settings import PEER_CPU_VARIANT  # standard library only: llava_kv is not loaded yet
+
 
 def _early_option(name: str, default: str) -> str:
     """``--name VALUE`` or ``--name=VALUE`` from the command line, read before llama.cpp loads."""
@@ -31,7 +33,7 @@ _set_env("OMP_WAIT_POLICY", _early_option("omp-wait-policy", "passive"), unset="
 # otherwise, so it is told the peers' (recorded as cpu_variant in each scenario's settings);
 # benchmarks/scenarios/cpu_variants.py measures what the default, best variant gains. --cpu-variant best
 # lets llava-kv choose; so does a build for its host alone (LLAVA_KV_CPU_VARIANTS=host), which has no variants.
-_variant = _early_option("cpu-variant", "haswell")
+_variant = _early_option("cpu-variant", PEER_CPU_VARIANT)
 _spec = importlib.util.find_spec("llava_kv")
 if not any(any(Path(d).glob("*ggml-cpu-*")) for d in (_spec.submodule_search_locations or []) if _spec):
     _variant = "best"

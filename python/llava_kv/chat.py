@@ -245,11 +245,14 @@ class ChatReply:
         return body
 
     def chunk(self, delta: dict[str, Any], finish_reason: str | None = None, *,
-              logprobs: dict[str, Any] | None = None, **usage: Any) -> dict[str, Any]:
-        """One ``chat.completion.chunk``; a ``usage=`` keyword adds that field (None until the last)."""
-        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model_name,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}],
-                **usage}
+              logprobs: dict[str, Any] | None = None, with_usage: bool = False) -> dict[str, Any]:
+        """One ``chat.completion.chunk``; ``with_usage`` (a stream that asked for usage) adds ``"usage":
+        None``, as OpenAI sends it on every chunk before :meth:`usage_chunk`."""
+        body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model_name,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}]}
+        if with_usage:
+            body["usage"] = None
+        return body
 
     def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:
         """The last chunk of a stream that asked for usage: no choices, the usage."""

@@ -227,8 +227,8 @@ class Api:
                       started: float) -> AsyncIterator[bytes]:
         def chunk(delta: dict[str, Any], finish: Optional[str],
                   entries: Optional[list[dict[str, Any]]] = None) -> bytes:
-            usage = {"usage": None} if include_usage else {}
-            body = reply.chunk(delta, finish, logprobs=_logprobs(job, entries) if entries else None, **usage)
+            body = reply.chunk(delta, finish, logprobs=_logprobs(job, entries) if entries else None,
+                               with_usage=include_usage)
             return b"data: " + json.dumps(body).encode() + b"\n\n"
 
         status = 200
