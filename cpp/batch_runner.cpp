@@ -89,9 +89,9 @@ BatchRunner::BatchRunner(std::shared_ptr<Model> model, const BatchParams & param
     if (params_.encode_ahead <= 0) {
         params_.encode_ahead = params_.n_parallel;
     }
-    make_sampler_chain(params_.sampling, 1);  // validates the settings before any thread starts
-    StopStrings validated(params_.stop);  // throws for an empty stop string, before any thread starts
+        StopStrings validated(params_.stop);  // throws for an empty stop string, before any thread starts
     auto hold = model_->hold();
+    make_sampler_chain(params_.sampling, *model_);  // validates the settings (and grammar) first
     if (model_->projector() == nullptr || !model_->has_vision()) {
         throw ImageError("this model has no vision projector: load it with mmproj_path to run image batches");
     }
@@ -358,7 +358,7 @@ bool BatchRunner::admit(Slot & slot, Ready && job) {
     slot.last = -1;
     SamplingParams sampling = params_.sampling;
     sampling.seed += static_cast<uint32_t>(slot.job->id);
-    slot.sampler = make_sampler_chain(sampling, model_->n_vocab());
+    slot.sampler = make_sampler_chain(sampling, *model_);
     {
         std::lock_guard<std::mutex> lock(mutex_);
         stats_.prefix_copies += 1;
@@ -507,11 +507,18 @@ void BatchRunner::decode_step(std::vector<Slot> & slots) {
             fail_slot(slot, kNonFiniteLogits);
             continue;
         }
-        const llama_token token = llama_sampler_sample(slot.sampler.get(), ctx_.get(), slot.batch_index);
+        llama_token token = -1;
+        try {
+            token = draw_token(slot.sampler.get(), logits, model_->n_vocab());
+        } catch (const GrammarError & e) {
+            fail_slot(slot, e.what());  // this job alone: the others go on
+            continue;
+        }
         if (llama_vocab_is_eog(vocab, token)) {
             finish_slot(slot, "stop");
             continue;
         }
+        llama_sampler_accept(slot.sampler.get(), token);
         generated += 1;
         slot.n_generated += 1;
         if (slot.stops->feed(token_piece(vocab, token))) {

@@ -50,6 +50,12 @@ struct CancelledError : Error {
     using Error::Error;
 };
 
+// Constrained generation that cannot go on: the grammar (or JSON schema) allows no token of the
+// vocabulary at this point (Python: GrammarError).
+struct GrammarError : Error {
+    using Error::Error;
+};
+
 // A reference (image, chunk) that is no longer part of the session (Python: KeyError).
 struct NotFoundError : std::out_of_range {
     using std::out_of_range::out_of_range;

@@ -15,6 +15,7 @@
 #include "llama-model.h"  // per-buffer memory of the weights, before any context exists
 #include "projector_check.h"
 #include "session.h"
+#include "tokens.h"
 
 namespace llava_kv {
 
@@ -407,6 +408,16 @@ std::string Model::apply_chat_template(const std::vector<std::pair<std::string, 
     }
     out.resize(static_cast<size_t>(n));
     return out;
+}
+
+const std::vector<std::string> & Model::token_pieces() const {
+    std::call_once(pieces_once_, [this] {
+        pieces_.reserve(static_cast<size_t>(n_vocab_));
+        for (llama_token t = 0; t < n_vocab_; ++t) {
+            pieces_.push_back(token_piece(vocab_, t));
+        }
+    });
+    return pieces_;
 }
 
 }  // namespace llava_kv

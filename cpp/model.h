@@ -104,6 +104,8 @@ class Model : public std::enable_shared_from_this<Model> {
     bool uses_mrope() const { return uses_mrope_; }
     int32_t n_threads() const { return n_threads_; }
     std::string description() const { return description_; }
+    // The bytes of every token (token_piece), computed at the first call (constrained generation).
+    const std::vector<std::string> & token_pieces() const;
 
     MemoryReport memory() const;
 
@@ -157,6 +159,8 @@ class Model : public std::enable_shared_from_this<Model> {
     bool uses_mrope_ = false;
     std::string description_;
     std::vector<MemoryEntry> projector_memory_;
+    mutable std::once_flag pieces_once_;
+    mutable std::vector<std::string> pieces_;
 
     void track_sessions(const std::vector<std::shared_ptr<Session>> & sessions);
 

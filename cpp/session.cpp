@@ -65,10 +65,13 @@ std::shared_ptr<SharedContext> make_shared_context(const Model & model, SessionP
     cparams.n_ctx = static_cast<uint32_t>(cells);
     cparams.n_batch = static_cast<uint32_t>(params.n_batch);
     cparams.n_ubatch = static_cast<uint32_t>(params.n_ubatch);
-    // A context of its own also gets two more sequences in the same cell buffer (kv_unified), empty
-    // except during a blend edit, which parks the KV cells it keeps there (ImageEmbedRegistry).
-    cparams.n_seq_max = static_cast<uint32_t>(n_seq == 1 ? 3 : n_seq);
+    // A context of its own also gets more sequences in the same cell buffer (kv_unified), empty
+    // except during a blend edit, which parks the KV cells it keeps in sequence 1
+    // (ImageEmbedRegistry), and while generate_branches() samples several replies.
+    cparams.n_seq_max = static_cast<uint32_t>(n_seq == 1 ? kFirstBranchSeq + kMaxBranches : n_seq);
     cparams.kv_unified = n_seq == 1;
+    // llama.cpp sizes its output buffer for n_seq_max rows at least; by default it allows n_batch.
+    cparams.n_outputs_max = std::max(cparams.n_batch, cparams.n_seq_max);
     cparams.abort_callback = &SharedContext::abort_requested;
     cparams.abort_callback_data = shared.get();
     take_logged_errors();

@@ -38,7 +38,21 @@ struct GenerationStep {
     llama_token token = -1;
     std::string text;
     bool end_of_generation = false;
+    std::string error;  // step_together(): this slot's grammar allowed no token; it took no part
 };
+
+// One of several replies generate_branches() samples from the same timeline.
+struct Branch {
+    std::string text;  // bytes, cut before a stop string
+    int32_t n_tokens = 0;
+    std::string finish_reason;  // "stop", "length", or "error" (the grammar allowed no token: `error`)
+    std::string error;
+};
+
+// Sequences of a session's own context: 0 the timeline, 1 where a blend edit parks cells, then the
+// branches of generate_branches().
+constexpr llama_seq_id kFirstBranchSeq = 3;
+constexpr int32_t kMaxBranches = 16;
 
 struct ChunkInfo {
     uint64_t id = 0;
@@ -163,6 +177,13 @@ class Session {
     // generation is decoded in a single call, one sequence each. All or nothing: if the decode fails,
     // every session is as before the call. A session that ends generation gets end_of_generation.
     static std::vector<GenerationStep> step_together(const std::vector<std::shared_ptr<Session>> & sessions);
+
+    // `n` replies to the timeline sampled together, one batched decode per step: reply i with
+    // `params` and seed params.seed + i, in a sequence of its own that starts as a copy of the
+    // session's (cells shared, nothing decoded again). The session is as before the call; each reply
+    // has at most min(max_tokens, free cells / n) tokens. A session with a context of its own only.
+    std::vector<Branch> generate_branches(int32_t n, const SamplingParams & params, int32_t max_tokens,
+                                          const std::vector<std::string> & stops);
 
     // The slot this session is in (0 for a session with a context of its own) and how many slots
     // share its context (1 for its own).

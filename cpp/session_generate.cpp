@@ -6,6 +6,7 @@
 #include "llama-ext.h"
 #include "sampling.h"
 #include "session.h"
+#include "stop_strings.h"
 #include "tokens.h"
 
 namespace llava_kv {
@@ -14,7 +15,7 @@ void Session::begin_generation(const SamplingParams & p) {
     auto hold = model_->hold();
     std::lock_guard<std::mutex> lock(shared_->mutex);
     check_open();
-    sampler_ = make_sampler_chain(p, model_->n_vocab());
+    sampler_ = make_sampler_chain(p, *model_);
     pending_utf8_.clear();
 }
 
@@ -28,17 +29,8 @@ GenerationStep Session::sample_locked() {
                         : "nothing to generate from: the timeline ends with image tokens; append text first");
     }
     const std::vector<float> & logits = registry_->logits();
-    std::vector<llama_token_data> candidates(logits.size());
-    for (size_t i = 0; i < logits.size(); ++i) {
-        candidates[i] = {static_cast<llama_token>(i), logits[i], 0.0f};
-    }
-    llama_token_data_array array{candidates.data(), candidates.size(), -1, false};
-    llama_sampler_apply(sampler_.get(), &array);
-    if (array.selected < 0 || static_cast<size_t>(array.selected) >= array.size) {
-        throw Error("the sampler selected no token");
-    }
     GenerationStep step;
-    step.token = array.data[array.selected].id;
+    step.token = draw_token(sampler_.get(), logits.data(), static_cast<int32_t>(logits.size()));
     step.end_of_generation = llama_vocab_is_eog(model_->vocab(), step.token);
     return step;
 }
@@ -118,6 +110,9 @@ std::vector<GenerationStep> Session::step_together(const std::vector<std::shared
         }
         try {
             steps[i] = s.sample_locked();
+        } catch (const GrammarError & e) {
+            steps[i].error = e.what();  // this slot ends alone; the others go on
+            continue;
         } catch (...) {
             put_back_samplers();
             throw;
@@ -130,7 +125,7 @@ std::vector<GenerationStep> Session::step_together(const std::vector<std::shared
     llama_batch_ext_ptr batch(llama_batch_ext_init(ctx));
     std::vector<int32_t> out_index(n, -1);
     for (size_t i = 0; i < n; ++i) {
-        if (steps[i].end_of_generation) {
+        if (steps[i].end_of_generation || !steps[i].error.empty()) {
             continue;
         }
         const int32_t idx = llama_batch_ext_add_token(batch.get(), sessions[i]->seq_, steps[i].token);
@@ -199,6 +194,132 @@ std::vector<GenerationStep> Session::step_together(const std::vector<std::shared
         }
     }
     return steps;
+}
+
+std::vector<Branch> Session::generate_branches(int32_t n, const SamplingParams & params, int32_t max_tokens,
+                                               const std::vector<std::string> & stops) {
+    if (n < 1 || n > kMaxBranches) {
+        throw std::invalid_argument("n must be in [1, " + std::to_string(kMaxBranches) + "], got " + std::to_string(n));
+    }
+    if (shared_->n_seq != 1) {
+        throw std::invalid_argument("n > 1 needs a session with a context of its own (model.session()), not a "
+                                    "pool slot");
+    }
+    if (n > params_.n_batch) {
+        throw std::invalid_argument("n (" + std::to_string(n) + ") must be <= n_batch (" +
+                                    std::to_string(params_.n_batch) + "): each step decodes one token per reply");
+    }
+    StopStrings checked(stops);  // throws for an empty stop string
+    return run_edit([&] {
+        if (!registry_->has_logits()) {
+            throw Error(registry_->timeline().empty()
+                            ? "nothing to generate from: the session is empty"
+                            : "nothing to generate from: the timeline ends with image tokens; append text first");
+        }
+        llama_context * c = ctx();
+        llama_memory_t mem = llama_get_memory(c);
+        const int32_t n_vocab = model_->n_vocab();
+        const int32_t budget = (params_.n_ctx - registry_->n_cells()) / n;
+        const int32_t limit = std::min(max_tokens, std::max(budget, 0));
+        struct Live {
+            llama_sampler_ptr sampler;
+            StopStrings text;
+            const float * logits;
+            int32_t index = -1;
+        };
+        std::vector<Live> live;
+        std::vector<Branch> out(static_cast<size_t>(n));
+        // The branch sequences share the session's cells until they are dropped, whatever happens.
+        struct Drop {
+            llama_memory_t mem;
+            int32_t n;
+            ~Drop() {
+                for (int32_t i = 0; i < n; ++i) {
+                    llama_memory_seq_rm(mem, kFirstBranchSeq + i, -1, -1);
+                }
+            }
+        } drop{mem, n};
+        for (int32_t i = 0; i < n; ++i) {
+            llama_memory_seq_rm(mem, kFirstBranchSeq + i, -1, -1);
+            llama_memory_seq_cp(mem, seq_, kFirstBranchSeq + i, -1, -1);
+            SamplingParams p = params;
+            p.seed = params.seed + static_cast<uint32_t>(i);
+            live.push_back({make_sampler_chain(p, *model_), StopStrings(stops), registry_->logits().data()});
+        }
+        std::vector<bool> running(static_cast<size_t>(n), true);
+        const llama_pos pos0 = registry_->next_generated_pos();
+        llama_batch_ext_ptr batch(llama_batch_ext_init(c));
+        for (int32_t step = 0;; ++step) {
+            llama_batch_ext_clear(batch.get());
+            bool any = false;
+            for (int32_t i = 0; i < n; ++i) {
+                Branch & b = out[static_cast<size_t>(i)];
+                Live & l = live[static_cast<size_t>(i)];
+                if (!running[static_cast<size_t>(i)]) {
+                    continue;
+                }
+                if (step >= limit) {
+                    b.finish_reason = "length";
+                    running[static_cast<size_t>(i)] = false;
+                    continue;
+                }
+                llama_token token = -1;
+                try {
+                    token = draw_token(l.sampler.get(), l.logits, n_vocab);
+                } catch (const GrammarError & e) {
+                    b.finish_reason = "error";
+                    b.error = e.what();
+                    running[static_cast<size_t>(i)] = false;
+                    continue;
+                }
+                if (llama_vocab_is_eog(model_->vocab(), token)) {
+                    b.finish_reason = "stop";
+                    running[static_cast<size_t>(i)] = false;
+                    continue;
+                }
+                llama_sampler_accept(l.sampler.get(), token);
+                b.n_tokens += 1;
+                stats_.tokens_generated += 1;
+                if (l.text.feed(token_piece(model_->vocab(), token))) {
+                    b.finish_reason = "stop";
+                    running[static_cast<size_t>(i)] = false;
+                    continue;
+                }
+                const llama_pos pos = pos0 + step;
+                l.index = llama_batch_ext_add_token(batch.get(), kFirstBranchSeq + i, token);
+                if (l.index < 0) {
+                    throw Error("could not build the batched step of the replies");
+                }
+                llama_batch_ext_set_pos(batch.get(), l.index, &pos);
+                llama_batch_ext_set_output_logits(batch.get(), l.index, true);
+                any = true;
+            }
+            if (!any) {
+                break;
+            }
+            const int32_t status = decode_status([&] { return llama_process(c, LLAMA_PROCESS_TYPE_DECODE, batch.get()); });
+            if (status == 2) {
+                throw CancelledError("generation was cancelled; the session is as it was");
+            }
+            if (status != 0) {
+                throw Error("decoding the replies failed (status " + std::to_string(status) +
+                            "); the session is as it was");
+            }
+            for (int32_t i = 0; i < n; ++i) {
+                Live & l = live[static_cast<size_t>(i)];
+                if (running[static_cast<size_t>(i)]) {
+                    l.logits = llama_get_logits_ith(c, l.index);
+                    if (l.logits == nullptr || !all_finite(l.logits, static_cast<size_t>(n_vocab))) {
+                        throw Error(kNonFiniteLogits);
+                    }
+                }
+            }
+        }
+        for (int32_t i = 0; i < n; ++i) {
+            out[static_cast<size_t>(i)].text = live[static_cast<size_t>(i)].text.text();
+        }
+        return out;
+    });
 }
 
 std::string Session::flush_generation() {

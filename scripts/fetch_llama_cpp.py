@@ -28,9 +28,13 @@ SDIST_FILE = f"llama_cpp_python-{SDIST_VERSION}.tar.gz"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 LLAMA_CPP_COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
 
-# What the build of llama + ggml (all backends, so any can be chosen at build time) + mtmd needs.
+# What the build of llama + ggml (all backends, so any can be chosen at build time) + mtmd needs,
+# and of common/ the JSON Schema -> grammar converter with what it includes.
 NEEDED = ("CMakeLists.txt", "LICENSE", "cmake/", "include/", "src/", "ggml/", "vendor/",
-          "licenses/", "tools/mtmd/")
+          "licenses/", "tools/mtmd/",
+          "common/common.h", "common/json.h", "common/json.cpp", "common/json-schema.h", "common/json-schema.cpp",
+          "common/json-schema-to-grammar.h", "common/json-schema-to-grammar.cpp", "common/trie.h",
+          "common/trie.cpp", "common/unicode.h", "common/unicode.cpp")
 # Inside tools/mtmd only the library sources are needed, not its sample media.
 SKIPPED_SUFFIXES = (".jpeg", ".jpg", ".mp3", ".mp4", ".png", ".wav")
 STAMP = ".llava-kv-source"
@@ -93,8 +97,10 @@ def cached_sdist(cache_dir: Path) -> Path:
 
 
 def stamp_text() -> str:
-    """What a tree extracted from the pinned source records in its STAMP file."""
-    return f"{SDIST_FILE} sha256 {SDIST_SHA256}\ncommit {LLAMA_CPP_COMMIT}\n"
+    """What a tree extracted from the pinned source records in its STAMP file: the source, and which
+    of its files were taken (a tree extracted before NEEDED grew is then fetched again)."""
+    needed = hashlib.sha256("\n".join(NEEDED).encode()).hexdigest()[:16]
+    return f"{SDIST_FILE} sha256 {SDIST_SHA256}\ncommit {LLAMA_CPP_COMMIT}\nfiles {needed}\n"
 
 
 def recorded_source(dest: Path) -> str | None:

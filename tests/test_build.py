@@ -70,8 +70,11 @@ def test_fetch_script_fetches_again_when_the_pin_moved(tmp_path):
     assert current.returncode == 0 and "already holds the pinned source" in current.stderr, current.stderr
     # A stamp of another release or commit (the pin was bumped since): fetch again, which here
     # reaches the hash check of the (bogus) sdist and fails, leaving the old tree as it was.
+    # A tree extracted before the build needed more of the source (the stamp's "files" line, which
+    # names what was taken, differs or is missing) is fetched again the same way.
+    older = "".join(line for line in fetch.stamp_text().splitlines(keepends=True) if not line.startswith("files "))
     for stale in (fetch.stamp_text().replace(fetch.LLAMA_CPP_COMMIT, "1" * 40),
-                  fetch.stamp_text().replace(fetch.SDIST_SHA256, "0" * 64)):
+                  fetch.stamp_text().replace(fetch.SDIST_SHA256, "0" * 64), older):
         (dest / fetch.STAMP).write_text(stale)
         result = _fetch("--sdist", str(bogus), "--dest", str(dest))
         assert result.returncode == 1, result.stderr
@@ -112,11 +115,13 @@ def test_extraction_is_safe_with_and_without_the_data_filter(tmp_path, monkeypat
         "src/llama.cpp": (b"// source\n", 0o644),
         "tools/mtmd/test-1.jpeg": (b"sample media", 0o644),  # not needed: left out
         "docs/readme.md": (b"not needed", 0o644),
+        "common/json-schema-to-grammar.cpp": (b"// the converter\n", 0o644),  # needed: taken
+        "common/arg.cpp": (b"// the tool stack\n", 0o644),  # the rest of common/: left out
     })
     dest = tmp_path / "llama.cpp"
     fetch.extract(good, dest)
     assert sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()) == \
-        [fetch.STAMP, "CMakeLists.txt", "src/llama.cpp"]
+        [fetch.STAMP, "CMakeLists.txt", "common/json-schema-to-grammar.cpp", "src/llama.cpp"]
     assert (dest / "src" / "llama.cpp").read_bytes() == b"// source\n"
     assert stat.S_IMODE((dest / "CMakeLists.txt").stat().st_mode) & 0o7022 == 0
     assert (dest / fetch.STAMP).read_text() == fetch.stamp_text()

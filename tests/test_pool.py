@@ -163,14 +163,14 @@ def test_generation_logprobs_are_the_lone_sessions(llava_pair, images):
     with lk.Model.load(llava_pair.model_path, llava_pair.mmproj_path) as model, \
             model.session_pool(2, n_ctx=1024) as pool, model.session(n_ctx=1024) as lone:
         _prompt(lone, images[0], "which?")
-        lone._core.begin_generation(temperature=0.0, seed=0)
+        lone._core.begin_generation(_core.SamplingParams(temperature=0.0, seed=0))
         ids, logits = [], []
         for _ in range(10):
             logits.append(lone.logits().astype(np.float64))
-            token, _, end = lone._core.generate_step()
-            if end:
+            step = lone._core.generate_step()
+            if step.end_of_generation:
                 break
-            ids.append(token)
+            ids.append(step.token)
         _prompt(pool[0], images[0], "which?")
         _prompt(pool[1], images[1], "other")
         listed, plain = Generation(pool[0], 10, logprobs=2), Generation(pool[1], 10)

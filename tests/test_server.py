@@ -23,7 +23,7 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
 import llava_kv as lk  # noqa: E402
-from llava_kv import saved  # noqa: E402
+from llava_kv import _core, saved  # noqa: E402
 from llava_kv.server.process import ServerProcess  # noqa: E402
 from llava_kv.testing import random_image  # noqa: E402
 
@@ -83,15 +83,15 @@ def lone_greedy(s: lk.Session, model: lk.Model, messages: list[dict], max_tokens
     from llava_kv.chat import render_conversation
 
     s._prepare_chat(*render_conversation(model, messages))
-    s._core.begin_generation(temperature=0.0, seed=0)
+    s._core.begin_generation(_core.SamplingParams(temperature=0.0, seed=0))
     ids, logits, raw = [], [], b""
     for _ in range(max_tokens):
         logits.append(s.logits())
-        token, piece, end = s._core.generate_step()
-        if end:
+        step = s._core.generate_step()
+        if step.end_of_generation:
             break
-        ids.append(token)
-        raw += piece
+        ids.append(step.token)
+        raw += step.text
     raw += s._core.flush_generation()  # bytes of an incomplete last character, held back until now
     return ids, logits, raw.decode("utf-8", "replace")
 
@@ -501,12 +501,14 @@ def test_size_limits_answer_413(guarded):
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": -1}, 400, "max_tokens"),
     ({"messages": [{"role": "user", "content": "x"}], "stop": [1]}, 400, "stop"),
     ({"messages": [{"role": "user", "content": "x"}], "model": "gpt-9"}, 404, "model"),
-    ({"messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 9}, 400, "n"),  # more than the slots
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": "0.5"}, 400, "temperature"),
+    ({"messages": [{"role": "user", "content": "x"}], "frobnicate": 1}, 400, "frobnicate"),
     ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, 400, "tools"),
     ({"messages": [{"role": "user", "content": "x"}], "logprobs": "yes"}, 400, "logprobs"),
     ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
-    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}, 400,
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "yaml"}}, 400,
      "response_format"),
     ({"messages": [{"role": "user", "content": "x" * 20000}]}, 400, None),  # longer than the slot's n_ctx
 ])

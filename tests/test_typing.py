@@ -8,10 +8,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 # Bound classes: pybind11 gives them its own metaclass, and those without a constructor its own __init__.
-CONSTRUCTED = ["StopStrings", "MediaItem", "ChunkKind", "FlashAttn", "KvType"]
+CONSTRUCTED = ["StopStrings", "MediaItem", "ChunkKind", "FlashAttn", "KvType", "SamplingParams"]
 NOT_CONSTRUCTED = ["Model", "Session", "BatchRunner", "ChunkInfo", "BatchResult", "Device", "LedgerEntry",
                    "SessionStats", "BatchStats", "EmbeddingCacheStats", "BlendReport", "StateHeader", "MemoryEntry",
-                   "MemoryReport", "BuildInfo"]
+                   "MemoryReport", "BuildInfo", "GenerationStep", "Branch"]
 
 
 def test_core_stub_matches_the_compiled_module(tmp_path):

@@ -30,6 +30,7 @@ from typing import Any, Callable
 from PIL import Image
 
 import llava_kv as lk
+from llava_kv import _core
 from llava_kv.testing import TestModel, make_test_model, random_image
 
 if __package__ in (None, ""):  # run as a script: make the benchmarks package importable
@@ -108,9 +109,9 @@ def measure(pair: TestModel, *, n_tokens: int = 64, repeats: int = 5, peer: bool
 
         def native_step() -> None:
             core = s._core
-            core.begin_generation(temperature=0.0, seed=0)
+            core.begin_generation(_core.SamplingParams(temperature=0.0, seed=0))
             for _ in range(n_tokens):
-                if core.generate_step()[2]:
+                if core.generate_step().end_of_generation:
                     break
             core.flush_generation()
 

@@ -42,8 +42,7 @@ void register_batch(py::module_ & m) {
             "start",
             [](std::shared_ptr<Model> model, const std::string & prefix, const std::string & suffix,
                int32_t n_parallel, int32_t max_tokens, int32_t n_ctx, int32_t n_batch, int32_t n_threads,
-               float temperature, int32_t top_k, float top_p, float min_p, float repeat_penalty,
-               int32_t repeat_last_n, uint32_t seed, std::vector<std::string> stop, int32_t queue_size,
+               const SamplingParams & sampling, std::vector<std::string> stop, int32_t queue_size,
                int32_t encode_ahead) {
                 BatchParams p;
                 p.prefix = prefix;
@@ -53,7 +52,7 @@ void register_batch(py::module_ & m) {
                 p.n_ctx = n_ctx;
                 p.n_batch = n_batch;
                 p.n_threads = n_threads;
-                p.sampling = sampling_params(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed);
+                p.sampling = sampling;
                 p.stop = std::move(stop);
                 p.queue_size = queue_size;
                 p.encode_ahead = encode_ahead;
@@ -61,8 +60,7 @@ void register_batch(py::module_ & m) {
             },
             py::arg("model"), py::kw_only(), py::arg("prefix"), py::arg("suffix"), py::arg("n_parallel") = 4,
             py::arg("max_tokens") = 64, py::arg("n_ctx") = 0, py::arg("n_batch") = 512, py::arg("n_threads") = 0,
-            py::arg("temperature") = 0.0f, py::arg("top_k") = 40, py::arg("top_p") = 0.95f, py::arg("min_p") = 0.05f,
-            py::arg("repeat_penalty") = 1.0f, py::arg("repeat_last_n") = 64, py::arg("seed") = 0, py::arg("stop") = std::vector<std::string>{},
+            py::arg("sampling") = SamplingParams{}, py::arg("stop") = std::vector<std::string>{},
             py::arg("queue_size") = 0, py::arg("encode_ahead") = 0,
             "Start a runner for prefix + <image> + suffix (n_ctx 0: sized from the first image; queue_size 0: "
             "2 * n_parallel; encode_ahead 0: n_parallel).")

@@ -39,6 +39,8 @@ void register_errors(py::module_ & /*m*/) {
             raise("ClosedError", e);
         } catch (const CancelledError & e) {
             raise("CancelledError", e);
+        } catch (const GrammarError & e) {
+            raise("GrammarError", e);
         } catch (const Error & e) {
             raise("LlavaKVError", e);
         } catch (const NotFoundError & e) {

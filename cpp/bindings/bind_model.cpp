@@ -4,9 +4,12 @@
 #include <utility>
 
 #include "bindings.h"
-#include "model.h"
-#include "session.h"
+#include "errors.h"
 #include "image_encoder.h"
+#include "model.h"
+#include "sampling.h"
+#include "session.h"
+#include "tokens.h"
 
 namespace py = pybind11;
 
@@ -21,6 +24,16 @@ SessionParams session_params(int32_t n_ctx, int32_t n_batch, int32_t n_ubatch, u
     params.seed = seed;
     params.n_threads = n_threads;
     return params;
+}
+
+// ValueError (std::invalid_argument) naming the first id outside the model's vocabulary.
+void check_token_ids(const Model & model, const std::vector<llama_token> & tokens) {
+    for (llama_token t : tokens) {
+        if (t < 0 || t >= model.n_vocab()) {
+            throw std::invalid_argument("token id " + std::to_string(t) + " is outside the vocabulary (0.." +
+                                        std::to_string(model.n_vocab() - 1) + ")");
+        }
+    }
 }
 
 }  // namespace
@@ -121,6 +134,72 @@ void register_model(py::module_ & m) {
         .def("n_open_sessions",
              [](const Model & model) { return without_gil([&] { return model.live_sessions().size(); }); },
              "Sessions made from the model and not yet closed.")
+        .def(
+            "tokenize",
+            [](const Model & model, const std::string & text, bool add_special) {
+                return without_gil([&] {
+                    auto hold = model.hold();
+                    std::vector<llama_token> tokens = tokenize_text(model.vocab(), text);
+                    if (add_special && llama_vocab_get_add_bos(model.vocab())) {
+                        tokens.insert(tokens.begin(), llama_vocab_bos(model.vocab()));
+                    }
+                    return tokens;
+                });
+            },
+            py::arg("text"), py::arg("add_special") = false,
+            "The model's tokens for text (special tokens parsed; add_special: BOS where the model adds it).")
+        .def(
+            "detokenize",
+            [](const Model & model, const std::vector<llama_token> & tokens) {
+                std::string text = without_gil([&] {
+                    auto hold = model.hold();
+                    check_token_ids(model, tokens);
+                    std::string out(tokens.size() * 8 + 16, '\0');
+                    for (int attempt = 0; attempt < 2; ++attempt) {
+                        const int32_t n = llama_detokenize(model.vocab(), tokens.data(),
+                                                           static_cast<int32_t>(tokens.size()), out.data(),
+                                                           static_cast<int32_t>(out.size()), false, false);
+                        if (n >= 0) {
+                            out.resize(static_cast<size_t>(n));
+                            return out;
+                        }
+                        out.resize(static_cast<size_t>(-n));
+                    }
+                    throw Error("llama.cpp could not detokenize the tokens");
+                });
+                return py::bytes(text);
+            },
+            py::arg("tokens"),
+            "llama.cpp's text of the tokens, as bytes (the space a tokenizer puts before the first word removed).")
+        .def(
+            "token_pieces",
+            [](const Model & model, const std::vector<llama_token> & tokens) {
+                std::vector<std::string> pieces = without_gil([&] {
+                    auto hold = model.hold();
+                    std::vector<std::string> out;
+                    check_token_ids(model, tokens);
+                    for (llama_token t : tokens) {
+                        out.push_back(token_piece(model.vocab(), t));
+                    }
+                    return out;
+                });
+                py::list out;
+                for (const auto & p : pieces) {
+                    out.append(py::bytes(p));
+                }
+                return out;
+            },
+            py::arg("tokens"), "The bytes of each token (ValueError for an id outside the vocabulary).")
+        .def(
+            "check_sampling",
+            [](const Model & model, const SamplingParams & p) {
+                without_gil([&] {
+                    auto hold = model.hold();
+                    make_sampler_chain(p, model);
+                });
+            },
+            py::arg("sampling"),
+            "Raises ValueError for settings (or a grammar) a generation on this model would refuse.")
         .def("memory", [](const Model & model) { return without_gil([&] { return model.memory(); }); },
              "Bytes held per component and device, and every device's memory now.")
         .def("cache_stats",

@@ -49,7 +49,13 @@ class ResultClass {
                                                         std::is_invocable_v<const Get &, const T &>>>
     ResultClass & field(const char * name, Get get, const char * doc) {
         cls_.def_property_readonly(name, get, doc);
-        fields_->push_back({name, [get](const T & r) { return py::cast(get(r)); }});
+        fields_->push_back({name, [get](const T & r) -> py::object {
+                                if constexpr (std::is_base_of_v<py::object, decltype(get(r))>) {
+                                    return get(r);  // already a Python object (bytes)
+                                } else {
+                                    return py::cast(get(r));
+                                }
+                            }});
         return *this;
     }
 
@@ -146,6 +152,24 @@ void register_results(py::module_ & m) {
                "KV cells of later chunks blend edits kept instead of decoding")
         .field("batched_steps", &SessionStats::batched_steps,
                "generated tokens decoded in a step shared with other slots of a pool")
+        .done();
+
+    ResultClass<GenerationStep>(m, "GenerationStep", "One generation step of a session (generate_step, step_sessions).")
+        .field("token", &GenerationStep::token, "the token sampled (-1 when the step failed for this slot)")
+        .field("text", [](const GenerationStep & s) -> py::object { return py::bytes(s.text); },
+               "the bytes it completes: whole UTF-8 characters only (a split character waits for the next step)")
+        .field("end_of_generation", &GenerationStep::end_of_generation,
+               "an end-of-generation token: reported, not decoded")
+        .field("error", &GenerationStep::error,
+               "why this slot could not take part (its grammar allows no token); '' otherwise")
+        .done();
+
+    ResultClass<Branch>(m, "Branch", "One of the replies generate_branches() sampled from one timeline.")
+        .field("text", [](const Branch & b) -> py::object { return py::bytes(b.text); },
+               "the reply's bytes, cut before a stop string")
+        .field("n_tokens", &Branch::n_tokens, "tokens sampled for it")
+        .field("finish_reason", &Branch::finish_reason, "'stop', 'length', or 'error' (see error)")
+        .field("error", &Branch::error, "why the grammar ended it; '' otherwise")
         .done();
 
     ResultClass<BatchStats>(m, "BatchStats", "Counters of a batch runner's work.")

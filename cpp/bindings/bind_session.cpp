@@ -112,16 +112,11 @@ void register_session(py::module_ & m) {
     m.def(
         "step_sessions",
         [](const std::vector<std::shared_ptr<Session>> & sessions) {
-            std::vector<GenerationStep> steps = without_gil([&] { return Session::step_together(sessions); });
-            py::list out;
-            for (const auto & step : steps) {
-                out.append(py::make_tuple(step.token, py::bytes(step.text), step.end_of_generation));
-            }
-            return out;
+            return without_gil([&] { return Session::step_together(sessions); });
         },
         py::arg("sessions"),
-        "One generation step for slots of one pool in one batched decode: a (token, text bytes, "
-        "end_of_generation) tuple per session, in order. All or nothing on failure.");
+        "One generation step for slots of one pool in one batched decode: a GenerationStep per session, in "
+        "order. All or nothing on failure (a slot whose grammar allows no token ends alone, with its error).");
 
     py::class_<StopStrings>(m, "StopStrings",
                             "Stop strings over generated text arriving piece by piece (as the batch runner "
@@ -246,19 +241,18 @@ void register_session(py::module_ & m) {
              "The model's tokens for text (add_special: BOS and the like, as the model's metadata says).")
         .def(
             "begin_generation",
-            [](Session & s, float temperature, int32_t top_k, float top_p, float min_p, float repeat_penalty,
-               int32_t repeat_last_n, uint32_t seed) {
-                const SamplingParams p =
-                    sampling_params(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed);
-                without_gil([&] { s.begin_generation(p); });
+            [](Session & s, const SamplingParams & p) { without_gil([&] { s.begin_generation(p); }); },
+            py::arg("sampling"), "Start a generation with these settings (generate_step gives its tokens).")
+        .def(
+            "generate_branches",
+            [](Session & s, int32_t n, const SamplingParams & p, int32_t max_tokens, std::vector<std::string> stops) {
+                return interruptible(s, [&] { return s.generate_branches(n, p, max_tokens, stops); });
             },
-            py::kw_only(), py::arg("temperature") = 0.0f, py::arg("top_k") = 40, py::arg("top_p") = 0.95f,
-            py::arg("min_p") = 0.05f, py::arg("repeat_penalty") = 1.0f, py::arg("repeat_last_n") = 64,
-            py::arg("seed") = 0, "Start a generation with these sampling settings (generate_step gives its tokens).")
+            py::arg("n"), py::arg("sampling"), py::arg("max_tokens"), py::arg("stops") = std::vector<std::string>{},
+            "n replies sampled together from the timeline (seeds sampling.seed + i); the session is left as it was.")
         .def("generate_step",
              [](Session & s) {
-                 const GenerationStep step = interruptible(s, [&] { return s.generate_step(); });
-                 return py::make_tuple(step.token, py::bytes(step.text), step.end_of_generation);
+                 return interruptible(s, [&] { return s.generate_step(); });
              },
              "Sample one token and decode it: (token, text bytes ready to show, end_of_generation).")
         .def("save_state",

@@ -132,22 +132,10 @@ inline pybind11::str utf8(const std::string & s) {
         PyUnicode_DecodeUTF8(s.data(), static_cast<pybind11::ssize_t>(s.size()), "replace"));
 }
 
-inline SamplingParams sampling_params(float temperature, int32_t top_k, float top_p, float min_p,
-                                      float repeat_penalty, int32_t repeat_last_n, uint32_t seed) {
-    SamplingParams p;
-    p.temperature = temperature;
-    p.top_k = top_k;
-    p.top_p = top_p;
-    p.min_p = min_p;
-    p.repeat_penalty = repeat_penalty;
-    p.repeat_last_n = repeat_last_n;
-    p.seed = seed;
-    return p;
-}
-
 void register_errors(pybind11::module_ & m);
 void register_devices(pybind11::module_ & m);
 void register_results(pybind11::module_ & m);
+void register_sampling(pybind11::module_ & m);
 void register_model(pybind11::module_ & m);
 void register_session(pybind11::module_ & m);
 void register_batch(pybind11::module_ & m);

@@ -17,6 +17,7 @@ PYBIND11_MODULE(_core, m) {
     llava_kv::bindings::register_errors(m);
     llava_kv::bindings::register_devices(m);
     llava_kv::bindings::register_results(m);
+    llava_kv::bindings::register_sampling(m);
     llava_kv::bindings::register_model(m);
     llava_kv::bindings::register_session(m);
     llava_kv::bindings::register_batch(m);

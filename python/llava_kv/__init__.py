@@ -10,6 +10,7 @@ from .errors import (
     CancelledError,
     ClosedError,
     ContextFullError,
+    GrammarError,
     ImageError,
     ImageTooLargeError,
     LlavaKVError,
@@ -42,6 +43,7 @@ __all__ = [
     "ContextFullError",
     "ClosedError",
     "CancelledError",
+    "GrammarError",
 ]
 
 

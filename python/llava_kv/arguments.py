@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any, Literal, overload
+from typing import Any, Literal, Mapping, overload
 
-__all__ = ["INT32_MAX", "UINT32_MAX", "check_int", "check_float", "check_sampling"]
+from . import _core
+
+__all__ = ["INT32_MAX", "UINT32_MAX", "check_int", "check_float", "check_sampling", "check_logit_bias",
+           "sampling_params"]
 
 INT32_MAX = 2**31 - 1
 UINT32_MAX = 2**32 - 1
@@ -78,3 +81,42 @@ def check_stops(stop: Any) -> list[str]:
     if any(not isinstance(x, str) or not x for x in stops):
         raise ValueError("stop strings must be non-empty str")
     return stops
+
+
+def check_logit_bias(logit_bias: Any) -> list[tuple[int, float]]:
+    """``logit_bias`` (None, a mapping of token id (an int, or its decimal string as JSON sends it)
+    to a bias in [-100, 100], OpenAI's range, or (token, bias) pairs) as (token, bias) pairs. The
+    core checks the ids against the vocabulary."""
+    if logit_bias is None:
+        return []
+    if isinstance(logit_bias, Mapping):
+        items = list(logit_bias.items())
+    elif isinstance(logit_bias, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2
+                                                       for p in logit_bias):
+        items = [(p[0], p[1]) for p in logit_bias]
+    else:
+        raise TypeError(f"logit_bias must be a mapping of token id to bias, not {type(logit_bias).__name__}")
+    pairs = []
+    for key, value in items:
+        try:
+            token = int(key) if isinstance(key, str) and key.strip().lstrip("-").isdigit() else key
+            token = check_int("logit_bias token id", token, 0, INT32_MAX)
+        except (TypeError, ValueError):
+            raise ValueError(f"logit_bias: {key!r} is not a token id") from None
+        pairs.append((token, check_float(f"logit_bias[{token}]", value, -100.0, 100.0)))
+    return pairs
+
+
+def sampling_params(*, temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
+                    repeat_penalty: float = 1.0, seed: int = 0, presence_penalty: float = 0.0,
+                    frequency_penalty: float = 0.0, logit_bias: Any = None, grammar: str = "") -> _core.SamplingParams:
+    """The core's sampling settings, the arguments checked first (ranges as OpenAI's for the
+    penalties)."""
+    check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+                   seed=seed, max_tokens=0, seed_optional=False)
+    check_float("presence_penalty", presence_penalty, -2.0, 2.0)
+    check_float("frequency_penalty", frequency_penalty, -2.0, 2.0)
+    return _core.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
+                                frequency_penalty=frequency_penalty, logit_bias=check_logit_bias(logit_bias),
+                                grammar=grammar, seed=seed)

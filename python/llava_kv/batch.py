@@ -5,6 +5,10 @@ message holding the image, then the prompt text), and hands the images to the na
 images are decoded here on a loader thread, encoded ahead by the runner (duplicates come from the
 embedding cache), and decoded as up to ``parallel`` sequences of one context that share the
 prompt's prefix. A corrupt or missing image fails its own record; the rest go on.
+
+With ``json_schema=`` (or a GBNF ``grammar=``) every answer is held to it; a record's ``json`` is
+the parsed answer, and one whose answer ran out of ``max_tokens`` before the JSON closed fails
+alone (finish reason "length", its text kept).
 """
 from __future__ import annotations
 
@@ -14,10 +18,11 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
-from .arguments import INT32_MAX, check_int, check_sampling
+from .arguments import INT32_MAX, check_int, check_sampling, sampling_params
 from .chat import render_segments
 from .errors import ClosedError, LlavaKVError
 from .images import ImageInput, describe_image, load_image
+from .structured import constraint, parse_json
 
 if TYPE_CHECKING:
     from .model import Model
@@ -40,14 +45,18 @@ class BatchRecord:
     cached: bool
     timings: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    json: Any = None  # the parsed answer of a run held to a JSON schema (None where it did not parse)
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"image": self.image, "text": self.text, "tokens": self.tokens, "finish_reason": self.finish_reason,
-                "cached": self.cached, "timings": dict(self.timings), "error": self.error}
+        out = {"image": self.image, "text": self.text, "tokens": self.tokens, "finish_reason": self.finish_reason,
+               "cached": self.cached, "timings": dict(self.timings), "error": self.error}
+        if self.json is not None:
+            out["json"] = self.json
+        return out
 
 
 def render_prompt(model: "Model", prompt: str, *, system: str | None = None,
@@ -107,7 +116,9 @@ def _progress(total: int | None, enabled: bool) -> Any:
 def iter_run(model: "Model", images: Iterable[ImageInput], prompt: str, *, ordered: bool = True,
              max_tokens: int = 64, parallel: int = 4, progress: bool = True, temperature: float = 0.0,
              top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
-             seed: int = 0, stop: str | Sequence[str] | None = None, system: str | None = None,
+             presence_penalty: float = 0.0, frequency_penalty: float = 0.0, logit_bias: dict[int, float] | None = None,
+             seed: int = 0, stop: str | Sequence[str] | None = None, grammar: str | None = None,
+             json_schema: Any = None, system: str | None = None,
              n_ctx: int | None = None, n_batch: int = 512, n_threads: int | None = None,
              chat_template: str | None = None, stats: dict[str, Any] | None = None) -> Iterator[BatchRecord]:
     """Yield a :class:`BatchRecord` per image: in input order (``ordered=True``) or as each completes.
@@ -115,7 +126,8 @@ def iter_run(model: "Model", images: Iterable[ImageInput], prompt: str, *, order
     Closing the iterator early stops the native work. ``n_ctx`` is the context one image may use
     (prompt, image tokens and answer; default: what the first image needs, plus a quarter); an image
     that needs more fails its record. ``stats``, when given, is filled with the runner's counters at
-    the end (images encoded, cache hits, decode steps, ...).
+    the end (images encoded, cache hits, decode steps, ...). ``grammar`` / ``json_schema`` hold
+    every answer to a GBNF grammar or a JSON schema (see the module's docstring).
     """
     if not isinstance(prompt, str) or not prompt:
         raise ValueError("prompt must be a non-empty string")
@@ -135,12 +147,15 @@ def iter_run(model: "Model", images: Iterable[ImageInput], prompt: str, *, order
     if isinstance(images, (str, bytes, os.PathLike)):
         raise TypeError("images must be an iterable of images (wrap a single image in a list)")
     stops = [stop] if isinstance(stop, str) else list(stop or [])
+    held = constraint(grammar=grammar, json_schema=json_schema)
+    params = sampling_params(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                             repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
+                             frequency_penalty=frequency_penalty, logit_bias=logit_bias, grammar=held.grammar, seed=seed)
     prefix, suffix = render_prompt(model, prompt, system=system, chat_template=chat_template)
     total = len(images) if hasattr(images, "__len__") else None  # type: ignore[arg-type]
     runner = model._start_batch_runner(
         prefix=prefix, suffix=suffix, n_parallel=parallel, max_tokens=max_tokens, n_ctx=n_ctx or 0,
-        n_batch=n_batch, n_threads=n_threads or 0, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-        repeat_penalty=repeat_penalty, seed=seed, stop=stops)
+        n_batch=n_batch, n_threads=n_threads or 0, sampling=params, stop=stops)
     feeder = _Feeder(runner, images, model.projector_id)
     bar = _progress(total, progress)
     feeder.start()
@@ -153,10 +168,16 @@ def iter_run(model: "Model", images: Iterable[ImageInput], prompt: str, *, order
                 break
             index = int(r.id)
             error = r.error or None
+            parsed = None
+            if held.json and not error:
+                ok, parsed = parse_json(r.text)
+                if not ok:
+                    error = (f"the answer ran out of max_tokens={max_tokens} before its JSON closed"
+                             if r.finish_reason == "length" else "the answer is not JSON (a stop string cut it?)")
             record = BatchRecord(index=index, image=feeder.sources.get(index, r.source),
-                                 text=None if error else r.text, tokens=r.n_tokens,
-                                 finish_reason=None if error else r.finish_reason, cached=r.cached,
-                                 timings={k: round(getattr(r, k), 3) for k in TIMINGS}, error=error)
+                                 text=r.text if not r.error else None, tokens=r.n_tokens,
+                                 finish_reason=r.finish_reason or None, cached=r.cached,
+                                 timings={k: round(getattr(r, k), 3) for k in TIMINGS}, error=error, json=parsed)
             if bar is not None:
                 bar.update(1)
             if not ordered:
@@ -182,7 +203,8 @@ def run(model: "Model", images: Iterable[ImageInput], prompt: str, *, max_tokens
     """Run ``prompt`` on every image; the records come back in input order.
 
     Keyword arguments as for :func:`iter_run` (temperature, top_k, top_p, min_p, repeat_penalty,
-    seed, stop, system, n_ctx, n_batch, n_threads, chat_template, stats).
+    presence_penalty, frequency_penalty, logit_bias, seed, stop, grammar, json_schema, system, n_ctx,
+    n_batch, n_threads, chat_template, stats).
     """
     return list(iter_run(model, images, prompt, max_tokens=max_tokens, parallel=parallel, progress=progress,
                          ordered=True, **kwargs))

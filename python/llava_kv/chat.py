@@ -217,12 +217,16 @@ def render_conversation(model: Any, messages: Sequence[dict[str, Any]], *, add_a
 class ChatReply:
     """Shapes one answer as OpenAI's (and llama-cpp-python's) ``chat.completion`` or its stream of
     ``chat.completion.chunk`` dicts, for :meth:`Session.chat` and the server alike. ``finish_reason``
-    is read when the answer is complete, unless the caller gives it."""
+    is read when the answer is complete, unless the caller gives it. ``text=True`` shapes the legacy
+    completions API's ``text_completion`` instead (the server's ``/v1/completions``): a choice's
+    text is ``choices[i]["text"]``, streamed as such too."""
 
-    def __init__(self, model_name: str, finish_reason: Callable[[], str | None] = lambda: None) -> None:
-        self.id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+    def __init__(self, model_name: str, finish_reason: Callable[[], str | None] = lambda: None, *,
+                 text: bool = False) -> None:
+        self.id = f"{'cmpl' if text else 'chatcmpl'}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
         self.model_name = model_name
+        self.text = text
         self._finish_reason = finish_reason
 
     @staticmethod
@@ -234,10 +238,23 @@ class ChatReply:
     def completion(self, content: str, usage: dict[str, Any], *, finish_reason: str | None = None,
                    logprobs: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """The whole answer; ``extra`` goes under ``"llava_kv"`` (tokens reused, decoded, ...)."""
+        return self.completions([(content, finish_reason or self._finish_reason(), logprobs)], usage, extra=extra)
+
+    def _choice(self, index: int, content: str | None, finish_reason: str | None,
+                logprobs: dict[str, Any] | None, *, delta: dict[str, Any] | None = None) -> dict[str, Any]:
+        if self.text:
+            return {"index": index, "text": content if delta is None else delta.get("content", ""),
+                    "finish_reason": finish_reason, "logprobs": logprobs}
+        key, value = ("message", {"role": "assistant", "content": content}) if delta is None else ("delta", delta)
+        return {"index": index, key: value, "finish_reason": finish_reason, "logprobs": logprobs}
+
+    def completions(self, choices: Sequence[tuple[str, str | None, dict[str, Any] | None]], usage: dict[str, Any], *,
+                    extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The whole answer with one choice per (content, finish_reason, logprobs) (``n`` replies)."""
         body: dict[str, Any] = {
-            "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                         "finish_reason": finish_reason or self._finish_reason(), "logprobs": logprobs}],
+            "id": self.id, "object": "text_completion" if self.text else "chat.completion", "created": self.created,
+            "model": self.model_name,
+            "choices": [self._choice(i, content, reason, lp) for i, (content, reason, lp) in enumerate(choices)],
             "usage": usage,
         }
         if extra is not None:
@@ -245,19 +262,20 @@ class ChatReply:
         return body
 
     def chunk(self, delta: dict[str, Any], finish_reason: str | None = None, *,
-              logprobs: dict[str, Any] | None = None, with_usage: bool = False) -> dict[str, Any]:
-        """One ``chat.completion.chunk``; ``with_usage`` (a stream that asked for usage) adds ``"usage":
-        None``, as OpenAI sends it on every chunk before :meth:`usage_chunk`."""
-        body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model_name,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}]}
+              logprobs: dict[str, Any] | None = None, with_usage: bool = False, index: int = 0) -> dict[str, Any]:
+        """One ``chat.completion.chunk`` (choice ``index``); ``with_usage`` (a stream that asked for
+        usage) adds ``"usage": None``, as OpenAI sends it on every chunk before :meth:`usage_chunk`."""
+        body: dict[str, Any] = {"id": self.id, "object": "text_completion" if self.text else "chat.completion.chunk",
+                "created": self.created, "model": self.model_name,
+                "choices": [self._choice(index, None, finish_reason, logprobs, delta=delta)]}
         if with_usage:
             body["usage"] = None
         return body
 
     def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:
         """The last chunk of a stream that asked for usage: no choices, the usage."""
-        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model_name,
-                "choices": [], "usage": usage}
+        return {"id": self.id, "object": "text_completion" if self.text else "chat.completion.chunk",
+                "created": self.created, "model": self.model_name, "choices": [], "usage": usage}
 
     def chunks(self, pieces: Iterable[str]) -> Iterator[dict[str, Any]]:
         """The answer as it is generated: a role chunk, one chunk per piece, a finish chunk."""

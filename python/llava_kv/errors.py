@@ -11,6 +11,7 @@ __all__ = [
     "ContextFullError",
     "ClosedError",
     "CancelledError",
+    "GrammarError",
 ]
 
 
@@ -64,3 +65,8 @@ class ClosedError(LlavaKVError, ValueError):
 
 class CancelledError(LlavaKVError):
     """A long call was cancelled (cancel() or Ctrl-C); the session is as it was before the call."""
+
+
+class GrammarError(LlavaKVError):
+    """Constrained generation (``grammar=``, ``json_schema=``, ``response_format=``) reached a point
+    where the grammar allows no token of the model's vocabulary; what was generated before stays."""

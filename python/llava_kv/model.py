@@ -6,7 +6,7 @@ import itertools
 import os
 import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any, Sequence, TypedDict
 
 from . import _core
 
@@ -193,6 +193,21 @@ class Model(NativeObject[_core.Model]):
     def _start_batch_runner(self, **params: Any) -> _core.BatchRunner:
         """The native runner behind :func:`llava_kv.batch.iter_run` (private to that module)."""
         return _core.BatchRunner.start(self._core, **params)
+
+    def tokenize(self, text: str, *, add_special: bool = False) -> list[int]:
+        """The model's tokens for ``text`` (special tokens written in it are parsed; ``add_special``:
+        BOS first where the model adds one)."""
+        return self._core.tokenize(text, add_special)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        """The text of ``tokens``, as llama.cpp writes it back (the space a tokenizer adds before the
+        first word is removed, so ``detokenize(tokenize(t)) == t``); ValueError for an id outside
+        the vocabulary; bytes that are not UTF-8 become U+FFFD."""
+        return self._core.detokenize([check_int("token id", t, 0) for t in tokens]).decode("utf-8", errors="replace")
+
+    def token_bytes(self, tokens: Sequence[int]) -> bytes:
+        """The bytes ``tokens`` stand for, joined (a token may hold part of a UTF-8 character)."""
+        return b"".join(self._core.token_pieces([check_int("token id", t, 0) for t in tokens]))
 
     @property
     def has_audio(self) -> bool:

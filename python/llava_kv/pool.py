@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import numpy as np
 
 from . import _core
-from .arguments import check_sampling, check_stops
+from .arguments import check_sampling, check_stops, sampling_params
 from .drift import log_softmax
+from .errors import GrammarError
 from .session import Session
 from .text_stream import TextStream
 
@@ -98,8 +99,11 @@ class SessionPool:
         # The logits each token is sampled from, for the generations that report log-probabilities.
         logits = {id(g): g.session._core.logits() for g in live if g.logprobs is not None}
         results = _core.step_sessions([g.session._core for g in live]) if live else []
-        for g, (token, raw, end) in zip(live, results):
-            out_of[id(g)] = g._advance(token, raw, end, logits.get(id(g)))
+        for g, step in zip(live, results):
+            if step.error:
+                out_of[id(g)] = g._fail(GrammarError(step.error))
+            else:
+                out_of[id(g)] = g._advance(step.token, step.text, step.end_of_generation, logits.get(id(g)))
         return [out_of.get(id(g)) for g in generations]
 
 
@@ -111,11 +115,17 @@ class Generation:
     With ``logprobs`` (0 to 20) each token of the reply is listed in :attr:`logprobs` with its
     log-probability under the model (the log-softmax of the logits it was sampled from, before
     temperature and the samplers) and the ``logprobs`` likeliest tokens at its place: OpenAI's
-    ``logprobs.content`` entries, plus the token ``id``."""
+    ``logprobs.content`` entries, plus the token ``id``.
+
+    ``grammar`` is GBNF (``llava_kv.structured`` makes one from a JSON schema); a point where it
+    allows no token ends this generation alone: ``finish_reason`` "error", the GrammarError in
+    :attr:`error`."""
 
     def __init__(self, session: Session, max_tokens: int = 64, *, temperature: float = 0.0, top_k: int = 40,
-                 top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0, seed: int | None = None,
-                 stop: str | Sequence[str] | None = None, logprobs: int | None = None) -> None:
+                 top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
+                 presence_penalty: float = 0.0, frequency_penalty: float = 0.0, logit_bias: Any = None,
+                 seed: int | None = None, stop: str | Sequence[str] | None = None, logprobs: int | None = None,
+                 grammar: str = "") -> None:
         check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
                        seed=seed, max_tokens=max_tokens)
         stops = check_stops(stop)
@@ -128,10 +138,14 @@ class Generation:
         self.finish_reason: str | None = None
         self._top = logprobs
         self.logprobs: list[dict[str, Any]] | None = None if logprobs is None else []
+        self.error: Exception | None = None
         self._text = TextStream(stops)
-        session._core.begin_generation(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                       repeat_penalty=repeat_penalty,
-                                       seed=session._seed_for_next_generation(seed))
+        params = sampling_params(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                 repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
+                                 frequency_penalty=frequency_penalty, logit_bias=logit_bias, grammar=grammar)
+        session._model._core.check_sampling(params)  # before the session's seed counter moves
+        params.seed = session._seed_for_next_generation(seed)
+        session._core.begin_generation(params)
         session._core.flush_generation()
         if max_tokens == 0:
             self.finish_reason = "length"
@@ -154,6 +168,10 @@ class Generation:
         if self.n_tokens >= self.max_tokens:
             return piece + (self._end("length") or "")
         return piece
+
+    def _fail(self, error: Exception) -> str:
+        self.error = error
+        return self._end("error")
 
     def _end(self, reason: str) -> str:
         self.finish_reason = reason

@@ -3,18 +3,17 @@ the KV cache by the native ImageEmbedRegistry."""
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Sequence, Union, cast, overload
+from typing import TYPE_CHECKING, Any, Iterable, Sequence, Union, cast
 
 import numpy as np
 
 from . import _core, saved
-from .arguments import check_int, check_sampling, check_stops
+from .arguments import check_int
 from .native import NativeObject
-from .chat import ChatReply, plan_edit, render_conversation
-from .errors import CancelledError, ContextFullError, LlavaKVError
-from .audio import AudioInput, LoadedAudio, load_audio, looks_like_audio
+from .errors import ContextFullError, LlavaKVError
+from .audio import AudioInput, load_audio, looks_like_audio
 from .images import ImageInput, load_image
-from .text_stream import TextStream
+from .session_generation import Generating
 from .timeline import MEDIA_KINDS, Chunk, ImageList, ImageRef, SessionStats, _chunk_from_core
 
 if TYPE_CHECKING:
@@ -27,14 +26,7 @@ EDIT_MODES = ("exact", "shift", "blend")
 DEFAULT_BLEND_K = 32
 
 
-def _core_item(x: Any) -> str | _core.MediaItem:
-    """A rendered chat item as the core takes it: text, or a MediaItem."""
-    if isinstance(x, str):
-        return x
-    return _core.MediaItem(x.samples if isinstance(x, LoadedAudio) else x.pixels, x.digest, x.source)
-
-
-class Session(NativeObject[_core.Session]):
+class Session(Generating, NativeObject[_core.Session]):
     """A conversation: append text and images, edit images anywhere, read logits.
 
     Every edit keeps the timeline, the embeddings and the KV cache consistent; a failed call leaves
@@ -371,130 +363,3 @@ class Session(NativeObject[_core.Session]):
             other.close()
             raise
         return other
-
-    # -- generation -------------------------------------------------------------------------
-
-    @overload
-    def generate(self, max_tokens: int = 64, *, temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95,
-                 min_p: float = 0.05, repeat_penalty: float = 1.0, seed: int | None = None,
-                 stop: str | Sequence[str] | None = None, stream: Literal[False] = False) -> str: ...
-
-    @overload
-    def generate(self, max_tokens: int = 64, *, temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95,
-                 min_p: float = 0.05, repeat_penalty: float = 1.0, seed: int | None = None,
-                 stop: str | Sequence[str] | None = None, stream: Literal[True]) -> Iterator[str]: ...
-
-    @overload
-    def generate(self, max_tokens: int = 64, *, temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95,
-                 min_p: float = 0.05, repeat_penalty: float = 1.0, seed: int | None = None,
-                 stop: str | Sequence[str] | None = None, stream: bool = False) -> str | Iterator[str]: ...
-
-    def generate(self, max_tokens: int = 64, *, temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95,
-                 min_p: float = 0.05, repeat_penalty: float = 1.0, seed: int | None = None,
-                 stop: str | Sequence[str] | None = None, stream: bool = False) -> str | Iterator[str]:
-        """Continue the timeline with up to ``max_tokens`` sampled tokens (greedy at temperature 0).
-
-        Generated tokens become part of the timeline, so later turns and edits reuse them. Returns
-        the text, or with ``stream=True`` an iterator of text pieces (whole UTF-8 characters);
-        leaving the iterator early stops generating. Generation ends at an end-of-generation token,
-        at ``max_tokens``, or when the text contains a ``stop`` string (which is not returned).
-        ``last_finish_reason`` is then "stop" or "length".
-
-        ``seed=None`` samples with a seed drawn from the session's own (``model.session(seed=...)``)
-        and the number of generate calls before this one: the same calls on two sessions opened
-        with the same seed give the same text, and consecutive calls differ.
-        """
-        check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
-                       seed=seed, max_tokens=max_tokens)
-        stops = check_stops(stop)
-        seed = self._seed_for_next_generation(seed)
-        self._core.begin_generation(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                    repeat_penalty=repeat_penalty, seed=seed)
-        self._cancel_requested = False
-        pieces = self._pieces(max_tokens, stops)
-        return pieces if stream else "".join(pieces)
-
-    def _pieces(self, max_tokens: int, stops: list[str]) -> Iterator[str]:
-        text = TextStream(stops)
-        self.last_finish_reason = "length"
-        try:
-            for _ in range(max_tokens):
-                if self._cancel_requested:
-                    raise CancelledError("generation was cancelled; the tokens generated so far stay in the session")
-                _, raw, end = self._core.generate_step()
-                if end or text.stopped_by(raw):
-                    self.last_finish_reason = "stop"
-                    break
-                piece = text.take()
-                if piece:
-                    yield piece
-            rest = text.finish(self._core.flush_generation())
-            if rest:
-                yield rest
-        finally:
-            self._core.flush_generation()
-
-    def _seed_for_next_generation(self, seed: int | None) -> int:
-        if seed is None:
-            seed = (self._core.seed * 1_000_003 + self._generations * 7919 + 17) & 0xFFFFFFFF
-        self._generations += 1
-        return seed
-
-    def _prepare_chat(self, items: Sequence[Any], template: Any) -> tuple[int, dict[str, Any]]:
-        """Bring the timeline to a rendered conversation (``render_conversation``) by one exact edit
-        from the first difference; returns the prompt's token count and what it cost (tokens reused
-        and decoded, images encoded and taken from the cache, the template)."""
-        timeline = self.timeline
-        first, rest = plan_edit(timeline, items)
-        before = self._core.stats()
-        self._splice(first, len(timeline), [_core_item(x) for x in rest])
-        reused = timeline[first].pos0 if first < len(timeline) else (timeline[-1].pos1 if timeline else 0)
-        after = self._core.stats()
-        meta = {"reused_tokens": reused,
-                "decoded_tokens": after.tokens_decoded - before.tokens_decoded,
-                "images_encoded": after.images_encoded - before.images_encoded,
-                "embed_cache_hits": after.embed_cache_hits - before.embed_cache_hits,
-                "chat_template": template.name, "chat_template_source": template.source}
-        return self._core.n_past, meta
-
-    @overload
-    def chat(self, messages: Sequence[dict[str, Any]], *, max_tokens: int = 256, temperature: float = 0.0,
-             top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
-             seed: int | None = None, stop: str | Sequence[str] | None = None, stream: Literal[False] = False,
-             chat_template: str | None = None) -> dict[str, Any]: ...
-
-    @overload
-    def chat(self, messages: Sequence[dict[str, Any]], *, max_tokens: int = 256, temperature: float = 0.0,
-             top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
-             seed: int | None = None, stop: str | Sequence[str] | None = None, stream: Literal[True],
-             chat_template: str | None = None) -> Iterator[dict[str, Any]]: ...
-
-    @overload
-    def chat(self, messages: Sequence[dict[str, Any]], *, max_tokens: int = 256, temperature: float = 0.0,
-             top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
-             seed: int | None = None, stop: str | Sequence[str] | None = None, stream: bool = False,
-             chat_template: str | None = None) -> dict[str, Any] | Iterator[dict[str, Any]]: ...
-
-    def chat(self, messages: Sequence[dict[str, Any]], *, max_tokens: int = 256, temperature: float = 0.0,
-             top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
-             seed: int | None = None, stop: str | Sequence[str] | None = None, stream: bool = False,
-             chat_template: str | None = None) -> dict[str, Any] | Iterator[dict[str, Any]]:
-        """Answer OpenAI-style ``messages`` (content: a string, or parts of type "text",
-        "image_url" (path, file:// or base64 data: URI) and "image" (path, bytes, PIL, array)).
-
-        The session keeps the conversation: a new turn only appends to the timeline; a changed
-        earlier message or image is an edit from the first difference on. Returns a
-        ``chat.completion`` dict (or, with ``stream=True``, an iterator of ``chat.completion.chunk``
-        dicts) shaped as in the OpenAI / llama-cpp-python APIs.
-        """
-        check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
-                       seed=seed, max_tokens=max_tokens)  # before the conversation is decoded
-        prompt_tokens, meta = self._prepare_chat(*render_conversation(self._model, messages,
-                                                                      chat_template=chat_template))
-        pieces = self.generate(max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                               repeat_penalty=repeat_penalty, seed=seed, stop=stop, stream=True)
-        reply = ChatReply(self._model.path, lambda: self.last_finish_reason)
-        if stream:
-            return reply.chunks(pieces)
-        content = "".join(pieces)
-        return reply.completion(content, ChatReply.usage(prompt_tokens, self.n_past - prompt_tokens), extra=meta)

@@ -55,7 +55,35 @@ def add_parser(sub: Any) -> None:
     add_conversation_args(g, image_help=None, n_ctx=None,
                           n_ctx_help="context size per image (default: what the prompt, image and --max-tokens need)")
     add_sampling_args(p, max_tokens=64)
+    g = p.add_argument_group("structured output")
+    held = g.add_mutually_exclusive_group()
+    held.add_argument("--json-schema", metavar="FILE",
+                      help="hold every answer to this JSON Schema (a .json file); each line gets a 'json' field "
+                      "with the parsed answer, and an answer that ran out of --max-tokens before its JSON closed "
+                      "is an error line")
+    held.add_argument("--grammar", metavar="FILE", help="hold every answer to this GBNF grammar (start rule 'root')")
     p.set_defaults(func=batch)
+
+
+def _constraint_args(args: argparse.Namespace) -> dict[str, Any]:
+    """--json-schema / --grammar read from their files (a UsageError naming the file if unreadable)."""
+    for flag, key in (("json_schema", "json_schema"), ("grammar", "grammar")):
+        path = getattr(args, flag, None)
+        if path is None:
+            continue
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"--{flag.replace('_', '-')} {path}: {e}") from None
+        from llava_kv.structured import constraint
+
+        try:
+            value: Any = json.loads(text) if key == "json_schema" else text
+            constraint(**{key: value})  # a schema the converter refuses is a usage error, before the model loads
+        except ValueError as e:
+            raise UsageError(f"--{flag.replace('_', '-')} {path}: {e}") from None
+        return {key: value}
+    return {}
 
 
 def _path_key(path: str) -> str:
@@ -195,6 +223,7 @@ def batch(args: argparse.Namespace) -> int:
     for pattern in missing:
         err(f"warning: {pattern}: no such file (it gets an error record)")
     pair = model_paths(args)
+    held = _constraint_args(args)
 
     to_stdout = args.out in (None, "-")
     out_path = None if to_stdout else Path(args.out)
@@ -222,7 +251,7 @@ def batch(args: argparse.Namespace) -> int:
                 records = lk_batch.iter_run(
                     model, todo, args.prompt, ordered=True, parallel=args.parallel, progress=not args.no_progress,
                     system=args.system, chat_template=args.chat_template, n_ctx=args.n_ctx, n_threads=args.threads,
-                    **sampling(args))
+                    **sampling(args), **held)
                 try:
                     for result in records:
                         sink.write(json.dumps(result.to_dict()) + "\n")

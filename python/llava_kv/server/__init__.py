@@ -5,7 +5,10 @@ what changed (install with ``pip install 'llava-kv[server]'``).
   generation loop (one thread does all native work).
 - :mod:`.store`: conversations out of their slots (host memory, ``--state-dir``) and the prefix
   signatures requests are matched against.
-- :mod:`.app`: the Starlette app (chat completions with SSE streaming, models, health, metrics).
+- :mod:`.app`: the Starlette app (chat completions and completions with SSE streaming, tokenize,
+  detokenize, models, health, metrics, the OpenAPI document).
+- :mod:`.protocol`: the request and response bodies as typed models (pydantic), and the OpenAPI
+  document built from them.
 - :mod:`.media`: what clients may make the server read (inline media; local files only inside an
   allowed folder; never a remote URL) and the size limits.
 - :mod:`.metrics`: the Prometheus text page.

@@ -1,8 +1,8 @@
-"""The HTTP side: an ASGI app (Starlette) with OpenAI's chat completions API over the engine.
+"""The HTTP side: an ASGI app (Starlette) with OpenAI's chat completions and completions APIs,
+llama-server's /tokenize and /detokenize, over the engine.
 
-Starlette rather than FastAPI: the API is five routes whose request bodies are checked by hand (so
-every malformed field gets an OpenAI-style error naming it, never a framework's), and Starlette is
-what FastAPI is built on, without pydantic. uvicorn serves it.
+Request bodies are typed models (:mod:`.protocol`, pydantic): a malformed or unknown field gets an
+OpenAI-style error naming it, and /openapi.json describes every route. uvicorn serves it.
 """
 from __future__ import annotations
 
@@ -10,18 +10,22 @@ import asyncio
 import hmac
 import json
 import time
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Optional, Union
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ..arguments import UINT32_MAX
-from ..chat import ChatReply
-from ..pool import MAX_TOP_LOGPROBS
-from .engine import Engine, Job
-from .media import RequestError, vet_messages
+from .. import __version__
+from ..arguments import check_logit_bias, sampling_params
+from ..chat import ChatReply, ChatTemplate
+from ..images import load_image
+from ..structured import Constraint, constraint, response_format_constraint
+from . import protocol
+from .engine import Engine, Job, _request_error
+from .media import RequestError, b64_image, vet_messages
+from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
 # A body over the limit is still read (and dropped) up to this many bytes before the 413 goes out:
@@ -38,66 +42,90 @@ def error_response(e: RequestError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
-def _number(body: dict[str, Any], name: str, default: Any, lo: float, hi: float, integer: bool = False) -> Any:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
-        raise RequestError(400, f"'{name}' must be {'an integer' if integer else 'a number'}", param=name)
-    if not lo <= value <= hi:
-        raise RequestError(400, f"'{name}' must be in [{lo}, {hi}], got {value}", param=name)
-    return value
+RAW_PROMPT = ChatTemplate("", "none", "raw prompt")  # /v1/completions: the prompt as given
 
 
-def parse_request(body: Any, engine: Engine) -> dict[str, Any]:
-    """The chat completion request's fields, checked; RequestError names the first bad one."""
-    if not isinstance(body, dict):
-        raise RequestError(400, "the request body must be a JSON object")
-    model = body.get("model")
-    if model is not None and model != engine.model_id:
-        raise RequestError(404, f"the model {model!r} does not exist; this server serves {engine.model_id!r}",
+def _constraint(req: protocol._Generation) -> Constraint:
+    """What ``response_format`` (OpenAI's), or llama-server's ``grammar`` / ``json_schema``, hold the
+    reply to; only one of them may be given."""
+    given = [k for k in ("response_format", "grammar", "json_schema") if getattr(req, k) is not None]
+    if len(given) > 1:
+        raise RequestError(400, f"{' and '.join(repr(k) for k in given)} were both given; send one", param=given[1])
+    try:
+        if req.response_format is not None:
+            return response_format_constraint(req.response_format)
+        return constraint(grammar=req.grammar, json_schema=req.json_schema)
+    except ValueError as e:
+        raise RequestError(400, str(e), param=given[0] if given else None) from None
+
+
+def generation_settings(req: protocol._Generation, engine: Engine) -> dict[str, Any]:
+    """The engine's sampling settings for ``req``, checked against the model (the grammar, token
+    ids in ``logit_bias``) before anything is queued or decoded; RequestError naming the field."""
+    if req.model is not None and req.model != engine.model_id:
+        raise RequestError(404, f"the model {req.model!r} does not exist; this server serves {engine.model_id!r}",
                            param="model", code="model_not_found")
-    _number(body, "n", 1, 1, 1, integer=True)
+    held = _constraint(req)
+    try:
+        bias = check_logit_bias(req.logit_bias)
+    except (TypeError, ValueError) as e:
+        raise RequestError(400, str(e), param="logit_bias") from None
+    sampling: dict[str, Any] = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "min_p": req.min_p,
+                "repeat_penalty": req.repeat_penalty, "presence_penalty": req.presence_penalty,
+                "frequency_penalty": req.frequency_penalty, "logit_bias": bias, "seed": req.seed,
+                "grammar": held.grammar}
+    try:
+        engine.model._core.check_sampling(sampling_params(**{**sampling, "seed": 0}))
+    except ValueError as e:
+        param = "logit_bias" if str(e).startswith("logit_bias") else next(
+            (k for k in ("response_format", "grammar", "json_schema") if getattr(req, k) is not None), None)
+        raise RequestError(400, str(e), param=param) from None
+    return sampling
+
+
+def parse_chat(body: Any, engine: Engine) -> tuple[ChatCompletionRequest, dict[str, Any]]:
+    """The chat completion request, checked; RequestError names the first bad field."""
+    req = protocol.parse(ChatCompletionRequest, body)
     for name in ("tools", "functions"):
-        if body.get(name):
-            raise RequestError(400, f"'{name}' is not supported by this server", param=name)
-    logprobs = body.get("logprobs")
-    if logprobs is not None and not isinstance(logprobs, bool):
-        raise RequestError(400, "'logprobs' must be a boolean", param="logprobs")
-    top_logprobs = _number(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS, integer=True)
-    if top_logprobs is not None and not logprobs:
+        if getattr(req, name):
+            raise RequestError(400, f"'{name}' is not supported by this server (no tool calling)", param=name)
+    if req.tool_choice not in (None, "none"):
+        raise RequestError(400, "'tool_choice' other than 'none' is not supported by this server (no tool calling)",
+                           param="tool_choice")
+    if req.top_logprobs is not None and not req.logprobs:
         raise RequestError(400, "'top_logprobs' needs 'logprobs' set to true", param="top_logprobs")
-    fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        raise RequestError(400, "'response_format' other than {'type': 'text'} is not supported by this server",
-                           param="response_format")
-    stop = body.get("stop")
-    if stop is None:
-        stops: list[str] = []
-    elif isinstance(stop, str):
-        stops = [stop]
-    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        stops = list(stop)
+    return req, generation_settings(req, engine)
+
+
+def parse_completion(body: Any, engine: Engine) -> tuple[CompletionRequest, dict[str, Any]]:
+    req = protocol.parse(CompletionRequest, body)
+    if req.echo:
+        raise RequestError(400, "'echo' is not supported by this server", param="echo")
+    return req, generation_settings(req, engine)
+
+
+def render_prompt(engine: Engine, prompt: Union[str, protocol.MultimodalPrompt]) -> list[Any]:
+    """A raw prompt as timeline items: the text split at the model's media marker, each marker
+    standing for the next of ``multimodal_data`` (base64 images)."""
+    if isinstance(prompt, str):
+        text, data = prompt, []
     else:
-        raise RequestError(400, "'stop' must be a string or an array of strings", param="stop")
-    if any(not s for s in stops):
-        raise RequestError(400, "'stop' strings must not be empty", param="stop")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is not None:
-        max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", None, 0, 2**31 - 1, integer=True)
-    sampling = {"temperature": float(_number(body, "temperature", 1.0, 0.0, 2.0)),
-                "top_p": float(_number(body, "top_p", 1.0, 0.0, 1.0)),
-                "top_k": int(_number(body, "top_k", 40, 0, 2**31 - 1, integer=True)),
-                "min_p": float(_number(body, "min_p", 0.05, 0.0, 1.0)),
-                "repeat_penalty": float(_number(body, "repeat_penalty", 1.0, 0.0, 100.0)),
-                "seed": _number(body, "seed", None, 0, UINT32_MAX, integer=True)}
-    stream_options = body.get("stream_options") or {}
-    if not isinstance(stream_options, dict):
-        raise RequestError(400, "'stream_options' must be an object", param="stream_options")
-    return {"messages": vet_messages(body.get("messages"), engine.config.policy), "stop": stops,
-            "max_tokens": max_tokens, "sampling": sampling, "stream": bool(body.get("stream", False)),
-            "logprobs": (top_logprobs or 0) if logprobs else None,
-            "include_usage": bool(stream_options.get("include_usage", False))}
+        text, data = prompt.prompt_string, prompt.multimodal_data
+    marker = engine.model.media_marker
+    parts = text.split(marker)
+    if len(parts) - 1 != len(data):
+        raise RequestError(400, f"the prompt holds {len(parts) - 1} media markers ({marker!r}) for {len(data)} "
+                                "multimodal_data items", param="prompt")
+    items: list[Any] = []
+    for i, part in enumerate(parts):
+        if part:
+            items.append(part)
+        if i < len(data):
+            image = b64_image(data[i], f"prompt.multimodal_data[{i}]", engine.config.policy)
+            items.append(load_image(image, engine.model.projector_id))
+    if not items or not isinstance(items[-1], str):
+        raise RequestError(400, "the prompt must end with text", param="prompt")
+    return items
 
 
 class Api:
@@ -159,42 +187,60 @@ class Api:
             return json.loads(bytes(data))
         except (ValueError, UnicodeDecodeError) as e:
             raise RequestError(400, f"the request body is not valid JSON: {e}") from None
+        except RecursionError:  # e.g. 100,000 nested brackets: Python's parser recurses per level
+            raise RequestError(400, "the request body is nested too deeply to parse") from None
 
     async def chat_completions(self, request: Request) -> Response:
+        return await self._generate(request, chat=True)
+
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, chat=False)
+
+    async def _generate(self, request: Request, chat: bool) -> Response:
         started = time.perf_counter()
-        status = 200
         try:
             self._check_auth(request)
-            req = parse_request(await self._body(request), self.engine)
+            body = await self._body(request)
             loop = asyncio.get_running_loop()
-            # Images are decoded and the template applied off the event loop (and off the engine thread).
-            items, template = await loop.run_in_executor(None, self.engine.render, req["messages"])
-            job = Job(items, template, req["sampling"], req["max_tokens"], req["stop"], loop, asyncio.Queue(),
-                      logprobs=req["logprobs"], checked=time.monotonic())
+            req: protocol._Generation
+            if chat:
+                chat_req, sampling = parse_chat(body, self.engine)
+                req = chat_req
+                # Images are decoded and the template applied off the event loop (and off the engine thread).
+                items, template = await loop.run_in_executor(None, self.engine.render,
+                                                             vet_messages(chat_req.messages, self.engine.config.policy))
+                logprobs = (chat_req.top_logprobs or 0) if chat_req.logprobs else None
+            else:
+                creq, sampling = parse_completion(body, self.engine)
+                req = creq
+                items = await loop.run_in_executor(None, render_prompt, self.engine, creq.prompt)
+                template, logprobs = RAW_PROMPT, creq.logprobs
+            job = Job(items, template, sampling, req.reply_tokens, req.stops, loop, asyncio.Queue(),
+                      logprobs=logprobs, n=req.n, checked=time.monotonic())
             self.engine.submit(job)
-        except RequestError as e:
-            status = e.status
-            self._count(status, started)
-            return error_response(e)
-        except Exception as e:  # noqa: BLE001 - rendering errors are the request's
-            from .engine import _request_error
-
+        except Exception as e:  # noqa: BLE001 - every failure here is the request's
             err = _request_error(e)
             self._count(err.status, started)
             return error_response(err)
-        reply = ChatReply(self.engine.model_id)
-        if req["stream"]:
-            return StreamingResponse(self._stream(request, job, reply, req["include_usage"], started),
+        reply = ChatReply(self.engine.model_id, text=not chat)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        if req.stream:
+            return StreamingResponse(self._stream(request, job, reply, include_usage, started),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        parts: list[str] = []
-        entries: list[dict[str, Any]] = []
+        return await self._whole(request, job, reply, started)
+
+    async def _whole(self, request: Request, job: Job, reply: ChatReply, started: float) -> Response:
+        status = 200
+        parts: list[list[str]] = [[] for _ in range(job.n)]
+        entries: list[list[dict[str, Any]]] = [[] for _ in range(job.n)]
         try:
             while True:
                 kind, payload = await self._next(request, job)
                 if kind == "delta":
-                    parts.append(payload[0])
-                    entries += payload[1]
+                    index, piece, listed = payload
+                    parts[index].append(piece)
+                    entries[index] += listed
                 elif kind == "error":
                     status = payload.status
                     return error_response(payload)
@@ -202,9 +248,10 @@ class Api:
                     status = 499
                     return Response(status_code=499)
                 elif kind == "done":
-                    reason, usage = payload
-                    return JSONResponse(reply.completion("".join(parts), usage, finish_reason=reason,
-                                                         logprobs=_logprobs(job, entries)))
+                    reasons, usage = payload
+                    return JSONResponse(reply.completions(
+                        [("".join(p), r, _logprobs(job, e, reply.text)) for p, r, e in zip(parts, reasons, entries)],
+                        usage))
         finally:
             self._count(status, started)
 
@@ -225,10 +272,10 @@ class Api:
 
     async def _stream(self, request: Request, job: Job, reply: ChatReply, include_usage: bool,
                       started: float) -> AsyncIterator[bytes]:
-        def chunk(delta: dict[str, Any], finish: Optional[str],
+        def chunk(index: int, delta: dict[str, Any], finish: Optional[str],
                   entries: Optional[list[dict[str, Any]]] = None) -> bytes:
-            body = reply.chunk(delta, finish, logprobs=_logprobs(job, entries) if entries else None,
-                               with_usage=include_usage)
+            body = reply.chunk(delta, finish, logprobs=_logprobs(job, entries, reply.text) if entries else None,
+                               with_usage=include_usage, index=index)
             return b"data: " + json.dumps(body).encode() + b"\n\n"
 
         status = 200
@@ -239,14 +286,17 @@ class Api:
                 kind, payload = await self._next(request, job)
                 if kind == "start":
                     continue
-                if first and kind in ("delta", "done"):
+                if first and kind in ("delta", "done") and not reply.text:
                     first = False
-                    yield chunk({"role": "assistant", "content": ""}, None)
+                    for index in range(job.n):
+                        yield chunk(index, {"role": "assistant", "content": ""}, None)
                 if kind == "delta":
-                    yield chunk({"content": payload[0]}, None, entries=payload[1])
+                    index, piece, listed = payload
+                    yield chunk(index, {"content": piece}, None, entries=listed)
                 elif kind == "done":
-                    reason, usage = payload
-                    yield chunk({}, reason)
+                    reasons, usage = payload
+                    for index, reason in enumerate(reasons):
+                        yield chunk(index, {}, reason)
                     if include_usage:
                         yield b"data: " + json.dumps(reply.usage_chunk(usage)).encode() + b"\n\n"
                     yield b"data: [DONE]\n\n"
@@ -267,14 +317,55 @@ class Api:
                 status = 499
             self._count(status, started)
 
+    async def tokenize(self, request: Request) -> Response:
+        try:
+            self._check_auth(request)
+            req = protocol.parse(TokenizeRequest, await self._body(request))
+            model = self.engine.model
+            tokens = model.tokenize(req.content, add_special=req.add_special)
+            if not req.with_pieces:
+                return JSONResponse({"tokens": tokens})
+            pieces = model._core.token_pieces(tokens)
+            return JSONResponse({"tokens": [{"id": t, "piece": p.decode("utf-8", "replace")}
+                                            for t, p in zip(tokens, pieces)]})
+        except Exception as e:  # noqa: BLE001 - the request's
+            return error_response(_request_error(e))
+
+    async def detokenize(self, request: Request) -> Response:
+        try:
+            self._check_auth(request)
+            req = protocol.parse(DetokenizeRequest, await self._body(request))
+            try:
+                return JSONResponse({"content": self.engine.model.detokenize(req.tokens)})
+            except ValueError as e:
+                raise RequestError(400, str(e), param="tokens") from None
+        except Exception as e:  # noqa: BLE001 - the request's
+            return error_response(_request_error(e))
+
+    async def openapi(self, request: Request) -> Response:
+        return JSONResponse(protocol.openapi("llava-kv serve", __version__))
+
     def _count(self, status: int, started: float) -> None:
         self.engine.metrics.inc("requests_total", code=str(status))
         self.engine.metrics.observe_latency(time.perf_counter() - started)
 
 
-def _logprobs(job: Job, entries: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
-    """A choice's ``logprobs`` object: None unless the request asked for them."""
-    return None if job.logprobs is None else {"content": entries, "refusal": None}
+def _logprobs(job: Job, entries: Optional[list[dict[str, Any]]], legacy: bool) -> Optional[dict[str, Any]]:
+    """A choice's ``logprobs`` object: None unless the request asked for them. Chat's is OpenAI's
+    ``{"content": [...]}``; the completions API's is the legacy one (tokens, token_logprobs,
+    top_logprobs, text_offset)."""
+    if job.logprobs is None:
+        return None
+    entries = entries or []
+    if not legacy:
+        return {"content": entries, "refusal": None}
+    offsets, at = [], 0
+    for e in entries:
+        offsets.append(at)
+        at += len(e["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+            "text_offset": offsets}
 
 
 def create_app(engine: Engine, *, api_key: Optional[str] = None, max_body_bytes: int = MAX_BODY_BYTES) -> Starlette:
@@ -297,6 +388,10 @@ def create_app(engine: Engine, *, api_key: Optional[str] = None, max_body_bytes:
         Route("/v1/models", api.models, methods=["GET"]),
         Route("/metrics", api.metrics, methods=["GET"]),
         Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
+        Route("/v1/completions", api.completions, methods=["POST"]),
+        Route("/tokenize", api.tokenize, methods=["POST"]),
+        Route("/detokenize", api.detokenize, methods=["POST"]),
+        Route("/openapi.json", api.openapi, methods=["GET"]),
     ]
     return Starlette(routes=routes, exception_handlers={404: not_found, 405: method_not_allowed,
                                                          500: server_error, Exception: server_error})

@@ -5,7 +5,9 @@ A request is rendered (chat template, media vetted and loaded) on the event loop
 thread then gives it the slot whose conversation shares the longest prefix with it (text tokens and
 media digests), brings that slot to the request's conversation with one exact edit from the first
 difference (media after it come from the embedding cache), and adds it to the generation loop.
-Between two decode steps new requests join and finished ones leave (continuous batching).
+Between two decode steps new requests join and finished ones leave (continuous batching). A request
+for ``n`` replies takes ``n`` slots: its prompt is decoded once, in the first, whose state the others
+load (no decoding), and the ``n`` replies are generated together (seeds ``seed``, ``seed + 1``, ...).
 
 A conversation leaving its slot for another is saved (the slot's whole state) in host memory and,
 with ``--state-dir``, on disk; when it comes back its state is restored instead of decoded again.
@@ -61,7 +63,9 @@ class ServerConfig:
 
 @dataclass
 class Job:
-    """One chat completion on its way through the engine; events go to ``queue`` on ``loop``."""
+    """One completion (``n`` replies) on its way through the engine; events go to ``queue`` on
+    ``loop``: ("start"), ("delta", (index, text, logprob entries)), then ("done", (finish reasons,
+    usage)), ("error", RequestError) or ("cancelled")."""
     items: list[Any]
     template: ChatTemplate
     sampling: dict[str, Any]
@@ -71,14 +75,23 @@ class Job:
     queue: "asyncio.Queue[tuple[str, Any]]"
     arrived: float = field(default_factory=time.perf_counter)
     logprobs: Optional[int] = None  # top alternatives per token when the reply lists log-probabilities
+    n: int = 1
     cancelled: bool = False
     checked: float = 0.0  # when the HTTP side last checked that the client is still there
-    # Filled in by the engine:
-    slot: int = -1
-    generation: Optional[Generation] = None
+    # Filled in by the engine: the slots (the first holds the conversation), a generation per reply.
+    slots: list[int] = field(default_factory=list)
+    generations: list[Generation] = field(default_factory=list)
     prompt_tokens: int = 0
     usage_extra: dict[str, Any] = field(default_factory=dict)
-    logprobs_sent: int = 0
+    logprobs_sent: list[int] = field(default_factory=list)
+
+    @property
+    def slot(self) -> int:
+        return self.slots[0] if self.slots else -1
+
+    @property
+    def done(self) -> bool:
+        return all(g.done for g in self.generations)
 
     def emit(self, kind: str, payload: Any = None) -> None:
         try:
@@ -130,6 +143,9 @@ class Engine:
         return render_conversation(self.model, messages, chat_template=self.config.chat_template)
 
     def submit(self, job: Job) -> None:
+        if job.n > self.config.slots:
+            raise RequestError(400, f"'n' is {job.n}: each reply takes a slot, and this server has "
+                                    f"{self.config.slots}", param="n")
         with self._cond:
             if self._stopping:
                 raise RequestError(503, "the server is shutting down", type="server_error", code="unavailable")
@@ -161,24 +177,30 @@ class Engine:
                 while not self._stopping and not self._pending and not self._active:
                     self._cond.wait()
                 if self._stopping:
-                    jobs = list(self._pending) + list(self._active.values())
+                    jobs = list(self._pending) + self._jobs()
                     self._pending.clear()
                     self._active.clear()
                     break
                 admits: list[Job] = []
-                while self._pending and len(self._active) + len(admits) < self.config.slots:
+                taken = len(self._active)
+                while self._pending and taken + self._pending[0].n <= self.config.slots:
                     admits.append(self._pending.popleft())
+                    taken += admits[-1].n
             try:
                 for job in admits:
-                    self._admit(job, busy={j.slot for j in self._active.values()})
+                    self._admit(job, busy=set(self._active))
                 self._step()
             except Exception as e:  # noqa: BLE001 - a bug must fail the requests in flight, not the server
-                for job in list(self._active.values()):
+                for job in self._jobs():
                     job.emit("error", _request_error(e))
                 self._active.clear()
         for job in jobs:
             job.emit("error", RequestError(503, "the server is shutting down", type="server_error",
                                            code="unavailable"))
+
+    def _jobs(self) -> list[Job]:
+        """The jobs holding slots, each once."""
+        return list({id(j): j for j in self._active.values()}.values())
 
     def _admit(self, job: Job, busy: set[int]) -> None:
         if job.cancelled:
@@ -189,13 +211,21 @@ class Engine:
             slot, restored = self._choose_slot(job, busy)
             session = self.pool[slot]
             prompt_tokens, meta = session._prepare_chat(job.items, job.template)
+            slots = [slot] + self._copy_slot(slot, job.n - 1, busy | {slot})
             max_tokens = job.max_tokens if job.max_tokens is not None else self.config.default_max_tokens
-            job.generation = Generation(session, max_tokens, stop=job.stop, logprobs=job.logprobs, **job.sampling)
+            seed = job.sampling.get("seed")
+            job.generations = [
+                Generation(self.pool[s], max_tokens, stop=job.stop, logprobs=job.logprobs,
+                           **{**job.sampling, "seed": None if seed is None else (seed + i) & 0xFFFFFFFF})
+                for i, s in enumerate(slots)]
         except Exception as e:  # noqa: BLE001 - every failure is this request's, never the server's
             job.emit("error", _request_error(e))
             return
-        self._used[slot] = time.monotonic()
-        job.slot = slot
+        now = time.monotonic()
+        for s in slots:
+            self._used[s] = now
+        job.slots = slots
+        job.logprobs_sent = [0] * len(slots)
         job.prompt_tokens = prompt_tokens
         job.usage_extra = {"tokens_reused": meta["reused_tokens"], "tokens_decoded": meta["decoded_tokens"],
                            "images_encoded": meta["images_encoded"], "media_encoded": meta["images_encoded"],
@@ -207,8 +237,23 @@ class Engine:
         m.inc("tokens_decoded_total", meta["decoded_tokens"])
         m.inc("images_encoded_total", meta["images_encoded"])
         m.inc("embed_cache_hits_total", meta["embed_cache_hits"])
-        self._active[slot] = job
+        for s in slots:
+            self._active[s] = job
         job.emit("start")
+
+    def _copy_slot(self, source: int, count: int, busy: set[int]) -> list[int]:
+        """``count`` free slots made copies of ``source``'s conversation (its saved state loaded: the
+        prompt is decoded once, in ``source``); their own conversations are saved first."""
+        if count <= 0:
+            return []
+        free = sorted((i for i in range(self.config.slots) if i not in busy),
+                      key=lambda i: (bool(self.pool[i].timeline), self._used[i]))[:count]
+        blob = self.pool[source]._core.save_state()
+        for i in free:
+            self._evict(i, self.pool[i].timeline)
+            self.pool[i].clear()
+            self.pool[i]._core.load_state(blob)
+        return free
 
     def _choose_slot(self, job: Job, busy: set[int]) -> tuple[int, Optional[str]]:
         """The free slot for ``job``: the one whose conversation shares the longest prefix, unless a
@@ -262,48 +307,54 @@ class Engine:
 
     def _step(self) -> None:
         jobs = []
-        for slot, job in list(self._active.items()):
+        for job in self._jobs():
             if job.cancelled:
                 self.metrics.inc("cancelled_total")
-                self._finish(job, "cancelled")
+                self._finish(job, cancelled=True)
             else:
                 jobs.append(job)
         if not jobs:
             return
-        generations = [j.generation for j in jobs]
+        steps = [(job, i, g) for job in jobs for i, g in enumerate(job.generations) if not g.done]
         try:
-            pieces = self.pool.step(generations)  # type: ignore[arg-type]
+            pieces = self.pool.step([g for _, _, g in steps])
         except Exception as e:  # noqa: BLE001 - the step failed for all: each request gets the error
             for job in jobs:
-                del self._active[job.slot]
+                for s in job.slots:
+                    del self._active[s]
                 job.emit("error", _request_error(e))
             return
         self.metrics.inc("batched_steps_total")
-        self.metrics.inc("batched_step_sequences_total", len(jobs))
-        for job, piece in zip(jobs, pieces):
-            gen = job.generation
-            assert gen is not None
+        self.metrics.inc("batched_step_sequences_total", len(steps))
+        for (job, i, gen), piece in zip(steps, pieces):
             # Log-probabilities go with the text they produced (a token whose bytes are held back,
             # an incomplete character or a possible stop string, waits for it), the rest at the end.
-            entries = gen.logprobs[job.logprobs_sent:] if gen.logprobs is not None else []
+            entries = gen.logprobs[job.logprobs_sent[i]:] if gen.logprobs is not None else []
             if piece or (entries and gen.done):
-                job.logprobs_sent += len(entries)
-                job.emit("delta", (piece or "", entries))
-            if gen.done:
-                self._finish(job, gen.finish_reason)
+                job.logprobs_sent[i] += len(entries)
+                job.emit("delta", (i, piece or "", entries))
+        for job in jobs:
+            if job.done:
+                self._finish(job)
 
-    def _finish(self, job: Job, reason: Optional[str]) -> None:
-        del self._active[job.slot]
-        session = self.pool[job.slot]
-        gen = job.generation
-        assert gen is not None
-        session._core.flush_generation()
-        self.metrics.inc("tokens_generated_total", gen.n_tokens)
-        usage = ChatReply.usage(job.prompt_tokens, gen.n_tokens, **job.usage_extra)
-        if reason == "cancelled":
+    def _finish(self, job: Job, cancelled: bool = False) -> None:
+        for s in job.slots:
+            del self._active[s]
+            self.pool[s]._core.flush_generation()
+        for s in job.slots[1:]:
+            self._keys[s] = None  # a copy of the conversation: the first slot's key names it
+        n_tokens = sum(g.n_tokens for g in job.generations)
+        self.metrics.inc("tokens_generated_total", n_tokens)
+        usage = ChatReply.usage(job.prompt_tokens, n_tokens, **job.usage_extra)
+        failed = next((g for g in job.generations if g.error is not None), None)
+        if cancelled:
             job.emit("cancelled")
+        elif failed is not None:
+            job.emit("error", RequestError(400, f"{failed.error} (after {failed.n_tokens} tokens)",
+                                           code="grammar_dead_end"))
         else:
-            job.emit("done", (reason, usage))
+            job.emit("done", ([g.finish_reason for g in job.generations], usage))
+        session = self.pool[job.slot]
         key = self._keys[job.slot]
         if self.store.dir is not None and key is not None:
             try:

@@ -76,6 +76,17 @@ def _b64(payload: str, where: str, policy: MediaPolicy, code: str = "invalid_ima
     return data
 
 
+def b64_image(payload: str, where: str, policy: MediaPolicy) -> bytes:
+    """An image sent as base64 (bare, or a data: URI), its size and pixels checked against ``policy``."""
+    if payload.startswith("data:"):
+        header, sep, payload = payload.partition(",")
+        if not sep or ";base64" not in header:
+            raise RequestError(400, f"{where}: only base64 data: URIs are accepted for images", code="invalid_image")
+    data = _b64(payload, where, policy)
+    _check_pixels(data, where, policy)
+    return data
+
+
 def _local_file(url: str, where: str, policy: MediaPolicy) -> str:
     if policy.allow_local_files is None:
         raise RequestError(400, f"{where}: this server does not read local files ({url!r}); send the image as a "
@@ -134,12 +145,7 @@ def _vet_part(part: Any, where: str, policy: MediaPolicy) -> Any:
     if not isinstance(url, str) or not url:
         raise RequestError(400, f"{where}: an image_url part needs image_url={{'url': ...}}", param="messages")
     if url.startswith("data:"):
-        header, sep, payload = url.partition(",")
-        if not sep or ";base64" not in header:
-            raise RequestError(400, f"{where}: only base64 data: URIs are accepted for images", code="invalid_image")
-        data = _b64(payload, where, policy)
-        _check_pixels(data, where, policy)
-        return {"type": "image", "image": data}
+        return {"type": "image", "image": b64_image(url, where, policy)}
     scheme = urlparse(url).scheme.lower()
     if scheme in ("http", "https", "ftp"):
         raise RequestError(400, f"{where}: remote image URLs are not fetched by this server ({scheme}://...); send "
