@@ -321,7 +321,7 @@ void BatchRunner::create_context(const Ready & first) {
     cparams.abort_callback = &BatchRunner::abort_requested;
     cparams.abort_callback_data = this;
     take_logged_errors();
-    ctx_.reset(llama_init_from_model(model_->llama(), cparams));
+    ctx_ = model_->new_context(cparams);
     if (!ctx_) {
         const std::string why = take_logged_errors();
         throw Error("could not create a batch context of " + std::to_string(n_ctx) + " cells for " +

@@ -153,7 +153,7 @@ class BatchRunner {
 
     // Owned by the worker thread (and close(), after joining it).
     std::deque<std::unique_ptr<Ready>> ready_;  // encoded, waiting for a free sequence
-    llama_context_ptr ctx_;
+    ContextPtr ctx_;
     llama_batch_ext_ptr batch_;
     int64_t seq_cells_ = 0;  // cells one job may use beyond the shared prefix
 

@@ -270,6 +270,30 @@ llama_context_params Model::context_params(int32_t n_threads) const {
     return cparams;
 }
 
+void ContextDeleter::operator()(llama_context * ctx) const {
+    llama_free(ctx);
+    if (threads != nullptr) {
+        free_threads(threads);
+    }
+}
+
+ContextPtr Model::new_context(const llama_context_params & cparams) const {
+    ContextPtr ctx(llama_init_from_model(model_.get(), cparams));
+    const CpuThreadPoolApi & api = cpu_threadpool_api();
+    if (!ctx || api.create == nullptr) {
+        return ctx;  // no pool to attach: llama.cpp's own (a build with OpenMP computes on its team)
+    }
+    ggml_threadpool_params tpp = ggml_threadpool_params_default(std::max(cparams.n_threads, cparams.n_threads_batch));
+    tpp.poll = 0;  // between graphs the workers sleep at once: the cores go to whatever else runs
+    ggml_threadpool_t pool = api.create(&tpp);
+    if (pool == nullptr) {
+        return ctx;  // llama.cpp then makes a pool per graph: slower, still correct
+    }
+    llama_attach_threadpool(ctx.get(), pool, pool);
+    // The pool must outlive the context: the deleter frees the context first.
+    return ContextPtr(ctx.release(), ContextDeleter{pool, api.destroy});
+}
+
 std::vector<ggml_backend_dev_t> Model::weight_devices() const {
     std::vector<ggml_backend_dev_t> out;
     for (const auto & [buft, bytes] : model_->memory_breakdown()) {

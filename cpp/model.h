@@ -59,6 +59,14 @@ struct MemoryReport {
 };
 
 
+// Frees a llama_context, then the CPU thread pool it computed on (Model::new_context).
+struct ContextDeleter {
+    ggml_threadpool_t threads = nullptr;
+    void (*free_threads)(ggml_threadpool_t) = nullptr;
+    void operator()(llama_context * ctx) const;
+};
+using ContextPtr = std::unique_ptr<llama_context, ContextDeleter>;
+
 class Model : public std::enable_shared_from_this<Model> {
   public:
     static std::shared_ptr<Model> load(const std::string & model_path, const std::string & mmproj_path,
@@ -112,6 +120,9 @@ class Model : public std::enable_shared_from_this<Model> {
     // The settings every context of this model shares (threads, flash attention, no perf counters);
     // callers add sizes and their abort callback. n_threads 0: the model's.
     llama_context_params context_params(int32_t n_threads) const;
+    // A context of this model with `cparams`, computing on a CPU thread pool of its own (ggml's,
+    // cparams.n_threads workers; freed with the context). Null where llama.cpp refuses the context.
+    ContextPtr new_context(const llama_context_params & cparams) const;
     // Refuses (ContextFullError naming the device and the sizes) a context of `n_cells` KV cells that
     // the devices holding its cache could not take, before llama.cpp allocates it: one layer's K or V
     // tensor larger than such a device can address (its backend would abort the process at the first

@@ -20,7 +20,7 @@ ReferenceResult reference_eval(Model & model, const std::string & prompt, const 
     cparams.n_batch = static_cast<uint32_t>(n_batch);
     cparams.n_ubatch = static_cast<uint32_t>(n_batch);
     cparams.n_seq_max = 1;
-    llama_context_ptr ctx(llama_init_from_model(model.llama(), cparams));
+    ContextPtr ctx = model.new_context(cparams);
     if (!ctx) {
         throw Error("reference_eval: could not create a context");
     }

@@ -207,6 +207,26 @@ void ensure_runtime() {
     });
 }
 
+const CpuThreadPoolApi & cpu_threadpool_api() {
+    static const CpuThreadPoolApi api = [] {
+        ensure_runtime();
+        CpuThreadPoolApi out;
+        ggml_backend_dev_t cpu = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+        ggml_backend_reg_t reg = cpu != nullptr ? ggml_backend_dev_backend_reg(cpu) : nullptr;
+        if (reg != nullptr) {
+            out.create = reinterpret_cast<ggml_threadpool_t (*)(ggml_threadpool_params *)>(
+                ggml_backend_reg_get_proc_address(reg, "ggml_threadpool_new"));
+            out.destroy = reinterpret_cast<void (*)(ggml_threadpool_t)>(
+                ggml_backend_reg_get_proc_address(reg, "ggml_threadpool_free"));
+        }
+        if (out.create == nullptr || out.destroy == nullptr) {
+            out = CpuThreadPoolApi{};
+        }
+        return out;
+    }();
+    return api;
+}
+
 Verbosity::Verbosity(bool enabled) : enabled_(enabled) {
     if (enabled_) {
         g_verbose.fetch_add(1);

@@ -46,6 +46,15 @@ struct BuildInfo {
 };
 
 BuildInfo build_info();
+
+// ggml's CPU thread pool, as the loaded CPU backend module exports it (null functions where it has
+// none). llama.cpp is built without OpenMP: each context computes on a pool of its own, whose
+// workers meet at spinning barriers inside a graph and sleep between graphs.
+struct CpuThreadPoolApi {
+    ggml_threadpool_t (*create)(ggml_threadpool_params * params) = nullptr;
+    void (*destroy)(ggml_threadpool_t pool) = nullptr;
+};
+const CpuThreadPoolApi & cpu_threadpool_api();
 // The llama.cpp commit the core was built on, and ggml's CPU kernels in use ("zen4", "host").
 std::string llama_cpp_commit();
 std::string cpu_variant();

@@ -75,7 +75,7 @@ std::shared_ptr<SharedContext> make_shared_context(const Model & model, SessionP
     cparams.abort_callback = &SharedContext::abort_requested;
     cparams.abort_callback_data = shared.get();
     take_logged_errors();
-    shared->ctx.reset(llama_init_from_model(model.llama(), cparams));
+    shared->ctx = model.new_context(cparams);
     if (!shared->ctx) {
         std::string why = take_logged_errors();
         throw Error("could not create a context with n_ctx=" + std::to_string(params.n_ctx) +

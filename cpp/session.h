@@ -81,7 +81,7 @@ struct SessionStats {
 // out as in a context of its own and its prefill gives the same logits). One call at a time runs on
 // it; the abort callback stops it when a session the call works for is cancelled or closing.
 struct SharedContext {
-    llama_context_ptr ctx;
+    ContextPtr ctx;
     std::mutex mutex;
     int32_t n_seq = 1;
     std::vector<bool> open;  // slots not yet closed (under mutex)

@@ -216,7 +216,7 @@ class Api:
                 items = await loop.run_in_executor(None, render_prompt, self.engine, creq.prompt)
                 template, logprobs = RAW_PROMPT, creq.logprobs
             job = Job(items, template, sampling, req.reply_tokens, req.stops, loop, asyncio.Queue(),
-                      logprobs=logprobs, n=req.n, checked=time.monotonic())
+                      logprobs=logprobs, n=req.n, stream=req.stream, checked=time.monotonic())
             self.engine.submit(job)
         except Exception as e:  # noqa: BLE001 - every failure here is the request's
             err = _request_error(e)
@@ -232,26 +232,20 @@ class Api:
 
     async def _whole(self, request: Request, job: Job, reply: ChatReply, started: float) -> Response:
         status = 200
-        parts: list[list[str]] = [[] for _ in range(job.n)]
-        entries: list[list[dict[str, Any]]] = [[] for _ in range(job.n)]
         try:
             while True:
                 kind, payload = await self._next(request, job)
-                if kind == "delta":
-                    index, piece, listed = payload
-                    parts[index].append(piece)
-                    entries[index] += listed
-                elif kind == "error":
+                if kind == "error":
                     status = payload.status
                     return error_response(payload)
                 elif kind == "cancelled":
                     status = 499
                     return Response(status_code=499)
                 elif kind == "done":
-                    reasons, usage = payload
+                    reasons, usage = payload  # the texts were gathered in the job (not streamed)
                     return JSONResponse(reply.completions(
-                        [("".join(p), r, _logprobs(job, e, reply.text)) for p, r, e in zip(parts, reasons, entries)],
-                        usage))
+                        [("".join(p), r, _logprobs(job, e, reply.text))
+                         for p, r, e in zip(job.texts, reasons, job.entries)], usage))
         finally:
             self._count(status, started)
 

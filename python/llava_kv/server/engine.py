@@ -64,8 +64,10 @@ class ServerConfig:
 @dataclass
 class Job:
     """One completion (``n`` replies) on its way through the engine; events go to ``queue`` on
-    ``loop``: ("start"), ("delta", (index, text, logprob entries)), then ("done", (finish reasons,
-    usage)), ("error", RequestError) or ("cancelled")."""
+    ``loop``: ("start"), ("delta", (index, text, logprob entries)) while a ``stream`` is generated,
+    then ("done", (finish reasons, usage)), ("error", RequestError) or ("cancelled"). A reply that is
+    not streamed is gathered in ``texts`` and ``entries`` instead, read once "done" has arrived: the
+    event loop is not woken for every token of it."""
     items: list[Any]
     template: ChatTemplate
     sampling: dict[str, Any]
@@ -76,6 +78,7 @@ class Job:
     arrived: float = field(default_factory=time.perf_counter)
     logprobs: Optional[int] = None  # top alternatives per token when the reply lists log-probabilities
     n: int = 1
+    stream: bool = False
     cancelled: bool = False
     checked: float = 0.0  # when the HTTP side last checked that the client is still there
     # Filled in by the engine: the slots (the first holds the conversation), a generation per reply.
@@ -84,6 +87,8 @@ class Job:
     prompt_tokens: int = 0
     usage_extra: dict[str, Any] = field(default_factory=dict)
     logprobs_sent: list[int] = field(default_factory=list)
+    texts: list[list[str]] = field(default_factory=list)
+    entries: list[list[dict[str, Any]]] = field(default_factory=list)
 
     @property
     def slot(self) -> int:
@@ -226,6 +231,8 @@ class Engine:
             self._used[s] = now
         job.slots = slots
         job.logprobs_sent = [0] * len(slots)
+        job.texts = [[] for _ in slots]
+        job.entries = [[] for _ in slots]
         job.prompt_tokens = prompt_tokens
         job.usage_extra = {"tokens_reused": meta["reused_tokens"], "tokens_decoded": meta["decoded_tokens"],
                            "images_encoded": meta["images_encoded"], "media_encoded": meta["images_encoded"],
@@ -332,7 +339,11 @@ class Engine:
             entries = gen.logprobs[job.logprobs_sent[i]:] if gen.logprobs is not None else []
             if piece or (entries and gen.done):
                 job.logprobs_sent[i] += len(entries)
-                job.emit("delta", (i, piece or "", entries))
+                if job.stream:
+                    job.emit("delta", (i, piece or "", entries))
+                else:
+                    job.texts[i].append(piece or "")
+                    job.entries[i] += entries
         for job in jobs:
             if job.done:
                 self._finish(job)
