@@ -54,10 +54,10 @@ void ImageEmbedRegistry::roll_back(int32_t status, size_t first, const std::vect
     {
         Restoring restoring(cancel_);
         const llama_pos restore_from = first < timeline_.size() ? timeline_[first].pos0 : n_past();
-        restored = remove_kv_from(restore_from) ? decode_from(timeline_, first) : -1;
+        restored = remove_kv_from(restore_from) ? decode_from(timeline_, first, true) : -1;
         if (restored != 0 && !cancel_.closing.load()) {
             reset_kv();
-            restored = decode_from(timeline_, 0);
+            restored = decode_from(timeline_, 0, true);
         }
     }
     if (restored != 0) {
@@ -232,6 +232,7 @@ void ImageEmbedRegistry::commit(std::vector<Chunk> next, size_t begin) {
     if (status != 0) {
         roll_back(status, first, old_logits, old_has_logits);
     }
+    decoded_whole(next, first);
     timeline_ = std::move(next);
     if (static_cast<int64_t>(first) <= approx_from_) {
         approx_from_ = -1;  // everything from before the first approximate chunk was decoded again
@@ -266,7 +267,7 @@ void ImageEmbedRegistry::append_generated(llama_token token, const std::string &
         }
         throw Error("decoding failed: " + failure(status) + "; the session is as it was before the call");
     }
-    push_generated(token, piece);
+    push_generated(token, piece, true);
 }
 
 void ImageEmbedRegistry::accept_generated(llama_token token, const std::string & piece, const float * logits) {
@@ -276,15 +277,17 @@ void ImageEmbedRegistry::accept_generated(llama_token token, const std::string &
     counters_.decode_calls += 1;
     counters_.tokens_decoded += 1;
     counters_.text_tokens_decoded += 1;
-    push_generated(token, piece);
+    push_generated(token, piece, false);  // decoded in a batch with other slots: not reproducible alone
 }
 
-void ImageEmbedRegistry::push_generated(llama_token token, const std::string & piece) {
-    if (!timeline_.back().generated) {
+void ImageEmbedRegistry::push_generated(llama_token token, const std::string & piece, bool per_token) {
+    // A chunk's cells come from one kind of decode: a token decoded the other way starts a new chunk.
+    if (!timeline_.back().generated || timeline_.back().per_token != per_token) {
         Chunk c;
         c.id = next_id_++;
         c.kind = ChunkKind::Text;
         c.generated = true;
+        c.per_token = per_token;
         timeline_.push_back(std::move(c));
     }
     Chunk & c = timeline_.back();
@@ -353,11 +356,11 @@ void ImageEmbedRegistry::reset_kv() {
     }
 }
 
-int32_t ImageEmbedRegistry::decode_from(const std::vector<Chunk> & timeline, size_t from) {
+int32_t ImageEmbedRegistry::decode_from(const std::vector<Chunk> & timeline, size_t from, bool as_before) {
     has_logits_ = false;
     for (size_t i = from; i < timeline.size(); ++i) {
-        const int32_t status =
-            decode_status([&] { return decode_chunk(timeline[i], i + 1 == timeline.size()); }, &exception_what_);
+        const int32_t status = decode_status(
+            [&] { return decode_chunk(timeline[i], i + 1 == timeline.size(), as_before); }, &exception_what_);
         if (status != 0) {
             has_logits_ = false;
             return status;
@@ -408,8 +411,23 @@ int32_t ImageEmbedRegistry::fault_point() {
     return 0;
 }
 
-int32_t ImageEmbedRegistry::decode_chunk(const Chunk & chunk, bool logits_last) {
+void ImageEmbedRegistry::decoded_whole(std::vector<Chunk> & timeline, size_t from) {
+    for (size_t i = from; i < timeline.size(); ++i) {
+        timeline[i].per_token = false;
+    }
+}
+
+int32_t ImageEmbedRegistry::decode_chunk(const Chunk & chunk, bool logits_last, bool as_before) {
     llama_pos pos = chunk.pos0;
+    if (as_before && chunk.per_token && !chunk.bos) {
+        for (size_t i = 0; i < chunk.tokens.size(); ++i) {
+            const bool last = logits_last && i + 1 == chunk.tokens.size();
+            if (const int32_t status = decode_text(&chunk.tokens[i], 1, pos + static_cast<llama_pos>(i), last)) {
+                return status;
+            }
+        }
+        return 0;
+    }
     if (chunk.kind == ChunkKind::Text) {
         if (!chunk.bos) {
             return decode_text(chunk.tokens.data(), chunk.tokens.size(), pos, logits_last);

@@ -21,7 +21,10 @@ struct Chunk {
     std::vector<llama_token> tokens;               // text
     std::shared_ptr<const MediaEmbedding> media;  // an image or audio clip
     std::string source;                            // what the user passed: the text, or the media's path/description
-    bool generated = false;  // tokens the model sampled (decoded one at a time), not text given to us
+    bool generated = false;  // tokens the model sampled, not text given to us
+    // Its KV cells came from one decode call per token (a lone session's generation), not from one
+    // decode of the chunk: a rollback decodes it again that way, since the two round differently.
+    bool per_token = false;
     // Derived by layout(): chunk 0 also carries the BOS token when the vocabulary wants one.
     bool bos = false;
     llama_pos pos0 = 0;
@@ -152,7 +155,11 @@ class ImageEmbedRegistry {
     void check_fits(const std::vector<Chunk> & timeline) const;
     // Decodes timeline[from:] into the KV cache; returns llama's status (0 = ok) or one of ours
     // (decode.h): a C++ exception is caught here and reported as kDecodeThrew.
-    int32_t decode_from(const std::vector<Chunk> & timeline, size_t from);
+    // `as_before` (a rollback): chunks marked per_token are decoded one token per call, as their
+    // cells were made; otherwise each chunk is one decode (and the caller clears the marks).
+    int32_t decode_from(const std::vector<Chunk> & timeline, size_t from, bool as_before = false);
+    // The chunks from `from` on were decoded whole: their cells no longer come from per-token calls.
+    static void decoded_whole(std::vector<Chunk> & timeline, size_t from);
     // After a failed decode of `status`: puts the KV cache back to the current timeline (from chunk
     // `first` on) and throws the error the call ends with. Never returns.
     [[noreturn]] void roll_back(int32_t status, size_t first, const std::vector<float> & old_logits,
@@ -164,7 +171,7 @@ class ImageEmbedRegistry {
     [[noreturn]] void restored_state(int32_t status, const std::vector<float> & old_logits, bool old_has_logits);
     std::string failure(int32_t status) const;
     int32_t decode_text(const llama_token * tokens, size_t n, llama_pos pos0, bool logits_last);
-    int32_t decode_chunk(const Chunk & chunk, bool logits_last);
+    int32_t decode_chunk(const Chunk & chunk, bool logits_last, bool as_before = false);
     // Where the test-only fault hook (decode.h) strikes: before every text or image decode call.
     int32_t fault_point();
     // Adds a decode call's work to the counters and keeps its logits if it asked for them; returns
@@ -173,7 +180,7 @@ class ImageEmbedRegistry {
     bool remove_kv_from(llama_pos pos0);
     void reset_kv();
 
-    void push_generated(llama_token token, const std::string & piece);
+    void push_generated(llama_token token, const std::string & piece, bool per_token);
     // Why positions after an edit cannot move in this memory (empty if they can).
     std::string shift_problem() const;
     // A later chunk of a blend edit: its text decoded again, of a media chunk the first `k` tokens

@@ -215,6 +215,7 @@ std::vector<uint64_t> ImageEmbedRegistry::splice_blend(size_t begin, size_t end,
     counters_.kv_cells_removed += static_cast<uint64_t>(removed);
     counters_.blend_edits += 1;
     counters_.blend_tokens_kept += static_cast<uint64_t>(kept);
+    decoded_whole(next, begin);
     timeline_ = std::move(next);
     next_id_ += ids.size();
     mark_approximate(begin);
@@ -319,6 +320,7 @@ int32_t ImageEmbedRegistry::recompute() {
     if (status != 0) {
         put_back(saved, status, old_logits, old_has_logits);
     }
+    decoded_whole(timeline_, from);
     approx_from_ = -1;
     cells_restored_ = false;
     return static_cast<int32_t>(counters_.tokens_decoded - before);

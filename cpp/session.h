@@ -49,8 +49,8 @@ struct Branch {
     std::string error;
 };
 
-// Sequences of a session's own context: 0 the timeline, 1 where a blend edit parks cells, then the
-// branches of generate_branches().
+// Sequences of a session's own context: 0 the timeline, 1 and 2 where a blend edit parks cells,
+// then the branches of generate_branches().
 constexpr llama_seq_id kFirstBranchSeq = 3;
 constexpr int32_t kMaxBranches = 16;
 

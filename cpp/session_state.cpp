@@ -124,7 +124,7 @@ std::string serialize_state(const StateHeader & header, const RegistrySnapshot &
     for (const Chunk & c : snap.timeline) {
         w.pod<uint64_t>(c.id);
         w.pod<uint8_t>(is_media(c.kind) ? 1 : 0);
-        w.pod<uint8_t>(c.generated ? 1 : 0);
+        w.pod<uint8_t>(c.generated ? (c.per_token ? 2 : 1) : 0);  // 2: decoded one token per call
         w.str(c.source);
         if (c.kind == ChunkKind::Text) {
             w.vec(c.tokens);
@@ -245,7 +245,9 @@ RegistrySnapshot deserialize_state(const std::string & blob, StateHeader & heade
         Chunk c;
         c.id = r.pod<uint64_t>();
         c.kind = r.pod<uint8_t>() ? ChunkKind::Image : ChunkKind::Text;  // Audio: told by the media below
-        c.generated = r.pod<uint8_t>() != 0;
+        const uint8_t generated = r.pod<uint8_t>();
+        c.generated = generated != 0;
+        c.per_token = generated == 2;
         c.source = r.str();
         if (c.kind == ChunkKind::Text) {
             c.tokens = r.vec<llama_token>();
