@@ -89,7 +89,7 @@ BatchRunner::BatchRunner(std::shared_ptr<Model> model, const BatchParams & param
     if (params_.encode_ahead <= 0) {
         params_.encode_ahead = params_.n_parallel;
     }
-        StopStrings validated(params_.stop);  // throws for an empty stop string, before any thread starts
+    StopStrings validated(params_.stop);  // throws for an empty stop string, before any thread starts
     auto hold = model_->hold();
     make_sampler_chain(params_.sampling, *model_);  // validates the settings (and grammar) first
     if (model_->projector() == nullptr || !model_->has_vision()) {

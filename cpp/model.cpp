@@ -434,6 +434,33 @@ std::string Model::apply_chat_template(const std::vector<std::pair<std::string, 
     return out;
 }
 
+std::vector<llama_token> Model::tokenize(const std::string & text, bool add_special) const {
+    std::vector<llama_token> tokens = tokenize_text(vocab_, text);
+    if (add_special && llama_vocab_get_add_bos(vocab_)) {
+        tokens.insert(tokens.begin(), llama_vocab_bos(vocab_));
+    }
+    return tokens;
+}
+
+void Model::check_token_ids(const std::vector<llama_token> & tokens) const {
+    for (llama_token t : tokens) {
+        if (t < 0 || t >= n_vocab_) {
+            throw std::invalid_argument("token id " + std::to_string(t) + " is outside the vocabulary (0.." +
+                                        std::to_string(n_vocab_ - 1) + ")");
+        }
+    }
+}
+
+std::vector<std::string> Model::pieces_of(const std::vector<llama_token> & tokens) const {
+    check_token_ids(tokens);
+    std::vector<std::string> out;
+    out.reserve(tokens.size());
+    for (llama_token t : tokens) {
+        out.push_back(token_piece(vocab_, t));
+    }
+    return out;
+}
+
 const std::vector<std::string> & Model::token_pieces() const {
     std::call_once(pieces_once_, [this] {
         pieces_.reserve(static_cast<size_t>(n_vocab_));

@@ -114,6 +114,13 @@ class Model : public std::enable_shared_from_this<Model> {
     std::string description() const { return description_; }
     // The bytes of every token (token_piece), computed at the first call (constrained generation).
     const std::vector<std::string> & token_pieces() const;
+    // The tokens of `text` (special tokens parsed; `add_special`: BOS first where the model adds one),
+    // and the bytes of `tokens` (std::invalid_argument naming an id outside the vocabulary). The
+    // caller holds the model.
+    std::vector<llama_token> tokenize(const std::string & text, bool add_special) const;
+    std::vector<std::string> pieces_of(const std::vector<llama_token> & tokens) const;
+    // std::invalid_argument naming the first id outside the vocabulary.
+    void check_token_ids(const std::vector<llama_token> & tokens) const;
 
     MemoryReport memory() const;
 

@@ -189,11 +189,7 @@ std::vector<llama_token> Session::tokenize_locked(const std::string & text) cons
 
 std::vector<llama_token> Session::tokenize(const std::string & text, bool add_special) const {
     auto hold = model_->hold();
-    std::vector<llama_token> tokens = tokenize_locked(text);
-    if (add_special && llama_vocab_get_add_bos(model_->vocab())) {
-        tokens.insert(tokens.begin(), llama_vocab_bos(model_->vocab()));
-    }
-    return tokens;
+    return model_->tokenize(text, add_special);
 }
 
 std::vector<ChunkSpec> Session::specs_locked(const std::vector<ChunkInput> & inputs) {

@@ -218,6 +218,8 @@ class Session {
     llama_context * ctx() const { return shared_->ctx.get(); }
     // Samples the next token from the current logits (nothing is decoded yet).
     GenerationStep sample_locked();
+    // Error unless the timeline ends in logits to sample from (text last).
+    void check_has_logits_locked() const;
     // Records a sampled token that was decoded into this session's sequence.
     void accept_locked(GenerationStep & step, const float * logits);
     void check_open() const;

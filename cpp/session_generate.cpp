@@ -19,15 +19,19 @@ void Session::begin_generation(const SamplingParams & p) {
     pending_utf8_.clear();
 }
 
-GenerationStep Session::sample_locked() {
-    if (!sampler_) {
-        throw Error("generate_step() before begin_generation()");
-    }
+void Session::check_has_logits_locked() const {
     if (!registry_->has_logits()) {
         throw Error(registry_->timeline().empty()
                         ? "nothing to generate from: the session is empty"
                         : "nothing to generate from: the timeline ends with image tokens; append text first");
     }
+}
+
+GenerationStep Session::sample_locked() {
+    if (!sampler_) {
+        throw Error("generate_step() before begin_generation()");
+    }
+    check_has_logits_locked();
     const std::vector<float> & logits = registry_->logits();
     GenerationStep step;
     step.token = draw_token(sampler_.get(), logits.data(), static_cast<int32_t>(logits.size()));
@@ -211,11 +215,7 @@ std::vector<Branch> Session::generate_branches(int32_t n, const SamplingParams &
     }
     StopStrings checked(stops);  // throws for an empty stop string
     return run_edit([&] {
-        if (!registry_->has_logits()) {
-            throw Error(registry_->timeline().empty()
-                            ? "nothing to generate from: the session is empty"
-                            : "nothing to generate from: the timeline ends with image tokens; append text first");
-        }
+        check_has_logits_locked();
         llama_context * c = ctx();
         llama_memory_t mem = llama_get_memory(c);
         const int32_t n_vocab = model_->n_vocab();
@@ -332,11 +332,8 @@ std::string Session::flush_generation() {
 std::string Session::detokenize(const std::vector<llama_token> & tokens) const {
     auto hold = model_->hold();
     std::string out;
-    for (llama_token t : tokens) {
-        if (t < 0 || t >= model_->n_vocab()) {
-            throw std::out_of_range("token id " + std::to_string(t) + " is outside the vocabulary");
-        }
-        out += token_piece(model_->vocab(), t);
+    for (const std::string & piece : model_->pieces_of(tokens)) {
+        out += piece;
     }
     return out;
 }

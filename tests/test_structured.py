@@ -157,6 +157,22 @@ def test_bad_constraints_are_refused_before_anything_is_decoded(model):
         assert session_state(s) == before and s.stats["tokens_decoded"] == decoded
 
 
+def test_a_refused_grammar_leaves_the_next_seed_as_it_was(model):
+    """A generation the core refuses is not counted: the next seedless generation samples as a twin
+    session's first one does."""
+    with model.session(n_ctx=512, seed=3) as s, model.session(n_ctx=512, seed=3) as twin:
+        for x in (s, twin):
+            x.append_text("Hello")
+        with pytest.raises(ValueError, match="grammar"):
+            s.generate(8, temperature=1.0, grammar="root ::= (")
+        assert s.generate(16, temperature=1.0) == twin.generate(16, temperature=1.0)
+        with model.session_pool(1, n_ctx=512, seed=3) as pool:
+            pool[0].append_text("Hello")
+            with pytest.raises(ValueError, match="grammar"):
+                Generation(pool[0], 8, temperature=1.0, grammar="root ::= (")
+            assert pool[0]._generations == 0  # the refused generation was not counted
+
+
 def test_a_grammar_no_token_can_continue_raises_and_keeps_the_session(model):
     """A code point past U+10FFFF (its UTF-8 lead byte would be F5) is in no valid UTF-8 text: the
     grammar allows no token at the first step, and the session is as before. U+D800 (a surrogate)

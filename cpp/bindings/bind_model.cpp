@@ -9,7 +9,6 @@
 #include "model.h"
 #include "sampling.h"
 #include "session.h"
-#include "tokens.h"
 
 namespace py = pybind11;
 
@@ -24,16 +23,6 @@ SessionParams session_params(int32_t n_ctx, int32_t n_batch, int32_t n_ubatch, u
     params.seed = seed;
     params.n_threads = n_threads;
     return params;
-}
-
-// ValueError (std::invalid_argument) naming the first id outside the model's vocabulary.
-void check_token_ids(const Model & model, const std::vector<llama_token> & tokens) {
-    for (llama_token t : tokens) {
-        if (t < 0 || t >= model.n_vocab()) {
-            throw std::invalid_argument("token id " + std::to_string(t) + " is outside the vocabulary (0.." +
-                                        std::to_string(model.n_vocab() - 1) + ")");
-        }
-    }
 }
 
 }  // namespace
@@ -139,11 +128,7 @@ void register_model(py::module_ & m) {
             [](const Model & model, const std::string & text, bool add_special) {
                 return without_gil([&] {
                     auto hold = model.hold();
-                    std::vector<llama_token> tokens = tokenize_text(model.vocab(), text);
-                    if (add_special && llama_vocab_get_add_bos(model.vocab())) {
-                        tokens.insert(tokens.begin(), llama_vocab_bos(model.vocab()));
-                    }
-                    return tokens;
+                    return model.tokenize(text, add_special);
                 });
             },
             py::arg("text"), py::arg("add_special") = false,
@@ -153,7 +138,7 @@ void register_model(py::module_ & m) {
             [](const Model & model, const std::vector<llama_token> & tokens) {
                 std::string text = without_gil([&] {
                     auto hold = model.hold();
-                    check_token_ids(model, tokens);
+                    model.check_token_ids(tokens);
                     std::string out(tokens.size() * 8 + 16, '\0');
                     for (int attempt = 0; attempt < 2; ++attempt) {
                         const int32_t n = llama_detokenize(model.vocab(), tokens.data(),
@@ -176,12 +161,7 @@ void register_model(py::module_ & m) {
             [](const Model & model, const std::vector<llama_token> & tokens) {
                 std::vector<std::string> pieces = without_gil([&] {
                     auto hold = model.hold();
-                    std::vector<std::string> out;
-                    check_token_ids(model, tokens);
-                    for (llama_token t : tokens) {
-                        out.push_back(token_piece(model.vocab(), t));
-                    }
-                    return out;
+                    return model.pieces_of(tokens);
                 });
                 py::list out;
                 for (const auto & p : pieces) {

@@ -143,9 +143,7 @@ class Generation:
         params = sampling_params(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                  repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
                                  frequency_penalty=frequency_penalty, logit_bias=logit_bias, grammar=grammar)
-        session._model._core.check_sampling(params)  # before the session's seed counter moves
-        params.seed = session._seed_for_next_generation(seed)
-        session._core.begin_generation(params)
+        session._begin_generation(params, seed)
         session._core.flush_generation()
         if max_tokens == 0:
             self.finish_reason = "length"

@@ -133,9 +133,9 @@ class Generating:
 
     def _branches(self, n: int, max_tokens: int, params: SamplingParams, seed: int | None, stops: list[str],
                   held: Constraint) -> list[str]:
-        self._model._core.check_sampling(params)  # before the seed counter moves
-        params.seed = self._seed_for_next_generation(seed)
+        params.seed = self._next_seed(seed)
         branches = self._core.generate_branches(n, params, max_tokens, stops)
+        self._generations += 1
         failed = next((b for b in branches if b.error), None)
         if failed is not None:
             raise GrammarError(failed.error)
@@ -150,8 +150,7 @@ class Generating:
 
     def _generate(self, max_tokens: int, params: SamplingParams, seed: int | None, stops: list[str],
                   held: Constraint, stream: bool) -> str | Iterator[str]:
-        params.seed = self._seed_for_next_generation(seed)
-        self._core.begin_generation(params)  # a grammar llama.cpp cannot parse fails here, before any step
+        self._begin_generation(params, seed)  # a grammar llama.cpp cannot parse fails here, before any step
         self._cancel_requested = False
         self._json = (False, None)
         pieces = self._pieces(max_tokens, stops, held.json)
@@ -187,11 +186,19 @@ class Generating:
         finally:
             self._core.flush_generation()
 
-    def _seed_for_next_generation(self, seed: int | None) -> int:
+    def _next_seed(self, seed: int | None) -> int:
+        """``seed``, or (None) the one the next generation draws from the session's own seed and the
+        number of generations so far."""
         if seed is None:
             seed = (self._core.seed * 1_000_003 + self._generations * 7919 + 17) & 0xFFFFFFFF
-        self._generations += 1
         return seed
+
+    def _begin_generation(self, params: SamplingParams, seed: int | None) -> None:
+        """Sets up the core's sampler for a generation (:meth:`_next_seed`) and counts it once it has
+        begun: settings the core refuses leave the count, and so the next generation's seed, as it was."""
+        params.seed = self._next_seed(seed)
+        self._core.begin_generation(params)
+        self._generations += 1
 
     def _prepare_chat(self, items: Sequence[Any], template: Any) -> tuple[int, dict[str, Any]]:
         """Bring the timeline to a rendered conversation (``render_conversation``) by one exact edit

@@ -45,18 +45,19 @@ def error_response(e: RequestError) -> JSONResponse:
 RAW_PROMPT = ChatTemplate("", "none", "raw prompt")  # /v1/completions: the prompt as given
 
 
-def _constraint(req: protocol._Generation) -> Constraint:
+def _constraint(req: protocol._Generation) -> tuple[Constraint, Optional[str]]:
     """What ``response_format`` (OpenAI's), or llama-server's ``grammar`` / ``json_schema``, hold the
-    reply to; only one of them may be given."""
+    reply to, and the field that said so; only one of them may be given."""
     given = [k for k in ("response_format", "grammar", "json_schema") if getattr(req, k) is not None]
     if len(given) > 1:
         raise RequestError(400, f"{' and '.join(repr(k) for k in given)} were both given; send one", param=given[1])
+    field = given[0] if given else None
     try:
         if req.response_format is not None:
-            return response_format_constraint(req.response_format)
-        return constraint(grammar=req.grammar, json_schema=req.json_schema)
+            return response_format_constraint(req.response_format), field
+        return constraint(grammar=req.grammar, json_schema=req.json_schema), field
     except ValueError as e:
-        raise RequestError(400, str(e), param=given[0] if given else None) from None
+        raise RequestError(400, str(e), param=field) from None
 
 
 def generation_settings(req: protocol._Generation, engine: Engine) -> dict[str, Any]:
@@ -65,21 +66,19 @@ def generation_settings(req: protocol._Generation, engine: Engine) -> dict[str, 
     if req.model is not None and req.model != engine.model_id:
         raise RequestError(404, f"the model {req.model!r} does not exist; this server serves {engine.model_id!r}",
                            param="model", code="model_not_found")
-    held = _constraint(req)
+    held, held_by = _constraint(req)
     try:
         bias = check_logit_bias(req.logit_bias)
     except (TypeError, ValueError) as e:
         raise RequestError(400, str(e), param="logit_bias") from None
-    sampling: dict[str, Any] = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "min_p": req.min_p,
-                "repeat_penalty": req.repeat_penalty, "presence_penalty": req.presence_penalty,
-                "frequency_penalty": req.frequency_penalty, "logit_bias": bias, "seed": req.seed,
-                "grammar": held.grammar}
+    sampling: dict[str, Any] = {
+        "temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "min_p": req.min_p,
+        "repeat_penalty": req.repeat_penalty, "presence_penalty": req.presence_penalty,
+        "frequency_penalty": req.frequency_penalty, "logit_bias": bias, "seed": req.seed, "grammar": held.grammar}
     try:
         engine.model._core.check_sampling(sampling_params(**{**sampling, "seed": 0}))
     except ValueError as e:
-        param = "logit_bias" if str(e).startswith("logit_bias") else next(
-            (k for k in ("response_format", "grammar", "json_schema") if getattr(req, k) is not None), None)
-        raise RequestError(400, str(e), param=param) from None
+        raise RequestError(400, str(e), param="logit_bias" if str(e).startswith("logit_bias") else held_by) from None
     return sampling
 
 
