@@ -40,17 +40,10 @@ struct BatchRunner::Ready {
 
 // One sequence of the context and the job it is running.
 struct BatchRunner::Slot {
-    llama_seq_id seq = 0;
     std::unique_ptr<Ready> job;  // null: free
-    bool generating = false;
-    llama_pos pos = 0;
-    size_t suffix_next = 0;  // prompt tokens after the image not yet decoded
+    std::unique_ptr<Reply> reply;
+    StepSlot step;  // its part of each decode step: the suffix still to decode, then a token at a time
     int32_t n_prompt = 0;
-    llama_token last = -1;  // sampled, to be decoded in the next step
-    int32_t batch_index = -1;
-    llama_sampler_ptr sampler;
-    std::unique_ptr<StopStrings> stops;  // the job's text so far, cut at a stop string
-    int32_t n_generated = 0;
     Clock::time_point admitted;
     Clock::time_point first_token;
 };
@@ -89,9 +82,8 @@ BatchRunner::BatchRunner(std::shared_ptr<Model> model, const BatchParams & param
     if (params_.encode_ahead <= 0) {
         params_.encode_ahead = params_.n_parallel;
     }
-    StopStrings validated(params_.stop);  // throws for an empty stop string, before any thread starts
     auto hold = model_->hold();
-    make_sampler_chain(params_.sampling, *model_);  // validates the settings (and grammar) first
+    Reply validated(*model_, reply_params(0));  // the settings, grammar and stop strings, before any thread starts
     if (model_->projector() == nullptr || !model_->has_vision()) {
         throw ImageError("this model has no vision projector: load it with mmproj_path to run image batches");
     }
@@ -345,20 +337,17 @@ void BatchRunner::create_context(const Ready & first) {
 bool BatchRunner::admit(Slot & slot, Ready && job) {
     // Start from the shared prefix, then decode the image into this sequence.
     llama_memory_t mem = llama_get_memory(ctx_.get());
-    llama_memory_seq_rm(mem, slot.seq, -1, -1);
-    llama_memory_seq_cp(mem, params_.n_parallel, slot.seq, -1, -1);
+    llama_memory_seq_rm(mem, slot.step.seq, -1, -1);
+    llama_memory_seq_cp(mem, params_.n_parallel, slot.step.seq, -1, -1);
     slot.job = std::make_unique<Ready>(std::move(job));
     slot.admitted = Clock::now();
-    slot.pos = static_cast<llama_pos>(prefix_.size());
-    slot.generating = false;
-    slot.suffix_next = 0;
-    slot.stops = std::make_unique<StopStrings>(params_.stop);
-    slot.n_generated = 0;
     slot.n_prompt = 0;
-    slot.last = -1;
-    SamplingParams sampling = params_.sampling;
-    sampling.seed += static_cast<uint32_t>(slot.job->id);
-    slot.sampler = make_sampler_chain(sampling, *model_);
+    slot.reply = std::make_unique<Reply>(*model_, reply_params(slot.job->id));
+    const llama_seq_id seq = slot.step.seq;
+    slot.step = StepSlot{};
+    slot.step.seq = seq;
+    slot.step.reply = slot.reply.get();
+    slot.step.pos = static_cast<llama_pos>(prefix_.size());
     {
         std::lock_guard<std::mutex> lock(mutex_);
         stats_.prefix_copies += 1;
@@ -370,13 +359,15 @@ bool BatchRunner::admit(Slot & slot, Ready && job) {
         return false;
     }
     DecodeCounts counts;
-    const int32_t status =
-        decode_image(model_->projector(), ctx_.get(), image, slot.pos, slot.seq, params_.n_batch, false, counts);
+    const int32_t status = decode_image(model_->projector(), ctx_.get(), image, slot.step.pos, slot.step.seq,
+                                        params_.n_batch, false, counts);
     if (status != 0) {
         fail_slot(slot, stop_.load() ? "stopped" : "decoding the image failed (status " + std::to_string(status) + ")");
         return false;
     }
     slot.n_prompt = static_cast<int32_t>(counts.text_tokens + counts.image_tokens);
+    slot.step.prompt = suffix_.data();
+    slot.step.n_prompt = suffix_.size();
     std::lock_guard<std::mutex> lock(mutex_);
     stats_.tokens_decoded += counts.text_tokens + counts.image_tokens;
     return true;
@@ -387,8 +378,8 @@ void BatchRunner::finish_slot(Slot & slot, const char * reason) {
     BatchResult r;
     r.id = slot.job->id;
     r.source = slot.job->source;
-    r.text = slot.stops->text();
-    r.n_tokens = slot.n_generated;
+    r.text = slot.reply->text();
+    r.n_tokens = slot.reply->n_tokens();
     r.n_prompt_tokens = slot.n_prompt;
     r.finish_reason = reason;
     r.cached = slot.job->cached;
@@ -398,9 +389,10 @@ void BatchRunner::finish_slot(Slot & slot, const char * reason) {
     r.prefill_ms = ms_between(slot.admitted, slot.first_token);
     r.generate_ms = ms_between(slot.first_token, now);
     r.total_ms = slot.job->load_ms + ms_between(slot.job->submitted, now);
-    llama_memory_seq_rm(llama_get_memory(ctx_.get()), slot.seq, -1, -1);
+    llama_memory_seq_rm(llama_get_memory(ctx_.get()), slot.step.seq, -1, -1);
     slot.job.reset();
-    slot.sampler.reset();
+    slot.reply.reset();
+    slot.step.reply = nullptr;
     emit(std::move(r), false);
 }
 
@@ -414,67 +406,43 @@ void BatchRunner::fail_slot(Slot & slot, const std::string & error) {
     r.encode_ms = slot.job->encode_ms;
     r.total_ms = slot.job->load_ms + ms_between(slot.job->submitted, Clock::now());
     if (ctx_) {
-        llama_memory_seq_rm(llama_get_memory(ctx_.get()), slot.seq, -1, -1);
+        llama_memory_seq_rm(llama_get_memory(ctx_.get()), slot.step.seq, -1, -1);
     }
     slot.job.reset();
-    slot.sampler.reset();
+    slot.reply.reset();
+    slot.step.reply = nullptr;
     emit(std::move(r), true);
 }
 
+ReplyParams BatchRunner::reply_params(uint64_t job_id) const {
+    ReplyParams p;
+    p.sampling = params_.sampling;
+    p.sampling.seed += static_cast<uint32_t>(job_id);  // whatever sequence runs the job
+    p.max_tokens = params_.max_tokens;
+    p.stops = params_.stop;
+    return p;
+}
+
 void BatchRunner::decode_step(std::vector<Slot> & slots) {
-    llama_batch_ext_clear(batch_.get());
-    int32_t room = params_.n_batch;
-    int32_t carried = 0;
-    // Generating sequences first (one token each), then prompt text of new ones as room allows.
+    // Every generating sequence's drawn token, then prompt text of new ones as room allows, in one call.
+    std::vector<StepSlot *> live;
     for (auto & slot : slots) {
-        slot.batch_index = -1;
-        if (slot.job && slot.generating && room > 0) {
-            const int32_t idx = llama_batch_ext_add_token(batch_.get(), slot.seq, slot.last);
-            llama_pos p = slot.pos;
-            llama_batch_ext_set_pos(batch_.get(), idx, &p);
-            llama_batch_ext_set_output_logits(batch_.get(), idx, true);
-            slot.batch_index = idx;
-            room -= 1;
-            carried += 1;
+        if (slot.job) {
+            live.push_back(&slot.step);
         }
     }
-    std::vector<std::pair<Slot *, int32_t>> prompt_tokens;  // slot, tokens added this step
-    for (auto & slot : slots) {
-        if (!slot.job || slot.generating || room <= 0) {
-            continue;
+    const StepDecode d = decode_slots(ctx_.get(), batch_.get(), live, params_.n_batch, [&](llama_batch_ext * b) {
+        if (take_decode_fault() == DecodeFault::Exception) {
+            throw std::bad_alloc();  // test hook: a failure inside the worker
         }
-        int32_t added = 0;
-        int32_t idx = -1;
-        while (slot.suffix_next + added < suffix_.size() && room > 0) {
-            idx = llama_batch_ext_add_token(batch_.get(), slot.seq, suffix_[slot.suffix_next + added]);
-            llama_pos p = slot.pos + added;
-            llama_batch_ext_set_pos(batch_.get(), idx, &p);
-            added += 1;
-            room -= 1;
-        }
-        if (slot.suffix_next + added == suffix_.size()) {
-            llama_batch_ext_set_output_logits(batch_.get(), idx, true);
-            slot.batch_index = idx;
-        }
-        prompt_tokens.emplace_back(&slot, added);
-        carried += 1;
-    }
-    const int32_t n_tokens = params_.n_batch - room;
-    if (take_decode_fault() == DecodeFault::Exception) {
-        throw std::bad_alloc();  // test hook: a failure inside the worker
-    }
-    const int32_t status = llama_process(ctx_.get(), LLAMA_PROCESS_TYPE_DECODE, batch_.get());
-    if (status != 0) {
+        return llama_process(ctx_.get(), LLAMA_PROCESS_TYPE_DECODE, b);
+    });
+    if (d.status != 0) {
         const std::string why = stop_.load() ? std::string("stopped")
-                                             : "decoding failed (status " + std::to_string(status) + ")";
+                                             : "decoding failed (status " + std::to_string(d.status) + ")";
         for (auto & slot : slots) {
-            if (slot.job && (slot.generating || slot.batch_index >= 0)) {
+            if (slot.job && (slot.step.out >= 0 || slot.step.prompt_taken > 0)) {
                 fail_slot(slot, why);
-            }
-        }
-        for (auto & [slot, added] : prompt_tokens) {
-            if (slot->job) {
-                fail_slot(*slot, why);
             }
         }
         return;
@@ -482,55 +450,47 @@ void BatchRunner::decode_step(std::vector<Slot> & slots) {
     {
         std::lock_guard<std::mutex> lock(mutex_);
         stats_.decode_steps += 1;
-        stats_.tokens_decoded += static_cast<uint64_t>(n_tokens);
-        stats_.max_sequences = std::max<uint64_t>(stats_.max_sequences, static_cast<uint64_t>(carried));
+        stats_.tokens_decoded += static_cast<uint64_t>(d.n_tokens);
+        stats_.max_sequences = std::max<uint64_t>(stats_.max_sequences, static_cast<uint64_t>(d.n_slots));
     }
-    for (auto & [slot, added] : prompt_tokens) {
-        slot->suffix_next += static_cast<size_t>(added);
-        slot->pos += added;
-        slot->n_prompt += added;
-    }
-    const llama_vocab * vocab = model_->vocab();
-    uint64_t generated = 0;
+    const auto now = Clock::now();
     for (auto & slot : slots) {
-        if (!slot.job || slot.batch_index < 0) {
+        if (!slot.job) {
             continue;
         }
-        if (slot.generating) {
-            slot.pos += 1;  // the token just decoded
-        } else {
-            slot.generating = true;
-            slot.first_token = Clock::now();
+        slot.n_prompt += static_cast<int32_t>(slot.step.prompt_taken);
+        if (slot.step.out >= 0 && slot.step.prompt_taken > 0) {
+            slot.first_token = now;  // the prompt's last token: the first logits to draw from
         }
-        const float * logits = llama_get_logits_ith(ctx_.get(), slot.batch_index);
-        if (logits == nullptr || !all_finite(logits, static_cast<size_t>(model_->n_vocab()))) {
+        if (slot.step.bad_logits) {
             fail_slot(slot, kNonFiniteLogits);
+        }
+    }
+    // Draw each sequence's next token now, so a job that ends frees its sequence before the next step.
+    live.clear();
+    int64_t generated = 0;
+    for (auto & slot : slots) {
+        if (slot.job) {
+            live.push_back(&slot.step);
+            generated -= slot.reply->n_tokens();
+        }
+    }
+    draw_slots(*model_, live);
+    for (auto & slot : slots) {
+        if (!slot.job) {
             continue;
         }
-        llama_token token = -1;
-        try {
-            token = draw_token(slot.sampler.get(), logits, model_->n_vocab());
-        } catch (const GrammarError & e) {
-            fail_slot(slot, e.what());  // this job alone: the others go on
-            continue;
-        }
-        if (llama_vocab_is_eog(vocab, token)) {
-            finish_slot(slot, "stop");
-            continue;
-        }
-        llama_sampler_accept(slot.sampler.get(), token);
-        generated += 1;
-        slot.n_generated += 1;
-        if (slot.stops->feed(token_piece(vocab, token))) {
-            finish_slot(slot, "stop");
-        } else if (slot.n_generated >= params_.max_tokens) {
-            finish_slot(slot, "length");
-        } else {
-            slot.last = token;
+        generated += slot.reply->n_tokens();
+        if (slot.reply->done()) {
+            if (slot.reply->finish_reason() == "error") {
+                fail_slot(slot, slot.reply->error());  // this job alone: the others go on
+            } else {
+                finish_slot(slot, slot.reply->finish_reason().c_str());
+            }
         }
     }
     std::lock_guard<std::mutex> lock(mutex_);
-    stats_.tokens_generated += generated;
+    stats_.tokens_generated += static_cast<uint64_t>(generated);
 }
 
 void BatchRunner::worker_loop() {
@@ -554,7 +514,7 @@ void BatchRunner::worker_loop() {
 void BatchRunner::run_jobs() {
     std::vector<Slot> slots(static_cast<size_t>(params_.n_parallel));
     for (size_t i = 0; i < slots.size(); ++i) {
-        slots[i].seq = static_cast<llama_seq_id>(i);
+        slots[i].step.seq = static_cast<llama_seq_id>(i);
     }
     std::string broken;  // why the context cannot run; every job fails with it
     while (!stop_.load()) {

@@ -22,7 +22,9 @@
 #include "image_encoder.h"
 #include "llama-cpp.h"
 #include "model.h"
+#include "reply.h"
 #include "sampling.h"
+#include "slot_step.h"
 
 namespace llava_kv {
 
@@ -125,6 +127,8 @@ class BatchRunner {
     // Why this job can never fit a sequence (empty if it can).
     std::string too_large(const Ready & job) const;
     bool admit(Slot & slot, Ready && job);
+    // A job's reply: the runner's settings, seeded with the job's id.
+    ReplyParams reply_params(uint64_t job_id) const;
     void decode_step(std::vector<Slot> & slots);
     void finish_slot(Slot & slot, const char * reason);
     void fail_slot(Slot & slot, const std::string & error);

@@ -136,7 +136,7 @@ Session::~Session() {
 }
 
 void Session::free_native(bool drop_context) {
-    sampler_.reset();
+    reply_.reset();
     if (registry_ && shared_->ctx && !drop_context && shared_->n_seq > 1) {
         llama_memory_seq_rm(llama_get_memory(shared_->ctx.get()), seq_, -1, -1);
     }

@@ -3,6 +3,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <exception>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -13,6 +14,7 @@
 #include "image_encoder.h"
 #include "llama-cpp.h"
 #include "model.h"
+#include "reply.h"
 #include "sampling.h"
 
 namespace llava_kv {
@@ -32,13 +34,18 @@ struct ChunkInput {
     MediaInput media;
 };
 
-// One generation step: the token sampled, the text it completes (whole UTF-8 characters only;
-// bytes of a character split across tokens wait for the next step), and whether it ends generation.
+// What a generation call did, for one session: one step (generate_step, step_together) or several
+// (advance, step_until). Text is bytes that became final: whole characters that cannot be the start
+// of a stop string still to come, and everything left once the reply has ended.
 struct GenerationStep {
-    llama_token token = -1;
+    llama_token token = -1;  // the last token accepted (-1: none)
     std::string text;
-    bool end_of_generation = false;
-    std::string error;  // step_together(): this slot's grammar allowed no token; it took no part
+    int32_t n_tokens = 0;  // tokens accepted by this call
+    bool done = false;     // the reply has ended (finish_reason says how)
+    bool end_of_generation = false;  // it ended on an end-of-generation token: reported, not decoded
+    std::string finish_reason;       // "stop", "length" or "error" once done
+    std::string error;               // "error": why the grammar allowed no token
+    std::vector<TokenLogprob> logprobs;  // the accepted tokens' entries, where the reply lists them
 };
 
 // One of several replies generate_branches() samples from the same timeline.
@@ -162,21 +169,32 @@ class Session {
     SessionStats stats() const;
     std::vector<llama_token> tokenize(const std::string & text, bool add_special) const;
 
-    // Generation, one token per call so a caller can stop between any two (a stream that is
-    // dropped costs no further native work). begin_generation() sets up the sampler chain;
-    // generate_step() samples from the current logits, decodes the token into the timeline and
-    // returns its text; an end-of-generation token is reported, not decoded. flush_generation()
-    // returns bytes still held back (an incomplete character at the end).
-    void begin_generation(const SamplingParams & params);
+    // Generation: begin_generation() starts a reply (sampler chain, stop strings, token limit,
+    // log-probabilities); generate_step() draws one token from the current logits and decodes it into
+    // the timeline (an end-of-generation token is reported, not decoded); advance() runs up to
+    // `max_steps` steps in one call, returning early once some text became final when `until_text`.
+    // A failed step leaves the session and the reply as before it; a failure after advance() made
+    // progress is raised by the next generation call instead (the progress is returned first). A
+    // cancel() stops advance() after the steps already done. flush_generation() ends the reply and
+    // returns the bytes it still held back.
+    void begin_generation(const ReplyParams & params);
     GenerationStep generate_step();
+    GenerationStep advance(int32_t max_steps, bool until_text);
     std::string flush_generation();
     std::string detokenize(const std::vector<llama_token> & tokens) const;
 
-    // One generation step for several slots of one pool in ONE batched decode: each samples from its
-    // own logits with its own sampler (begin_generation() first), and every token that does not end
-    // generation is decoded in a single call, one sequence each. All or nothing: if the decode fails,
-    // every session is as before the call. A session that ends generation gets end_of_generation.
+    // One generation step for several slots of one pool in ONE batched decode: each draws from its
+    // own logits with its own reply (begin_generation() first), and every token drawn is decoded in
+    // a single call, one sequence each. All or nothing: if the decode fails, every session is as
+    // before the call. A slot whose KV cells are all used ends ("length") without taking part; a
+    // slot whose grammar allows no token ends alone ("error").
     static std::vector<GenerationStep> step_together(const std::vector<std::shared_ptr<Session>> & sessions);
+    // Steps the slots together until one of their replies ends, a slot listed in `streams` has new
+    // text, `interrupt` is set (checked between steps), or `max_steps`: the server's loop, with no
+    // return to the caller per token. Returns what each slot did over all the steps.
+    static std::vector<GenerationStep> step_until(const std::vector<std::shared_ptr<Session>> & sessions,
+                                                  int32_t max_steps, const std::vector<bool> & streams,
+                                                  const std::atomic<bool> * interrupt);
 
     // `n` replies to the timeline sampled together, one batched decode per step: reply i with
     // `params` and seed params.seed + i, in a sequence of its own that starts as a copy of the
@@ -199,7 +217,10 @@ class Session {
 
     // Asks the call in flight (if any) to stop; it raises CancelledError and leaves the session
     // unchanged. A single lock-free store: safe from a signal handler.
-    void cancel() { cancel_.cancel.store(true); }
+    void cancel() {
+        reply_cancel_.store(true);
+        cancel_.cancel.store(true);
+    }
 
     const SessionParams & params() const { return params_; }
     uint64_t id() const { return id_; }
@@ -216,12 +237,17 @@ class Session {
     void free_native(bool drop_context);
     void open_context();
     llama_context * ctx() const { return shared_->ctx.get(); }
-    // Samples the next token from the current logits (nothing is decoded yet).
-    GenerationStep sample_locked();
     // Error unless the timeline ends in logits to sample from (text last).
     void check_has_logits_locked() const;
-    // Records a sampled token that was decoded into this session's sequence.
-    void accept_locked(GenerationStep & step, const float * logits);
+    // Error unless a reply is going on; raises a failure advance() or step_until() deferred.
+    void check_reply_locked();
+    // One step of a session with a context of its own (the registry decodes the token).
+    GenerationStep lone_step_locked();
+    // What the reply made final since the last call, into `step`.
+    void report_locked(GenerationStep & step);
+    // One batched step of pool slots (locks held by the caller); adds what each did to `acc`.
+    static void step_slots_locked(const std::vector<std::shared_ptr<Session>> & sessions, SharedContext & shared,
+                                  std::vector<GenerationStep> & acc);
     void check_open() const;
     // Runs one state-changing call: holds the model, locks the session, checks it is open, clears
     // an earlier cancel, and puts the counters back if `edit` throws (the registry restores the rest).
@@ -236,8 +262,9 @@ class Session {
     CancelState cancel_;
     std::shared_ptr<SharedContext> shared_;
     llama_seq_id seq_ = 0;
-    llama_sampler_ptr sampler_;
-    std::string pending_utf8_;
+    std::unique_ptr<Reply> reply_;
+    std::exception_ptr deferred_;  // a failed step after advance()/step_until() made progress
+    std::atomic<bool> reply_cancel_{false};  // cancel() since begin_generation(): advance() stops between steps
     SessionStats stats_;
     std::unique_ptr<ImageEmbedRegistry> registry_;
 };

@@ -6,17 +6,19 @@
 #include "llama-ext.h"
 #include "sampling.h"
 #include "session.h"
+#include "slot_step.h"
 #include "stop_strings.h"
 #include "tokens.h"
 
 namespace llava_kv {
 
-void Session::begin_generation(const SamplingParams & p) {
+void Session::begin_generation(const ReplyParams & p) {
     auto hold = model_->hold();
     std::lock_guard<std::mutex> lock(shared_->mutex);
     check_open();
-    sampler_ = make_sampler_chain(p, *model_);
-    pending_utf8_.clear();
+    reply_ = std::make_unique<Reply>(*model_, p);
+    deferred_ = nullptr;
+    reply_cancel_.store(false);
 }
 
 void Session::check_has_logits_locked() const {
@@ -27,47 +29,220 @@ void Session::check_has_logits_locked() const {
     }
 }
 
-GenerationStep Session::sample_locked() {
-    if (!sampler_) {
+void Session::check_reply_locked() {
+    if (deferred_) {
+        std::exception_ptr failure = deferred_;
+        deferred_ = nullptr;
+        std::rethrow_exception(failure);
+    }
+    if (!reply_) {
         throw Error("generate_step() before begin_generation()");
     }
+    if (reply_->done()) {
+        throw Error("the generation has ended (" + reply_->finish_reason() + "); begin_generation() starts another");
+    }
     check_has_logits_locked();
-    const std::vector<float> & logits = registry_->logits();
+}
+
+void Session::report_locked(GenerationStep & step) {
+    step.text += reply_->take_text();
+    for (TokenLogprob & e : reply_->take_logprobs()) {
+        step.logprobs.push_back(std::move(e));
+    }
+    step.done = reply_->done();
+    step.finish_reason = reply_->finish_reason();
+    step.error = reply_->error();
+    step.end_of_generation = reply_->ended_on_eog();
+}
+
+GenerationStep Session::lone_step_locked() {
+    check_reply_locked();
+    Reply::Saved saved = reply_->save();
     GenerationStep step;
-    step.token = draw_token(sampler_.get(), logits.data(), static_cast<int32_t>(logits.size()));
-    step.end_of_generation = llama_vocab_is_eog(model_->vocab(), step.token);
+    const llama_token token = reply_->draw(registry_->logits().data());
+    if (token >= 0) {
+        const std::string & piece = model_->token_pieces()[static_cast<size_t>(token)];
+        reply_->accept(token, piece);
+        try {
+            registry_->append_generated(token, piece);
+        } catch (...) {
+            reply_->restore(std::move(saved));
+            throw;
+        }
+        stats_.tokens_generated += 1;
+        step.token = token;
+        step.n_tokens = 1;
+    }
+    report_locked(step);
     return step;
 }
 
-void Session::accept_locked(GenerationStep & step, const float * logits) {
-    const std::string piece = token_piece(model_->vocab(), step.token);
-    if (logits) {
-        registry_->accept_generated(step.token, piece, logits);
-        stats_.batched_steps += 1;
-    } else {
-        registry_->append_generated(step.token, piece);
-    }
-    llama_sampler_accept(sampler_.get(), step.token);
-    stats_.tokens_generated += 1;
-    pending_utf8_ += piece;
-    const size_t n = complete_utf8_prefix(pending_utf8_);
-    step.text = pending_utf8_.substr(0, n);
-    pending_utf8_.erase(0, n);
+GenerationStep Session::generate_step() {
+    return run_edit([&] { return lone_step_locked(); });
 }
 
-GenerationStep Session::generate_step() {
+GenerationStep Session::advance(int32_t max_steps, bool until_text) {
+    if (max_steps < 1) {
+        throw std::invalid_argument("max_steps must be >= 1, got " + std::to_string(max_steps));
+    }
     return run_edit([&] {
-        GenerationStep step = sample_locked();
-        if (!step.end_of_generation) {
-            accept_locked(step, nullptr);
+        GenerationStep acc = lone_step_locked();
+        for (int32_t i = 1; i < max_steps && !acc.done && !(until_text && !acc.text.empty()); ++i) {
+            if (reply_cancel_.load() || cancel_.closing.load()) {
+                break;  // the steps done stay; the caller sees the cancel
+            }
+            GenerationStep step;
+            try {
+                step = lone_step_locked();
+            } catch (...) {
+                deferred_ = std::current_exception();  // the session is as before this step
+                break;
+            }
+            acc.token = step.token;
+            acc.text += step.text;
+            acc.n_tokens += step.n_tokens;
+            for (TokenLogprob & e : step.logprobs) {
+                acc.logprobs.push_back(std::move(e));
+            }
+            acc.done = step.done;
+            acc.finish_reason = step.finish_reason;
+            acc.error = step.error;
+            acc.end_of_generation = step.end_of_generation;
         }
-        return step;
+        return acc;
     });
 }
 
+void Session::step_slots_locked(const std::vector<std::shared_ptr<Session>> & sessions, SharedContext & shared,
+                                std::vector<GenerationStep> & acc) {
+    const size_t n = sessions.size();
+    // A step that failed after step_until() made progress failed for every slot in it: raised once.
+    for (const auto & s : sessions) {
+        if (s->deferred_) {
+            std::exception_ptr failure = s->deferred_;
+            for (const auto & other : sessions) {
+                if (other->deferred_ == failure) {
+                    other->deferred_ = nullptr;
+                }
+            }
+            std::rethrow_exception(failure);
+        }
+    }
+    for (const auto & s : sessions) {
+        if (s->reply_ && s->reply_->done()) {
+            continue;
+        }
+        s->check_reply_locked();  // before anything changes
+    }
+    std::vector<StepSlot> slots(n);
+    std::vector<StepSlot *> live;
+    std::vector<Reply::Saved> saved(n);
+    for (size_t i = 0; i < n; ++i) {
+        Session & s = *sessions[i];
+        if (s.reply_->done()) {
+            continue;
+        }
+        if (s.registry_->n_cells() >= s.params_.n_ctx) {
+            s.reply_->end("length");  // no free KV cell: this slot ends without taking part
+            continue;
+        }
+        saved[i] = s.reply_->save();
+        slots[i].seq = s.seq_;
+        slots[i].reply = s.reply_.get();
+        slots[i].logits = s.registry_->logits().data();
+        slots[i].pos = s.registry_->next_generated_pos();
+        slots[i].keep_last = true;  // the timeline keeps every token its reply accepted
+        live.push_back(&slots[i]);
+    }
+    Session & first = *sessions.front();
+    draw_slots(*first.model_, live);
+    std::vector<llama_token> tokens(n, -1);
+    std::vector<llama_pos> pos0(n, 0);
+    for (size_t i = 0; i < n; ++i) {
+        tokens[i] = slots[i].token;
+        pos0[i] = slots[i].pos;
+    }
+    const auto put_back = [&] {
+        for (size_t i = 0; i < n; ++i) {
+            if (slots[i].reply != nullptr) {
+                sessions[i]->reply_->restore(std::move(saved[i]));
+            }
+        }
+    };
+    llama_context * ctx = shared.ctx.get();
+    llama_batch_ext_ptr batch(llama_batch_ext_init(ctx));
+    StepDecode decoded;
+    try {
+        decoded = decode_slots(ctx, batch.get(), live, INT32_MAX, [&](llama_batch_ext * b) {
+            return decode_status([&] {
+                switch (take_decode_fault()) {  // the test-only fault hook (decode.h)
+                    case DecodeFault::Status: return -3;
+                    case DecodeFault::Exception: throw std::bad_alloc();
+                    case DecodeFault::Close:
+                        for (const auto & s : sessions) {
+                            s->cancel_.closing.store(true);
+                        }
+                        break;
+                    case DecodeFault::Pause: pause_decode(); break;
+                    default: break;  // a cancel() does not stop a step shared with other slots
+                }
+                return llama_process(ctx, LLAMA_PROCESS_TYPE_DECODE, b);
+            });
+        });
+    } catch (...) {
+        put_back();
+        throw;
+    }
+    int32_t status = decoded.status;
+    for (const StepSlot * s : live) {
+        if (status == 0 && s->bad_logits) {
+            status = kDecodeNonFinite;
+        }
+    }
+    if (status != 0) {
+        // Each token went one cell past its timeline: dropping those cells puts every KV cache back.
+        for (size_t i = 0; i < n; ++i) {
+            if (slots[i].out >= 0 && shared.ctx) {
+                llama_memory_seq_rm(llama_get_memory(ctx), sessions[i]->seq_, pos0[i], -1);
+            }
+        }
+        put_back();
+        if (status == 2) {
+            throw CancelledError("a slot was closed during the batched step; every slot is as it was");
+        }
+        throw Error(status == kDecodeNonFinite ? std::string(kNonFiniteLogits)
+                                               : "the batched step failed (status " + std::to_string(status) +
+                                                     "); every slot is as it was before the call");
+    }
+    for (size_t i = 0; i < n; ++i) {
+        Session & s = *sessions[i];
+        GenerationStep & step = acc[i];
+        if (slots[i].out >= 0) {
+            s.registry_->accept_generated(tokens[i], slots[i].piece, slots[i].logits);
+            s.stats_.batched_steps += 1;
+            s.stats_.tokens_generated += 1;
+            step.token = tokens[i];
+            step.n_tokens += 1;
+        }
+        s.report_locked(step);
+    }
+}
+
 std::vector<GenerationStep> Session::step_together(const std::vector<std::shared_ptr<Session>> & sessions) {
+    return step_until(sessions, 1, {}, nullptr);
+}
+
+std::vector<GenerationStep> Session::step_until(const std::vector<std::shared_ptr<Session>> & sessions,
+                                                int32_t max_steps, const std::vector<bool> & streams,
+                                                const std::atomic<bool> * interrupt) {
     if (sessions.empty()) {
         return {};
+    }
+    if (max_steps < 1) {
+        throw std::invalid_argument("max_steps must be >= 1, got " + std::to_string(max_steps));
+    }
+    if (!streams.empty() && streams.size() != sessions.size()) {
+        throw std::invalid_argument("step_until: streams must name every session or none");
     }
     Session & first = *sessions.front();
     std::set<llama_seq_id> seen;
@@ -92,112 +267,43 @@ std::vector<GenerationStep> Session::step_together(const std::vector<std::shared
         states.push_back(&s->cancel_);
     }
     SharedContext::Call call(shared, states, true);
-
-    // Sample every slot first; nothing has changed yet, so a failure here leaves all as they were.
-    // The sampler chains are copied first so that a failed decode can put them back (the random
-    // number generator advances as a token is drawn).
     const size_t n = sessions.size();
-    std::vector<GenerationStep> steps(n);
-    std::vector<llama_sampler_ptr> saved(n);
-    std::vector<llama_pos> pos(n, 0);
-    const auto put_back_samplers = [&] {
-        for (size_t i = 0; i < n; ++i) {
-            if (saved[i]) {
-                sessions[i]->sampler_ = std::move(saved[i]);
-            }
-        }
-    };
+    std::vector<GenerationStep> acc(n);
+    std::vector<bool> was_done(n);
     for (size_t i = 0; i < n; ++i) {
-        Session & s = *sessions[i];
-        if (s.sampler_) {
-            saved[i].reset(llama_sampler_clone(s.sampler_.get()));
+        was_done[i] = sessions[i]->reply_ && sessions[i]->reply_->done();
+    }
+    for (int32_t step = 0; step < max_steps; ++step) {
+        if (step > 0) {
+            bool stop = interrupt != nullptr && interrupt->load();
+            for (size_t i = 0; i < n && !stop; ++i) {
+                stop = (acc[i].done && !was_done[i]) || (!streams.empty() && streams[i] && !acc[i].text.empty()) ||
+                       sessions[i]->cancel_.closing.load();
+            }
+            if (stop) {
+                break;
+            }
         }
         try {
-            steps[i] = s.sample_locked();
-        } catch (const GrammarError & e) {
-            steps[i].error = e.what();  // this slot ends alone; the others go on
-            continue;
+            step_slots_locked(sessions, shared, acc);
         } catch (...) {
-            put_back_samplers();
-            throw;
+            if (step == 0) {
+                throw;  // nothing changed
+            }
+            for (const auto & s : sessions) {
+                s->deferred_ = std::current_exception();  // every slot is as before this step
+            }
+            break;
         }
-        if (!steps[i].end_of_generation) {
-            pos[i] = s.registry_->next_generated_pos();
+        bool all_done = true;
+        for (const auto & s : sessions) {
+            all_done = all_done && s->reply_->done();
+        }
+        if (all_done) {
+            break;
         }
     }
-    llama_context * ctx = shared.ctx.get();
-    llama_batch_ext_ptr batch(llama_batch_ext_init(ctx));
-    std::vector<int32_t> out_index(n, -1);
-    for (size_t i = 0; i < n; ++i) {
-        if (steps[i].end_of_generation || !steps[i].error.empty()) {
-            continue;
-        }
-        const int32_t idx = llama_batch_ext_add_token(batch.get(), sessions[i]->seq_, steps[i].token);
-        if (idx < 0) {
-            put_back_samplers();
-            throw Error("could not build the batched step (more slots than the batch holds?)");
-        }
-        llama_batch_ext_set_pos(batch.get(), idx, &pos[i]);
-        llama_batch_ext_set_output_logits(batch.get(), idx, true);
-        out_index[i] = idx;
-    }
-    int32_t status = 0;
-    size_t n_tokens = 0;
-    for (int32_t idx : out_index) {
-        n_tokens += idx >= 0 ? 1 : 0;
-    }
-    if (n_tokens > 0) {
-        status = decode_status([&] {
-            switch (take_decode_fault()) {  // the test-only fault hook (decode.h)
-                case DecodeFault::Status: return -3;
-                case DecodeFault::Exception: throw std::bad_alloc();
-                case DecodeFault::Close:
-                    for (const auto & s : sessions) {
-                        s->cancel_.closing.store(true);
-                    }
-                    break;
-                case DecodeFault::Pause: pause_decode(); break;
-                default: break;  // a cancel() does not stop a step shared with other slots
-            }
-            return llama_process(ctx, LLAMA_PROCESS_TYPE_DECODE, batch.get());
-        });
-        std::vector<const float *> logits(n, nullptr);
-        if (status == 0) {
-            const size_t n_vocab = static_cast<size_t>(first.model_->n_vocab());
-            for (size_t i = 0; i < n; ++i) {
-                if (out_index[i] < 0) {
-                    continue;
-                }
-                logits[i] = llama_get_logits_ith(ctx, out_index[i]);
-                if (logits[i] == nullptr) {
-                    status = -1;
-                } else if (!all_finite(logits[i], n_vocab)) {
-                    status = kDecodeNonFinite;
-                }
-            }
-        }
-        if (status != 0) {
-            // Each token went one cell past its timeline: dropping those cells puts every KV cache back.
-            for (size_t i = 0; i < n; ++i) {
-                if (out_index[i] >= 0 && shared.ctx) {
-                    llama_memory_seq_rm(llama_get_memory(ctx), sessions[i]->seq_, pos[i], -1);
-                }
-            }
-            put_back_samplers();
-            if (status == 2) {
-                throw CancelledError("a slot was closed during the batched step; every slot is as it was");
-            }
-            throw Error(status == kDecodeNonFinite ? std::string(kNonFiniteLogits)
-                                                   : "the batched step failed (status " + std::to_string(status) +
-                                                         "); every slot is as it was before the call");
-        }
-        for (size_t i = 0; i < n; ++i) {
-            if (out_index[i] >= 0) {
-                sessions[i]->accept_locked(steps[i], logits[i]);
-            }
-        }
-    }
-    return steps;
+    return acc;
 }
 
 std::vector<Branch> Session::generate_branches(int32_t n, const SamplingParams & params, int32_t max_tokens,
@@ -218,17 +324,11 @@ std::vector<Branch> Session::generate_branches(int32_t n, const SamplingParams &
         check_has_logits_locked();
         llama_context * c = ctx();
         llama_memory_t mem = llama_get_memory(c);
-        const int32_t n_vocab = model_->n_vocab();
         const int32_t budget = (params_.n_ctx - registry_->n_cells()) / n;
-        const int32_t limit = std::min(max_tokens, std::max(budget, 0));
-        struct Live {
-            llama_sampler_ptr sampler;
-            StopStrings text;
-            const float * logits;
-            int32_t index = -1;
-        };
-        std::vector<Live> live;
-        std::vector<Branch> out(static_cast<size_t>(n));
+        const size_t count = static_cast<size_t>(n);
+        std::vector<std::unique_ptr<Reply>> replies;
+        std::vector<StepSlot> slots(count);
+        std::vector<StepSlot *> live;
         // The branch sequences share the session's cells until they are dropped, whatever happens.
         struct Drop {
             llama_memory_t mem;
@@ -239,84 +339,53 @@ std::vector<Branch> Session::generate_branches(int32_t n, const SamplingParams &
                 }
             }
         } drop{mem, n};
-        for (int32_t i = 0; i < n; ++i) {
-            llama_memory_seq_rm(mem, kFirstBranchSeq + i, -1, -1);
-            llama_memory_seq_cp(mem, seq_, kFirstBranchSeq + i, -1, -1);
-            SamplingParams p = params;
-            p.seed = params.seed + static_cast<uint32_t>(i);
-            live.push_back({make_sampler_chain(p, *model_), StopStrings(stops), registry_->logits().data()});
-        }
-        std::vector<bool> running(static_cast<size_t>(n), true);
         const llama_pos pos0 = registry_->next_generated_pos();
+        for (size_t i = 0; i < count; ++i) {
+            const llama_seq_id seq = kFirstBranchSeq + static_cast<llama_seq_id>(i);
+            llama_memory_seq_rm(mem, seq, -1, -1);
+            llama_memory_seq_cp(mem, seq_, seq, -1, -1);
+            ReplyParams p;
+            p.sampling = params;
+            p.sampling.seed = params.seed + static_cast<uint32_t>(i);
+            p.max_tokens = std::min(max_tokens, std::max(budget, 0));
+            p.stops = stops;
+            replies.push_back(std::make_unique<Reply>(*model_, p));
+            slots[i].seq = seq;
+            slots[i].reply = replies.back().get();
+            slots[i].logits = registry_->logits().data();
+            slots[i].pos = pos0;
+            live.push_back(&slots[i]);
+        }
         llama_batch_ext_ptr batch(llama_batch_ext_init(c));
-        for (int32_t step = 0;; ++step) {
-            llama_batch_ext_clear(batch.get());
-            bool any = false;
-            for (int32_t i = 0; i < n; ++i) {
-                Branch & b = out[static_cast<size_t>(i)];
-                Live & l = live[static_cast<size_t>(i)];
-                if (!running[static_cast<size_t>(i)]) {
-                    continue;
-                }
-                if (step >= limit) {
-                    b.finish_reason = "length";
-                    running[static_cast<size_t>(i)] = false;
-                    continue;
-                }
-                llama_token token = -1;
-                try {
-                    token = draw_token(l.sampler.get(), l.logits, n_vocab);
-                } catch (const GrammarError & e) {
-                    b.finish_reason = "error";
-                    b.error = e.what();
-                    running[static_cast<size_t>(i)] = false;
-                    continue;
-                }
-                if (llama_vocab_is_eog(model_->vocab(), token)) {
-                    b.finish_reason = "stop";
-                    running[static_cast<size_t>(i)] = false;
-                    continue;
-                }
-                llama_sampler_accept(l.sampler.get(), token);
-                b.n_tokens += 1;
-                stats_.tokens_generated += 1;
-                if (l.text.feed(token_piece(model_->vocab(), token))) {
-                    b.finish_reason = "stop";
-                    running[static_cast<size_t>(i)] = false;
-                    continue;
-                }
-                const llama_pos pos = pos0 + step;
-                l.index = llama_batch_ext_add_token(batch.get(), kFirstBranchSeq + i, token);
-                if (l.index < 0) {
-                    throw Error("could not build the batched step of the replies");
-                }
-                llama_batch_ext_set_pos(batch.get(), l.index, &pos);
-                llama_batch_ext_set_output_logits(batch.get(), l.index, true);
-                any = true;
+        for (;;) {
+            draw_slots(*model_, live);
+            const StepDecode d = decode_slots(c, batch.get(), live, INT32_MAX, [&](llama_batch_ext * b) {
+                return decode_status([&] { return llama_process(c, LLAMA_PROCESS_TYPE_DECODE, b); });
+            });
+            if (d.n_tokens == 0) {
+                break;  // every reply has ended
             }
-            if (!any) {
-                break;
-            }
-            const int32_t status = decode_status([&] { return llama_process(c, LLAMA_PROCESS_TYPE_DECODE, batch.get()); });
-            if (status == 2) {
+            if (d.status == 2) {
                 throw CancelledError("generation was cancelled; the session is as it was");
             }
-            if (status != 0) {
-                throw Error("decoding the replies failed (status " + std::to_string(status) +
+            if (d.status != 0) {
+                throw Error("decoding the replies failed (status " + std::to_string(d.status) +
                             "); the session is as it was");
             }
-            for (int32_t i = 0; i < n; ++i) {
-                Live & l = live[static_cast<size_t>(i)];
-                if (running[static_cast<size_t>(i)]) {
-                    l.logits = llama_get_logits_ith(c, l.index);
-                    if (l.logits == nullptr || !all_finite(l.logits, static_cast<size_t>(n_vocab))) {
-                        throw Error(kNonFiniteLogits);
-                    }
+            for (const StepSlot & s : slots) {
+                if (s.bad_logits) {
+                    throw Error(kNonFiniteLogits);
                 }
             }
         }
-        for (int32_t i = 0; i < n; ++i) {
-            out[static_cast<size_t>(i)].text = live[static_cast<size_t>(i)].text.text();
+        std::vector<Branch> out(count);
+        for (size_t i = 0; i < count; ++i) {
+            const Reply & r = *replies[i];
+            out[i].text = r.text();
+            out[i].n_tokens = r.n_tokens();
+            out[i].finish_reason = r.finish_reason();
+            out[i].error = r.error();
+            stats_.tokens_generated += static_cast<uint64_t>(r.n_tokens());
         }
         return out;
     });
@@ -325,7 +394,12 @@ std::vector<Branch> Session::generate_branches(int32_t n, const SamplingParams &
 std::string Session::flush_generation() {
     std::lock_guard<std::mutex> lock(shared_->mutex);
     std::string out;
-    out.swap(pending_utf8_);
+    if (reply_) {
+        reply_->end("stop");
+        out = reply_->take_text();
+        reply_.reset();
+    }
+    deferred_ = nullptr;
     return out;
 }
 

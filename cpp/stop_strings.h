@@ -12,6 +12,7 @@ namespace llava_kv {
 class StopStrings {
   public:
     // Throws std::invalid_argument for an empty stop string.
+    StopStrings() = default;  // no stop strings
     explicit StopStrings(std::vector<std::string> stops);
 
     // Appends `piece` (bytes). Returns true once the text contains a stop string: text() then ends

@@ -82,7 +82,7 @@ def lone_greedy(s: lk.Session, model: lk.Model, messages: list[dict], max_tokens
     not counted), the logits each came from (one more where the end token was sampled), the text."""
     from llava_kv.chat import render_conversation
 
-    s._prepare_chat(*render_conversation(model, messages))
+    s.prefill_chat(*render_conversation(model, messages))
     s._core.begin_generation(_core.SamplingParams(temperature=0.0, seed=0))
     ids, logits, raw = [], [], b""
     for _ in range(max_tokens):

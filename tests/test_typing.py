@@ -8,10 +8,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 # Bound classes: pybind11 gives them its own metaclass, and those without a constructor its own __init__.
-CONSTRUCTED = ["StopStrings", "MediaItem", "ChunkKind", "FlashAttn", "KvType", "SamplingParams"]
+CONSTRUCTED = ["StopStrings", "MediaItem", "ChunkKind", "FlashAttn", "KvType", "SamplingParams", "StepSignal"]
 NOT_CONSTRUCTED = ["Model", "Session", "BatchRunner", "ChunkInfo", "BatchResult", "Device", "LedgerEntry",
                    "SessionStats", "BatchStats", "EmbeddingCacheStats", "BlendReport", "StateHeader", "MemoryEntry",
-                   "MemoryReport", "BuildInfo", "GenerationStep", "Branch"]
+                   "MemoryReport", "BuildInfo", "GenerationStep", "Branch", "TokenLogprob"]
 
 
 def test_core_stub_matches_the_compiled_module(tmp_path):

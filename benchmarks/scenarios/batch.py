@@ -19,6 +19,7 @@ could exceed it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import statistics
 import sys
@@ -100,63 +101,83 @@ def estimate_limit(model: lk.Model, pair: TestModel, images: list[Path], *, para
     return parts
 
 
-def measure_ours(*, preset: str, seed: int, folder: str, n_images: int, max_tokens: int, parallel: int,
-                 repeats: int, load_kwargs: dict[str, Any], n_ctx: int) -> dict[str, Any]:
-    """Our side of :func:`measure`, meant to run in a fresh process (JSON in, JSON out)."""
-    from llava_kv import batch
-
-    from benchmarks.harness import settings
-
-    pair = make_test_model(preset=preset, seed=seed)
-    images = write_images(pair, Path(folder), n_images)
-    warm = write_images(pair, Path(folder), 2, first_seed=4000)
-    walls, records = [], []
-    with lk.Model.load(pair.model_path, pair.mmproj_path, **load_kwargs) as model:
-        same_prompt = {"chat_template": CHAT_TEMPLATE, "system": SYSTEM_MESSAGE, "n_ctx": n_ctx,
-                       "n_batch": 512}  # the peer's prompt
-        batch.run(model, [str(p) for p in warm], PROMPT, max_tokens=4, parallel=parallel, progress=False,
-                  **same_prompt)
-        for _ in range(repeats):
-            model._core.clear_cache()  # every image encoded every time, as the peers do
-            t0 = time.perf_counter()
-            records = batch.run(model, [str(p) for p in images], PROMPT, max_tokens=max_tokens,
-                                parallel=parallel, progress=False, **same_prompt)
-            walls.append(time.perf_counter() - t0)
-        failed = [r.error for r in records if not r.ok]
-        if failed:
-            raise RuntimeError(f"batch.run failed on {len(failed)} images: {failed[0]}")
-        tokens = statistics.mean(r.tokens for r in records)
-        used = settings.ours(model, None, n_ctx=n_ctx, n_batch=512, n_ubatch=512, parallel=parallel)
-        # after the timed runs: its sessions start the main thread's OpenMP team
-        limit = estimate_limit(model, pair, images, parallel=parallel, tokens_per_image=tokens, repeats=repeats)
-    return {
-        "images": n_images, "max_tokens": max_tokens, "parallel": parallel, "repeats": repeats,
-        "ours_wall_s": walls, "ours_images_per_s": n_images / statistics.median(walls),
-        "ours_tokens_per_image": tokens,
-        "ours_stage_ms": {k: statistics.median(r.timings[k] for r in records) for k in records[0].timings},
-        "ours_process": "a fresh process (benchmarks.harness.scenario.in_fresh_process)",
-        "limit": limit, "settings": {"ours": used},
-    }
-
-
 def measure(pair: TestModel, *, n_images: int = 16, max_tokens: int = 32, parallel: int = 4, repeats: int = 3,
             peer: bool = True, peer_python: Path | None = None, workdir: Path | None = None,
             load_kwargs: dict[str, Any] | None = None, peer_gpu_layers: int = 0, server: Any = None,
             n_ctx: int = 1024) -> dict[str, Any]:
     """``server``: a ``llama_server.LlamaServer`` factory (taking ``parallel`` and ``n_ctx``) to caption
     the same number of images with llama-server's ``--parallel`` slots too. ``n_ctx`` is the context
-    of one image's sequence on both sides (prompt, image, answer)."""
-    from benchmarks.harness.scenario import in_fresh_process
+    of one image's sequence on both sides (prompt, image, answer).
+
+    Ours (in this process) and llama-server run in alternating rounds, both warm (one warm-up batch
+    each first, the model loaded and the server started once), each round on images neither side has
+    seen, so both encode every image. llama-cpp-python's loop runs after, in its own venv."""
+    from llava_kv import batch
+
+    from benchmarks.harness import settings
+    from benchmarks.peers import openai_chat
 
     folder = workdir or Path(tempfile.mkdtemp())
     folder.mkdir(parents=True, exist_ok=True)
     images = write_images(pair, folder, n_images)
     warm = write_images(pair, folder, 2, first_seed=4000)
-    # ours in a process of its own: see scenario.in_fresh_process (OpenMP teams of two threads)
-    result: dict[str, Any] = in_fresh_process("batch", "measure_ours", dict(
-        preset=pair.preset.name, seed=pair.seed, folder=str(folder), n_images=n_images, max_tokens=max_tokens,
-        parallel=parallel, repeats=repeats, load_kwargs=load_kwargs or {}, n_ctx=n_ctx))
-    result.update(peer_images_per_s=None, server_images_per_s=None)
+
+    def round_images(side: int, r: int) -> list[Path]:
+        return write_images(pair, folder, n_images, first_seed=20_000 + 10_000 * side + 1000 * r + max_tokens)
+
+    result: dict[str, Any] = {"images": n_images, "max_tokens": max_tokens, "parallel": parallel, "repeats": repeats,
+                              "peer_images_per_s": None, "server_images_per_s": None, "settings": {}}
+    walls, server_walls, records = [], [], []
+    same_prompt = {"chat_template": CHAT_TEMPLATE, "system": SYSTEM_MESSAGE, "n_ctx": n_ctx, "n_batch": 512}
+    with contextlib.ExitStack() as stack:
+        model = stack.enter_context(lk.Model.load(pair.model_path, pair.mmproj_path, **(load_kwargs or {})))
+        srv = None
+        if server is not None:
+            try:
+                srv = stack.enter_context(server(parallel=parallel, n_ctx=n_ctx))
+                openai_chat.batch(srv, [warm], [], system=SYSTEM_MESSAGE, prompt=PROMPT, max_tokens=4,
+                                  parallel=parallel)
+            except Exception as e:  # ServerError, OSError or an openai.APIError: the reason goes in the JSON
+                result["server_error"] = f"{type(e).__name__}: {e}"
+                srv = None
+        batch.run(model, [str(p) for p in warm], PROMPT, max_tokens=4, parallel=parallel, progress=False,
+                  **same_prompt)
+        server_tokens: float = 0.0
+        for r in range(repeats):
+            model._core.clear_cache()  # every image encoded every time, as the server does
+            ours_images = round_images(0, r)
+            t0 = time.perf_counter()
+            records = batch.run(model, [str(p) for p in ours_images], PROMPT, max_tokens=max_tokens,
+                                parallel=parallel, progress=False, **same_prompt)
+            walls.append(time.perf_counter() - t0)
+            if srv is not None:
+                try:
+                    out = openai_chat.batch(srv, [round_images(1, r)], [], system=SYSTEM_MESSAGE, prompt=PROMPT,
+                                            max_tokens=max_tokens, parallel=parallel)
+                except Exception as e:  # noqa: BLE001 - as above
+                    result["server_error"] = f"{type(e).__name__}: {e}"
+                    srv = None
+                else:
+                    server_walls += out["wall_s"]
+                    server_tokens = out["tokens_per_image"]
+                    result["server_metrics"] = out["metrics"]
+        failed = [r.error for r in records if not r.ok]
+        if failed:
+            raise RuntimeError(f"batch.run failed on {len(failed)} images: {failed[0]}")
+        tokens = statistics.mean(r.tokens for r in records)
+        result["settings"]["ours"] = settings.ours(model, None, n_ctx=n_ctx, n_batch=512, n_ubatch=512,
+                                                   parallel=parallel)
+        if srv is not None:
+            result["settings"]["server"] = srv.settings_used()
+        limit = estimate_limit(model, pair, images, parallel=parallel, tokens_per_image=tokens, repeats=repeats)
+    result.update({
+        "ours_wall_s": walls, "ours_images_per_s": n_images / statistics.median(walls), "ours_tokens_per_image": tokens,
+        "ours_stage_ms": {k: statistics.median(r.timings[k] for r in records) for k in records[0].timings},
+        "ours_process": "this process, warm, in rounds alternating with llama-server's",
+        "limit": limit})
+    if server_walls:
+        result.update(server_wall_s=server_walls, server_images_per_s=n_images / statistics.median(server_walls),
+                      server_tokens_per_image=server_tokens)
     if peer:
         try:
             out = run_peer(str(PEER_SCRIPTS / "peer_batch.py"),
@@ -167,22 +188,6 @@ def measure(pair: TestModel, *, n_images: int = 16, max_tokens: int = 32, parall
             result["settings"]["peer"] = out["settings"]
         except PeerError as e:
             result["peer_error"] = str(e)
-    if server is not None:
-        from benchmarks.peers import openai_chat
-
-        # distinct images for every repetition: the server's prompt cache must not serve a repeated one,
-        # as our embedding cache is cleared before each repetition
-        sets = [write_images(pair, folder, n_images, first_seed=20_000 + 1000 * (max_tokens + r))
-                for r in range(repeats)]
-        try:
-            with server(parallel=parallel, n_ctx=n_ctx) as srv:
-                out = openai_chat.batch(srv, sets, warm, system=SYSTEM_MESSAGE, prompt=PROMPT,
-                                        max_tokens=max_tokens, parallel=parallel)
-                result["settings"]["server"] = srv.settings_used()
-            result.update(server_wall_s=out["wall_s"], server_images_per_s=out["images_per_s"],
-                          server_tokens_per_image=out["tokens_per_image"], server_metrics=out["metrics"])
-        except Exception as e:  # ServerError, OSError or an openai.APIError: the reason goes in the JSON
-            result["server_error"] = f"{type(e).__name__}: {e}"
     return result
 
 

@@ -9,10 +9,15 @@ Both servers stay up for the whole run (same settings as the suite: 2 threads, 4
 per slot, flash attention, vicuna template), one warm-up round each first. The peers' OpenMP wait
 policy is the environment's (recorded); llava-kv has no OpenMP (ggml's thread pool per context).
 Reports the median requests/s per side with min and max, and every round's figure.
+
+``--baseline-python PATH`` adds a third side: ``llava-kv serve`` run by another interpreter (a venv
+with an earlier llava-kv installed), in the same rounds, so a change to the server is measured
+against what it replaced on the same machine at the same time.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -37,13 +42,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--out")
+    parser.add_argument("--baseline-python", help="an interpreter with an earlier llava-kv: a third side")
     args = parser.parse_args(argv)
     pair = make_test_model(preset=args.preset)
     pngs = never_seen_pngs(pair, Path(tempfile.mkdtemp(prefix="serve-rounds-")))
     rps: dict[str, list[float]] = {"llava-kv": [], "llama-server": []}
-    with OursServer(pair.model_path, pair.mmproj_path, threads=2, parallel=4) as ours, \
-            LlamaServer(server_binary(), pair.model_path, pair.mmproj_path, threads=2, parallel=4) as peer:
+    with contextlib.ExitStack() as stack:
+        ours = stack.enter_context(OursServer(pair.model_path, pair.mmproj_path, threads=2, parallel=4))
+        peer = stack.enter_context(LlamaServer(server_binary(), pair.model_path, pair.mmproj_path, threads=2,
+                                               parallel=4))
         sides: dict[str, Any] = {"llava-kv": ours, "llama-server": peer}
+        if args.baseline_python:
+            baseline = OursServer(pair.model_path, pair.mmproj_path, threads=2, parallel=4)
+            baseline.proc.cmd[0] = args.baseline_python
+            sides["llava-kv baseline"] = stack.enter_context(baseline)
+            rps["llava-kv baseline"] = []
         for srv in sides.values():
             concurrency(srv, [pngs() for _ in range(16)], system=SYSTEM_MESSAGE, max_tokens=args.tokens)
         for _ in range(args.rounds):
@@ -56,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
                                      "max": round(max(v), 1), "all": [round(x, 1) for x in v]}
                                  for k, v in rps.items()}}
     result["ours_vs_llama_server"] = round(statistics.median(rps["llava-kv"]) / statistics.median(rps["llama-server"]), 2)
+    if args.baseline_python:
+        result["baseline_python"] = args.baseline_python
+        result["ours_vs_baseline"] = round(statistics.median(rps["llava-kv"]) /
+                                           statistics.median(rps["llava-kv baseline"]), 2)
     return emit(result, args.out)
 
 

@@ -3,9 +3,9 @@
 Usage: python benchmarks/scenarios/token_overhead.py [--preset realistic] [--tokens 64] [--repeats 5] [--no-peer]
 
 On one prompt (text, an image, text), greedy, medians over --repeats, each from the same state:
-- ``stream``: ``session.generate(n, stream=True)`` consumed piece by piece (a Python loop around
-  one native step per token, UTF-8 and stop-string handling in Python): ours.
-- ``text``: ``session.generate(n)``: the same loop, joined.
+- ``stream``: ``session.generate(n, stream=True)`` consumed piece by piece (one native call per
+  piece of text: ``Session.advance(until_text=True)``; stop strings and UTF-8 in the core): ours.
+- ``text``: ``session.generate(n)``: the whole reply in one native call (``Session.advance``).
 - ``native_step``: a bare Python loop over the binding's ``generate_step()``: the native step plus
   one binding call per token, no facade.
 - ``cpp_loop``: ``llava_kv.batch.run`` with one image and ``parallel=1``: the C++ batch runner's own

@@ -154,14 +154,29 @@ void register_results(py::module_ & m) {
                "generated tokens decoded in a step shared with other slots of a pool")
         .done();
 
-    ResultClass<GenerationStep>(m, "GenerationStep", "One generation step of a session (generate_step, step_sessions).")
-        .field("token", &GenerationStep::token, "the token sampled (-1 when the step failed for this slot)")
+    ResultClass<TokenLogprob>(m, "TokenLogprob",
+                              "A generated token's log-probability under the model (the log-softmax of the logits it "
+                              "was drawn from, before the samplers) and the likeliest tokens at its place.")
+        .field("token", &TokenLogprob::token, "the token id")
+        .field("logprob", &TokenLogprob::logprob, "its log-probability")
+        .field("top", &TokenLogprob::top, "(token id, log-probability) pairs, likeliest first, ties by id")
+        .done();
+
+    ResultClass<GenerationStep>(m, "GenerationStep",
+                                "What a generation call did for one session: one step (generate_step, step_sessions) "
+                                "or several (advance, step_until).")
+        .field("token", &GenerationStep::token, "the last token accepted (-1: none)")
         .field("text", [](const GenerationStep & s) -> py::object { return py::bytes(s.text); },
-               "the bytes it completes: whole UTF-8 characters only (a split character waits for the next step)")
+               "bytes that became final: whole UTF-8 characters that cannot start a stop string still to come; "
+               "everything left once the reply ended")
+        .field("n_tokens", &GenerationStep::n_tokens, "tokens accepted by this call")
+        .field("done", &GenerationStep::done, "the reply has ended (finish_reason says how)")
         .field("end_of_generation", &GenerationStep::end_of_generation,
-               "an end-of-generation token: reported, not decoded")
-        .field("error", &GenerationStep::error,
-               "why this slot could not take part (its grammar allows no token); '' otherwise")
+               "it ended on an end-of-generation token: reported, not decoded")
+        .field("finish_reason", &GenerationStep::finish_reason, "'stop', 'length' or 'error' once done; '' before")
+        .field("error", &GenerationStep::error, "'error': why the grammar allowed no token; '' otherwise")
+        .field("logprobs", &GenerationStep::logprobs,
+               "TokenLogprob entries of the tokens accepted (where the reply was begun with logprobs)")
         .done();
 
     ResultClass<Branch>(m, "Branch", "One of the replies generate_branches() sampled from one timeline.")

@@ -2,6 +2,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <atomic>
+
 #include "bindings.h"
 #include "reference.h"
 #include "session.h"
@@ -12,6 +14,12 @@ namespace py = pybind11;
 
 namespace llava_kv::bindings {
 namespace {
+
+// What step_sessions_until() watches between steps (the server's engine sets it when a request
+// arrives or is cancelled).
+struct StepSignal {
+    std::atomic<bool> flag{false};
+};
 
 // One image or audio clip as the core takes it: its array (an HxWx3 uint8 image or 1-D float32
 // samples, checked once, here, and referenced for as long as the item lives, so the core can read it
@@ -116,7 +124,26 @@ void register_session(py::module_ & m) {
         },
         py::arg("sessions"),
         "One generation step for slots of one pool in one batched decode: a GenerationStep per session, in "
-        "order. All or nothing on failure (a slot whose grammar allows no token ends alone, with its error).");
+        "order. All or nothing on failure (a slot whose grammar allows no token ends alone, with its error; a "
+        "slot with no free KV cell ends 'length' without taking part).");
+    py::class_<StepSignal, std::shared_ptr<StepSignal>>(
+        m, "StepSignal", "A flag another thread sets to make step_sessions_until return between two steps.")
+        .def(py::init<>(), "A lowered flag.")
+        .def("set", [](StepSignal & s) { s.flag.store(true); }, "Ask the loop to return after its current step.")
+        .def("clear", [](StepSignal & s) { s.flag.store(false); }, "Lower the flag.")
+        .def_property_readonly("is_set", [](const StepSignal & s) { return s.flag.load(); }, "whether it is set");
+    m.def(
+        "step_sessions_until",
+        [](const std::vector<std::shared_ptr<Session>> & sessions, int32_t max_steps, std::vector<bool> streams,
+           const std::shared_ptr<StepSignal> & signal) {
+            return without_gil([&] {
+                return Session::step_until(sessions, max_steps, streams, signal ? &signal->flag : nullptr);
+            });
+        },
+        py::arg("sessions"), py::arg("max_steps"), py::arg("streams") = std::vector<bool>{},
+        py::arg("signal") = nullptr,
+        "Batched steps of these slots until a reply ends, a slot marked in `streams` has new text, `signal` is set "
+        "or max_steps: what each slot did over them. A failure after the first step is raised by the next call.");
 
     py::class_<StopStrings>(m, "StopStrings",
                             "Stop strings over generated text arriving piece by piece (as the batch runner "
@@ -241,8 +268,19 @@ void register_session(py::module_ & m) {
              "The model's tokens for text (add_special: BOS and the like, as the model's metadata says).")
         .def(
             "begin_generation",
-            [](Session & s, const SamplingParams & p) { without_gil([&] { s.begin_generation(p); }); },
-            py::arg("sampling"), "Start a generation with these settings (generate_step gives its tokens).")
+            [](Session & s, const SamplingParams & p, int32_t max_tokens, std::vector<std::string> stop,
+               int32_t logprobs) {
+                ReplyParams r;
+                r.sampling = p;
+                r.max_tokens = max_tokens;
+                r.stops = std::move(stop);
+                r.top_logprobs = logprobs;
+                without_gil([&] { s.begin_generation(r); });
+            },
+            py::arg("sampling"), py::arg("max_tokens") = INT32_MAX, py::arg("stop") = std::vector<std::string>{},
+            py::arg("logprobs") = -1,
+            "Start a reply with these settings, token limit, stop strings and log-probabilities (-1: none; 0-20: "
+            "each token's, with that many alternatives); generate_step/advance/step_sessions continue it.")
         .def(
             "generate_branches",
             [](Session & s, int32_t n, const SamplingParams & p, int32_t max_tokens, std::vector<std::string> stops) {
@@ -254,7 +292,15 @@ void register_session(py::module_ & m) {
              [](Session & s) {
                  return interruptible(s, [&] { return s.generate_step(); });
              },
-             "Sample one token and decode it: (token, text bytes ready to show, end_of_generation).")
+             "Draw one token and decode it into the timeline: a GenerationStep.")
+        .def(
+            "advance",
+            [](Session & s, int32_t max_steps, bool until_text) {
+                return interruptible(s, [&] { return s.advance(max_steps, until_text); });
+            },
+            py::arg("max_steps"), py::arg("until_text") = false,
+            "Up to max_steps generation steps in one call (until the reply ends; with until_text, until some text "
+            "became final): what they did, as one GenerationStep. A cancel() stops it after the steps done.")
         .def("save_state",
              [](const Session & s) {
                  std::string blob = without_gil([&] { return s.save_state(); });
@@ -275,7 +321,7 @@ void register_session(py::module_ & m) {
                  std::string rest = without_gil([&] { return s.flush_generation(); });
                  return py::bytes(rest);
              },
-             "End the generation: the text bytes still held back (an incomplete UTF-8 character, a stop string's "
+             "End the reply: the text bytes it still held back (an incomplete UTF-8 character, a stop string's "
              "prefix).")
         .def("detokenize",
              [](const Session & s, const std::vector<llama_token> & tokens) {

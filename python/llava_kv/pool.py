@@ -12,14 +12,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-import numpy as np
-
 from . import _core
 from .arguments import check_sampling, check_stops, sampling_params
-from .drift import log_softmax
 from .errors import GrammarError
 from .session import Session
-from .text_stream import TextStream
 
 if TYPE_CHECKING:
     from .model import Model
@@ -33,17 +29,12 @@ def _token_entry(core: _core.Session, token: int, logprob: float) -> dict[str, A
     return {"token": piece.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(piece), "id": token}
 
 
-def token_logprobs(core: _core.Session, logits: np.ndarray, token: int, top: int) -> dict[str, Any]:
-    """OpenAI's log-probability entry for ``token`` sampled from ``logits``, with the ``top``
-    likeliest tokens there (likeliest first; ties by token id)."""
-    lp = log_softmax(logits)
-    entry = _token_entry(core, token, float(lp[token]))
-    best: list[int] = []
-    if top:
-        candidates = np.argpartition(-lp, top - 1)[:top] if top < lp.size else np.arange(lp.size)
-        best = sorted(candidates.tolist(), key=lambda t: (-lp[t], t))
-    entry["top_logprobs"] = [_token_entry(core, t, float(lp[t])) for t in best]
-    return entry
+def token_logprobs(core: _core.Session, entry: _core.TokenLogprob) -> dict[str, Any]:
+    """OpenAI's log-probability entry (``logprobs.content``, plus the token ``id``) for a token the
+    core listed: its log-probability and the likeliest tokens at its place (likeliest first)."""
+    out = _token_entry(core, entry.token, entry.logprob)
+    out["top_logprobs"] = [_token_entry(core, t, lp) for t, lp in entry.top]
+    return out
 
 
 class SessionPool:
@@ -87,23 +78,21 @@ class SessionPool:
         ``finish_reason`` say which ended. A generation whose slot has no free KV cell left ends
         ("length") without taking part; the others go on. All or nothing: on failure every slot is
         as before."""
+        return self.run(generations, max_steps=1)
+
+    def run(self, generations: Sequence["Generation"], max_steps: int, *, streams: Sequence[bool] | None = None,
+            signal: _core.StepSignal | None = None) -> list[str | None]:
+        """Up to ``max_steps`` batched steps in one native call (no return to Python per token),
+        until a generation ends, one marked in ``streams`` has new text, or ``signal`` is set (by
+        another thread: checked between steps). Returns what :meth:`step` does, over all the steps.
+        A step that fails after others succeeded is raised by the next call (their text first)."""
         live = [g for g in generations if not g.done]
         for g in live:
             if g.session not in self.sessions:
                 raise ValueError("step(): a generation is on a session of another pool")
-        out_of: dict[int, str | None] = {}
-        full = [g for g in live if g.session._core.n_cells >= g.session.n_ctx]
-        for g in full:
-            out_of[id(g)] = g._end("length")
-        live = [g for g in live if id(g) not in out_of]
-        # The logits each token is sampled from, for the generations that report log-probabilities.
-        logits = {id(g): g.session._core.logits() for g in live if g.logprobs is not None}
-        results = _core.step_sessions([g.session._core for g in live]) if live else []
-        for g, step in zip(live, results):
-            if step.error:
-                out_of[id(g)] = g._fail(GrammarError(step.error))
-            else:
-                out_of[id(g)] = g._advance(step.token, step.text, step.end_of_generation, logits.get(id(g)))
+        marks = [] if streams is None else [bool(s) for g, s in zip(generations, streams) if not g.done]
+        results = _core.step_sessions_until([g.session._core for g in live], max_steps, marks, signal) if live else []
+        out_of = {id(g): g._take(step) for g, step in zip(live, results)}
         return [out_of.get(id(g)) for g in generations]
 
 
@@ -136,17 +125,15 @@ class Generation:
         self.max_tokens = max_tokens
         self.n_tokens = 0
         self.finish_reason: str | None = None
-        self._top = logprobs
         self.logprobs: list[dict[str, Any]] | None = None if logprobs is None else []
         self.error: Exception | None = None
-        self._text = TextStream(stops)
+        self._parts: list[str] = []
         params = sampling_params(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                  repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
                                  frequency_penalty=frequency_penalty, logit_bias=logit_bias, grammar=grammar)
-        session._begin_generation(params, seed)
-        session._core.flush_generation()
+        session._begin_generation(params, seed, max_tokens=max_tokens, stops=stops, logprobs=logprobs)
         if max_tokens == 0:
-            self.finish_reason = "length"
+            self._end("length")
 
     @property
     def done(self) -> bool:
@@ -154,24 +141,28 @@ class Generation:
 
     @property
     def text(self) -> str:
-        return self._text.text
+        return "".join(self._parts)
 
-    def _advance(self, token: int, raw: bytes, end: bool, logits: np.ndarray | None = None) -> str | None:
-        if end or self._text.stopped_by(raw):
-            return self._end("stop")
-        self.n_tokens += 1
-        if self.logprobs is not None and logits is not None:
-            self.logprobs.append(token_logprobs(self.session._core, logits, token, self._top or 0))
-        piece = self._text.take()
-        if self.n_tokens >= self.max_tokens:
-            return piece + (self._end("length") or "")
+    def _take(self, step: _core.GenerationStep) -> str:
+        """What a native step (or run of steps) did for this generation: its new text."""
+        piece = step.text.decode("utf-8", errors="replace")
+        self._parts.append(piece)
+        self.n_tokens += step.n_tokens
+        if self.logprobs is not None:
+            self.logprobs += [token_logprobs(self.session._core, e) for e in step.logprobs]
+        if step.done:
+            if step.finish_reason == "error":
+                self.error = GrammarError(step.error)
+            self._end(step.finish_reason)
         return piece
 
-    def _fail(self, error: Exception) -> str:
-        self.error = error
-        return self._end("error")
+    def cancel(self) -> None:
+        """End this generation now, where it is (``finish_reason`` "cancelled"); the tokens it
+        generated stay in the slot's timeline. No-op once it has ended."""
+        if not self.done:
+            self._end("cancelled")
 
-    def _end(self, reason: str) -> str:
+    def _end(self, reason: str) -> None:
         self.finish_reason = reason
         self.session.last_finish_reason = reason
-        return self._text.finish(self.session._core.flush_generation())
+        self.session._core.flush_generation()

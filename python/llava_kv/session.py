@@ -76,6 +76,11 @@ class Session(Generating, NativeObject[_core.Session]):
         return self._core.n_ctx
 
     @property
+    def n_cells(self) -> int:
+        """KV cells the timeline takes (what :meth:`snapshot` carries; at most ``n_ctx``)."""
+        return self._core.n_cells
+
+    @property
     def timeline(self) -> list[Chunk]:
         return [_chunk_from_core(d) for d in self._core.timeline()]
 
@@ -304,6 +309,18 @@ class Session(Generating, NativeObject[_core.Session]):
         """
         saved.write(path, saved.header_for(self._model, n_ctx=self.n_ctx, n_past=self.n_past),
                     self._core.save_state())
+
+    def snapshot(self) -> bytes:
+        """The session's whole state (timeline, logits, KV cache of its sequence) as a checksummed
+        blob: what :meth:`save` writes, in memory (a server's conversation store keeps these)."""
+        return self._core.save_state()
+
+    def restore(self, blob: bytes, *, allow_drift: bool = False) -> None:
+        """Put a :meth:`snapshot` into this session, which must be empty (:meth:`clear`). The blob is
+        checked first (checksum, sizes, what computed it: see :meth:`load` for ``allow_drift``); on
+        failure the session stays empty. A pool slot's snapshot restores into any slot of a pool with
+        the same number of slots."""
+        self._core.load_state(blob, allow_drift)
 
     @classmethod
     def load(cls, model: "Model", path: str | os.PathLike[str], *, n_ctx: int | None = None,

@@ -10,7 +10,6 @@ from .arguments import check_int, check_sampling, check_stops, sampling_params
 from .chat import ChatReply, plan_edit, render_conversation
 from .errors import CancelledError, GrammarError
 from .structured import Constraint, constraint, parse_json, response_format_constraint
-from .text_stream import TextStream
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -150,10 +149,11 @@ class Generating:
 
     def _generate(self, max_tokens: int, params: SamplingParams, seed: int | None, stops: list[str],
                   held: Constraint, stream: bool) -> str | Iterator[str]:
-        self._begin_generation(params, seed)  # a grammar llama.cpp cannot parse fails here, before any step
+        # A grammar llama.cpp cannot parse fails here, before any step.
+        self._begin_generation(params, seed, max_tokens=max_tokens, stops=stops)
         self._cancel_requested = False
         self._json = (False, None)
-        pieces = self._pieces(max_tokens, stops, held.json)
+        pieces = self._pieces(max_tokens, held.json, stream)
         return pieces if stream else "".join(pieces)
 
     _json: tuple[bool, Any] = (False, None)
@@ -164,25 +164,27 @@ class Generating:
         the reply is not JSON, e.g. cut by ``max_tokens``)."""
         return self._json[1]
 
-    def _pieces(self, max_tokens: int, stops: list[str], parse: bool = False) -> Iterator[str]:
-        text = TextStream(stops)
+    def _pieces(self, max_tokens: int, parse: bool, stream: bool) -> Iterator[str]:
+        """The reply's text as the core makes it final: the whole reply in one native call, or (a
+        ``stream``) a call per piece of text."""
         self.last_finish_reason = "length"
+        parts: list[str] = []
         try:
-            for _ in range(max_tokens):
+            done = max_tokens == 0
+            while not done:
                 if self._cancel_requested:
                     raise CancelledError("generation was cancelled; the tokens generated so far stay in the session")
-                step = self._core.generate_step()
-                if step.end_of_generation or text.stopped_by(step.text):
-                    self.last_finish_reason = "stop"
-                    break
-                piece = text.take()
-                if piece:
-                    yield piece
-            rest = text.finish(self._core.flush_generation())
+                step = self._core.advance(max_tokens, until_text=stream)
+                done = step.done
+                if step.text:
+                    parts.append(step.text.decode("utf-8", errors="replace"))
+                    yield parts[-1]
+                if done:
+                    self.last_finish_reason = step.finish_reason
+                    if step.finish_reason == "error":
+                        raise GrammarError(step.error)
             if parse:
-                self._json = parse_json(text.text)
-            if rest:
-                yield rest
+                self._json = parse_json("".join(parts))
         finally:
             self._core.flush_generation()
 
@@ -193,17 +195,21 @@ class Generating:
             seed = (self._core.seed * 1_000_003 + self._generations * 7919 + 17) & 0xFFFFFFFF
         return seed
 
-    def _begin_generation(self, params: SamplingParams, seed: int | None) -> None:
-        """Sets up the core's sampler for a generation (:meth:`_next_seed`) and counts it once it has
-        begun: settings the core refuses leave the count, and so the next generation's seed, as it was."""
+    def _begin_generation(self, params: SamplingParams, seed: int | None, *, max_tokens: int,
+                          stops: Sequence[str] = (), logprobs: int | None = None) -> None:
+        """Starts the core's reply (sampler chain seeded by :meth:`_next_seed`, token limit, stop
+        strings, log-probabilities) and counts the generation once it has begun: settings the core
+        refuses leave the count, and so the next generation's seed, as it was."""
         params.seed = self._next_seed(seed)
-        self._core.begin_generation(params)
+        self._core.begin_generation(params, max_tokens, list(stops), -1 if logprobs is None else logprobs)
         self._generations += 1
 
-    def _prepare_chat(self, items: Sequence[Any], template: Any) -> tuple[int, dict[str, Any]]:
-        """Bring the timeline to a rendered conversation (``render_conversation``) by one exact edit
-        from the first difference; returns the prompt's token count and what it cost (tokens reused
-        and decoded, images encoded and taken from the cache, the template)."""
+    def prefill_chat(self, items: Sequence[Any], template: Any) -> tuple[int, dict[str, Any]]:
+        """Bring the timeline to a rendered conversation (``llava_kv.chat.render_conversation``'s
+        items and template) by one exact edit from the first difference, without generating: what
+        :meth:`chat` does before its reply (a server renders on one thread and prefills on another).
+        Returns the prompt's token count and what it cost (tokens reused and decoded, images encoded
+        and taken from the cache, the template)."""
         timeline = self.timeline
         first, rest = plan_edit(timeline, items)
         before = self._core.stats()
@@ -255,7 +261,7 @@ class Generating:
                                  repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
                                  frequency_penalty=frequency_penalty, logit_bias=logit_bias, grammar=held.grammar)
         self._model._core.check_sampling(params)
-        prompt_tokens, meta = self._prepare_chat(*render_conversation(self._model, messages,
+        prompt_tokens, meta = self.prefill_chat(*render_conversation(self._model, messages,
                                                                       chat_template=chat_template))
         pieces = self._generate(max_tokens, params, seed, stops, held, stream=True)
         assert not isinstance(pieces, str)

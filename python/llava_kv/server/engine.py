@@ -25,6 +25,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from .. import _core
 from ..chat import ChatReply, ChatTemplate, render_conversation
 from ..errors import AudioError, ContextFullError, ImageError, LlavaKVError
 from ..model import Model
@@ -33,6 +34,9 @@ from .media import MediaPolicy, RequestError
 from .metrics import Metrics
 from .store import ConversationStore, reusable_cells, signature
 
+
+# Most batched steps one native call runs before the engine looks at its queue again anyway.
+MAX_STEPS_PER_CALL = 256
 
 
 @dataclass
@@ -130,6 +134,7 @@ class Engine:
         self._active: dict[int, Job] = {}
         self._pending: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
+        self._signal = _core.StepSignal()  # set when the engine thread should look at its queue
         self._stopping = False
         self.metrics = Metrics({
             "slots": ("slots in the pool", lambda: float(config.slots)),
@@ -160,16 +165,19 @@ class Engine:
                                         f"{self.config.slots} slots; retry shortly",
                                    type="server_error", code="queue_full", headers={"Retry-After": "1"})
             self._pending.append(job)
+            self._signal.set()
             self._cond.notify()
 
     def cancel(self, job: Job) -> None:
         with self._cond:
             job.cancelled = True
+            self._signal.set()
             self._cond.notify()
 
     def close(self) -> None:
         with self._cond:
             self._stopping = True
+            self._signal.set()
             self._cond.notify()
         self._thread.join(timeout=30)
         self.model.close()
@@ -186,6 +194,7 @@ class Engine:
                     self._pending.clear()
                     self._active.clear()
                     break
+                self._signal.clear()  # under the lock: a submit() or cancel() from here on sets it again
                 admits: list[Job] = []
                 taken = len(self._active)
                 while self._pending and taken + self._pending[0].n <= self.config.slots:
@@ -215,7 +224,7 @@ class Engine:
         try:
             slot, restored = self._choose_slot(job, busy)
             session = self.pool[slot]
-            prompt_tokens, meta = session._prepare_chat(job.items, job.template)
+            prompt_tokens, meta = session.prefill_chat(job.items, job.template)
             slots = [slot] + self._copy_slot(slot, job.n - 1, busy | {slot})
             max_tokens = job.max_tokens if job.max_tokens is not None else self.config.default_max_tokens
             seed = job.sampling.get("seed")
@@ -255,11 +264,11 @@ class Engine:
             return []
         free = sorted((i for i in range(self.config.slots) if i not in busy),
                       key=lambda i: (bool(self.pool[i].timeline), self._used[i]))[:count]
-        blob = self.pool[source]._core.save_state()
+        blob = self.pool[source].snapshot()
         for i in free:
             self._evict(i, self.pool[i].timeline)
             self.pool[i].clear()
-            self.pool[i]._core.load_state(blob)
+            self.pool[i].restore(blob)
         return free
 
     def _choose_slot(self, job: Job, busy: set[int]) -> tuple[int, Optional[str]]:
@@ -280,7 +289,7 @@ class Engine:
             blob, restored = self.store.take(stored.key)
             self.pool[best].clear()  # load_state needs an empty session
             try:
-                self.pool[best]._core.load_state(blob)
+                self.pool[best].restore(blob)
             except LlavaKVError:
                 self.store.forget(stored.key)  # unusable (e.g. another pool shape): decode instead
                 restored = None
@@ -306,8 +315,8 @@ class Engine:
         self._keys[slot] = None
         if not timeline or key is None:
             return
-        blob = session._core.save_state()
-        self.store.put(key, signature(timeline), session._core.n_cells, blob, to_disk=self.store.dir is not None)
+        blob = session.snapshot()
+        self.store.put(key, signature(timeline), session.n_cells, blob, to_disk=self.store.dir is not None)
         self.metrics.inc("evictions_total", to="disk" if self.store.dir is not None else "memory")
         if clear:
             session.clear()
@@ -323,16 +332,22 @@ class Engine:
         if not jobs:
             return
         steps = [(job, i, g) for job in jobs for i, g in enumerate(job.generations) if not g.done]
+        gens = [g for _, _, g in steps]
+        before = [g.n_tokens for g in gens]
+        # Native steps until a reply ends, a streamed reply has text, or a request arrives or is
+        # cancelled (submit() and cancel() set the signal): no Python per token of a gathered reply.
         try:
-            pieces = self.pool.step([g for _, _, g in steps])
+            pieces = self.pool.run(gens, MAX_STEPS_PER_CALL, streams=[job.stream for job, _, _ in steps],
+                                   signal=self._signal)
         except Exception as e:  # noqa: BLE001 - the step failed for all: each request gets the error
             for job in jobs:
                 for s in job.slots:
                     del self._active[s]
                 job.emit("error", _request_error(e))
             return
-        self.metrics.inc("batched_steps_total")
-        self.metrics.inc("batched_step_sequences_total", len(steps))
+        carried = [g.n_tokens - n for g, n in zip(gens, before)]
+        self.metrics.inc("batched_steps_total", max(carried, default=0))
+        self.metrics.inc("batched_step_sequences_total", sum(carried))
         for (job, i, gen), piece in zip(steps, pieces):
             # Log-probabilities go with the text they produced (a token whose bytes are held back,
             # an incomplete character or a possible stop string, waits for it), the rest at the end.
@@ -351,7 +366,8 @@ class Engine:
     def _finish(self, job: Job, cancelled: bool = False) -> None:
         for s in job.slots:
             del self._active[s]
-            self.pool[s]._core.flush_generation()
+        for g in job.generations:
+            g.cancel()  # a reply cut short (a cancelled request) ends here; a finished one is unchanged
         for s in job.slots[1:]:
             self._keys[s] = None  # a copy of the conversation: the first slot's key names it
         n_tokens = sum(g.n_tokens for g in job.generations)
@@ -369,8 +385,7 @@ class Engine:
         key = self._keys[job.slot]
         if self.store.dir is not None and key is not None:
             try:
-                self.store.persist(key, signature(session.timeline), session._core.n_cells,
-                                   session._core.save_state())
+                self.store.persist(key, signature(session.timeline), session.n_cells, session.snapshot())
             except OSError:
                 pass  # a full disk loses the copy, not the conversation (it is still in its slot)
 
