@@ -122,13 +122,33 @@ std::vector<TokenLogprob> Reply::take_logprobs() {
     return out;
 }
 
+bool Reply::has_text() const {
+    return (done() ? state_.stops.text().size() : state_.stops.safe_size()) > state_.sent;
+}
+
+int32_t Reply::take_n_tokens() {
+    const int32_t n = state_.n_tokens - state_.n_reported;
+    state_.n_reported = state_.n_tokens;
+    return n;
+}
+
 Reply::Saved Reply::save() const {
-    return Saved{state_, llama_sampler_ptr(llama_sampler_clone(sampler_.get()))};
+    return Saved{llama_sampler_ptr(llama_sampler_clone(sampler_.get())), state_.stops.mark(), state_.sent,
+                 state_.n_tokens, state_.n_reported, state_.finish_reason, state_.error, state_.eog,
+                 state_.logprobs.size()};
 }
 
 void Reply::restore(Saved && saved) {
-    state_ = std::move(saved.state);
     sampler_ = std::move(saved.sampler);
+    state_.stops.rewind(saved.text);
+    state_.sent = saved.sent;
+    state_.n_tokens = saved.n_tokens;
+    state_.n_reported = saved.n_reported;
+    state_.finish_reason = std::move(saved.finish_reason);
+    state_.error = std::move(saved.error);
+    state_.eog = saved.eog;
+    state_.logprobs.resize(saved.n_logprobs);
+    state_.drawn = {};
 }
 
 }  // namespace llava_kv

@@ -60,8 +60,12 @@ class Reply {
     // The bytes that became final since the last call: whole characters that cannot be the start
     // of a stop string still to come; everything left once the reply has ended.
     std::string take_text();
+    // Whether take_text() would return something now.
+    bool has_text() const;
     // The log-probability entries of the tokens accepted since the last call.
     std::vector<TokenLogprob> take_logprobs();
+    // Tokens accepted since the last call.
+    int32_t take_n_tokens();
 
     // Everything draw() and accept() change, so that a step that fails can put the reply back.
     struct Saved;
@@ -71,12 +75,13 @@ class Reply {
   private:
     struct State {
         StopStrings stops;
-        size_t sent = 0;
+        size_t sent = 0;          // bytes of the text taken
         int32_t n_tokens = 0;
+        int32_t n_reported = 0;   // tokens counted by take_n_tokens()
         std::string finish_reason;
         std::string error;
         bool eog = false;
-        std::vector<TokenLogprob> logprobs;
+        std::vector<TokenLogprob> logprobs;  // not yet taken
         TokenLogprob drawn;  // the last draw's entry, until accept()
     };
 
@@ -87,9 +92,17 @@ class Reply {
     State state_;
 
   public:
+    // What save() keeps: the sampler chain's copy and the few counters a step moves, not the text.
     struct Saved {
-        State state;
         llama_sampler_ptr sampler;
+        StopStrings::Mark text;
+        size_t sent = 0;
+        int32_t n_tokens = 0;
+        int32_t n_reported = 0;
+        std::string finish_reason;
+        std::string error;
+        bool eog = false;
+        size_t n_logprobs = 0;
     };
 };
 

@@ -3,7 +3,6 @@
 
 #include <atomic>
 #include <cstdint>
-#include <exception>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -173,10 +172,9 @@ class Session {
     // log-probabilities); generate_step() draws one token from the current logits and decodes it into
     // the timeline (an end-of-generation token is reported, not decoded); advance() runs up to
     // `max_steps` steps in one call, returning early once some text became final when `until_text`.
-    // A failed step leaves the session and the reply as before it; a failure after advance() made
-    // progress is raised by the next generation call instead (the progress is returned first). A
-    // cancel() stops advance() after the steps already done. flush_generation() ends the reply and
-    // returns the bytes it still held back.
+    // A failed step is undone and raised at once; steps before it in the same call stay, and their
+    // text comes with the next call. A cancel() stops advance() after the steps already done.
+    // flush_generation() ends the reply and returns the bytes it still held back.
     void begin_generation(const ReplyParams & params);
     GenerationStep generate_step();
     GenerationStep advance(int32_t max_steps, bool until_text);
@@ -191,7 +189,8 @@ class Session {
     static std::vector<GenerationStep> step_together(const std::vector<std::shared_ptr<Session>> & sessions);
     // Steps the slots together until one of their replies ends, a slot listed in `streams` has new
     // text, `interrupt` is set (checked between steps), or `max_steps`: the server's loop, with no
-    // return to the caller per token. Returns what each slot did over all the steps.
+    // return to the caller per token. Returns what each slot did over all the steps. A failed step is
+    // undone and raised at once; the steps before it stay and are reported by the next call.
     static std::vector<GenerationStep> step_until(const std::vector<std::shared_ptr<Session>> & sessions,
                                                   int32_t max_steps, const std::vector<bool> & streams,
                                                   const std::atomic<bool> * interrupt);
@@ -239,20 +238,21 @@ class Session {
     llama_context * ctx() const { return shared_->ctx.get(); }
     // Error unless the timeline ends in logits to sample from (text last).
     void check_has_logits_locked() const;
-    // Error unless a reply is going on; raises a failure advance() or step_until() deferred.
+    // Error unless a reply is going on and has logits to draw from.
     void check_reply_locked();
-    // One step of a session with a context of its own (the registry decodes the token).
-    GenerationStep lone_step_locked();
+    // One step of a session with a context of its own (the registry decodes the token): the token
+    // accepted, or -1 where the reply ended undrawn. A failure leaves the session and reply as before.
+    llama_token lone_step_locked();
     // What the reply made final since the last call, into `step`.
     void report_locked(GenerationStep & step);
-    // One batched step of pool slots (locks held by the caller); adds what each did to `acc`.
+    // One batched step of pool slots (locks held by the caller); the token each decoded goes in `acc`.
     static void step_slots_locked(const std::vector<std::shared_ptr<Session>> & sessions, SharedContext & shared,
                                   std::vector<GenerationStep> & acc);
     void check_open() const;
     // Runs one state-changing call: holds the model, locks the session, checks it is open, clears
     // an earlier cancel, and puts the counters back if `edit` throws (the registry restores the rest).
     template <typename Edit>
-    auto run_edit(Edit && edit) -> decltype(edit());
+    auto run_edit(Edit && edit, bool restore_stats = true) -> decltype(edit());
 
     LiveObject live_{LiveKind::Session};
     std::shared_ptr<Model> model_;
@@ -263,7 +263,6 @@ class Session {
     std::shared_ptr<SharedContext> shared_;
     llama_seq_id seq_ = 0;
     std::unique_ptr<Reply> reply_;
-    std::exception_ptr deferred_;  // a failed step after advance()/step_until() made progress
     std::atomic<bool> reply_cancel_{false};  // cancel() since begin_generation(): advance() stops between steps
     SessionStats stats_;
     std::unique_ptr<ImageEmbedRegistry> registry_;
@@ -278,7 +277,7 @@ StateHeader provenance(StateHeader header, const Model & model);
 
 // Defined here: edits (session.cpp) and generation (session_generate.cpp) both run through it.
 template <typename Edit>
-auto Session::run_edit(Edit && edit) -> decltype(edit()) {
+auto Session::run_edit(Edit && edit, bool restore_stats) -> decltype(edit()) {
     auto hold = model_->hold();
     std::lock_guard<std::mutex> lock(shared_->mutex);
     check_open();
@@ -288,7 +287,9 @@ auto Session::run_edit(Edit && edit) -> decltype(edit()) {
     try {
         return edit();
     } catch (...) {
-        stats_ = before;
+        if (restore_stats) {
+            stats_ = before;
+        }
         throw;
     }
 }

@@ -17,7 +17,6 @@ void Session::begin_generation(const ReplyParams & p) {
     std::lock_guard<std::mutex> lock(shared_->mutex);
     check_open();
     reply_ = std::make_unique<Reply>(*model_, p);
-    deferred_ = nullptr;
     reply_cancel_.store(false);
 }
 
@@ -30,11 +29,6 @@ void Session::check_has_logits_locked() const {
 }
 
 void Session::check_reply_locked() {
-    if (deferred_) {
-        std::exception_ptr failure = deferred_;
-        deferred_ = nullptr;
-        std::rethrow_exception(failure);
-    }
     if (!reply_) {
         throw Error("generate_step() before begin_generation()");
     }
@@ -46,6 +40,7 @@ void Session::check_reply_locked() {
 
 void Session::report_locked(GenerationStep & step) {
     step.text += reply_->take_text();
+    step.n_tokens += reply_->take_n_tokens();
     for (TokenLogprob & e : reply_->take_logprobs()) {
         step.logprobs.push_back(std::move(e));
     }
@@ -55,79 +50,59 @@ void Session::report_locked(GenerationStep & step) {
     step.end_of_generation = reply_->ended_on_eog();
 }
 
-GenerationStep Session::lone_step_locked() {
+llama_token Session::lone_step_locked() {
     check_reply_locked();
     Reply::Saved saved = reply_->save();
-    GenerationStep step;
-    const llama_token token = reply_->draw(registry_->logits().data());
-    if (token >= 0) {
+    try {
+        const llama_token token = reply_->draw(registry_->logits().data());
+        if (token < 0) {
+            return token;  // ended here: nothing to decode
+        }
         const std::string & piece = model_->token_pieces()[static_cast<size_t>(token)];
         reply_->accept(token, piece);
-        try {
-            registry_->append_generated(token, piece);
-        } catch (...) {
-            reply_->restore(std::move(saved));
-            throw;
-        }
+        registry_->append_generated(token, piece);
         stats_.tokens_generated += 1;
-        step.token = token;
-        step.n_tokens = 1;
+        return token;
+    } catch (...) {
+        reply_->restore(std::move(saved));
+        throw;
     }
-    report_locked(step);
-    return step;
 }
 
 GenerationStep Session::generate_step() {
-    return run_edit([&] { return lone_step_locked(); });
+    return run_edit([&] {
+        GenerationStep step;
+        step.token = lone_step_locked();
+        report_locked(step);
+        return step;
+    });
 }
 
 GenerationStep Session::advance(int32_t max_steps, bool until_text) {
     if (max_steps < 1) {
         throw std::invalid_argument("max_steps must be >= 1, got " + std::to_string(max_steps));
     }
-    return run_edit([&] {
-        GenerationStep acc = lone_step_locked();
-        for (int32_t i = 1; i < max_steps && !acc.done && !(until_text && !acc.text.empty()); ++i) {
-            if (reply_cancel_.load() || cancel_.closing.load()) {
-                break;  // the steps done stay; the caller sees the cancel
+    // Each step is whole or undone by itself: a failure keeps the steps before it (and their counters).
+    return run_edit(
+        [&] {
+            GenerationStep acc;
+            acc.token = lone_step_locked();
+            for (int32_t i = 1; i < max_steps && !reply_->done() && !(until_text && reply_->has_text()); ++i) {
+                if (reply_cancel_.load() || cancel_.closing.load()) {
+                    break;  // the steps done stay; the caller sees the cancel
+                }
+                const llama_token token = lone_step_locked();
+                acc.token = token >= 0 ? token : acc.token;
             }
-            GenerationStep step;
-            try {
-                step = lone_step_locked();
-            } catch (...) {
-                deferred_ = std::current_exception();  // the session is as before this step
-                break;
-            }
-            acc.token = step.token;
-            acc.text += step.text;
-            acc.n_tokens += step.n_tokens;
-            for (TokenLogprob & e : step.logprobs) {
-                acc.logprobs.push_back(std::move(e));
-            }
-            acc.done = step.done;
-            acc.finish_reason = step.finish_reason;
-            acc.error = step.error;
-            acc.end_of_generation = step.end_of_generation;
-        }
-        return acc;
-    });
+            report_locked(acc);
+            return acc;
+        },
+        false);
 }
 
 void Session::step_slots_locked(const std::vector<std::shared_ptr<Session>> & sessions, SharedContext & shared,
                                 std::vector<GenerationStep> & acc) {
     const size_t n = sessions.size();
-    // A step that failed after step_until() made progress failed for every slot in it: raised once.
-    for (const auto & s : sessions) {
-        if (s->deferred_) {
-            std::exception_ptr failure = s->deferred_;
-            for (const auto & other : sessions) {
-                if (other->deferred_ == failure) {
-                    other->deferred_ = nullptr;
-                }
-            }
-            std::rethrow_exception(failure);
-        }
-    }
     for (const auto & s : sessions) {
         if (s->reply_ && s->reply_->done()) {
             continue;
@@ -155,13 +130,8 @@ void Session::step_slots_locked(const std::vector<std::shared_ptr<Session>> & se
         live.push_back(&slots[i]);
     }
     Session & first = *sessions.front();
-    draw_slots(*first.model_, live);
     std::vector<llama_token> tokens(n, -1);
     std::vector<llama_pos> pos0(n, 0);
-    for (size_t i = 0; i < n; ++i) {
-        tokens[i] = slots[i].token;
-        pos0[i] = slots[i].pos;
-    }
     const auto put_back = [&] {
         for (size_t i = 0; i < n; ++i) {
             if (slots[i].reply != nullptr) {
@@ -173,6 +143,11 @@ void Session::step_slots_locked(const std::vector<std::shared_ptr<Session>> & se
     llama_batch_ext_ptr batch(llama_batch_ext_init(ctx));
     StepDecode decoded;
     try {
+        draw_slots(*first.model_, live);
+        for (size_t i = 0; i < n; ++i) {
+            tokens[i] = slots[i].token;
+            pos0[i] = slots[i].pos;
+        }
         decoded = decode_slots(ctx, batch.get(), live, INT32_MAX, [&](llama_batch_ext * b) {
             return decode_status([&] {
                 switch (take_decode_fault()) {  // the test-only fault hook (decode.h)
@@ -216,15 +191,12 @@ void Session::step_slots_locked(const std::vector<std::shared_ptr<Session>> & se
     }
     for (size_t i = 0; i < n; ++i) {
         Session & s = *sessions[i];
-        GenerationStep & step = acc[i];
         if (slots[i].out >= 0) {
             s.registry_->accept_generated(tokens[i], slots[i].piece, slots[i].logits);
             s.stats_.batched_steps += 1;
             s.stats_.tokens_generated += 1;
-            step.token = tokens[i];
-            step.n_tokens += 1;
+            acc[i].token = tokens[i];
         }
-        s.report_locked(step);
     }
 }
 
@@ -273,28 +245,21 @@ std::vector<GenerationStep> Session::step_until(const std::vector<std::shared_pt
     for (size_t i = 0; i < n; ++i) {
         was_done[i] = sessions[i]->reply_ && sessions[i]->reply_->done();
     }
+    // A failed step is undone and raised at once; the steps before it stay, and their text, tokens
+    // and log-probabilities come with the next call (they wait in each reply).
     for (int32_t step = 0; step < max_steps; ++step) {
         if (step > 0) {
             bool stop = interrupt != nullptr && interrupt->load();
             for (size_t i = 0; i < n && !stop; ++i) {
-                stop = (acc[i].done && !was_done[i]) || (!streams.empty() && streams[i] && !acc[i].text.empty()) ||
+                const Reply * r = sessions[i]->reply_.get();
+                stop = (r->done() && !was_done[i]) || (!streams.empty() && streams[i] && r->has_text()) ||
                        sessions[i]->cancel_.closing.load();
             }
             if (stop) {
                 break;
             }
         }
-        try {
-            step_slots_locked(sessions, shared, acc);
-        } catch (...) {
-            if (step == 0) {
-                throw;  // nothing changed
-            }
-            for (const auto & s : sessions) {
-                s->deferred_ = std::current_exception();  // every slot is as before this step
-            }
-            break;
-        }
+        step_slots_locked(sessions, shared, acc);
         bool all_done = true;
         for (const auto & s : sessions) {
             all_done = all_done && s->reply_->done();
@@ -302,6 +267,9 @@ std::vector<GenerationStep> Session::step_until(const std::vector<std::shared_pt
         if (all_done) {
             break;
         }
+    }
+    for (size_t i = 0; i < n; ++i) {
+        sessions[i]->report_locked(acc[i]);
     }
     return acc;
 }
@@ -399,7 +367,6 @@ std::string Session::flush_generation() {
         out = reply_->take_text();
         reply_.reset();
     }
-    deferred_ = nullptr;
     return out;
 }
 

@@ -44,4 +44,16 @@ size_t StopStrings::safe_size() const {
     return complete_utf8_prefix(text_.substr(0, end));
 }
 
+StopStrings::Mark StopStrings::mark() const {
+    // A later match is cut at most longest_ - 1 bytes before the text's end at this mark.
+    const size_t keep = std::min(text_.size(), longest_);
+    return Mark{text_.size(), text_.substr(text_.size() - keep), stopped_};
+}
+
+void StopStrings::rewind(const Mark & m) {
+    text_.resize(m.size - m.tail.size());
+    text_ += m.tail;
+    stopped_ = m.stopped;
+}
+
 }  // namespace llava_kv

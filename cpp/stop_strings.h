@@ -24,6 +24,16 @@ class StopStrings {
     // a UTF-8 character (all of it once stopped).
     size_t safe_size() const;
 
+    // Where the text is now, to go back to after later feed() calls (a failed step): the last bytes
+    // a stop string's cut can reach, not the whole text.
+    struct Mark {
+        size_t size = 0;
+        std::string tail;
+        bool stopped = false;
+    };
+    Mark mark() const;
+    void rewind(const Mark & m);
+
   private:
     std::vector<std::string> stops_;
     size_t longest_ = 0;

@@ -143,7 +143,8 @@ void register_session(py::module_ & m) {
         py::arg("sessions"), py::arg("max_steps"), py::arg("streams") = std::vector<bool>{},
         py::arg("signal") = nullptr,
         "Batched steps of these slots until a reply ends, a slot marked in `streams` has new text, `signal` is set "
-        "or max_steps: what each slot did over them. A failure after the first step is raised by the next call.");
+        "or max_steps: what each slot did over them. A failed step is undone and raised at once; the steps before "
+        "it stay, reported by the next call.");
 
     py::class_<StopStrings>(m, "StopStrings",
                             "Stop strings over generated text arriving piece by piece (as the batch runner "

@@ -13,7 +13,7 @@ from . import _core
 if TYPE_CHECKING:
     from .pool import SessionPool
     import numpy as np
-from .arguments import UINT32_MAX, check_int
+from .arguments import UINT32_MAX, check_int, sampling_params
 from .native import NativeObject
 from .gguf import check_model_files
 from .images import file_fingerprint
@@ -207,7 +207,19 @@ class Model(NativeObject[_core.Model]):
 
     def token_bytes(self, tokens: Sequence[int]) -> bytes:
         """The bytes ``tokens`` stand for, joined (a token may hold part of a UTF-8 character)."""
-        return b"".join(self._core.token_pieces([check_int("token id", t, 0) for t in tokens]))
+        return b"".join(self.token_pieces(tokens))
+
+    def token_pieces(self, tokens: Sequence[int]) -> list[bytes]:
+        """The bytes of each of ``tokens``, one entry per token; ValueError for an id outside the
+        vocabulary."""
+        return self._core.token_pieces([check_int("token id", t, 0) for t in tokens])
+
+    def check_sampling(self, **options: Any) -> None:
+        """Raise ValueError for sampling settings (``generate``'s keywords: temperature, top_k, top_p,
+        min_p, repeat_penalty, presence_penalty, frequency_penalty, logit_bias, grammar, seed) that
+        generation with this model would refuse, naming the setting: out of range, a ``logit_bias``
+        token id outside the vocabulary, a grammar llama.cpp cannot parse. Nothing is decoded."""
+        self._core.check_sampling(sampling_params(**options))
 
     @property
     def has_audio(self) -> bool:

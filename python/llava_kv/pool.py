@@ -85,7 +85,8 @@ class SessionPool:
         """Up to ``max_steps`` batched steps in one native call (no return to Python per token),
         until a generation ends, one marked in ``streams`` has new text, or ``signal`` is set (by
         another thread: checked between steps). Returns what :meth:`step` does, over all the steps.
-        A step that fails after others succeeded is raised by the next call (their text first)."""
+        A step that fails is undone and raised at once; steps before it in the same call stay in the
+        slots, and their text comes with the next call."""
         live = [g for g in generations if not g.done]
         for g in live:
             if g.session not in self.sessions:

@@ -169,12 +169,14 @@ class Generating:
         ``stream``) a call per piece of text."""
         self.last_finish_reason = "length"
         parts: list[str] = []
+        # A pool slot shares its context's lock with the other slots: a step per call lets theirs in.
+        steps = max(max_tokens, 1) if self._core.n_slots == 1 else 1
         try:
             done = max_tokens == 0
             while not done:
                 if self._cancel_requested:
                     raise CancelledError("generation was cancelled; the tokens generated so far stay in the session")
-                step = self._core.advance(max_tokens, until_text=stream)
+                step = self._core.advance(steps, until_text=stream)
                 done = step.done
                 if step.text:
                     parts.append(step.text.decode("utf-8", errors="replace"))

@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from .. import __version__
-from ..arguments import check_logit_bias, sampling_params
+from ..arguments import check_logit_bias
 from ..chat import ChatReply, ChatTemplate
 from ..images import load_image
 from ..structured import Constraint, constraint, response_format_constraint
@@ -76,7 +76,7 @@ def generation_settings(req: protocol._Generation, engine: Engine) -> dict[str, 
         "repeat_penalty": req.repeat_penalty, "presence_penalty": req.presence_penalty,
         "frequency_penalty": req.frequency_penalty, "logit_bias": bias, "seed": req.seed, "grammar": held.grammar}
     try:
-        engine.model._core.check_sampling(sampling_params(**{**sampling, "seed": 0}))
+        engine.model.check_sampling(**{**sampling, "seed": 0})
     except ValueError as e:
         raise RequestError(400, str(e), param="logit_bias" if str(e).startswith("logit_bias") else held_by) from None
     return sampling
@@ -318,7 +318,7 @@ class Api:
             tokens = model.tokenize(req.content, add_special=req.add_special)
             if not req.with_pieces:
                 return JSONResponse({"tokens": tokens})
-            pieces = model._core.token_pieces(tokens)
+            pieces = model.token_pieces(tokens)
             return JSONResponse({"tokens": [{"id": t, "piece": p.decode("utf-8", "replace")}
                                             for t, p in zip(tokens, pieces)]})
         except Exception as e:  # noqa: BLE001 - the request's
