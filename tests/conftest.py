@@ -20,6 +20,7 @@ if any((Path(d) / f"libggml-cpu-{REFERENCE_CPU_VARIANT}.so").exists()
 
 import llava_kv as lk  # noqa: E402
 from llava_kv import _core  # noqa: E402
+from llava_kv._core import _testing  # noqa: E402
 from llava_kv.images import load_image  # noqa: E402
 from llava_kv.testing import TestModel, make_test_model, random_image, rss_bytes  # noqa: E402,F401
 
@@ -98,7 +99,8 @@ def mtmd_reference(model: lk.Model, parts: list, n_batch: int = 512, n_ctx: int 
             prompt += model._core.media_marker
             loaded = load_image(part, model.projector_id)
             imgs.append(_core.MediaItem(loaded.pixels, loaded.digest, loaded.source))
-    return _core.reference_eval(model._core, prompt, imgs, n_ctx, n_batch)
+    r = _testing.reference_eval(model._core, prompt, imgs, n_ctx, n_batch)
+    return r.tokens, r.n_past, r.logits
 
 
 def write_to_terminal(request: pytest.FixtureRequest, lines: list[str]) -> None:

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONSTRUCTED = ["StopStrings", "MediaItem", "ChunkKind", "FlashAttn", "KvType", "SamplingParams", "StepSignal"]
 NOT_CONSTRUCTED = ["Model", "Session", "BatchRunner", "ChunkInfo", "BatchResult", "Device", "LedgerEntry",
                    "SessionStats", "BatchStats", "EmbeddingCacheStats", "BlendReport", "StateHeader", "MemoryEntry",
-                   "MemoryReport", "BuildInfo", "GenerationStep", "Branch", "TokenLogprob"]
+                   "MemoryReport", "BuildInfo", "GenerationStep", "Branch", "TokenLogprob", "ReferenceEval"]
 
 
 def test_core_stub_matches_the_compiled_module(tmp_path):

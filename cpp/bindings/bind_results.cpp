@@ -2,6 +2,7 @@
 // generation_result.cc). Each class lists its fields once: the same list gives the properties,
 // as_dict() (where Python needs a dict: stats, JSON) and __repr__. The other binding files return
 // these structs and decide nothing about their shape.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -20,6 +21,7 @@
 #include "model.h"
 #include "runtime.h"
 #include "session.h"
+#include "reference.h"
 #include "session_state.h"
 
 namespace py = pybind11;
@@ -177,6 +179,20 @@ void register_results(py::module_ & m) {
         .field("error", &GenerationStep::error, "'error': why the grammar allowed no token; '' otherwise")
         .field("logprobs", &GenerationStep::logprobs,
                "TokenLogprob entries of the tokens accepted (where the reply was begun with logprobs)")
+        .done();
+
+    ResultClass<ReferenceResult>(m, "ReferenceEval",
+                                 "What llama.cpp's own path (mtmd_tokenize + mtmd_helper_eval_chunks, a fresh "
+                                 "context) gives for one prompt: _testing.reference_eval().")
+        .field("tokens", &ReferenceResult::tokens, "text tokens in prompt order, -1 for each media token")
+        .field("n_past", &ReferenceResult::n_past, "positions used")
+        .field("logits",
+               [](const ReferenceResult & r) -> py::object {
+                   py::array_t<float> out(static_cast<py::ssize_t>(r.logits.size()));
+                   std::copy(r.logits.begin(), r.logits.end(), out.mutable_data());
+                   return std::move(out);
+               },
+               "the last position's logits (float32, n_vocab)")
         .done();
 
     ResultClass<Branch>(m, "Branch", "One of the replies generate_branches() sampled from one timeline.")

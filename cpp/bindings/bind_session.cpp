@@ -87,8 +87,10 @@ Inputs convert(const py::list & items) {
 }  // namespace
 
 void register_session(py::module_ & m) {
-    // For tests: what mtmd_tokenize + mtmd_helper_eval_chunks give for one prompt with markers.
-    m.def(
+    // For tests and selfcheck: what mtmd_tokenize + mtmd_helper_eval_chunks give for one prompt with
+    // markers. A test hook, so it lives in _core._testing.
+    py::module_ testing = m.attr("_testing").cast<py::module_>();
+    testing.def(
         "reference_eval",
         [](Model & model, const std::string & prompt, const py::list & images, int32_t n_ctx, int32_t n_batch) {
             Inputs inputs = convert(images);
@@ -96,14 +98,11 @@ void register_session(py::module_ & m) {
             for (const auto & c : inputs.chunks) {
                 pixels.push_back(c.media);
             }
-            ReferenceResult r = without_gil([&] { return reference_eval(model, prompt, pixels, n_ctx, n_batch); });
-            py::array_t<float> logits(static_cast<py::ssize_t>(r.logits.size()));
-            std::copy(r.logits.begin(), r.logits.end(), logits.mutable_data());
-            return py::make_tuple(r.tokens, r.n_past, logits);
+            return without_gil([&] { return reference_eval(model, prompt, pixels, n_ctx, n_batch); });
         },
         py::arg("model"), py::arg("prompt"), py::arg("images"), py::arg("n_ctx") = 4096, py::arg("n_batch") = 512,
         "The reference evaluation of a prompt with media markers (mtmd_tokenize + mtmd_helper_eval_chunks in a "
-        "fresh context): (tokens, media positions as -1; n_past; last logits).");
+        "fresh context): a ReferenceEval.");
 
     m.def(
         "inspect_state",

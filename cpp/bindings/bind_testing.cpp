@@ -38,8 +38,9 @@ DecodeFault decode_fault(const std::string & kind) {
 }  // namespace
 
 void register_testing(py::module_ & m) {
-    py::module_ t = m.def_submodule("_testing", "Test hooks of the native core (fault injection, state resealing). "
-                                                "Never call them outside tests.");
+    py::module_ t = m.def_submodule("_testing", "Test hooks of the native core (fault injection, state resealing, "
+                                                "the mtmd reference evaluation). Never call them outside tests "
+                                                "(selfcheck runs the reference evaluation).");
     t.def(
         "arm_decode_fault", [](uint64_t nth, const std::string & kind) { arm_decode_fault(nth, decode_fault(kind)); },
         py::arg("nth"), py::arg("kind"),

@@ -19,9 +19,9 @@ PYBIND11_MODULE(_core, m) {
     llava_kv::bindings::register_results(m);
     llava_kv::bindings::register_sampling(m);
     llava_kv::bindings::register_model(m);
+    llava_kv::bindings::register_testing(m);  // before the sessions: reference_eval goes in _testing
     llava_kv::bindings::register_session(m);
     llava_kv::bindings::register_batch(m);
-    llava_kv::bindings::register_testing(m);
 
     m.def(
         "build_info",

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 from . import _core
+from ._core import _testing
 from .audio import load_audio
 from .errors import LlavaKVError
 from .images import ImageInput, load_image
@@ -201,7 +202,8 @@ def _check_reference(model: "Model", plan: Plan, base: "Session", media: MediaSe
     prompt = "".join(p if isinstance(p, str) else model.media_marker for p in parts)
     inputs = [_core_media(model, media.kind, p) for p in parts if not isinstance(p, str)]
     try:
-        tokens, n_past, want = _core.reference_eval(model._core, prompt, inputs, plan.n_ctx, plan.n_batch)
+        ref_eval = _testing.reference_eval(model._core, prompt, inputs, plan.n_ctx, plan.n_batch)
+        tokens, n_past, want = ref_eval.tokens, ref_eval.n_past, ref_eval.logits
     except LlavaKVError as e:
         return CheckResult(name, False, None, None, measure, f"mtmd's evaluation raised {type(e).__name__}: {e}",
                            time.perf_counter() - t0)
