@@ -31,9 +31,9 @@ for _ in range(int(cycles)):
     seconds.append(time.perf_counter() - t0)
     rss.append(rss_bytes())
     gpu.append(gpu_used_bytes())
-before_gc = lk._core.native_objects()  # closed shells kept by reference cycles hold no native memory
+before_gc = lk._core.native_objects().as_dict()  # closed shells kept by reference cycles hold no native memory
 del m, s
 gc.collect()
 print(json.dumps({"baseline": baseline, "rss_bytes": rss, "gpu_bytes": gpu if gpu[0] is not None else None,
-                  "seconds": seconds, "native_objects": lk._core.native_objects(),
+                  "seconds": seconds, "native_objects": lk._core.native_objects().as_dict(),
                   "native_objects_before_gc": before_gc, "settings": used}))

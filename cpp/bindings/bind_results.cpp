@@ -18,6 +18,7 @@
 #include "device_ledger.h"
 #include "embedding_cache.h"
 #include "image_embed_registry.h"
+#include "live_objects.h"
 #include "model.h"
 #include "runtime.h"
 #include "session.h"
@@ -58,6 +59,61 @@ class ResultClass {
                                     return py::cast(get(r));
                                 }
                             }});
+        return *this;
+    }
+
+    // A method beside the fields (py::class_::def's arguments).
+    template <typename... A>
+    ResultClass & method(A &&... args) {
+        cls_.def(std::forward<A>(args)...);
+        return *this;
+    }
+
+    // The fields by name, and equality with the same class or a dict of them: for a record that
+    // callers used to get as a dict.
+    ResultClass & mapping() {
+        auto fields = fields_;
+        cls_.def(
+            "__getitem__",
+            [fields](const T & r, const std::string & key) -> py::object {
+                for (const auto & f : *fields) {
+                    if (key == f.name) {
+                        return f.get(r);
+                    }
+                }
+                throw py::key_error(key);
+            },
+            py::arg("key"), "A field by name, as the dict this record used to be.");
+        cls_.def(
+            "keys",
+            [fields](const T &) {
+                py::list out;
+                for (const auto & f : *fields) {
+                    out.append(f.name);
+                }
+                return out;
+            },
+            "The field names (so dict(record) and dict(record, field=...) work).");
+        cls_.def(
+            "__eq__",
+            [fields](const T & r, const py::object & other) -> py::object {
+                py::dict mine;
+                for (const auto & f : *fields) {
+                    mine[f.name] = f.get(r);
+                }
+                if (py::isinstance<T>(other)) {
+                    py::dict theirs;
+                    for (const auto & f : *fields) {
+                        theirs[f.name] = f.get(other.cast<const T &>());
+                    }
+                    return py::bool_(mine.equal(theirs));
+                }
+                if (py::isinstance<py::dict>(other)) {
+                    return py::bool_(mine.equal(other));
+                }
+                return py::reinterpret_borrow<py::object>(Py_NotImplemented);
+            },
+            py::arg("other"), "Equal to a record with the same fields, or to a dict of them.");
         return *this;
     }
 
@@ -179,6 +235,15 @@ void register_results(py::module_ & m) {
         .field("error", &GenerationStep::error, "'error': why the grammar allowed no token; '' otherwise")
         .field("logprobs", &GenerationStep::logprobs,
                "TokenLogprob entries of the tokens accepted (where the reply was begun with logprobs)")
+        .done();
+
+    ResultClass<LiveCounts>(m, "NativeObjects",
+                            "Native objects alive in this process (native_objects(); leak checks). Indexable by "
+                            "field name and equal to a dict of its fields, as it used to be a dict.")
+        .field("models", &LiveCounts::models, "models not yet freed")
+        .field("sessions", &LiveCounts::sessions, "sessions not yet freed")
+        .field("batch_runners", &LiveCounts::batch_runners, "batch runners not yet freed")
+        .mapping()
         .done();
 
     ResultClass<ReferenceResult>(m, "ReferenceEval",

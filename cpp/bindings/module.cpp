@@ -2,6 +2,7 @@
 #include <pybind11/stl.h>
 
 #include "bindings.h"
+#include "live_objects.h"
 #include "model.h"
 #include "runtime.h"
 
@@ -31,13 +32,7 @@ PYBIND11_MODULE(_core, m) {
             return info;
         },
         "The llava-kv version, the llama.cpp commit, the compiled backends and the devices they see.");
-    m.def("native_objects", [] {
-        const llava_kv::LiveCounts c = llava_kv::live_counts();
-        py::dict d;
-        d["models"] = c.models;
-        d["sessions"] = c.sessions;
-        d["batch_runners"] = c.batch_runners;
-        return d;
-    }, "Native models, sessions and batch runners alive in this process (leak checks).");
+    m.def("native_objects", [] { return llava_kv::live_counts(); },
+          "Native models, sessions and batch runners alive in this process (leak checks): a NativeObjects.");
     m.attr("__version__") = LLAVA_KV_VERSION;
 }
