@@ -16,6 +16,8 @@
 #include "reply.h"
 #include "sampling.h"
 
+struct llama_batch_ext;  // llama-ext.h
+
 namespace llava_kv {
 
 struct SessionParams {
@@ -247,7 +249,7 @@ class Session {
     void report_locked(GenerationStep & step);
     // One batched step of pool slots (locks held by the caller); the token each decoded goes in `acc`.
     static void step_slots_locked(const std::vector<std::shared_ptr<Session>> & sessions, SharedContext & shared,
-                                  std::vector<GenerationStep> & acc);
+                                  llama_batch_ext * batch, std::vector<GenerationStep> & acc);
     void check_open() const;
     // Runs one state-changing call: holds the model, locks the session, checks it is open, clears
     // an earlier cancel, and puts the counters back if `edit` throws (the registry restores the rest).

@@ -8,7 +8,6 @@
 #include "session.h"
 #include "slot_step.h"
 #include "stop_strings.h"
-#include "tokens.h"
 
 namespace llava_kv {
 
@@ -54,15 +53,19 @@ llama_token Session::lone_step_locked() {
     check_reply_locked();
     Reply::Saved saved = reply_->save();
     try {
-        const llama_token token = reply_->draw(registry_->logits().data());
-        if (token < 0) {
-            return token;  // ended here: nothing to decode
+        // Drawn as a pool slot draws (slot_step.h); the registry decodes the token itself.
+        StepSlot slot;
+        slot.reply = reply_.get();
+        slot.logits = registry_->logits().data();
+        slot.keep_last = true;
+        std::vector<StepSlot *> one{&slot};
+        draw_slots(*model_, one);
+        if (slot.token < 0) {
+            return slot.token;  // ended here: nothing to decode
         }
-        const std::string & piece = model_->token_pieces()[static_cast<size_t>(token)];
-        reply_->accept(token, piece);
-        registry_->append_generated(token, piece);
+        registry_->append_generated(slot.token, slot.piece);
         stats_.tokens_generated += 1;
-        return token;
+        return slot.token;
     } catch (...) {
         reply_->restore(std::move(saved));
         throw;
@@ -101,7 +104,7 @@ GenerationStep Session::advance(int32_t max_steps, bool until_text) {
 }
 
 void Session::step_slots_locked(const std::vector<std::shared_ptr<Session>> & sessions, SharedContext & shared,
-                                std::vector<GenerationStep> & acc) {
+                                llama_batch_ext * batch, std::vector<GenerationStep> & acc) {
     const size_t n = sessions.size();
     for (const auto & s : sessions) {
         if (s->reply_ && s->reply_->done()) {
@@ -140,7 +143,6 @@ void Session::step_slots_locked(const std::vector<std::shared_ptr<Session>> & se
         }
     };
     llama_context * ctx = shared.ctx.get();
-    llama_batch_ext_ptr batch(llama_batch_ext_init(ctx));
     StepDecode decoded;
     try {
         draw_slots(*first.model_, live);
@@ -148,7 +150,7 @@ void Session::step_slots_locked(const std::vector<std::shared_ptr<Session>> & se
             tokens[i] = slots[i].token;
             pos0[i] = slots[i].pos;
         }
-        decoded = decode_slots(ctx, batch.get(), live, INT32_MAX, [&](llama_batch_ext * b) {
+        decoded = decode_slots(ctx, batch, live, INT32_MAX, [&](llama_batch_ext * b) {
             return decode_status([&] {
                 switch (take_decode_fault()) {  // the test-only fault hook (decode.h)
                     case DecodeFault::Status: return -3;
@@ -245,6 +247,7 @@ std::vector<GenerationStep> Session::step_until(const std::vector<std::shared_pt
     for (size_t i = 0; i < n; ++i) {
         was_done[i] = sessions[i]->reply_ && sessions[i]->reply_->done();
     }
+    llama_batch_ext_ptr batch(llama_batch_ext_init(shared.ctx.get()));  // one for every step of the call
     // A failed step is undone and raised at once; the steps before it stay, and their text, tokens
     // and log-probabilities come with the next call (they wait in each reply).
     for (int32_t step = 0; step < max_steps; ++step) {
@@ -259,7 +262,7 @@ std::vector<GenerationStep> Session::step_until(const std::vector<std::shared_pt
                 break;
             }
         }
-        step_slots_locked(sessions, shared, acc);
+        step_slots_locked(sessions, shared, batch.get(), acc);
         bool all_done = true;
         for (const auto & s : sessions) {
             all_done = all_done && s->reply_->done();
