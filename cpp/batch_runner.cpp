@@ -131,6 +131,10 @@ void BatchRunner::submit(BatchJob job) {
     if (input_done_) {
         throw std::logic_error("submit() after finish()");
     }
+    if (params_.start_after_finish && input_.size() >= static_cast<size_t>(params_.queue_size)) {
+        throw std::length_error("the queue of " + std::to_string(params_.queue_size) +
+                                " jobs is full and the worker starts only after finish(): raise queue_size");
+    }
     changed_.wait(lock, [&] { return stop_.load() || input_.size() < static_cast<size_t>(params_.queue_size); });
     if (stop_.load()) {
         throw ClosedError("the batch runner is closed");
@@ -517,6 +521,10 @@ void BatchRunner::run_jobs() {
         slots[i].step.seq = static_cast<llama_seq_id>(i);
     }
     std::string broken;  // why the context cannot run; every job fails with it
+    if (params_.start_after_finish) {
+        std::unique_lock<std::mutex> lock(mutex_);
+        changed_.wait(lock, [&] { return stop_.load() || input_done_; });
+    }
     while (!stop_.load()) {
         size_t free = 0;
         for (const auto & slot : slots) {

@@ -40,6 +40,10 @@ struct BatchParams {
     std::string suffix;  // prompt text after the image
     int32_t queue_size = 0;    // submitted jobs waiting for the worker; 0: 2 * n_parallel
     int32_t encode_ahead = 0;  // most images encoded in one call; 0: n_parallel
+    // The worker takes no job before finish(): every job is queued first, so which sequences share a
+    // step does not depend on how fast the caller submits (the queue must hold them all: submit()
+    // throws std::length_error instead of blocking when it is full).
+    bool start_after_finish = false;
 };
 
 // One image to run the prompt on. The pixels are copied in, so the caller's buffer is free at once.

@@ -50,15 +50,45 @@ def test_each_record_equals_a_fresh_session(model, parallel):
     assert stats["jobs_done"] == len(images) and stats["jobs_failed"] == 0
 
 
-def test_parallel_sequences_share_decode_steps(model):
+def queued_first(model: lk.Model, monkeypatch: pytest.MonkeyPatch, n_jobs: int) -> None:
+    """Make batch.run queue every job before its worker takes one, so which sequences share a step
+    does not depend on how fast the loader thread submits (a starved loader feeds one at a time)."""
+    start = model._start_batch_runner
+
+    def start_queued(**params):
+        return start(**params, queue_size=n_jobs, start_after_finish=True)
+
+    monkeypatch.setattr(model, "_start_batch_runner", start_queued)
+
+
+def test_parallel_sequences_share_decode_steps(model, monkeypatch):
     images = [random_image(i) for i in range(8)]
     one: dict = {}
     many: dict = {}
     batch.run(model, images, PROMPT, max_tokens=12, parallel=1, progress=False, stats=one)
-    batch.run(model, images, PROMPT, max_tokens=12, parallel=4, progress=False, stats=many)
-    assert one["tokens_generated"] == many["tokens_generated"]
-    # Sequential: one step per generated token or prompt; parallel: several sequences per step.
+    queued_first(model, monkeypatch, len(images))
+    records = batch.run(model, images, PROMPT, max_tokens=12, parallel=4, progress=False, stats=many)
+    assert one["tokens_generated"] == many["tokens_generated"] == sum(r.tokens for r in records)
+    assert many["max_sequences"] == 4
+    # Sequential: one step per generated token or prompt; parallel: four sequences per step.
     assert many["decode_steps"] < one["decode_steps"] / 2
+
+
+def test_a_runner_started_after_finish_refuses_a_job_past_its_queue(model):
+    runner = model._start_batch_runner(prefix="", suffix=PROMPT, queue_size=2, start_after_finish=True)
+    try:
+        pixels = random_image(0)
+        runner.submit(0, pixels, "a", "a")
+        runner.submit(1, pixels, "b", "b")
+        with pytest.raises(ValueError, match="queue of 2 jobs is full"):
+            runner.submit(2, pixels, "c", "c")
+        assert runner.stats().jobs_submitted == 2 and runner.stats().decode_steps == 0
+        runner.finish()
+        results = [runner.next(), runner.next()]
+        assert sorted(r.id for r in results) == [0, 1] and all(not r.error for r in results)
+        assert runner.next() is None
+    finally:
+        runner.close()
 
 
 def test_duplicates_are_encoded_once(model):

@@ -43,7 +43,7 @@ void register_batch(py::module_ & m) {
             [](std::shared_ptr<Model> model, const std::string & prefix, const std::string & suffix,
                int32_t n_parallel, int32_t max_tokens, int32_t n_ctx, int32_t n_batch, int32_t n_threads,
                const SamplingParams & sampling, std::vector<std::string> stop, int32_t queue_size,
-               int32_t encode_ahead) {
+               int32_t encode_ahead, bool start_after_finish) {
                 BatchParams p;
                 p.prefix = prefix;
                 p.suffix = suffix;
@@ -56,14 +56,16 @@ void register_batch(py::module_ & m) {
                 p.stop = std::move(stop);
                 p.queue_size = queue_size;
                 p.encode_ahead = encode_ahead;
+                p.start_after_finish = start_after_finish;
                 return without_gil([&] { return BatchRunner::start(std::move(model), p); });
             },
             py::arg("model"), py::kw_only(), py::arg("prefix"), py::arg("suffix"), py::arg("n_parallel") = 4,
             py::arg("max_tokens") = 64, py::arg("n_ctx") = 0, py::arg("n_batch") = 512, py::arg("n_threads") = 0,
             py::arg("sampling") = SamplingParams{}, py::arg("stop") = std::vector<std::string>{},
-            py::arg("queue_size") = 0, py::arg("encode_ahead") = 0,
+            py::arg("queue_size") = 0, py::arg("encode_ahead") = 0, py::arg("start_after_finish") = false,
             "Start a runner for prefix + <image> + suffix (n_ctx 0: sized from the first image; queue_size 0: "
-            "2 * n_parallel; encode_ahead 0: n_parallel).")
+            "2 * n_parallel; encode_ahead 0: n_parallel; start_after_finish: the worker takes no job before "
+            "finish(), and submit() raises instead of blocking on a full queue).")
         .def(
             "submit",
             [](BatchRunner & runner, uint64_t id, py::object pixels, const std::string & digest,

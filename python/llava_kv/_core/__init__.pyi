@@ -557,7 +557,7 @@ class BatchRunner:
     def start(
         model: Model, *, prefix: str, suffix: str, n_parallel: int = 4, max_tokens: int = 64, n_ctx: int = 0,
         n_batch: int = 512, n_threads: int = 0, sampling: SamplingParams = ..., stop: list[str] = ...,
-        queue_size: int = 0, encode_ahead: int = 0,
+        queue_size: int = 0, encode_ahead: int = 0, start_after_finish: bool = False,
     ) -> BatchRunner: ...
     def submit(
         self, id: int, pixels: Any, digest: str, source: str, error: str = "", load_ms: float = 0.0
