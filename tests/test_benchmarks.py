@@ -190,3 +190,23 @@ def test_smoke_run_blend_reports_cost_and_drift(smoke_run: Path) -> None:
         assert 0 <= drift["greedy_leading_median"] <= drift["greedy_tokens"] == 32
     assert b["ours"] == d["blend"]["32"]["ms"] or abs(b["ours"] - d["blend"]["32"]["ms"]) < 1e-3
     assert b["limit"] == round(d["exact_ms"], 3) and "reason" in d["real_gemma"]  # the tiny preset: not run
+
+
+def test_llama_server_is_built_from_our_pin_or_b11434() -> None:
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks.harness import llama_server
+        from benchmarks.harness.llama_cpp_python import _fetcher
+    finally:
+        sys.path.remove(str(ROOT))
+    fetch = _fetcher()
+    pinned = llama_server.source("pinned")
+    # the very sdist and hash llava-kv's own build fetches, and the tree inside it
+    assert (pinned.sdist_file, pinned.sha256) == (fetch.SDIST_FILE, fetch.SDIST_SHA256)
+    assert pinned.tree == f"llama_cpp_python-{fetch.SDIST_VERSION}/vendor/llama.cpp/"
+    assert fetch.LLAMA_CPP_COMMIT[:7] in pinned.label and fetch.LLAMA_CPP_COMMIT[:7] in pinned.description
+    assert llama_server.source("b11434") is llama_server.B11434
+    # two builds never share a folder (the suite's peer stays where LLAVA_KV_SERVER_DIR puts it)
+    assert llama_server.default_dir(pinned) != llama_server.default_dir(llama_server.B11434)
+    with pytest.raises(ValueError, match="unknown llama-server source 'b9999'"):
+        llama_server.source("b9999")

