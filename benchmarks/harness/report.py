@@ -234,10 +234,13 @@ def _note(key: str, e: dict[str, Any], results: Optional[dict[str, Any]] = None)
             why = e.get("notes", {}).get(side)
             cached = e["details"].get("cached_replacement_ms")
             if not why and side == "server" and key.startswith("replace_") and cached is not None:
-                # the never-seen image's encode dominates this edit; the cached edit shows the rest
-                why = (f"its newer llama.cpp encodes the never-seen image faster; our encode is about "
-                       f"{_num(e['ours'] - cached)} ms of our {_num(e['ours'])} ms (cached replacement "
-                       f"{_num(cached)} ms), its whole edit {_num(e['server'])} ms")
+                # the cached edit splits ours into the encode and the rest; the cause is not the llama.cpp
+                # version (scenarios/server_versions.py: llama-server at our pin encodes and prefills
+                # within 3 % of b11434's)
+                why = (f"our encode is about {_num(e['ours'] - cached)} ms of our {_num(e['ours'])} ms, the rest "
+                       f"(the invalidated suffix's decode) {_num(cached)} ms; its whole edit {_num(e['server'])} ms; "
+                       "not the newer llama.cpp (llama-server built at our pin encodes and prefills within 3 % of "
+                       "it: benchmarks/README.md); not explained yet")
             parts.append(f"**{name} wins** ({_ratio(ratio)})" + (f": {why}" if why else ""))
     return "; ".join(parts)
 
