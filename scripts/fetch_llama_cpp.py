@@ -27,6 +27,7 @@ SDIST_VERSION = "0.3.36"
 SDIST_FILE = f"llama_cpp_python-{SDIST_VERSION}.tar.gz"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 LLAMA_CPP_COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
+SDIST_TREE = f"llama_cpp_python-{SDIST_VERSION}/vendor/llama.cpp/"  # the llama.cpp tree inside the sdist
 
 # What the build of llama + ggml (all backends, so any can be chosen at build time) + mtmd needs,
 # and of common/ the JSON Schema -> grammar converter with what it includes.
@@ -132,7 +133,7 @@ def sanitize(member: tarfile.TarInfo) -> None:
 
 
 def extract(sdist: Path, dest: Path) -> None:
-    prefix = f"llama_cpp_python-{SDIST_VERSION}/vendor/llama.cpp/"
+    prefix = SDIST_TREE
     staging = Path(tempfile.mkdtemp(prefix=".llama.cpp-", dir=dest.parent))
     try:
         with tarfile.open(sdist, "r:gz") as tar:

@@ -203,7 +203,7 @@ def test_llama_server_is_built_from_our_pin_or_b11434() -> None:
     pinned = llama_server.source("pinned")
     # the very sdist and hash llava-kv's own build fetches, and the tree inside it
     assert (pinned.sdist_file, pinned.sha256) == (fetch.SDIST_FILE, fetch.SDIST_SHA256)
-    assert pinned.tree == f"llama_cpp_python-{fetch.SDIST_VERSION}/vendor/llama.cpp/"
+    assert pinned.tree == fetch.SDIST_TREE == f"llama_cpp_python-{fetch.SDIST_VERSION}/vendor/llama.cpp/"
     assert fetch.LLAMA_CPP_COMMIT[:7] in pinned.label and fetch.LLAMA_CPP_COMMIT[:7] in pinned.description
     assert llama_server.source("b11434") is llama_server.B11434
     # two builds never share a folder (the suite's peer stays where LLAVA_KV_SERVER_DIR puts it)

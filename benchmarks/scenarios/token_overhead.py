@@ -187,8 +187,9 @@ def run_token_overhead(ctx: Context) -> dict[str, dict[str, Any]]:
     # from the stream also holds whatever changed on the machine between the two).
     native = ms(per["native_step"])
     python_ms = None if ours is None or native is None else round(ours - native, 5)
+    all_ms = {k: [round(x * 1000, 4) for x in v] for k, v in r["all_per_token_s"].items()}
     server_all = [round(x * 1000, 4) for x in r.get("server_all_per_token_s") or []]
-    ours_all = [round(x * 1000, 4) for x in r["all_per_token_s"].get("stream") or []]
+    ours_all = all_ms.get("stream") or []
     server_note = None
     if python_ms is not None and server_all and ours_all:
         server_note = (f"the Python around our stream costs {python_ms:.3f} ms per token over the bare native step; "
@@ -206,7 +207,7 @@ def run_token_overhead(ctx: Context) -> dict[str, dict[str, Any]]:
                          "session.generate(stream=True) consumed piece by piece; llama-cpp-python and "
                          "llama-server: streaming chat completion (time between the first and the last chunk)",
                  "limit_source": source, "ms_per_token": {k: ms(v) for k, v in per.items()},
-                 "all_ms_per_token": {k: [round(x * 1000, 4) for x in v] for k, v in r["all_per_token_s"].items()},
+                 "all_ms_per_token": all_ms,
                  "peer_all_ms_per_token": [round(x * 1000, 4) for x in r.get("peer_all_per_token_s") or []],
                  "server_all_ms_per_token": server_all,
                  "cpp_loop_vs_native_step": r.get("cpp_loop_vs_native_step"),
