@@ -23,6 +23,11 @@ double ms_between(Clock::time_point a, Clock::time_point b) {
     return std::chrono::duration<double, std::milli>(b - a).count();
 }
 
+uint64_t next_runner_id() {
+    static std::atomic<uint64_t> last{0};
+    return ++last;
+}
+
 }  // namespace
 
 // An image ready for a sequence: its embedding (or why there is none) and the times so far.
@@ -59,7 +64,7 @@ std::shared_ptr<BatchRunner> BatchRunner::start(std::shared_ptr<Model> model, co
 }
 
 BatchRunner::BatchRunner(std::shared_ptr<Model> model, const BatchParams & params)
-    : model_(std::move(model)), params_(params) {
+    : id_(next_runner_id()), model_(std::move(model)), params_(params) {
     if (params_.n_parallel < 1 || params_.n_parallel > 255) {
         throw std::invalid_argument("parallel must be in [1, 255], got " + std::to_string(params_.n_parallel));
     }
@@ -111,7 +116,7 @@ BatchRunner::BatchRunner(std::shared_ptr<Model> model, const BatchParams & param
 BatchRunner::~BatchRunner() { close(); }
 
 bool BatchRunner::abort_requested(void * self) {
-    return static_cast<BatchRunner *>(self)->stop_.load(std::memory_order_relaxed);
+    return static_cast<const BatchRunner *>(self)->stopping();
 }
 
 std::shared_lock<std::shared_mutex> BatchRunner::acquire_hold() const {
@@ -128,6 +133,9 @@ std::shared_lock<std::shared_mutex> BatchRunner::acquire_hold() const {
 
 void BatchRunner::submit(BatchJob job) {
     std::unique_lock<std::mutex> lock(mutex_);
+    if (cancel_run_.load()) {
+        throw CancelledError("the batch run was cancelled");
+    }
     if (input_done_) {
         throw std::logic_error("submit() after finish()");
     }
@@ -135,9 +143,14 @@ void BatchRunner::submit(BatchJob job) {
         throw std::length_error("the queue of " + std::to_string(params_.queue_size) +
                                 " jobs is full and the worker starts only after finish(): raise queue_size");
     }
-    changed_.wait(lock, [&] { return stop_.load() || input_.size() < static_cast<size_t>(params_.queue_size); });
+    changed_.wait(lock, [&] {
+        return stop_.load() || cancel_run_.load() || input_.size() < static_cast<size_t>(params_.queue_size);
+    });
     if (stop_.load()) {
         throw ClosedError("the batch runner is closed");
+    }
+    if (cancel_run_.load()) {
+        throw CancelledError("the batch run was cancelled");
     }
     stats_.jobs_submitted += 1;
     job.submitted = Clock::now();
@@ -177,6 +190,11 @@ BatchStats BatchRunner::stats() const {
     return stats_;
 }
 
+std::vector<MemoryEntry> BatchRunner::memory_entries() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return memory_;
+}
+
 void BatchRunner::request_stop() {
     stop_.store(true);
     std::lock_guard<std::mutex> lock(mutex_);
@@ -194,7 +212,66 @@ void BatchRunner::close() {
     }
     batch_.reset();
     ctx_.reset();
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        memory_.clear();
+    }
     closed_.store(true);
+}
+
+void BatchRunner::cancel_run() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    cancel_run_.store(true);
+    input_done_ = true;
+    changed_.notify_all();
+}
+
+void BatchRunner::restart() {
+    std::lock_guard<std::mutex> guard(close_mutex_);  // not while close() joins the worker
+    auto refuse_if_dead = [&] {
+        if (!failure_.empty()) {
+            throw Error("the batch runner failed and stopped: " + failure_);
+        }
+        if (closed_.load() || stop_.load()) {
+            throw ClosedError(model_->closed() ? "the model was closed" : "the batch runner is closed");
+        }
+    };
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        refuse_if_dead();
+        if (!cancel_run_.load() && !(input_done_ && returned_ == stats_.jobs_submitted)) {
+            throw std::logic_error("a batch run is still going on: take all its results (or cancel it) first");
+        }
+    }
+    if (worker_.joinable()) {
+        worker_.join();  // it returns once the run's input is done and its sequences are free
+    }
+    std::lock_guard<std::mutex> lock(mutex_);
+    refuse_if_dead();
+    input_.clear();
+    results_.clear();
+    input_done_ = false;
+    returned_ = 0;
+    BatchStats fresh;
+    fresh.n_ctx = stats_.n_ctx;
+    fresh.prefix_tokens = stats_.prefix_tokens;
+    fresh.context_reused = static_cast<bool>(ctx_);
+    stats_ = fresh;
+    cancel_run_.store(false);
+    worker_ = std::thread([this] { worker_loop(); });
+}
+
+void BatchRunner::drop_run(std::vector<Slot> & slots) {
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        input_.clear();
+    }
+    ready_.clear();
+    for (auto & slot : slots) {
+        if (slot.job) {
+            fail_slot(slot, "cancelled");  // frees its sequence for the next run
+        }
+    }
 }
 
 void BatchRunner::emit(BatchResult && result, bool failed) {
@@ -332,7 +409,11 @@ void BatchRunner::create_context(const Ready & first) {
     if (status != 0) {
         throw Error("decoding the shared prompt prefix failed (status " + std::to_string(status) + ")");
     }
+    MemoryEntry tag;
+    tag.batch_id = id_;
+    std::vector<MemoryEntry> memory = context_memory(ctx_.get(), tag);
     std::lock_guard<std::mutex> lock(mutex_);
+    memory_ = std::move(memory);
     stats_.n_ctx = static_cast<int32_t>(llama_n_ctx(ctx_.get()));
     stats_.prefix_tokens = prefix_.size();
     stats_.tokens_decoded += prefix_.size();
@@ -366,7 +447,7 @@ bool BatchRunner::admit(Slot & slot, Ready && job) {
     const int32_t status = decode_image(model_->projector(), ctx_.get(), image, slot.step.pos, slot.step.seq,
                                         params_.n_batch, false, counts);
     if (status != 0) {
-        fail_slot(slot, stop_.load() ? "stopped" : "decoding the image failed (status " + std::to_string(status) + ")");
+        fail_slot(slot, stopping() ? "stopped" : "decoding the image failed (status " + std::to_string(status) + ")");
         return false;
     }
     slot.n_prompt = static_cast<int32_t>(counts.text_tokens + counts.image_tokens);
@@ -442,7 +523,7 @@ void BatchRunner::decode_step(std::vector<Slot> & slots) {
         return llama_process(ctx_.get(), LLAMA_PROCESS_TYPE_DECODE, b);
     });
     if (d.status != 0) {
-        const std::string why = stop_.load() ? std::string("stopped")
+        const std::string why = stopping() ? std::string("stopped")
                                              : "decoding failed (status " + std::to_string(d.status) + ")";
         for (auto & slot : slots) {
             if (slot.job && (slot.step.out >= 0 || slot.step.prompt_taken > 0)) {
@@ -481,10 +562,17 @@ void BatchRunner::decode_step(std::vector<Slot> & slots) {
     }
     draw_slots(*model_, live);
     for (auto & slot : slots) {
+        generated += slot.job ? slot.reply->n_tokens() : 0;
+    }
+    {
+        // Counted before any result of this step goes out: a caller that has every result reads final counters.
+        std::lock_guard<std::mutex> lock(mutex_);
+        stats_.tokens_generated += static_cast<uint64_t>(generated);
+    }
+    for (auto & slot : slots) {
         if (!slot.job) {
             continue;
         }
-        generated += slot.reply->n_tokens();
         if (slot.reply->done()) {
             if (slot.reply->finish_reason() == "error") {
                 fail_slot(slot, slot.reply->error());  // this job alone: the others go on
@@ -493,8 +581,6 @@ void BatchRunner::decode_step(std::vector<Slot> & slots) {
             }
         }
     }
-    std::lock_guard<std::mutex> lock(mutex_);
-    stats_.tokens_generated += static_cast<uint64_t>(generated);
 }
 
 void BatchRunner::worker_loop() {
@@ -526,6 +612,10 @@ void BatchRunner::run_jobs() {
         changed_.wait(lock, [&] { return stop_.load() || input_done_; });
     }
     while (!stop_.load()) {
+        if (cancel_run_.load()) {
+            drop_run(slots);
+            return;
+        }
         size_t free = 0;
         for (const auto & slot : slots) {
             free += slot.job ? 0 : 1;
@@ -537,7 +627,7 @@ void BatchRunner::run_jobs() {
             std::unique_lock<std::mutex> lock(mutex_);
             if (free == slots.size() && ready_.empty()) {
                 changed_.wait(lock, [&] { return stop_.load() || !input_.empty() || input_done_; });
-                if (stop_.load() || (input_.empty() && input_done_)) {
+                if (stop_.load() || cancel_run_.load() || (input_.empty() && input_done_)) {
                     return;
                 }
             }

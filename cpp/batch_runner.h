@@ -88,6 +88,7 @@ struct BatchStats {
     uint64_t decode_steps = 0;    // batched decode calls carrying prompt or generated tokens
     uint64_t max_sequences = 0;   // most sequences carried by one decode step
     int32_t n_ctx = 0;            // KV cells of the whole context, once created
+    bool context_reused = false;  // this run found the context and the shared prefix's KV from an earlier run
 };
 
 class BatchRunner {
@@ -108,8 +109,18 @@ class BatchRunner {
     bool next(BatchResult & out);
     // Stops the worker and frees the context; idempotent. Results not yet taken are dropped.
     void close();
+    // Runs again on the same context, the shared prefix's KV cells kept: once the last run's results
+    // were all taken (or it was cancelled), the runner takes jobs again, its counters start over and
+    // every job's seed is as in a fresh runner. Throws std::logic_error while a run is going on,
+    // ClosedError once closed, Error if the worker failed.
+    void restart();
+    // Ends the current run early: no more jobs are taken (submit() throws CancelledError), queued
+    // ones are dropped, running ones stop at once, and their sequences are cleared for the next run.
+    void cancel_run();
     bool closed() const { return closed_.load(); }
     BatchStats stats() const;
+    // Its context's KV cache and compute buffers per device (none before the first image or once closed).
+    std::vector<MemoryEntry> memory_entries() const;
     const BatchParams & params() const { return params_; }
 
     // For Model::close(): ask the worker to stop before it waits for the model (then close()).
@@ -137,16 +148,21 @@ class BatchRunner {
     void finish_slot(Slot & slot, const char * reason);
     void fail_slot(Slot & slot, const std::string & error);
     void emit(BatchResult && result, bool failed);
+    // A cancelled run's end: queued and encoded jobs dropped, running ones failed and their sequences cleared.
+    void drop_run(std::vector<Slot> & slots);
 
     static bool abort_requested(void * self);
+    bool stopping() const { return stop_.load() || cancel_run_.load(); }
 
     LiveObject live_{LiveKind::BatchRunner};
+    const uint64_t id_;  // names its memory entries
     std::shared_ptr<Model> model_;
     BatchParams params_;
     std::vector<llama_token> prefix_;  // BOS included where the model adds it
     std::vector<llama_token> suffix_;
 
     std::atomic<bool> stop_{false};
+    std::atomic<bool> cancel_run_{false};
     std::atomic<bool> closed_{false};
     std::mutex close_mutex_;
 
@@ -157,6 +173,7 @@ class BatchRunner {
     bool input_done_ = false;
     uint64_t returned_ = 0;
     BatchStats stats_;
+    std::vector<MemoryEntry> memory_;  // what ctx_ holds, taken when it is created
     std::string failure_;  // why the worker stopped, if it failed
 
     // Owned by the worker thread (and close(), after joining it).

@@ -372,6 +372,28 @@ void Model::check_context_memory(int64_t n_cells) const {
     }
 }
 
+std::vector<MemoryEntry> context_memory(llama_context * ctx, const MemoryEntry & tag) {
+    std::map<std::string, std::pair<size_t, size_t>> by_device;
+    for (const auto & [buft, data] : llama_get_memory_breakdown(ctx)) {
+        auto & slot = by_device[buft_device_name(buft)];
+        slot.first += data.context;
+        slot.second += data.compute;
+    }
+    std::vector<MemoryEntry> out;
+    for (const auto & [device, sizes] : by_device) {
+        for (const auto & [component, bytes] : {std::pair{"kv", sizes.first}, std::pair{"compute", sizes.second}}) {
+            if (bytes) {
+                MemoryEntry e = tag;
+                e.component = component;
+                e.device = device;
+                e.bytes = bytes;
+                out.push_back(std::move(e));
+            }
+        }
+    }
+    return out;
+}
+
 MemoryReport Model::memory() const {
     auto lock = hold();
     MemoryReport report;
@@ -389,6 +411,18 @@ MemoryReport Model::memory() const {
     for (const auto & session : live_sessions()) {
         for (auto & entry : session->memory_entries()) {
             report.entries.push_back(std::move(entry));
+        }
+    }
+    std::vector<std::weak_ptr<BatchRunner>> runners;
+    {
+        std::lock_guard<std::mutex> guard(sessions_mutex_);
+        runners = runners_;
+    }
+    for (const auto & weak : runners) {
+        if (auto runner = weak.lock()) {
+            for (auto & entry : runner->memory_entries()) {
+                report.entries.push_back(std::move(entry));
+            }
         }
     }
     report.devices = devices();

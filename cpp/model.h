@@ -51,12 +51,17 @@ struct MemoryEntry {
     std::string device;
     size_t bytes = 0;
     uint64_t session_id = 0;  // the session a "kv" / "compute" entry belongs to (0: the model's own)
+    uint64_t batch_id = 0;    // or the batch runner it belongs to
 };
 
 struct MemoryReport {
     std::vector<MemoryEntry> entries;
     std::vector<DeviceInfo> devices;
 };
+
+// A context's KV cache ("kv") and compute buffers ("compute") per device: each entry a copy of
+// `tag` (which names the session or the batch runner) with its component, device and bytes.
+std::vector<MemoryEntry> context_memory(llama_context * ctx, const MemoryEntry & tag);
 
 
 // Frees a llama_context, then the CPU thread pool it computed on (Model::new_context).

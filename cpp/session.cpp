@@ -340,21 +340,9 @@ std::vector<MemoryEntry> Session::memory_entries() const {
     if (first_open != seq_) {
         return out;
     }
-    std::map<std::string, std::pair<size_t, size_t>> by_device;
-    for (const auto & [buft, data] : llama_get_memory_breakdown(ctx())) {
-        auto & slot = by_device[buft_device_name(buft)];
-        slot.first += data.context;
-        slot.second += data.compute;
-    }
-    for (const auto & [device, sizes] : by_device) {
-        if (sizes.first) {
-            out.push_back({"kv", device, sizes.first, id_});
-        }
-        if (sizes.second) {
-            out.push_back({"compute", device, sizes.second, id_});
-        }
-    }
-    return out;
+    MemoryEntry tag;
+    tag.session_id = id_;
+    return context_memory(ctx(), tag);
 }
 
 }  // namespace llava_kv

@@ -263,7 +263,7 @@ def test_the_gil_is_released_while_it_runs(llava_pair):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "records 0 1 True True" in proc.stdout, proc.stdout
     # The loader saw the consumer inside the runner's next(), the only call there that waits.
-    assert "consumer was in iter_run at a native next(): True" in proc.stdout, proc.stdout
+    assert "consumer was in _records at a native next(): True" in proc.stdout, proc.stdout
 
 
 def test_per_item_context_limit(model):

@@ -108,6 +108,12 @@ void register_batch(py::module_ & m) {
              },
              "The next finished job, as jobs complete (blocks); None once every result is taken after finish().")
         .def("close", released(&BatchRunner::close), "Stop the worker and free the context; idempotent.")
+        .def("restart", released(&BatchRunner::restart),
+             "Take jobs again on the same context (the shared prefix's KV kept) once every result of the run "
+             "was taken or the run was cancelled; counters start over. RuntimeError while a run is going on.")
+        .def("cancel_run", released(&BatchRunner::cancel_run),
+             "End the current run early: submit() raises CancelledError, queued jobs are dropped, running ones "
+             "stop; restart() then runs again on the same context.")
         .def_property_readonly("closed", &BatchRunner::closed, "close() has run")
         .def("stats", released(&BatchRunner::stats), "Counters of the runner's work so far.");
 }

@@ -290,6 +290,8 @@ void register_results(py::module_ & m) {
                "batched decode calls carrying prompt or generated tokens")
         .field("max_sequences", &BatchStats::max_sequences, "most sequences carried by one decode step")
         .field("n_ctx", &BatchStats::n_ctx, "KV cells of the runner's context (0 until it is created)")
+        .field("context_reused", &BatchStats::context_reused,
+               "this run found the context and the shared prompt's KV cells from an earlier run")
         .done();
 
     ResultClass<EmbeddingCacheStats>(m, "EmbeddingCacheStats", "The model's shared embedding cache: use and size.")
@@ -328,11 +330,13 @@ void register_results(py::module_ & m) {
 
     ResultClass<MemoryEntry>(m, "MemoryEntry", "Bytes one component of a model holds on one device.")
         .field("component", &MemoryEntry::component,
-               "'weights', 'projector', 'embedding_cache', or a session's 'kv' / 'compute'")
+               "'weights', 'projector', 'embedding_cache', or a session's or batch runner's 'kv' / 'compute'")
         .field("device", &MemoryEntry::device, "the device's name ('CPU', 'Vulkan0', 'CUDA0')")
         .field("bytes", &MemoryEntry::bytes, "bytes held")
         .field("session_id", &MemoryEntry::session_id,
-               "the session of a 'kv' / 'compute' entry (0: the model's own)")
+               "the session of a 'kv' / 'compute' entry (0: not a session's)")
+        .field("batch_id", &MemoryEntry::batch_id,
+               "the batch runner of a 'kv' / 'compute' entry (0: not a batch runner's)")
         .done();
 
     ResultClass<MemoryReport>(m, "MemoryReport", "What a model holds, per component and device, and the devices.")

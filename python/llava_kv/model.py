@@ -43,6 +43,7 @@ class MemoryReport(TypedDict):
     projector: dict[str, int]
     embedding_cache: dict[str, int]
     sessions: dict[int, dict[str, dict[str, int]]]  # id -> {"kv": {dev: n}, "compute": {dev: n}}
+    batches: dict[int, dict[str, dict[str, int]]]  # a live batch runner's context, the same way
     total: dict[str, int]
     devices: dict[str, _core.Device]
 
@@ -310,17 +311,19 @@ class Model(NativeObject[_core.Model]):
         """Bytes held, per component and device, plus each device's free/total memory.
 
         ``{"weights": {dev: n}, "projector": {dev: n}, "embedding_cache": {dev: n},
-        "sessions": {id: {"kv": {dev: n}, "compute": {dev: n}}}, "total": {dev: n},
+        "sessions": {id: {"kv": {dev: n}, "compute": {dev: n}}}, "batches": {id: {...}} (the context
+        of each batch runner alive, e.g. a :class:`llava_kv.batch.Runner`), "total": {dev: n},
         "devices": {name: Device}}``: each :class:`llava_kv.Device` with its ``type``, ``free``,
         ``total`` and ``allocated`` (this process's live buffers there, the device ledger).
         """
         native = self._core.memory()
-        report: MemoryReport = {"weights": {}, "projector": {}, "embedding_cache": {}, "sessions": {}, "total": {},
-                                "devices": {}}
+        report: MemoryReport = {"weights": {}, "projector": {}, "embedding_cache": {}, "sessions": {}, "batches": {},
+                                "total": {}, "devices": {}}
         for e in native.entries:
             slot: dict[str, int]
-            if e.session_id:
-                slot = report["sessions"].setdefault(e.session_id, {"kv": {}, "compute": {}})[e.component]
+            if e.session_id or e.batch_id:
+                owners = report["sessions"] if e.session_id else report["batches"]
+                slot = owners.setdefault(e.session_id or e.batch_id, {"kv": {}, "compute": {}})[e.component]
             else:
                 slot = report[e.component]  # type: ignore[literal-required]
             slot[e.device] = slot.get(e.device, 0) + e.bytes

@@ -2,7 +2,8 @@
 
 Install with ``pip install "llava-kv[ray]"``. ``ImagePrompter`` is a callable class for
 ``ray.data.Dataset.map_batches``; Ray starts ``concurrency`` actors, each loads the model once and
-runs every batch it receives through :func:`llava_kv.batch.run`::
+runs every batch it receives through one :class:`llava_kv.batch.Runner` (its context and the
+prompt's shared prefix are made once per actor, not once per batch)::
 
     import ray
     from llava_kv.ray import ImagePrompter
@@ -24,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .batch import run
+from .batch import Runner
 from .model import Model
 
 __all__ = ["ImagePrompter", "prompt_dataset"]
@@ -44,15 +45,18 @@ class ImagePrompter:
                  max_tokens: int = 64, parallel: int = 4, image_column: str = "image", n_gpu_layers: int = 0,
                  n_threads: int | None = None, **batch_kwargs: Any) -> None:
         self.model = Model.load(model_path, mmproj_path, n_gpu_layers=n_gpu_layers, n_threads=n_threads)
-        self.prompt = prompt
         self.image_column = image_column
-        self.kwargs = dict(batch_kwargs, max_tokens=max_tokens, parallel=parallel, progress=False)
+        try:
+            self.runner = Runner(self.model, prompt, max_tokens=max_tokens, parallel=parallel, **batch_kwargs)
+        except BaseException:
+            self.model.close()
+            raise
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         if self.image_column not in batch:
             raise KeyError(f"the batch has no column {self.image_column!r} (columns: {sorted(batch)})")
         images = list(batch[self.image_column])
-        records = run(self.model, images, self.prompt, **self.kwargs)
+        records = self.runner.run(images, progress=False)
         out = dict(batch)
         out["text"] = np.array([r.text for r in records], dtype=object)
         out["tokens"] = np.array([r.tokens for r in records], dtype=np.int64)
@@ -63,6 +67,8 @@ class ImagePrompter:
         return out
 
     def close(self) -> None:
+        if hasattr(self, "runner"):
+            self.runner.close()
         self.model.close()
 
     def __del__(self) -> None:
