@@ -208,10 +208,8 @@ def _note(key: str, e: dict[str, Any], results: Optional[dict[str, Any]] = None)
                     f"(`{str(results.get('llama_cpp_commit'))[:8]}`)")
             if peer.get("ratio") is not None:
                 text += f"; llama-cpp-python, on our commit, reads {peer['ratio']}x"
-            text += ": the turn-1 gap is that llama.cpp's image encode and prefill"
-            tokens = ((results.get("scenarios") or {}).get("token_overhead") or {}).get("ratios", {})
-            if tokens.get("server_vs_ours") is not None:
-                text += f" (per generated token it costs {tokens['server_vs_ours']}x ours)"
+            text += ("; the version is not the gap: scenarios/server_versions.py measured llama-server's image "
+                     "encode and prefill at our commit within 6 % of b11434's (results/server_versions-*.json)")
             parts.append(text)
             calls = ((results.get("scenarios") or {}).get("multi_turn") or {}).get("details", {}).get("server_calls")
             reused = (calls or [{}])[0].get("prompt_reused")

@@ -186,7 +186,8 @@ def measure(pair: TestModel, *, n_images: int = 16, max_tokens: int = 32, parall
         "ours_stage_ms": {k: statistics.median(r.timings[k] for r in records) for k in records[0].timings},
         "ours_process": "this process, warm, in rounds alternating with llama-server's: one batch.Runner "
                         "kept across rounds",
-        "ours_fresh_call_wall_s": fresh_walls, "ours_fresh_call_images_per_s": n_images / statistics.median(fresh_walls),
+        "ours_fresh_call_wall_s": fresh_walls,
+        "ours_fresh_call_images_per_s": n_images / statistics.median(fresh_walls),
         "limit": limit})
     if server_walls:
         result.update(server_wall_s=server_walls, server_images_per_s=n_images / statistics.median(server_walls),
@@ -221,7 +222,9 @@ def run_batch(ctx: Context) -> dict[str, dict[str, Any]]:
                     f"per-sequence cost of a {p.parallel}-wide batched step (measured here, no overlap assumed)",
         reasons=ctx.peer_reasons(r),
         details={"what": f"caption {p.batch_images} distinct images, {p.batch_tokens}-token greedy answers; ours: "
-                         f"one llava_kv.batch.Runner(parallel={p.parallel}) kept across rounds (a fresh batch.run per round in details: ours_fresh_call_images_per_s); llama-server: --parallel {p.parallel} with "
+                         f"one llava_kv.batch.Runner(parallel={p.parallel}) kept across rounds (a fresh "
+                         "batch.run per round: ours_fresh_call_images_per_s); llama-server: "
+                         f"--parallel {p.parallel} with "
                          f"continuous batching, {p.parallel} concurrent requests; llama-cpp-python: a loop over "
                          "Llava15ChatHandler",
                  **{k: v for k, v in r.items() if k not in ("ours_images_per_s", "peer_images_per_s",

@@ -17,6 +17,7 @@ LLaVA-1.5 (its system message, "USER: ... ASSISTANT:") and greedy decoding.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import statistics
 import sys
@@ -41,6 +42,7 @@ from benchmarks.harness.scenario import emit, entry  # noqa: E402
 # The control row: identical work on every side must agree within this factor, or the suite says which
 # setting differs.
 CONTROL_TOLERANCE = 1.10
+SETTLE_S = 0.25  # between alternating sides (see settle())
 
 
 def write_images(pair: TestModel, folder: Path, n: int) -> list[Path]:
@@ -92,6 +94,12 @@ def _conversation(model: lk.Model, png: Path, *, turns: int, max_tokens: int, n_
     return out
 
 
+def settle() -> None:
+    """A pause before a side's turn: threads the other side left spinning after its last step (an OpenMP
+    team's wait, a thread pool's poll) go to sleep first instead of taking a core from this side."""
+    time.sleep(SETTLE_S)
+
+
 def _medians(runs: list[list[float]]) -> list[float]:
     return [round(statistics.median(r[t] for r in runs), 6) for t in range(len(runs[0]))]
 
@@ -107,15 +115,41 @@ def measure(pair: TestModel, *, turns: int = 5, max_tokens: int = 16, n_ctx: int
     """Seconds per turn (medians over ``repeats`` whole conversations, each about a never-seen image)
     for llava-kv, its floor and, with ``peer``, llama-cpp-python, and with ``server`` (a
     ``llama_server.LlamaServer`` factory taking ``parallel`` and ``n_ctx``) llama-server; returns the
-    JSON-ready result. Turn 1 of each side is the control: the same work everywhere."""
+    JSON-ready result. Turn 1 of each side is the control: the same work everywhere.
+
+    Ours and llama-server alternate, one conversation each per round (both warm), so a change in the
+    machine's speed hits both sides; llama-cpp-python runs its conversations after, in its own venv."""
+    from benchmarks.peers import openai_chat
+
     folder = workdir or Path(tempfile.mkdtemp())
     pngs = write_images(pair, folder, repeats + 1)
     warm, images = pngs[0], pngs[1:]
-    runs = []
-    with lk.Model.load(pair.model_path, pair.mmproj_path, **(load_kwargs or {})) as model:
+    runs, server_outs = [], []
+    server_error = server_settings = None
+    with contextlib.ExitStack() as stack:
+        model = stack.enter_context(lk.Model.load(pair.model_path, pair.mmproj_path, **(load_kwargs or {})))
+        srv = None
+        if server is not None:
+            try:
+                # --cache-ram 0: no saved prompt may give turn 1 a head start (its slot's own cache still
+                # serves turns 2..N, which is what this scenario measures)
+                srv = stack.enter_context(server(parallel=1, n_ctx=n_ctx, cache_ram_mib=0))
+                openai_chat.multi_turn(srv, warm, system=SYSTEM_MESSAGE, turns=2, max_tokens=max_tokens, repeats=1)
+                server_settings = srv.settings_used()
+            except Exception as e:  # ServerError, OSError or an openai.APIError: the reason goes in the JSON
+                server_error, srv = f"{type(e).__name__}: {e}", None
         _conversation(model, warm, turns=2, max_tokens=max_tokens, n_ctx=n_ctx, floors=False)  # warm-up
         for png in images:
+            settle()
             runs.append(_conversation(model, png, turns=turns, max_tokens=max_tokens, n_ctx=n_ctx))
+            if srv is None:
+                continue
+            try:
+                settle()
+                server_outs.append(openai_chat.multi_turn(srv, png, system=SYSTEM_MESSAGE, turns=turns,
+                                                          max_tokens=max_tokens, repeats=1))
+            except Exception as e:  # noqa: BLE001 - as above
+                server_error, srv = f"{type(e).__name__}: {e}", None
     ours = _medians([r["ours"] for r in runs])
     # turn 1 has no floor
     floors: list[float | None] = [None, *_medians([r["floor"][1:] for r in runs])]  # type: ignore[misc]
@@ -153,27 +187,19 @@ def measure(pair: TestModel, *, turns: int = 5, max_tokens: int = 16, n_ctx: int
             result["ratios"]["peer_vs_ours_per_turn"] = [round(peer_s[i] / ours[i], 2) for i in later]
         except PeerError as e:
             result["peer_error"] = str(e)
-    if server is not None:
-        from benchmarks.peers import openai_chat
-
-        try:
-            # --cache-ram 0: no saved prompt may give turn 1 a head start (its slot's own cache still serves
-            # turns 2..N, which is what this scenario measures)
-            with server(parallel=1, n_ctx=n_ctx, cache_ram_mib=0) as srv:
-                openai_chat.multi_turn(srv, warm, system=SYSTEM_MESSAGE, turns=2, max_tokens=max_tokens, repeats=1)
-                outs = [openai_chat.multi_turn(srv, png, system=SYSTEM_MESSAGE, turns=turns, max_tokens=max_tokens,
-                                               repeats=1) for png in images]
-                result["settings"]["server"] = srv.settings_used()
-            runs_s, calls = [o["runs"][0] for o in outs], [o["calls"] for o in outs]
-            server_s = _medians(runs_s)
-            result.update(server_s=server_s, server_calls=calls[0],
-                          server_images_encoded=[c["encodes"] for c in calls[0]])
-            result["all_turn1_s"]["server"] = [round(r[0], 6) for r in runs_s]
-            result["median_later_turns_s"]["server"] = _later_median(server_s)
-            result["turn1_s"]["server"] = server_s[0]
-            result["ratios"]["server_vs_ours_per_turn"] = [round(server_s[i] / ours[i], 2) for i in later]
-        except Exception as e:  # ServerError, OSError or an openai.APIError: the reason goes in the JSON
-            result["server_error"] = f"{type(e).__name__}: {e}"
+    if server_error is not None:
+        result["server_error"] = server_error
+    elif server is not None:
+        runs_s, calls = [o["runs"][0] for o in server_outs], [o["calls"] for o in server_outs]
+        server_s = _medians(runs_s)
+        result["settings"]["server"] = server_settings
+        result.update(server_s=server_s, server_calls=calls[0],
+                      server_images_encoded=[c["encodes"] for c in calls[0]])
+        result["all_turn1_s"]["server"] = [round(r[0], 6) for r in runs_s]
+        result["all_server_s"] = [[round(x, 6) for x in r] for r in runs_s]
+        result["median_later_turns_s"]["server"] = _later_median(server_s)
+        result["turn1_s"]["server"] = server_s[0]
+        result["ratios"]["server_vs_ours_per_turn"] = [round(server_s[i] / ours[i], 2) for i in later]
     return result
 
 
@@ -233,6 +259,7 @@ def run_multi_turn(ctx: Context) -> dict[str, dict[str, Any]]:
                          f"{p.answer_tokens}-token greedy answers",
                  "turns": p.turns, "ours_s": r["ours_s"], "limit_s": r["floor_s"], "peer_s": r["peer_s"],
                  "server_s": r["server_s"], "all_ours_s": r["all_ours_s"],
+                 "all_server_s": r.get("all_server_s"),
                  "reused_tokens": r["reused_tokens"], "images_encoded": r["images_encoded"],
                  "server_calls": r.get("server_calls"), "server_images_encoded": r.get("server_images_encoded"),
                  "per_turn_ratios": r["ratios"]})
