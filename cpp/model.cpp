@@ -284,7 +284,11 @@ ContextPtr Model::new_context(const llama_context_params & cparams) const {
         return ctx;  // no pool to attach: llama.cpp's own (a build with OpenMP computes on its team)
     }
     ggml_threadpool_params tpp = ggml_threadpool_params_default(std::max(cparams.n_threads, cparams.n_threads_batch));
-    tpp.poll = 0;  // between graphs the workers sleep at once: the cores go to whatever else runs
+    // After a graph the workers poll for the next one briefly (level 1: about 131k pause rounds, a few
+    // ms) before they sleep. A stream returns to Python between tokens; with level 0 the workers slept
+    // in that gap and each token paid a wake-up, which on a VM after an idle spell cost 0.5-1 ms per
+    // token on the tiny preset (0.1 ms with level 1). Past those few ms an idle context's cores are free.
+    tpp.poll = 1;
     ggml_threadpool_t pool = api.create(&tpp);
     if (pool == nullptr) {
         return ctx;  // llama.cpp then makes a pool per graph: slower, still correct

@@ -45,6 +45,16 @@ def median_time(fn: Callable[[Any], Any], setup: Callable[[], Any] = lambda: Non
     return statistics.median(times), times
 
 
+SETTLE_S = 0.25  # the pause before each side's turn in alternating rounds
+
+
+def settle() -> None:
+    """A pause before a side's turn in alternating rounds: threads the other side left waiting after its
+    last step (an OpenMP team's spin, a thread pool's poll) go to sleep instead of taking a core from
+    this side. It matters where a turn takes milliseconds (the tiny preset)."""
+    time.sleep(SETTLE_S)
+
+
 def ms(x: Optional[float]) -> Optional[float]:
     """Seconds as milliseconds (None, a figure not measured, stays None)."""
     return None if x is None else x * 1000

@@ -143,32 +143,28 @@ def batch(srv: LlamaServer, image_sets: list[list[Path]], warm: list[Path], *, s
             "metrics": srv.metrics()}
 
 
-def token_overhead(srv: LlamaServer, png: Path, *, system: str, prompt: str, n_tokens: int,
-                   repeats: int) -> dict[str, Any]:
-    """Seconds per streamed chunk after the first (as peer_token_overhead.py), and the server's own
+class TokenStream:
+    """Seconds per streamed chunk after the first (as peer_token_overhead.py), one call at a time, so
+    a scenario can alternate them with its own repetitions; ``own_timings()``: the server's own
     per-token figure from ``timings`` of a non-streamed call, for comparison."""
-    messages = [{"role": "system", "content": system}, _user(data_uri(png), prompt)]
-    client = srv.client
 
-    def stream() -> tuple[float | None, int]:
+    def __init__(self, srv: LlamaServer, png: Path, *, system: str, prompt: str, n_tokens: int) -> None:
+        self.client = srv.client
+        self.messages = [{"role": "system", "content": system}, _user(data_uri(png), prompt)]
+        self.n_tokens = n_tokens
+
+    def per_token(self) -> tuple[float | None, int]:
         stamps = []
-        for chunk in client.chat.completions.create(model="m", messages=messages, max_tokens=n_tokens,
-                                                     temperature=0.0, seed=0, stream=True,
-                                                     extra_body={"repeat_penalty": 1.0}):
+        for chunk in self.client.chat.completions.create(model="m", messages=self.messages,
+                                                          max_tokens=self.n_tokens, temperature=0.0, seed=0,
+                                                          stream=True, extra_body={"repeat_penalty": 1.0}):
             if chunk.choices and chunk.choices[0].delta.content:
                 stamps.append(time.perf_counter())
         if len(stamps) < 2:
             return None, len(stamps)
         return (stamps[-1] - stamps[0]) / (len(stamps) - 1), len(stamps)
 
-    stream()  # warm-up
-    per_token, tokens = [], 0
-    for _ in range(repeats):
-        seconds, tokens = stream()
-        if seconds is not None:
-            per_token.append(seconds)
-    r = client.chat.completions.create(model="m", messages=messages, max_tokens=n_tokens, temperature=0.0, seed=0,
-                                       extra_body={"repeat_penalty": 1.0})
-    own = dict(getattr(r, "timings", None) or {})
-    return {"per_token_s": statistics.median(per_token) if per_token else None, "all_per_token_s": per_token,
-            "tokens": tokens, "own_timings": own}
+    def own_timings(self) -> dict[str, Any]:
+        r = self.client.chat.completions.create(model="m", messages=self.messages, max_tokens=self.n_tokens,
+                                                temperature=0.0, seed=0, extra_body={"repeat_penalty": 1.0})
+        return dict(getattr(r, "timings", None) or {})

@@ -37,12 +37,11 @@ from benchmarks.harness import settings  # noqa: E402
 from benchmarks.harness.context import Context  # noqa: E402
 from benchmarks.harness.llama_cpp_python import (CHAT_TEMPLATE, PEER, PEER_SCRIPTS, SYSTEM_MESSAGE,  # noqa: E402
                                                  PeerError, run_peer)
-from benchmarks.harness.scenario import emit, entry  # noqa: E402
+from benchmarks.harness.scenario import emit, entry, settle  # noqa: E402
 
 # The control row: identical work on every side must agree within this factor, or the suite says which
 # setting differs.
 CONTROL_TOLERANCE = 1.10
-SETTLE_S = 0.25  # between alternating sides (see settle())
 
 
 def write_images(pair: TestModel, folder: Path, n: int) -> list[Path]:
@@ -92,12 +91,6 @@ def _conversation(model: lk.Model, png: Path, *, turns: int, max_tokens: int, n_
             messages += [r["choices"][0]["message"],
                          {"role": "user", "content": f"Tell me more about part {turn + 1} of it."}]
     return out
-
-
-def settle() -> None:
-    """A pause before a side's turn: threads the other side left spinning after its last step (an OpenMP
-    team's wait, a thread pool's poll) go to sleep first instead of taking a core from this side."""
-    time.sleep(SETTLE_S)
 
 
 def _medians(runs: list[list[float]]) -> list[float]:

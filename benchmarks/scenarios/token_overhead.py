@@ -14,12 +14,15 @@ On one prompt (text, an image, text), greedy, medians over --repeats, each from 
   Its ``generate_ms`` runs from the first sampled token to the last, so it is divided by tokens - 1.
 - peer (llama-cpp-python) and server (llama-server, driven with the openai client): a streaming chat
   completion on the same prompt, (time of the last chunk - time of the first) / (chunks - 1).
+  llama-server's streams alternate with our repetitions (one each per round, after a ``settle()``);
+  llama-cpp-python runs its repetitions after, in its own venv.
 
 ``run_token_overhead(ctx)`` makes the suite's ``token_overhead`` entry of it.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -39,7 +42,8 @@ from benchmarks.harness import settings  # noqa: E402
 from benchmarks.harness.context import Context  # noqa: E402
 from benchmarks.harness.llama_cpp_python import (CHAT_TEMPLATE, PEER_SCRIPTS, SYSTEM_MESSAGE, PeerError,  # noqa: E402
                                                  run_peer)
-from benchmarks.harness.scenario import emit, entry, in_fresh_process, ms  # noqa: E402
+from benchmarks.harness.scenario import emit, entry, in_fresh_process, ms, settle  # noqa: E402
+from benchmarks.peers import openai_chat  # noqa: E402
 PROMPT = "Describe this picture in detail."
 
 
@@ -86,8 +90,21 @@ def measure(pair: TestModel, *, n_tokens: int = 64, repeats: int = 5, peer: bool
                                          "cpp_loop_same_process": []}
     tokens: dict[str, int] = {}
     reasons: dict[str, str] = {}
-    with lk.Model.load(pair.model_path, pair.mmproj_path, **(load_kwargs or {})) as model, \
-            model.chat_session(n_ctx=2048) as s:
+    server_per_token: list[float] = []
+    server_tokens, server_error, server_own, server_settings = 0, None, {}, {}
+    with contextlib.ExitStack() as stack:
+        model = stack.enter_context(lk.Model.load(pair.model_path, pair.mmproj_path, **(load_kwargs or {})))
+        s = stack.enter_context(model.chat_session(n_ctx=2048))
+        streamer = None
+        if server is not None:
+            try:
+                srv = stack.enter_context(server(parallel=1, n_ctx=2048))
+                server_settings = srv.settings_used()
+                streamer = openai_chat.TokenStream(srv, png, system=SYSTEM_MESSAGE, prompt=PROMPT,
+                                                   n_tokens=n_tokens)
+                streamer.per_token()  # warm-up
+            except Exception as e:  # ServerError, OSError or an openai.APIError: the reason goes in the JSON
+                server_error, streamer = f"{type(e).__name__}: {e}", None
         s.chat(messages, max_tokens=0, chat_template=CHAT_TEMPLATE)  # the peer's prompt, decoded once
         base = len(s.timeline)
         used = {"ours": settings.ours(model, s)}
@@ -117,10 +134,26 @@ def measure(pair: TestModel, *, n_tokens: int = 64, repeats: int = 5, peer: bool
 
         stream()  # warm-up
         s.truncate(base)
-        for _ in range(repeats):
+        for _ in range(repeats):  # alternating with llama-server's streams, each side after a settle()
+            settle()
             timed("stream", stream)
             timed("text", lambda: s.generate(n_tokens))
             timed("native_step", native_step)
+            if streamer is None:
+                continue
+            settle()
+            try:
+                seconds, server_tokens = streamer.per_token()
+                if seconds is not None:
+                    server_per_token.append(seconds)
+            except Exception as e:  # noqa: BLE001 - as above
+                server_error, streamer = f"{type(e).__name__}: {e}", None
+        if streamer is not None:
+            try:
+                server_own = streamer.own_timings()
+                used["server"] = server_settings
+            except Exception as e:  # noqa: BLE001 - as above
+                server_error = f"{type(e).__name__}: {e}"
         # The runner's context sized like the session's (n_ctx 2048, n_batch = n_ubatch = 512), so the
         # two loops differ only in who drives them. generate_ms runs from the first sampled token to the
         # last: tokens - 1 decode steps.
@@ -150,18 +183,12 @@ def measure(pair: TestModel, *, n_tokens: int = 64, repeats: int = 5, peer: bool
             used["peer"] = out["settings"]
         except PeerError as e:
             result["peer_error"] = str(e)
-    if server is not None:
-        from benchmarks.peers import openai_chat
-
-        try:
-            with server(parallel=1, n_ctx=2048) as srv:
-                out = openai_chat.token_overhead(srv, png, system=SYSTEM_MESSAGE, prompt=PROMPT, n_tokens=n_tokens,
-                                                 repeats=repeats)
-                used["server"] = srv.settings_used()
-            result.update(server_per_token_s=out["per_token_s"], server_all_per_token_s=out["all_per_token_s"],
-                          server_tokens_generated=out["tokens"], server_own_timings=out["own_timings"])
-        except Exception as e:  # ServerError, OSError or an openai.APIError: the reason goes in the JSON
-            result["server_error"] = f"{type(e).__name__}: {e}"
+    if server_error is not None:
+        result["server_error"] = server_error
+    elif server is not None:
+        result.update(server_per_token_s=statistics.median(server_per_token) if server_per_token else None,
+                      server_all_per_token_s=server_per_token, server_tokens_generated=server_tokens,
+                      server_own_timings=server_own)
     return result
 
 
