@@ -158,17 +158,10 @@ std::shared_ptr<Model> Model::load(const std::string & model_path, const std::st
 Model::~Model() { close(); }
 
 void Model::close() {
-    std::vector<std::weak_ptr<BatchRunner>> runners;
-    {
-        std::lock_guard<std::mutex> guard(sessions_mutex_);
-        runners = runners_;
-    }
     // Runner threads take short holds in a loop: ask them to stop first, or this lock could wait on
     // them; calls in flight on sessions stop at their next decode step rather than run to the end.
-    for (auto & weak : runners) {
-        if (auto runner = weak.lock()) {
-            runner->request_stop();
-        }
+    for (const auto & runner : live_runners()) {
+        runner->request_stop();
     }
     for (const auto & session : live_sessions()) {
         session->begin_close();
@@ -179,6 +172,7 @@ void Model::close() {
     }
     closed_.store(true);
     std::vector<std::weak_ptr<Session>> sessions;
+    std::vector<std::weak_ptr<BatchRunner>> runners;
     {
         std::lock_guard<std::mutex> guard(sessions_mutex_);
         sessions.swap(sessions_);
@@ -245,17 +239,30 @@ void Model::track_sessions(const std::vector<std::shared_ptr<Session>> & session
     sessions_.insert(sessions_.end(), sessions.begin(), sessions.end());
 }
 
-std::vector<std::shared_ptr<Session>> Model::live_sessions() const {
-    std::vector<std::shared_ptr<Session>> out;
-    std::lock_guard<std::mutex> guard(sessions_mutex_);
-    for (const auto & weak : sessions_) {
-        if (auto s = weak.lock()) {
-            if (!s->closed()) {
-                out.push_back(std::move(s));
-            }
+namespace {
+
+// The objects of `weak` still alive and not closed.
+template <typename T>
+std::vector<std::shared_ptr<T>> still_open(const std::vector<std::weak_ptr<T>> & weak) {
+    std::vector<std::shared_ptr<T>> out;
+    for (const auto & w : weak) {
+        if (auto p = w.lock(); p && !p->closed()) {
+            out.push_back(std::move(p));
         }
     }
     return out;
+}
+
+}  // namespace
+
+std::vector<std::shared_ptr<Session>> Model::live_sessions() const {
+    std::lock_guard<std::mutex> guard(sessions_mutex_);
+    return still_open(sessions_);
+}
+
+std::vector<std::shared_ptr<BatchRunner>> Model::live_runners() const {
+    std::lock_guard<std::mutex> guard(sessions_mutex_);
+    return still_open(runners_);
 }
 
 llama_context_params Model::context_params(int32_t n_threads) const {
@@ -417,16 +424,9 @@ MemoryReport Model::memory() const {
             report.entries.push_back(std::move(entry));
         }
     }
-    std::vector<std::weak_ptr<BatchRunner>> runners;
-    {
-        std::lock_guard<std::mutex> guard(sessions_mutex_);
-        runners = runners_;
-    }
-    for (const auto & weak : runners) {
-        if (auto runner = weak.lock()) {
-            for (auto & entry : runner->memory_entries()) {
-                report.entries.push_back(std::move(entry));
-            }
+    for (const auto & runner : live_runners()) {
+        for (auto & entry : runner->memory_entries()) {
+            report.entries.push_back(std::move(entry));
         }
     }
     report.devices = devices();

@@ -50,7 +50,7 @@ struct MemoryEntry {
     std::string component;  // "weights", "projector", "embedding_cache", or a session's "kv" / "compute"
     std::string device;
     size_t bytes = 0;
-    uint64_t session_id = 0;  // the session a "kv" / "compute" entry belongs to (0: the model's own)
+    uint64_t session_id = 0;  // the session a "kv" / "compute" entry belongs to (0: not a session's)
     uint64_t batch_id = 0;    // or the batch runner it belongs to
 };
 
@@ -95,6 +95,7 @@ class Model : public std::enable_shared_from_this<Model> {
     // `n_slots` sessions sharing one context, a sequence each (see open_session_pool in session.h).
     std::vector<std::shared_ptr<Session>> open_pool(const SessionParams & params, int32_t n_slots);
     std::vector<std::shared_ptr<Session>> live_sessions() const;
+    std::vector<std::shared_ptr<BatchRunner>> live_runners() const;
     // A batch runner to stop and free when the model closes.
     void track_runner(const std::shared_ptr<BatchRunner> & runner);
 
