@@ -7,7 +7,8 @@ with continuous batching.
   common prefix of the slot's tokens, image included (its ``timings.cache_n`` says how many).
 - ``edits``: the 3-image conversation of scenarios/edits.py; replacing the FIRST image with a never-seen one
   (the server keeps the prefix before it, then must encode the new image and every later one again:
-  it has no embedding cache) and the last one (keeps everything before it, encodes one).
+  it has no embedding cache) and the last one (keeps everything before it, encodes one);
+  ``EditRounds`` gives its repetitions one at a time, for a scenario that alternates them with its own.
 - ``new_conversation``: an image seen before, in a brand-new conversation whose text before the image
   differs (another system message): the server encodes it again, we take it from the embedding cache.
 - ``batch``: N images captioned by N concurrent requests into ``--parallel N`` slots.
@@ -85,40 +86,70 @@ def multi_turn(srv: LlamaServer, png: Path, *, system: str, turns: int, max_toke
     return {"runs": runs, "calls": details[0], "encodes_per_turn": [d["encodes"] for d in details[0]]}
 
 
+class EditRounds:
+    """llama-server's side of scenarios/edits.py, one repetition at a time, so a scenario can alternate
+    them with its own: ``spec`` is edits.write_peer_spec's (system, 3 blocks of [image, text]);
+    ``fresh_images()`` returns a never-seen PNG each call. Creating it decodes the conversation once
+    (a warm-up: encodes A, B, C); ``result()`` is what ``edits()`` returns."""
+
+    EDITS = {"replace_first_image": 0, "replace_last_image": 2}  # the edit's key, the replaced block
+
+    def __init__(self, srv: LlamaServer, spec: dict[str, Any], fresh_images: Callable[[], Path]) -> None:
+        self.call = _Caller(srv)
+        self.spec = spec
+        self.fresh_images = fresh_images
+        self.uris: dict[str, str] = {}
+        self.blocks = [tuple(b) for b in spec["blocks"]]
+        self.out: dict[str, Any] = {"replace_first_image": [], "replace_last_image": [], "new_conversation": [],
+                                    "calls": {}, "encodes_per_repetition": {"new_conversation": []}}
+        self.call(self.messages(self.blocks), 1)
+
+    def uri(self, path: str) -> str:
+        if path not in self.uris:
+            self.uris[path] = data_uri(path)
+        return self.uris[path]
+
+    def messages(self, blocks: list[tuple[str, str]], system: str | None = None) -> list[dict[str, Any]]:
+        return [{"role": "system", "content": system or self.spec["system"]}] + [_user(self.uri(i), t)
+                                                                               for i, t in blocks]
+
+    def before_edit(self) -> None:
+        """The conversation before the edit, back in the slot (untimed)."""
+        self.call(self.messages(self.blocks), 1)
+
+    def replace(self, key: str) -> float:
+        """One timed repetition of the edit ``key`` (one of ``EDITS``): the conversation with that image
+        replaced by a never-seen one, after ``before_edit()``; returns its seconds."""
+        edited = list(self.blocks)
+        index = self.EDITS[key]
+        edited[index] = (str(self.fresh_images()), self.blocks[index][1])
+        r = self.call(self.messages(edited), 1)
+        self.out[key].append(r["seconds"])
+        self.out["calls"][key] = {k: v for k, v in r.items() if k != "text"}
+        return float(r["seconds"])
+
+    def new_conversation(self, system: str, text: str) -> None:
+        """A brand-new conversation showing image A (seen above) after ``system``: encodes counted."""
+        r = self.call([{"role": "system", "content": system}, _user(self.uri(self.blocks[0][0]), text)], 1)
+        self.out["new_conversation"].append(r["seconds"])
+        self.out["encodes_per_repetition"]["new_conversation"].append(r["encodes"])
+        self.out["calls"]["new_conversation"] = {k: v for k, v in r.items() if k != "text"}
+
+    def result(self) -> dict[str, Any]:
+        return {**self.out, "encodes": {k: v["encodes"] for k, v in self.out["calls"].items()}}
+
+
 def edits(srv: LlamaServer, spec: dict[str, Any], fresh_images: Callable[[], Path], *,
           critic_system: Callable[[int], str], critic_text: str, repeats: int) -> dict[str, Any]:
-    """``spec`` is edits.write_peer_spec's (system, 3 blocks of [image, text]); ``fresh_images()``
-    returns a never-seen PNG each call."""
-    call = _Caller(srv)
-    uris: dict[str, str] = {}
-
-    def uri(path: str) -> str:
-        if path not in uris:
-            uris[path] = data_uri(path)
-        return uris[path]
-
-    def messages(blocks: list[tuple[str, str]], system: str | None = None) -> list[dict[str, Any]]:
-        return [{"role": "system", "content": system or spec["system"]}] + [_user(uri(i), t) for i, t in blocks]
-
-    blocks = [tuple(b) for b in spec["blocks"]]
-    out: dict[str, Any] = {"replace_first_image": [], "replace_last_image": [], "new_conversation": [],
-                           "calls": {}, "encodes_per_repetition": {"new_conversation": []}}
-    call(messages(blocks), 1)  # warm-up: encodes A, B, C
+    """``EditRounds``' repetitions back to back: each edit of ``EditRounds.EDITS``, then a new
+    conversation under ``critic_system(repetition)``, ``repeats`` times."""
+    rounds = EditRounds(srv, spec, fresh_images)
     for repetition in range(repeats):
-        for key, index in (("replace_first_image", 0), ("replace_last_image", 2)):
-            call(messages(blocks), 1)  # the conversation before the edit (untimed)
-            edited = list(blocks)
-            edited[index] = (str(fresh_images()), blocks[index][1])
-            r = call(messages(edited), 1)
-            out[key].append(r["seconds"])
-            out["calls"][key] = {k: v for k, v in r.items() if k != "text"}
-        # a brand-new conversation showing image A (seen above) after other text, new in each repetition
-        r = call([{"role": "system", "content": critic_system(repetition)}, _user(uri(blocks[0][0]), critic_text)], 1)
-        out["new_conversation"].append(r["seconds"])
-        out["encodes_per_repetition"]["new_conversation"].append(r["encodes"])
-        out["calls"]["new_conversation"] = {k: v for k, v in r.items() if k != "text"}
-    out["encodes"] = {k: v["encodes"] for k, v in out["calls"].items()}
-    return out
+        for key in rounds.EDITS:
+            rounds.before_edit()
+            rounds.replace(key)
+        rounds.new_conversation(critic_system(repetition), critic_text)
+    return rounds.result()
 
 
 def batch(srv: LlamaServer, image_sets: list[list[Path]], warm: list[Path], *, system: str, prompt: str,

@@ -18,11 +18,14 @@ Every timed edit starts from a fork of one decoded conversation (or prefix), unt
 
 ``run_edits(ctx)`` makes the suite's ``replace_first_image``, ``replace_middle_image``,
 ``replace_last_image``, ``readd_image`` and ``new_conversation`` entries of it, beside
-llama-cpp-python (peers/peer_edit.py) and llama-server (peers/openai_chat.py).
+llama-cpp-python (peers/peer_edit.py) and llama-server (peers/openai_chat.py). llama-server's
+repetitions of replacing the first and the last image alternate with ours (``measure(alternate=)``).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import sys
 import platform
@@ -42,7 +45,7 @@ if __package__ in (None, ""):  # run as a script: make the benchmarks package im
 from benchmarks.harness import settings  # noqa: E402
 from benchmarks.harness.context import Context  # noqa: E402
 from benchmarks.harness.llama_cpp_python import PEER_SCRIPTS, PeerError, run_peer  # noqa: E402
-from benchmarks.harness.scenario import emit, entry  # noqa: E402
+from benchmarks.harness.scenario import emit, entry, settle  # noqa: E402
 from benchmarks.peers import openai_chat  # noqa: E402
 
 FILLER = ("The picture shows a small red house near a big green tree under a blue sky, and a man with "
@@ -93,11 +96,15 @@ def critic_system(repetition: int) -> str:
 
 
 def measure(pair: TestModel, *, repeats: int = 5, filler: int = 0, n_batch: int = 512, n_ctx: int = 4096,
-            target_tokens: int = 2048, load_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+            target_tokens: int = 2048, load_kwargs: dict[str, Any] | None = None,
+            alternate: Callable[[int], Callable[[str], None]] | None = None) -> dict[str, Any]:
     """Run every edit scenario on ``pair``; returns the JSON-ready result (see the module doc).
 
     ``filler`` is the number of filler sentences per text block; 0 sizes the conversation to about
-    ``target_tokens`` tokens.
+    ``target_tokens`` tokens. ``alternate``, given the filler once it is known, returns another side's
+    repetition of an edit (called with "replace_first_image" or "replace_last_image"): each of our
+    repetitions of those two edits with a never-seen image then follows one of the other side's, each
+    side after a ``settle()``, so a change in the machine's speed hits both sides.
     """
     imgs = conversation_images(pair)
     size = (pair.preset.image_size, pair.preset.image_size)
@@ -114,6 +121,7 @@ def measure(pair: TestModel, *, repeats: int = 5, filler: int = 0, n_batch: int 
             probe.append_image(imgs[3])  # and D
             n_tokens = probe.n_past - probe.timeline[-1].n_tokens
         base = _timeline(imgs, filler)
+        other_side = alternate(filler) if alternate is not None else None
 
         def final(where: str, image: np.ndarray) -> list[Any]:
             k = POSITIONS[where][1]
@@ -150,10 +158,14 @@ def measure(pair: TestModel, *, repeats: int = 5, filler: int = 0, n_batch: int 
             prefixes[where] = new_session()
             _feed(prefixes[where], base[:k])
 
-        def timed(start: lk.Session, image_fn: Callable[[], np.ndarray], run: Callable[[lk.Session, np.ndarray], None]
-                  ) -> tuple[float, list[float]]:
+        def timed(start: lk.Session, image_fn: Callable[[], np.ndarray], run: Callable[[lk.Session, np.ndarray], None],
+                  other: Callable[[], None] | None = None) -> tuple[float, list[float]]:
             times = []
             for _ in range(repeats):
+                if other is not None:
+                    settle()
+                    other()
+                    settle()
                 s, image = start.fork(), image_fn()  # neither is timed
                 t0 = time.perf_counter()
                 run(s, image)
@@ -169,7 +181,9 @@ def measure(pair: TestModel, *, repeats: int = 5, filler: int = 0, n_batch: int 
                 s.replace_image(s.images[index], image)
 
             measured[f"suffix_floor_{where}_new_image"] = timed(prefixes[where], lambda: next(fresh_imgs), floor)
-            measured[f"replace_{where}_image_new_image"] = timed(whole, lambda: next(fresh_imgs), edit)
+            key = f"replace_{where}_image"
+            other = None if other_side is None or where == "middle" else functools.partial(other_side, key)
+            measured[f"{key}_new_image"] = timed(whole, lambda: next(fresh_imgs), edit, other)
             measured[f"replace_{where}_image"] = timed(whole, lambda: imgs[3], edit)
             measured[f"suffix_floor_{where}"] = timed(prefixes[where], lambda: imgs[3], floor)
         for s in prefixes.values():
@@ -293,23 +307,51 @@ def fewest(result: dict[str, Any], key: str) -> int | None:
 
 
 def run_edits(ctx: Context) -> dict[str, dict[str, Any]]:
-    r = measure(ctx.pair, repeats=ctx.repeat, load_kwargs=ctx.load_kwargs,
-                target_tokens=ctx.preset.edit_tokens)
+    """Ours and llama-server (when there is one) alternate their repetitions of replacing the first and
+    the last image with a never-seen one, the server up for the whole measure; llama-cpp-python runs
+    its repetitions after, in its own venv."""
+    server: dict[str, Any] = {}
+    rounds: list[openai_chat.EditRounds] = []
+
+    def server_side(srv: Any) -> Callable[[int], Callable[[str], None]]:
+        def start(filler: int) -> Callable[[str], None]:
+            spec = write_peer_spec(ctx.pair, filler=filler, repeats=ctx.repeat, folder=ctx.work)
+            try:
+                rounds.append(openai_chat.EditRounds(srv, spec, never_seen_pngs(ctx.pair, ctx.work)))
+            except Exception as e:  # ServerError, OSError or an openai.APIError: the reason goes in the JSON
+                server["server_error"] = f"{type(e).__name__}: {e}"
+            return repetition
+
+        def repetition(key: str) -> None:
+            if "server_error" in server:
+                return  # the server failed: our side goes on alone
+            try:
+                rounds[0].before_edit()
+                rounds[0].replace(key)
+            except Exception as e:  # noqa: BLE001 - as above
+                server["server_error"] = f"{type(e).__name__}: {e}"
+        return start
+
+    with contextlib.ExitStack() as stack:
+        srv = None
+        if ctx.server_bin is not None:
+            try:
+                srv = stack.enter_context(ctx.server(parallel=1, n_ctx=4096))
+            except Exception as e:  # noqa: BLE001 - as above
+                server["server_error"] = f"{type(e).__name__}: {e}"
+        r = measure(ctx.pair, repeats=ctx.repeat, load_kwargs=ctx.load_kwargs, target_tokens=ctx.preset.edit_tokens,
+                    alternate=server_side(srv) if srv is not None else None)
+        if srv is not None and rounds and "server_error" not in server:
+            try:
+                for repetition in range(ctx.repeat):
+                    rounds[0].new_conversation(critic_system(repetition), CRITIC_TEXT)
+                server = {**rounds[0].result(), "settings": srv.settings_used()}
+            except Exception as e:  # noqa: BLE001 - as above
+                server["server_error"] = f"{type(e).__name__}: {e}"
     peer: dict[str, Any] = {}
     if ctx.peer:
         peer = measure_peer(ctx.pair, filler=r["filler"], repeats=ctx.repeat, folder=ctx.work,
                             python=ctx.peer_py, n_gpu_layers=ctx.n_gpu_layers)
-    server: dict[str, Any] = {}
-    if ctx.server_bin is not None:
-        spec = write_peer_spec(ctx.pair, filler=r["filler"], repeats=ctx.repeat, folder=ctx.work)
-        try:
-            with ctx.server(parallel=1, n_ctx=4096) as srv:
-                server = openai_chat.edits(srv, spec, never_seen_pngs(ctx.pair, ctx.work),
-                                           critic_system=critic_system,
-                                           critic_text=CRITIC_TEXT, repeats=ctx.repeat)
-                server["settings"] = srv.settings_used()
-        except Exception as e:  # ServerError, OSError or an openai.APIError: the reason goes in the JSON
-            server = {"server_error": f"{type(e).__name__}: {e}"}
     reasons = ctx.peer_reasons({**peer, **server})
     used = {"ours": r["settings"], "peer": peer.get("settings"), "server": server.get("settings")}
     med = r["median_ms"]
