@@ -16,11 +16,14 @@ cells per slot, batch size and chat template (vicuna), both driven by the offici
 
 The workloads are peers/openai_chat.py's: ``OursServer`` gives our server the interface they drive
 llama-server through (a client, image encodes read from /metrics). ``run_serve(ctx)`` makes the
-suite's ``serve_*`` entries of them.
+suite's ``serve_*`` entries of them: every side's server is up at once (one slot for the first four
+workloads, then four slots for ``serve_concurrency``), and the sides alternate, one repetition each
+per round after a ``settle()``, so a change in the machine's speed hits every side.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import http.client
 import json
 import statistics
@@ -33,7 +36,7 @@ from llava_kv.server.process import ServerProcess
 
 from benchmarks.harness.context import Context
 from benchmarks.harness.llama_cpp_python import SYSTEM_MESSAGE, PeerError, PeerServer, server_extra, threads
-from benchmarks.harness.scenario import entry, ms, skipped
+from benchmarks.harness.scenario import entry, ms, settle, skipped
 from benchmarks.peers import openai_chat
 from benchmarks.scenarios.edits import CRITIC_TEXT, critic_system, fewest, never_seen_pngs, write_peer_spec
 
@@ -227,6 +230,87 @@ def restore_vs_prefill(srv: OursServer, pngs: list[Path], *, system: str, turns:
             "all_restore_s": restore, "all_prefill_s": prefill, "calls": calls}
 
 
+def _alternate(running: dict[str, Any], sides: dict[str, dict[str, Any]], name: str,
+               turn: Callable[[str, Any], None]) -> None:
+    """One round: ``turn(side, server)`` for every running side in turn, each after a ``settle()``. A
+    peer that fails leaves the rounds (its error goes in its results); our side's failure is raised."""
+    for side, srv in list(running.items()):
+        settle()
+        try:
+            turn(side, srv)
+        except Exception as e:  # ServerError, OSError or an openai.APIError
+            if side == "ours":
+                raise
+            sides[side][f"{name}_error"] = f"{type(e).__name__}: {e}"
+            del running[side]
+
+
+def _single_rounds(ctx: Context, running: dict[str, Any], sides: dict[str, dict[str, Any]], wanted: list[str],
+                   pngs: Callable[[], Path], spec: dict[str, Any]) -> None:
+    """The one-slot workloads, every side's servers up at once, alternating by repetition: a multi-turn
+    chat about a never-seen image (the same image on every side in a round), then the edit and the new
+    conversation of ``openai_chat.EditRounds``; our restore measure after (no other side has one)."""
+    p = ctx.preset
+    if "serve_multi_turn" in wanted:
+        for _ in range(ctx.repeat):
+            png = pngs()
+
+            def chat(side: str, srv: Any) -> None:
+                r = openai_chat.multi_turn(srv, png, system=SYSTEM_MESSAGE, turns=p.turns,
+                                           max_tokens=p.answer_tokens, repeats=1)
+                mt = sides[side].setdefault("multi_turn", {**r, "runs": []})
+                mt["runs"] += r["runs"]
+            _alternate(running, sides, "single", chat)
+    if any(k in wanted for k in ("serve_replace_first_image", "serve_new_conversation")):
+        rounds: dict[str, openai_chat.EditRounds] = {}
+        for repetition in range(ctx.repeat):
+            def edit(side: str, srv: Any) -> None:
+                if side not in rounds:
+                    rounds[side] = openai_chat.EditRounds(srv, spec, pngs)  # its warm-up, once
+                rounds[side].before_edit()
+                rounds[side].replace("replace_first_image")
+                rounds[side].new_conversation(critic_system(repetition), CRITIC_TEXT)
+            _alternate(running, sides, "single", edit)
+        for side, r in rounds.items():
+            if side in running:
+                sides[side]["edits"] = r.result()
+    if "ours" in running and "serve_restore" in wanted:
+        sides["ours"]["restore"] = restore_vs_prefill(running["ours"], [pngs(), pngs()], system=SYSTEM_MESSAGE,
+                                                      turns=p.turns, max_tokens=p.answer_tokens, repeats=ctx.repeat)
+
+
+def _concurrency_rounds(ctx: Context, running: dict[str, Any], sides: dict[str, dict[str, Any]],
+                        pngs: Callable[[], Path]) -> None:
+    """``concurrency`` in ``ctx.repeat`` rounds alternating between the sides, after one warm-up round
+    each; every round sends the same never-seen images to every side. Per side: the median round's
+    requests/s, latency percentiles over every round's requests, and each round."""
+    def conversations() -> list[Path]:
+        return [pngs() for _ in range(CONCURRENT_CONVERSATIONS)]
+
+    def one_round(results: dict[str, list[dict[str, Any]]]) -> None:
+        images = conversations()
+
+        def turn(side: str, srv: Any) -> None:
+            results.setdefault(side, []).append(concurrency(srv, images, system=SYSTEM_MESSAGE,
+                                                            max_tokens=ctx.preset.answer_tokens))
+        _alternate(running, sides, "pool", turn)
+
+    one_round({})  # warm-up
+    rounds: dict[str, list[dict[str, Any]]] = {}
+    for _ in range(ctx.repeat):
+        one_round(rounds)
+    for side, outs in rounds.items():
+        if side not in running:
+            continue
+        flat = sorted(x for o in outs for x in o["all_s"])
+        rps = [o["requests_per_s"] for o in outs]
+        sides[side]["concurrency"] = {
+            **{k: v for k, v in outs[-1].items() if k not in ("all_s", "wall_s", "requests_per_s", "p50_s", "p95_s")},
+            "requests_per_s": statistics.median(rps), "all_requests_per_s": rps, "rounds": len(outs),
+            "p50_s": statistics.median(flat), "p95_s": flat[min(len(flat) - 1, int(round(0.95 * (len(flat) - 1))))],
+            "all_wall_s": [o["wall_s"] for o in outs]}
+
+
 def run_serve(ctx: Context) -> dict[str, dict[str, Any]]:
     """The chat workloads over HTTP: ``llava-kv serve`` vs llama-cpp-python's server (the peer) and
     llama-server (the workloads above)."""
@@ -235,14 +319,7 @@ def run_serve(ctx: Context) -> dict[str, dict[str, Any]]:
     pngs = never_seen_pngs(ctx.pair, ctx.work / "serve")
     spec = write_peer_spec(ctx.pair, filler=0, repeats=ctx.repeat, folder=ctx.work / "serve-edit",
                            n_ctx=4096)
-    workloads: dict[str, Callable[[Any], Any]] = {
-        "multi_turn": lambda srv: openai_chat.multi_turn(srv, pngs(), system=SYSTEM_MESSAGE, turns=p.turns,
-                                                         max_tokens=p.answer_tokens, repeats=ctx.repeat),
-        "edits": lambda srv: openai_chat.edits(srv, spec, pngs, critic_system=critic_system,
-                                               critic_text=CRITIC_TEXT, repeats=ctx.repeat),
-    }
     wanted = [k for k in SERVE_SCENARIOS if k in p.scenarios]
-    concurrent_pngs = [pngs() for _ in range(CONCURRENT_CONVERSATIONS)]
     sides: dict[str, dict[str, Any]] = {"ours": {}, "peer": {}, "server": {}}
     peer_reason = ctx.peer_reason
     if ctx.peer_py is not None:
@@ -250,48 +327,42 @@ def run_serve(ctx: Context) -> dict[str, dict[str, Any]]:
             server_extra(ctx.peer_py, build=not ctx.args.no_peer_build)
         except PeerError as e:
             peer_reason = f"llama-cpp-python's server unavailable: {e}"
-    for side in ("ours", "peer", "server"):
-        if (side == "server" and ctx.server_bin is None) or (side == "peer" and peer_reason):
-            continue
-        for name, n_slots in (("single", 1), ("pool", SLOTS)):
-            needs = (("serve_multi_turn", "serve_replace_first_image", "serve_new_conversation", "serve_restore")
-                     if name == "single" else
-                     ("serve_concurrency", "serve_http_overhead") if side == "ours" else ("serve_concurrency",))
-            if not any(k in wanted for k in needs):
-                continue
-            try:
-                if side == "ours":
-                    srv = OursServer(ctx.pair.model_path, ctx.pair.mmproj_path, threads=threads(),
-                                     parallel=n_slots, n_ctx=4096)
-                elif side == "peer":  # one Llama, one request at a time: the same server for both
-                    assert ctx.peer_py is not None
-                    srv = PeerServer(ctx.peer_py, ctx.pair.model_path, ctx.pair.mmproj_path, threads=threads(),
-                                     n_ctx=4096, n_gpu_layers=ctx.n_gpu_layers)
-                else:
-                    srv = ctx.server(parallel=n_slots, n_ctx=4096, cache_ram_mib=0)
-                with srv:
-                    out = sides[side]
-                    out.setdefault("settings", srv.settings_used())
-                    if name == "single":
-                        if "serve_multi_turn" in wanted:
-                            out["multi_turn"] = workloads["multi_turn"](srv)
-                        if any(k in wanted for k in ("serve_replace_first_image", "serve_new_conversation")):
-                            out["edits"] = workloads["edits"](srv)
-                        if side == "ours" and "serve_restore" in wanted:
-                            out["restore"] = restore_vs_prefill(
-                                srv, [pngs(), pngs()], system=SYSTEM_MESSAGE, turns=p.turns,
-                                max_tokens=p.answer_tokens, repeats=ctx.repeat)
-                    elif "serve_concurrency" in wanted:
-                        out["concurrency"] = concurrency(srv, concurrent_pngs, system=SYSTEM_MESSAGE,
-                                                         max_tokens=p.answer_tokens)
-                    if name == "pool" and side == "ours" and "serve_http_overhead" in wanted:
-                        with lk.Model.load(ctx.pair.model_path, ctx.pair.mmproj_path, **ctx.load_kwargs) as m:
-                            out["http_overhead"] = http_overhead(srv, m, pngs(), system=SYSTEM_MESSAGE,
-                                                                 repeats=ctx.repeat)
-            except Exception as e:  # one side failing must not lose the others; the reason goes in the JSON
-                sides[side][f"{name}_error"] = f"{type(e).__name__}: {e}"
-                if side == "ours":
-                    raise
+
+    def start(side: str, n_slots: int) -> Any:
+        if side == "ours":
+            return OursServer(ctx.pair.model_path, ctx.pair.mmproj_path, threads=threads(), parallel=n_slots,
+                              n_ctx=4096)
+        if side == "peer":  # one Llama, one request at a time: the same server for both
+            assert ctx.peer_py is not None
+            return PeerServer(ctx.peer_py, ctx.pair.model_path, ctx.pair.mmproj_path, threads=threads(),
+                              n_ctx=4096, n_gpu_layers=ctx.n_gpu_layers)
+        return ctx.server(parallel=n_slots, n_ctx=4096, cache_ram_mib=0)
+
+    for name, n_slots in (("single", 1), ("pool", SLOTS)):
+        with contextlib.ExitStack() as stack:
+            running: dict[str, Any] = {}
+            for side in ("ours", "peer", "server"):
+                needs = (("serve_multi_turn", "serve_replace_first_image", "serve_new_conversation", "serve_restore")
+                         if name == "single" else
+                         ("serve_concurrency", "serve_http_overhead") if side == "ours" else ("serve_concurrency",))
+                if ((side == "server" and ctx.server_bin is None) or (side == "peer" and peer_reason)
+                        or not any(k in wanted for k in needs)):
+                    continue
+                try:
+                    running[side] = stack.enter_context(start(side, n_slots))
+                    sides[side].setdefault("settings", running[side].settings_used())
+                except Exception as e:  # one side failing must not lose the others; the reason goes in the JSON
+                    sides[side][f"{name}_error"] = f"{type(e).__name__}: {e}"
+                    if side == "ours":
+                        raise
+            if name == "single":
+                _single_rounds(ctx, running, sides, wanted, pngs, spec)
+            elif "serve_concurrency" in wanted:
+                _concurrency_rounds(ctx, running, sides, pngs)
+            if name == "pool" and "ours" in running and "serve_http_overhead" in wanted:
+                with lk.Model.load(ctx.pair.model_path, ctx.pair.mmproj_path, **ctx.load_kwargs) as m:
+                    sides["ours"]["http_overhead"] = http_overhead(running["ours"], m, pngs(), system=SYSTEM_MESSAGE,
+                                                                   repeats=ctx.repeat)
     ours = sides["ours"]
 
     def each(value: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
@@ -341,13 +412,15 @@ def run_serve(ctx: Context) -> dict[str, dict[str, Any]]:
                  "ms": {name: ms(med(e, "new_conversation")) for name, e in edits.items()}})
     conc = each(lambda side: side.get("concurrency") or {})
     out["serve_concurrency"] = entry(
-        unit="requests/s", better="higher", repetitions=1,
+        unit="requests/s", better="higher", repetitions=ctx.repeat,
         **{name: c.get("requests_per_s") for name, c in conc.items()}, limit=None, settings=used,
         reasons={**reasons, "limit": "none: a throughput figure"}, digits=4,
         limit_means="none: a throughput figure",
         details={"what": f"{CONCURRENT_CONVERSATIONS} one-image conversations x "
                          f"{CONCURRENT_TURNS} turns from as many client threads into "
-                         f"{SLOTS} slots, {p.answer_tokens}-token answers",
+                         f"{SLOTS} slots, {p.answer_tokens}-token answers; the median of {ctx.repeat} rounds "
+                         "alternating between the sides (each round new images, the same on every side), after "
+                         "a warm-up round each",
                  "p50_s": {name: c.get("p50_s") for name, c in conc.items()},
                  "p95_s": {name: c.get("p95_s") for name, c in conc.items()}, **conc})
     ho = ours.get("http_overhead") or {}
