@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import warnings
@@ -190,6 +191,54 @@ def test_smoke_run_blend_reports_cost_and_drift(smoke_run: Path) -> None:
         assert 0 <= drift["greedy_leading_median"] <= drift["greedy_tokens"] == 32
     assert b["ours"] == d["blend"]["32"]["ms"] or abs(b["ours"] - d["blend"]["32"]["ms"]) < 1e-3
     assert b["limit"] == round(d["exact_ms"], 3) and "reason" in d["real_gemma"]  # the tiny preset: not run
+
+
+@pytest.mark.slow
+def test_smoke_run_alternates_the_sides(smoke_run: Path) -> None:
+    """Every side that ran the edits and the serving rows ran each repetition, in alternating rounds."""
+    sc = json.loads((smoke_run / "results.json").read_text())["scenarios"]
+    for key in ("replace_first_image", "replace_last_image"):
+        e = sc[key]
+        assert len(e["details"]["ours_all_ms"]) == e["repetitions"]
+        if e["server"] is not None:
+            assert len(e["details"]["server_all_ms"]) == e["repetitions"]
+    conc = sc["serve_concurrency"]
+    for side in ("ours", "peer", "server"):
+        if conc[side] is None:
+            continue
+        d = conc["details"][side]
+        assert d["rounds"] == len(d["all_requests_per_s"]) == conc["repetitions"] >= 1
+        assert d["requests"] == 32  # 16 conversations x 2 turns, in each round
+        assert conc[side] == pytest.approx(statistics.median(d["all_requests_per_s"]), rel=1e-3)
+
+
+def test_a_failing_peer_leaves_the_rounds_and_ours_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks.scenarios import serve
+    finally:
+        sys.path.remove(str(ROOT))
+    monkeypatch.setattr(serve, "settle", lambda: None)
+    order: list[str] = []
+
+    def turn(side: str, srv: str) -> None:
+        order.append(srv)
+        if side == "peer":
+            raise OSError("connection refused")
+
+    running = {"ours": "o", "peer": "p", "server": "s"}
+    sides: dict[str, dict[str, str]] = {k: {} for k in running}
+    serve._alternate(running, sides, "pool", turn)
+    serve._alternate(running, sides, "pool", turn)
+    assert order == ["o", "p", "s", "o", "s"]
+    assert list(running) == ["ours", "server"]
+    assert sides == {"ours": {}, "peer": {"pool_error": "OSError: connection refused"}, "server": {}}
+
+    def ours_fails(side: str, srv: str) -> None:
+        raise RuntimeError("our server died")
+
+    with pytest.raises(RuntimeError, match="our server died"):
+        serve._alternate(running, sides, "pool", ours_fails)
 
 
 def test_llama_server_is_built_from_our_pin_or_b11434() -> None:
