@@ -113,13 +113,11 @@ class EditRounds:
         return [{"role": "system", "content": system or self.spec["system"]}] + [_user(self.uri(i), t)
                                                                                for i, t in blocks]
 
-    def before_edit(self) -> None:
-        """The conversation before the edit, back in the slot (untimed)."""
-        self.call(self.messages(self.blocks), 1)
-
     def replace(self, key: str) -> float:
-        """One timed repetition of the edit ``key`` (one of ``EDITS``): the conversation with that image
-        replaced by a never-seen one, after ``before_edit()``; returns its seconds."""
+        """One repetition of the edit ``key`` (one of ``EDITS``): the conversation before the edit back in
+        the slot (untimed), then the conversation with that image replaced by a never-seen one (timed);
+        returns its seconds."""
+        self.call(self.messages(self.blocks), 1)
         edited = list(self.blocks)
         index = self.EDITS[key]
         edited[index] = (str(self.fresh_images()), self.blocks[index][1])
@@ -146,7 +144,6 @@ def edits(srv: LlamaServer, spec: dict[str, Any], fresh_images: Callable[[], Pat
     rounds = EditRounds(srv, spec, fresh_images)
     for repetition in range(repeats):
         for key in rounds.EDITS:
-            rounds.before_edit()
             rounds.replace(key)
         rounds.new_conversation(critic_system(repetition), critic_text)
     return rounds.result()

@@ -326,7 +326,6 @@ def run_edits(ctx: Context) -> dict[str, dict[str, Any]]:
             if "server_error" in server:
                 return  # the server failed: our side goes on alone
             try:
-                rounds[0].before_edit()
                 rounds[0].replace(key)
             except Exception as e:  # noqa: BLE001 - as above
                 server["server_error"] = f"{type(e).__name__}: {e}"

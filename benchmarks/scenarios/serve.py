@@ -97,9 +97,13 @@ def _latencies(call: Callable[[list[dict[str, Any]], int], dict[str, Any]], conv
         per_conv = list(ex.map(converse, convs))
     wall = time.perf_counter() - t0
     flat = sorted(s for conv in per_conv for s in conv)
-    return {"wall_s": wall, "requests": len(flat), "requests_per_s": len(flat) / wall,
-            "p50_s": statistics.median(flat), "p95_s": flat[min(len(flat) - 1, int(round(0.95 * (len(flat) - 1))))],
+    return {"wall_s": wall, "requests": len(flat), "requests_per_s": len(flat) / wall, **_percentiles(flat),
             "all_s": flat}
+
+
+def _percentiles(flat: list[float]) -> dict[str, float]:
+    """p50 and p95 of the sorted latencies ``flat``."""
+    return {"p50_s": statistics.median(flat), "p95_s": flat[min(len(flat) - 1, int(round(0.95 * (len(flat) - 1))))]}
 
 
 def concurrency(srv: Any, pngs: list[Path], *, system: str, max_tokens: int) -> dict[str, Any]:
@@ -267,7 +271,6 @@ def _single_rounds(ctx: Context, running: dict[str, Any], sides: dict[str, dict[
             def edit(side: str, srv: Any) -> None:
                 if side not in rounds:
                     rounds[side] = openai_chat.EditRounds(srv, spec, pngs)  # its warm-up, once
-                rounds[side].before_edit()
                 rounds[side].replace("replace_first_image")
                 rounds[side].new_conversation(critic_system(repetition), CRITIC_TEXT)
             _alternate(running, sides, "single", edit)
@@ -307,8 +310,7 @@ def _concurrency_rounds(ctx: Context, running: dict[str, Any], sides: dict[str, 
         sides[side]["concurrency"] = {
             **{k: v for k, v in outs[-1].items() if k not in ("all_s", "wall_s", "requests_per_s", "p50_s", "p95_s")},
             "requests_per_s": statistics.median(rps), "all_requests_per_s": rps, "rounds": len(outs),
-            "p50_s": statistics.median(flat), "p95_s": flat[min(len(flat) - 1, int(round(0.95 * (len(flat) - 1))))],
-            "all_wall_s": [o["wall_s"] for o in outs]}
+            **_percentiles(flat), "all_wall_s": [o["wall_s"] for o in outs]}
 
 
 def run_serve(ctx: Context) -> dict[str, dict[str, Any]]:
