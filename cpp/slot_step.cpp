@@ -1,5 +1,7 @@
 #include "slot_step.h"
 
+#include <algorithm>
+
 #include "decode.h"
 #include "llama-ext.h"
 #include "errors.h"
@@ -28,8 +30,12 @@ void draw_slots(const Model & model, std::vector<StepSlot *> & slots) {
 
 namespace {
 
-int32_t fill_step_batch(llama_batch_ext * batch, std::vector<StepSlot *> & slots, int32_t n_batch,
+int32_t fill_step_batch(llama_batch_ext * batch, std::vector<StepSlot *> slots, int32_t n_batch,
                         int32_t & n_slots) {
+    // In sequence order: a context with a KV stream per sequence (a pool, the batch runner) splits a
+    // batch into ubatches of consecutive sequence ids, so slots 3, 2, 1, 0 would cost four graph
+    // computations where 0, 1, 2, 3 cost one (measured on tiny-llava: 0.47 vs 0.17 ms a step).
+    std::stable_sort(slots.begin(), slots.end(), [](const StepSlot * a, const StepSlot * b) { return a->seq < b->seq; });
     llama_batch_ext_clear(batch);
     int32_t room = n_batch;
     n_slots = 0;

@@ -48,7 +48,7 @@ struct StepDecode {
 };
 
 // One decode of every slot's drawn token (one each, where the reply goes on or keep_last) and then
-// of prompt tokens in slot order while `n_batch` has room. On success every slot that asked for
+// of prompt tokens in sequence order while `n_batch` has room. On success every slot that asked for
 // logits has them in `logits` (or bad_logits), its token is decoded (token -1, pos advanced) and its
 // prompt advanced. `decode` runs the call (the caller's fault hooks and status mapping). On failure
 // nothing in the slots changed but `out` (the batch index each was given: the caller drops the cells

@@ -58,7 +58,8 @@ def test_slot_prefill_equals_lone_session_bitwise(model, images):
 
 
 @pytest.mark.parametrize("preset", ["tiny-llava", "tiny-gemma3", "tiny-qwen25vl"])
-def test_batched_generation_equals_lone_greedy(models_dir, preset, images):
+@pytest.mark.parametrize("order", ["slots", "reversed"])
+def test_batched_generation_equals_lone_greedy(models_dir, preset, order, images):
     from llava_kv.testing import make_test_model
 
     pair = make_test_model(models_dir, preset)
@@ -73,7 +74,12 @@ def test_batched_generation_equals_lone_greedy(models_dir, preset, images):
             for i, slot in enumerate(pool):
                 _prompt(slot, images[i], f"describe {i}")
             gens = [Generation(slot, 12 + 4 * i) for i, slot in enumerate(pool)]
-            texts = _run_together(pool, gens)
+            # The step decodes its slots in sequence order whatever order they are listed in (one
+            # ubatch, not one per slot): each reply must still get its own slot's logits.
+            listed = gens if order == "slots" else gens[::-1]
+            texts = _run_together(pool, listed)
+            if order == "reversed":
+                texts = texts[::-1]
             assert texts == lone_texts
             for i, slot in enumerate(pool):
                 assert slot.stats["batched_steps"] > 0
