@@ -210,6 +210,12 @@ def test_smoke_run_alternates_the_sides(smoke_run: Path) -> None:
         assert d["rounds"] == len(d["all_requests_per_s"]) == conc["repetitions"] >= 1
         assert d["requests"] == 32  # 16 conversations x 2 turns, in each round
         assert conc[side] == pytest.approx(statistics.median(d["all_requests_per_s"]), rel=1e-3)
+    # Ours also says where its engine thread's time went in each round: one thread, so never more
+    # than the round lasted (the metrics are read just before and just after it).
+    ours = conc["details"]["ours"]
+    for prefill, generation, wall in zip(ours["all_engine_prefill_s"], ours["all_engine_generation_s"],
+                                         ours["all_wall_s"]):
+        assert prefill > 0 and generation > 0 and prefill + generation < wall + 0.1
 
 
 def test_a_failing_peer_leaves_the_rounds_and_ours_raises(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -101,6 +101,9 @@ def test_server_n_replies_decode_the_prompt_once(server):
     assert [c.index for c in reply.choices] == [0, 1, 2]
     decoded = after["llava_kv_tokens_decoded_total"] - before["llava_kv_tokens_decoded_total"]
     assert decoded == reply.usage.prompt_tokens  # once, not three times
+    # The engine thread's time, split between bringing the slot to the prompt and generating.
+    for counter in ("llava_kv_prefill_seconds_total", "llava_kv_generation_seconds_total"):
+        assert after[counter] > before.get(counter, 0.0), counter
     assert len({c.message.content for c in reply.choices}) > 1  # seeds 9, 10, 11
     greedy = json.loads(srv.post("/v1/chat/completions", {**body, "temperature": 0})[2])
     with lk.Model.load(pair.model_path, pair.mmproj_path) as model, model.session(n_ctx=1024) as s:

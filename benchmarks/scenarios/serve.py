@@ -111,9 +111,14 @@ def concurrency(srv: Any, pngs: list[Path], *, system: str, max_tokens: int) -> 
     convs = [[{"role": "system", "content": system}, openai_chat._user(openai_chat.data_uri(p), "Describe it.")]
              for p in pngs]
     call(convs[0], 1)  # warm-up (its image is encoded once on each side)
+    before = srv.metrics() if isinstance(srv, OursServer) else {}
     out = _latencies(call, convs, max_tokens)
     if isinstance(srv, OursServer):
         m = srv.metrics()
+        # Where the engine thread's time went in this round (the rest of the wall time it waited).
+        for part in ("prefill", "generation"):
+            key = f"llava_kv_{part}_seconds_total"
+            out[f"engine_{part}_s"] = m[key] - before[key]
         out["mean_sequences_per_step"] = (m["llava_kv_batched_step_sequences_total"] /
                                           max(1.0, m["llava_kv_batched_steps_total"]))
         out["restores"] = sum(v for k, v in m.items() if k.startswith("llava_kv_restores_total"))
@@ -310,7 +315,8 @@ def _concurrency_rounds(ctx: Context, running: dict[str, Any], sides: dict[str, 
         sides[side]["concurrency"] = {
             **{k: v for k, v in outs[-1].items() if k not in ("all_s", "wall_s", "requests_per_s", "p50_s", "p95_s")},
             "requests_per_s": statistics.median(rps), "all_requests_per_s": rps, "rounds": len(outs),
-            **_percentiles(flat), "all_wall_s": [o["wall_s"] for o in outs]}
+            **_percentiles(flat), "all_wall_s": [o["wall_s"] for o in outs],
+            **{f"all_{k}": [o[k] for o in outs] for k in ("engine_prefill_s", "engine_generation_s") if k in outs[0]}}
 
 
 def run_serve(ctx: Context) -> dict[str, dict[str, Any]]:

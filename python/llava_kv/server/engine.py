@@ -221,6 +221,7 @@ class Engine:
             self.metrics.inc("cancelled_total")
             job.emit("cancelled")
             return
+        started = time.perf_counter()
         try:
             slot, restored = self._choose_slot(job, busy)
             session = self.pool[slot]
@@ -235,6 +236,8 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - every failure is this request's, never the server's
             job.emit("error", _request_error(e))
             return
+        finally:
+            self.metrics.inc("prefill_seconds_total", time.perf_counter() - started)
         now = time.monotonic()
         for s in slots:
             self._used[s] = now
@@ -336,6 +339,7 @@ class Engine:
         before = [g.n_tokens for g in gens]
         # Native steps until a reply ends, a streamed reply has text, or a request arrives or is
         # cancelled (submit() and cancel() set the signal): no Python per token of a gathered reply.
+        started = time.perf_counter()
         try:
             pieces = self.pool.run(gens, MAX_STEPS_PER_CALL, streams=[job.stream for job, _, _ in steps],
                                    signal=self._signal)
@@ -345,6 +349,8 @@ class Engine:
                     del self._active[s]
                 job.emit("error", _request_error(e))
             return
+        finally:
+            self.metrics.inc("generation_seconds_total", time.perf_counter() - started)
         carried = [g.n_tokens - n for g, n in zip(gens, before)]
         self.metrics.inc("batched_steps_total", max(carried, default=0))
         self.metrics.inc("batched_step_sequences_total", sum(carried))

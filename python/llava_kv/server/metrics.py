@@ -20,6 +20,9 @@ class Metrics:
         "tokens_generated_total": "tokens generated",
         "images_encoded_total": "images and audio clips run through the projector",
         "embed_cache_hits_total": "images and audio clips whose embeddings came from the cache",
+        "prefill_seconds_total": "seconds the engine thread spent bringing slots to requests' prompts (slot choice, "
+                                 "saves, restores, media encoding, prompt decoding)",
+        "generation_seconds_total": "seconds the engine thread spent in batched generation steps",
         "batched_steps_total": "batched decode calls of the generation loop",
         "batched_step_sequences_total": "sequences carried by those calls (divide by batched_steps_total: the mean batch)",
         "evictions_total": "conversations moved out of a slot to make room, by where they went",
