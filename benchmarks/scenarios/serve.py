@@ -78,6 +78,17 @@ class OursServer:
         return dict(self.settings)
 
 
+def conversations(pngs: list[Path], system: str) -> list[list[dict[str, Any]]]:
+    """The concurrency workload's first turns: one conversation per image."""
+    return [[{"role": "system", "content": system}, openai_chat._user(openai_chat.data_uri(p), "Describe it.")]
+            for p in pngs]
+
+
+def next_turn(reply: str, turn: int) -> list[dict[str, Any]]:
+    """What a concurrency conversation adds after the reply to its turn ``turn`` (from 0)."""
+    return [{"role": "assistant", "content": reply}, {"role": "user", "content": f"And what about detail {turn + 1}?"}]
+
+
 def _latencies(call: Callable[[list[dict[str, Any]], int], dict[str, Any]], convs: list[list[dict[str, Any]]],
                max_tokens: int) -> dict[str, Any]:
     """CONCURRENT_TURNS turns of every conversation, one client thread per conversation."""
@@ -88,8 +99,7 @@ def _latencies(call: Callable[[list[dict[str, Any]], int], dict[str, Any]], conv
         for turn in range(CONCURRENT_TURNS):
             r = call(history, max_tokens)
             seconds.append(r["seconds"])
-            history += [{"role": "assistant", "content": r["text"]},
-                        {"role": "user", "content": f"And what about detail {turn + 1}?"}]
+            history += next_turn(r["text"], turn)
         return seconds
 
     t0 = time.perf_counter()
@@ -108,8 +118,7 @@ def _percentiles(flat: list[float]) -> dict[str, float]:
 
 def concurrency(srv: Any, pngs: list[Path], *, system: str, max_tokens: int) -> dict[str, Any]:
     call = openai_chat._Caller(srv)
-    convs = [[{"role": "system", "content": system}, openai_chat._user(openai_chat.data_uri(p), "Describe it.")]
-             for p in pngs]
+    convs = conversations(pngs, system)
     call(convs[0], 1)  # warm-up (its image is encoded once on each side)
     before = srv.metrics() if isinstance(srv, OursServer) else {}
     out = _latencies(call, convs, max_tokens)

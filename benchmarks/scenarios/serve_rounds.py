@@ -38,8 +38,7 @@ from benchmarks.harness.llama_cpp_python import SYSTEM_MESSAGE  # noqa: E402
 from benchmarks.harness.llama_server import LlamaServer, server_binary  # noqa: E402
 from benchmarks.harness.scenario import emit  # noqa: E402
 from benchmarks.scenarios.edits import never_seen_pngs  # noqa: E402
-from benchmarks.peers import openai_chat  # noqa: E402
-from benchmarks.scenarios.serve import CONCURRENT_TURNS, OursServer, concurrency  # noqa: E402
+from benchmarks.scenarios.serve import CONCURRENT_TURNS, OursServer, concurrency, conversations, next_turn  # noqa: E402
 
 import llava_kv as lk  # noqa: E402
 from llava_kv.chat import render_conversation  # noqa: E402
@@ -59,8 +58,7 @@ class InProcess:
         self.model.close()
 
     def round(self, pngs: list[Path], max_tokens: int) -> dict[str, float]:
-        convs = [[{"role": "system", "content": SYSTEM_MESSAGE}, openai_chat._user(openai_chat.data_uri(p), "Describe it.")]
-                 for p in pngs]
+        convs = conversations(pngs, SYSTEM_MESSAGE)
         n = len(self.pool)
         prefill = generation = 0.0
         t0 = time.perf_counter()
@@ -79,8 +77,7 @@ class InProcess:
                     self.pool.run(gens, 256)
                 generation += time.perf_counter() - t
                 for messages, g in zip(group, gens):
-                    messages += [{"role": "assistant", "content": g.text},
-                                 {"role": "user", "content": f"And what about detail {turn + 1}?"}]
+                    messages += next_turn(g.text, turn)
         wall = time.perf_counter() - t0
         return {"requests_per_s": len(convs) * CONCURRENT_TURNS / wall, "prefill_s": prefill,
                 "generation_s": generation}
@@ -117,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         # Per side that reports it: the engine's prefill and generation seconds of each round.
         engine: dict[str, dict[str, list[float]]] = {}
 
-        def one_round(name: str, srv: Any) -> dict[str, Any]:
+        def one_round(srv: Any) -> dict[str, Any]:
             images = [pngs() for _ in range(16)]
             if srv is None:
                 assert inproc is not None
@@ -127,11 +124,11 @@ def main(argv: list[str] | None = None) -> int:
                     "generation_s": out.get("engine_generation_s")}
 
         everyone: dict[str, Any] = {**sides, **({"llava-kv in process": None} if inproc else {})}
-        for name, srv in everyone.items():
-            one_round(name, srv)  # warm-up
+        for srv in everyone.values():
+            one_round(srv)  # warm-up
         for _ in range(args.rounds):
             for name, srv in everyone.items():
-                out = one_round(name, srv)
+                out = one_round(srv)
                 rps[name].append(out["requests_per_s"])
                 if out["prefill_s"] is not None:
                     for part in ("prefill_s", "generation_s"):
