@@ -316,13 +316,13 @@ std::vector<std::unique_ptr<BatchRunner::Ready>> BatchRunner::encode(std::vector
     const auto t0 = Clock::now();
     std::vector<std::shared_ptr<const MediaEmbedding>> embeddings;
     try {
-        embeddings = embed_media(*model_, pending, counters);
+        embeddings = embed_media(*model_, pending, counters, &ctx_);
     } catch (const std::exception &) {
         // One bad image fails only itself: encode one at a time to find it.
         embeddings.assign(pending.size(), nullptr);
         for (size_t k = 0; k < pending.size(); ++k) {
             try {
-                embeddings[k] = embed_media(*model_, {pending[k]}, counters).front();
+                embeddings[k] = embed_media(*model_, {pending[k]}, counters, &ctx_).front();
             } catch (const std::exception & e) {
                 done[pending_jobs[k]]->error = e.what();
             }

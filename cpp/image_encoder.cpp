@@ -185,7 +185,8 @@ void encode_pending(Model & model, std::vector<PendingImage> & pending, EncodeCo
 
 std::vector<std::shared_ptr<const MediaEmbedding>> embed_media(Model & model,
                                                                 const std::vector<const MediaInput *> & images,
-                                                                EncodeCounters & counters) {
+                                                                EncodeCounters & counters,
+                                                                const ContextPtr * idle) {
     std::vector<std::shared_ptr<const MediaEmbedding>> out(images.size());
     if (images.empty()) {
         return out;
@@ -224,6 +225,9 @@ std::vector<std::shared_ptr<const MediaEmbedding>> embed_media(Model & model,
         } else {
             counters.embed_cache_hits += 1;  // the same picture twice in one edit: encoded once
         }
+    }
+    if (idle != nullptr && !pending.empty()) {
+        rest_threads(*idle);
     }
     encode_pending(model, pending, counters);
     for (auto & p : pending) {

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "embedding_cache.h"
+#include "model.h"
 #include "mtmd.h"
 
 namespace llava_kv {
@@ -44,10 +45,12 @@ struct EncodeCounters {
 // What is not yet cached is encoded under the projector lock, several at a time with mtmd's batch
 // encode where the projector can; the same content twice is encoded once. The caller holds the
 // model. Throws ImageError or AudioError (the failed input's kind) naming it; nothing is added to the
-// cache then.
+// cache then. `idle`, where given, is the caller's context (no graph in flight on it): its workers
+// are sent to sleep before the projector computes (rest_threads).
 std::vector<std::shared_ptr<const MediaEmbedding>> embed_media(Model & model,
                                                                 const std::vector<const MediaInput *> & images,
-                                                                EncodeCounters & counters);
+                                                                EncodeCounters & counters,
+                                                                const ContextPtr * idle = nullptr);
 
 // The mtmd bitmap of one input; throws ImageError or AudioError (the input's kind) if the projector
 // cannot take it (no vision / no audio encoder, empty input).

@@ -284,6 +284,22 @@ void ContextDeleter::operator()(llama_context * ctx) const {
     }
 }
 
+namespace {
+std::atomic<uint64_t> g_threads_rested{0};
+}  // namespace
+
+void rest_threads(const ContextPtr & ctx) {
+    const CpuThreadPoolApi & api = cpu_threadpool_api();
+    if (ctx && ctx.get_deleter().threads != nullptr && api.pause != nullptr) {
+        api.pause(ctx.get_deleter().threads);
+        g_threads_rested.fetch_add(1);
+    }
+}
+
+uint64_t threads_rested() {
+    return g_threads_rested.load();
+}
+
 ContextPtr Model::new_context(const llama_context_params & cparams) const {
     ContextPtr ctx(llama_init_from_model(model_.get(), cparams));
     const CpuThreadPoolApi & api = cpu_threadpool_api();

@@ -71,6 +71,12 @@ struct ContextDeleter {
     void operator()(llama_context * ctx) const;
 };
 using ContextPtr = std::unique_ptr<llama_context, ContextDeleter>;
+// Sends `ctx`'s CPU workers to sleep now rather than after they have polled a few ms for its next
+// graph, because other compute comes first (the projector's, on threads of its own): polling, they
+// would take a core from it. Call with no graph in flight on `ctx`; its next graph wakes them.
+void rest_threads(const ContextPtr & ctx);
+// How many times rest_threads() has sent a pool's workers to sleep in this process (a test hook).
+uint64_t threads_rested();
 
 class Model : public std::enable_shared_from_this<Model> {
   public:

@@ -220,8 +220,24 @@ const CpuThreadPoolApi & cpu_threadpool_api() {
                 ggml_backend_reg_get_proc_address(reg, "ggml_threadpool_free"));
         }
         if (out.create == nullptr || out.destroy == nullptr) {
-            out = CpuThreadPoolApi{};
+            return CpuThreadPoolApi{};
         }
+        // The registry does not hand out ggml_threadpool_pause; the module that made `create` exports it.
+#ifdef _WIN32
+        HMODULE lib = nullptr;
+        if (GetModuleHandleExA(GET_MODULE_HANDLE_EX_FLAG_FROM_ADDRESS | GET_MODULE_HANDLE_EX_FLAG_UNCHANGED_REFCOUNT,
+                               reinterpret_cast<LPCSTR>(out.create), &lib)) {
+            out.pause = reinterpret_cast<void (*)(ggml_threadpool_t)>(GetProcAddress(lib, "ggml_threadpool_pause"));
+        }
+#else
+        Dl_info where{};
+        if (dladdr(reinterpret_cast<void *>(out.create), &where) != 0 && where.dli_fname != nullptr) {
+            if (void * lib = dlopen(where.dli_fname, RTLD_NOW | RTLD_NOLOAD)) {
+                out.pause = reinterpret_cast<void (*)(ggml_threadpool_t)>(dlsym(lib, "ggml_threadpool_pause"));
+                dlclose(lib);  // NOLOAD took a reference on the loaded module; it stays loaded
+            }
+        }
+#endif
         return out;
     }();
     return api;

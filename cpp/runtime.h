@@ -53,6 +53,9 @@ BuildInfo build_info();
 struct CpuThreadPoolApi {
     ggml_threadpool_t (*create)(ggml_threadpool_params * params) = nullptr;
     void (*destroy)(ggml_threadpool_t pool) = nullptr;
+    // Sends the workers to sleep now instead of after their poll (ggml resumes them at the next graph);
+    // only with no graph in flight on the pool. Null where the module does not export it.
+    void (*pause)(ggml_threadpool_t pool) = nullptr;
 };
 const CpuThreadPoolApi & cpu_threadpool_api();
 // The llama.cpp commit the core was built on, and ggml's CPU kernels in use ("zen4", "host").

@@ -199,7 +199,7 @@ std::vector<ChunkSpec> Session::specs_locked(const std::vector<ChunkInput> & inp
             pixels.push_back(&input.media);
         }
     }
-    const auto embeddings = embed_media(*model_, pixels, stats_.encode);
+    const auto embeddings = embed_media(*model_, pixels, stats_.encode, &shared_->ctx);
     std::vector<ChunkSpec> specs;
     specs.reserve(inputs.size());
     size_t next_image = 0;

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import llava_kv as lk
+from llava_kv._core import _testing
 from llava_kv.testing import make_test_model, random_image
 
 N_THREADS = 8
@@ -269,3 +270,35 @@ def test_model_close_under_running_edits(_threads_pair):
     with pytest.raises(lk.ClosedError):
         model.session(n_ctx=N_CTX, n_batch=N_BATCH)
     model.close()  # idempotent
+
+
+def test_a_context_rests_its_workers_before_the_projector_computes(_threads_pair):
+    """A context's CPU workers poll for its next graph a few ms after each one; before the projector
+    encodes (on threads of its own) they are sent to sleep, where they would take a core from it.
+    Only an encode rests them: an image from the cache computes nothing on the projector."""
+    with lk.Model.load(_threads_pair.model_path, _threads_pair.mmproj_path, n_threads=2) as model:
+        with model.session(n_ctx=N_CTX, n_batch=N_BATCH) as a, model.session(n_ctx=N_CTX, n_batch=N_BATCH) as b:
+            for s in (a, b):
+                s.append_text("USER: look at")  # a graph on the session's own pool first
+            before = _testing.threads_rested()
+            a.append_image(random_image(900))
+            assert a.stats["images_encoded"] == 1
+            assert _testing.threads_rested() == before + 1
+            b.append_image(random_image(900))  # the same picture: from the cache
+            assert b.stats["images_encoded"] == 0 and b.stats["embed_cache_hits"] == 1
+            assert _testing.threads_rested() == before + 1
+            for s in (a, b):
+                s.append_text(" and say what it is.")
+            assert a.logits().tolist() == b.logits().tolist()
+        with model.session_pool(2, n_ctx=N_CTX, n_batch=N_BATCH) as pool:
+            pool[0].append_text("USER: look at")
+            before = _testing.threads_rested()
+            pool[1].append_image(random_image(901))
+            assert _testing.threads_rested() == before + 1
+        # The batch runner rests its context before each encode once the context exists (it is sized
+        # from the first image): with two sequences and five images, at least the later encodes.
+        before = _testing.threads_rested()
+        records = lk.batch.run(model, [random_image(910 + i) for i in range(5)], "Describe it.", max_tokens=4,
+                               parallel=2, progress=False)
+        assert [r.error for r in records] == [None] * 5
+        assert _testing.threads_rested() > before

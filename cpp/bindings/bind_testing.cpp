@@ -6,6 +6,7 @@
 
 #include "bindings.h"
 #include "decode.h"
+#include "model.h"
 #include "session_state.h"
 
 namespace py = pybind11;
@@ -49,6 +50,8 @@ void register_testing(py::module_ & m) {
     t.def("wait_decode_paused", released(&wait_decode_paused), py::arg("timeout_s"),
           "Waits until a decode armed with 'pause' is paused; False on timeout.");
     t.def("release_decode_pause", released(&release_decode_pause), "Lets the paused decode go on.");
+    t.def("threads_rested", &threads_rested,
+          "How many times a context's CPU workers were sent to sleep before the projector computed.");
     t.def(
         "seal_state", [](const py::bytes & blob) { return py::bytes(reseal_state(std::string(blob))); },
         py::arg("blob"), "Recomputes a state blob's size and checksum after a test changed it on purpose.");
