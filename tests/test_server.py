@@ -293,6 +293,30 @@ def test_eviction_round_robin_restores(pair, local, tmp_path):
     assert m['llava_kv_restores_total{source="memory"}'] >= 3
 
 
+def test_a_shared_system_prompt_does_not_cost_a_conversation_its_cells(pair, local):
+    """Two conversations on one slot share a system prompt longer than the rest of either: when the
+    second takes the slot, the first is saved all the same, and its next turn restores its image
+    and reply instead of decoding them again."""
+    system = {"role": "system", "content": " ".join(f"Rule {i}: answer briefly and plainly." for i in range(8))}
+    convs = [[system, user(f"Conversation {c}.", 300 + c)] for c in range(2)]
+    with ServerProcess(pair.model_path, pair.mmproj_path, args=["--slots", "1", "--n-ctx", "1024"]) as srv:
+        client = srv.client()
+        client._llava_model = os.path.basename(pair.model_path)
+        first = [ask(client, conv) for conv in convs]
+        turn2 = convs[0] + [{"role": "assistant", "content": first[0].choices[0].message.content},
+                            user("More.")]
+        again = ask(client, turn2)
+        m = srv.metrics()
+    held = first[0].usage.prompt_tokens + first[0].usage.completion_tokens
+    shared = first[1].usage.model_extra["tokens_reused"]
+    assert shared * 2 > held  # the premise: the system prompt is most of the first conversation
+    extra = again.usage.model_extra
+    assert extra["restored_from"] == "memory" and m['llava_kv_restores_total{source="memory"}'] == 1
+    assert extra["tokens_reused"] >= first[0].usage.prompt_tokens
+    assert extra["images_encoded"] == 0 and extra["embed_cache_hits"] == 0  # the image came back as KV cells
+    assert again.choices[0].message.content == reference(local, [convs[0], turn2])[1]
+
+
 @contextlib.contextmanager
 def serving(pair, args: list[str]):
     """A server on ``pair`` started with ``args``, and an openai client naming its model."""
