@@ -3,7 +3,11 @@ sequences decoded together), of a sequential loop over llama-cpp-python's ``Llav
 the same generated model, and an estimate of the limit, in one run.
 
 Usage: python benchmarks/scenarios/batch.py [--preset realistic] [--images 16] [--max-tokens 32]
-       [--parallel 4] [--repeats 3] [--no-peer] [--out result.json]
+       [--parallel 4] [--repeats 3] [--no-peer] [--server] [--out result.json]
+
+``--server`` adds llama-server (b11434, built and cached as the suite does) with ``--parallel`` slots,
+in the same alternating rounds: the suite runs this scenario at its preset's parallelism only. Set
+``LLAVA_KV_CPU_VARIANT=haswell`` for our side to run the server's kernels, as the suite does.
 
 Every image is distinct and the embedding cache is cleared before each repetition, so every image is
 encoded every time, as the peer does. The limit estimate adds, per image, what no runtime can
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import itertools
 import statistics
 import sys
@@ -37,7 +42,7 @@ if __package__ in (None, ""):  # run as a script: make the benchmarks package im
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks.harness.context import Context  # noqa: E402
 from benchmarks.harness.llama_cpp_python import (CHAT_TEMPLATE, PEER_SCRIPTS, SYSTEM_MESSAGE, PeerError,  # noqa: E402
-                                                 run_peer)
+                                                 run_peer, threads)
 from benchmarks.harness.scenario import emit, entry  # noqa: E402
 PROMPT = "Describe this picture in one sentence."
 _never_seen = itertools.count(90_000)  # seeds of images no call has encoded yet
@@ -240,10 +245,20 @@ def main() -> int:
     parser.add_argument("--parallel", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--server", action="store_true", help="llama-server as a side (--parallel slots)")
     parser.add_argument("--out")
     args = parser.parse_args()
-    return emit(measure(make_test_model(preset=args.preset), n_images=args.images, max_tokens=args.max_tokens,
-                     parallel=args.parallel, repeats=args.repeats, peer=not args.no_peer), args.out)
+    pair = make_test_model(preset=args.preset)
+    server = None
+    if args.server:
+        from benchmarks.harness.llama_server import LlamaServer, server_binary
+
+        server = functools.partial(LlamaServer, server_binary(), pair.model_path, pair.mmproj_path, threads=threads(),
+                                   log=Path(tempfile.mkdtemp()) / "llama-server.log")
+    # the suite's settings for our side: one thread per core, flash attention stated as the servers get it
+    load_kwargs = {"n_threads": threads(), "flash_attn": "on"}
+    return emit(measure(pair, n_images=args.images, max_tokens=args.max_tokens, parallel=args.parallel,
+                        repeats=args.repeats, peer=not args.no_peer, server=server, load_kwargs=load_kwargs), args.out)
 
 
 if __name__ == "__main__":
