@@ -1,7 +1,9 @@
 #include "runtime.h"
 
 #ifdef _WIN32
+#ifndef NOMINMAX  // MinGW's libstdc++ defines it already
 #define NOMINMAX
+#endif
 #include <windows.h>
 #else
 #include <dlfcn.h>
