@@ -13,8 +13,6 @@
 
 namespace llava_kv {
 
-class Model;
-
 // An image (RGB pixels) or an audio clip (mono float samples at the projector's rate), owned by the
 // caller for the length of the call, with its content digest.
 struct MediaInput {
